@@ -1,0 +1,1 @@
+"""Complexity and latency measurement (``segkd bench``)."""

@@ -1,0 +1,227 @@
+"""Self-describing checkpoints: safetensors weights with segkd's JSON metadata in the header.
+
+A segkd checkpoint is one ``.safetensors`` file. Its header metadata holds one key, ``segkd``, whose value is the
+JSON of :class:`CheckpointMeta` (model name and kwargs, classes, palette, input normalisation, ignore index, segkd
+version, the producing command's arguments and metrics). Every command can therefore rebuild the model from the
+file alone. Writes are atomic (temp file in the same folder, fsync, rename), so a crash never leaves a torn file.
+Foreign ``.pth``/``.pt`` files are read with ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from segkd import __version__
+from segkd.errors import SegkdError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FORMAT_VERSION = 1
+META_KEY = "segkd"
+
+
+def default_palette(n: int) -> list[list[int]]:
+    """The PASCAL VOC bit-interleaved palette: distinct, deterministic colours for any class count."""
+    palette = []
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.append([r, g, b])
+    return palette
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint says about itself. ``mean``/``std`` are for RGB scaled to [0, 1]."""
+
+    model: str
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    palette: list[list[int]] = field(default_factory=list)
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    ignore_index: int = 255
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    segkd_version: str = __version__
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.class_names:
+            self.class_names = [f"class{i}" for i in range(self.num_classes)]
+        if not self.palette:
+            self.palette = default_palette(self.num_classes)
+        if len(self.class_names) != self.num_classes:
+            raise SegkdError(f"{len(self.class_names)} class names given for {self.num_classes} classes")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "checkpoint") -> CheckpointMeta:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SegkdError(f"{source}: segkd metadata is not valid JSON ({e.msg})") from None
+        known = {f.name for f in fields(cls)}
+        missing = {"model", "num_classes"} - set(data)
+        if missing:
+            raise SegkdError(f"{source}: segkd metadata lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _plain_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    # clone: safetensors refuses tensors that share storage; contiguous CPU copies are what it stores
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module | Mapping[str, Tensor], meta: CheckpointMeta) -> Path:
+    """Write weights + metadata atomically. ``model`` may be a module or a state dict."""
+    from safetensors.torch import save
+
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    data = save(_plain_state(state), metadata={META_KEY: meta.to_json()})
+    return atomic_write_bytes(path, data)
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and raw header metadata of a safetensors file, or a one-line error."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SegkdError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbage files
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise SegkdError(f"{path}: not a readable safetensors file ({reason})") from None
+    return tensors, meta
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta]:
+    """Weights and metadata of a segkd checkpoint."""
+    tensors, raw = read_safetensors(path)
+    if META_KEY not in raw:
+        raise SegkdError(
+            f"{path}: a safetensors file without segkd metadata; import it first with `segkd convert`"
+        )
+    return tensors, CheckpointMeta.from_json(raw[META_KEY], source=str(path))
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    """Only the metadata (reads the header, not the tensors)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SegkdError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            raw = fh.metadata() or {}
+    except Exception as e:
+        raise SegkdError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    if META_KEY not in raw:
+        raise SegkdError(f"{path}: a safetensors file without segkd metadata; import it with `segkd convert`")
+    return CheckpointMeta.from_json(raw[META_KEY], source=str(path))
+
+
+def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: str, strict: bool = True) -> None:
+    """``load_state_dict`` with one-line errors naming the first bad key (and both shapes on a mismatch)."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise SegkdError(
+                f"{source}: key {key!r} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}"
+            )
+    if strict:
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing:
+            raise SegkdError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+        if unexpected:
+            raise SegkdError(f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+    model.load_state_dict(dict(state), strict=strict)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a zoo model from a segkd checkpoint; the metadata is attached as ``model.segkd_meta``."""
+    from segkd.models import create_model
+
+    state, meta = read_checkpoint(path)
+    model = create_model(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
+    load_state_checked(model, state, str(path))
+    model.segkd_meta = meta  # type: ignore[attr-defined]
+    return model.to(device).eval()
+
+
+def torch_load_weights(path: str | Path) -> dict[str, Any]:
+    """A foreign ``.pth``/``.pt``/``.bin`` loaded safely (``weights_only=True``), or a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegkdError(f"{path}: file not found")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise SegkdError(f"{path}: cannot be read as a PyTorch weights file ({reason})") from None
+    if not isinstance(obj, dict):
+        raise SegkdError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,88 @@
+"""The model zoo: one registry of builders, each returning a :class:`SegModel`.
+
+Adding a model is one builder function plus one ``MODELS.add`` call; ``tests/test_models.py`` then exercises it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from segkd.errors import SegkdError
+from segkd.models.base import FeatureSpec, SegModel, SegOutput, count_params, upsample_logits
+from segkd.models.deeplab import DeepLabV3, DeepLabV3Plus
+from segkd.models.segformer import SegFormer
+from segkd.registry import Registry
+
+__all__ = [
+    "MODELS",
+    "FeatureSpec",
+    "ModelEntry",
+    "SegModel",
+    "SegOutput",
+    "count_params",
+    "create_model",
+    "upsample_logits",
+]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    build: Callable[..., SegModel]
+    family: str
+    summary: str
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
+
+
+def _segformer(name: str, variant: str, num_classes: int, pretrained: str | None = None, **kw) -> SegModel:
+    model = SegFormer(name, variant, num_classes, **kw)
+    if pretrained:
+        from segkd.models.convert import load_pretrained_encoder
+
+        load_pretrained_encoder(model, pretrained)
+    return model
+
+
+for _v in ("b0", "b1", "b2", "b3", "b4", "b5"):
+    MODELS.add(
+        f"segformer-{_v}",
+        ModelEntry(partial(_segformer, f"segformer-{_v}", _v), "transformer", f"SegFormer with MiT-{_v.upper()}"),
+        aliases=(f"segformer_{_v}", f"mit-{_v}", f"mit_{_v}"),
+    )
+
+for _depth in (18, 50, 101):
+    _arch = f"resnet{_depth}"
+    MODELS.add(
+        f"deeplabv3-{_arch}",
+        ModelEntry(
+            partial(DeepLabV3, f"deeplabv3-{_arch}", _arch),
+            "cnn",
+            f"DeepLabV3, dilated ResNet-{_depth}, OS8, ASPP 12/24/36 (torchvision layout)",
+        ),
+        aliases=(f"deeplabv3_{_arch}",) + (("deeplabv3",) if _depth == 50 else ()),
+    )
+    MODELS.add(
+        f"deeplabv3plus-{_arch}",
+        ModelEntry(
+            partial(DeepLabV3Plus, f"deeplabv3plus-{_arch}", _arch),
+            "cnn",
+            f"DeepLabV3+, ResNet-{_depth}, OS16, ASPP 6/12/18, 48-ch low-level decoder",
+        ),
+        aliases=(f"deeplabv3plus_{_arch}",) + (("deeplabv3plus",) if _depth == 101 else ()),
+    )
+
+
+def create_model(name: str, num_classes: int = 19, pretrained: str | None = None, **kwargs) -> SegModel:
+    """Build a zoo model by name (aliases allowed). ``pretrained`` is a local backbone weights file, never a URL."""
+    if num_classes < 1:
+        raise SegkdError(f"num_classes must be >= 1, got {num_classes}")
+    if pretrained is not None:
+        from pathlib import Path
+
+        if not Path(pretrained).is_file():
+            raise SegkdError(f"{pretrained}: pretrained weights file not found (segkd never downloads weights)")
+    entry = MODELS.get(name)
+    return entry.build(num_classes=num_classes, pretrained=pretrained, **kwargs)

@@ -1,0 +1,340 @@
+"""Import checkpoints users already have into segkd's key layout.
+
+Recognised sources (detected from the keys, not the file name):
+
+* ``hf``: HuggingFace ``SegformerForSemanticSegmentation`` (``segformer.encoder.*``, ``decode_head.*``) and the
+  encoder-only ``mit-b*`` / ``SegformerModel`` checkpoints (``encoder.*``);
+* ``nvlabs``: the original NVlabs SegFormer / mmseg 0.x layout (``patch_embed1``, ``block1.0.attn.kv``,
+  ``decode_head.linear_c4``...), full model (``backbone.`` prefix) or MiT encoder alone;
+* ``mmseg``: mmseg 1.x ``MixVisionTransformer`` backbones (``layers.0.0.projection``...); its ``SegformerHead``
+  has BN+ReLU per branch, a different head, so only the backbone is imported and the head keys are reported;
+* ``torchvision``: DeepLabV3 (``backbone.layer1``..., ``classifier.0.convs``...); the optional ``aux_classifier``
+  is skipped (training-only) and reported.
+
+Every conversion returns a :class:`ConversionReport` listing source keys it could not place and model keys it
+left at their initial values.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor
+
+from segkd.checkpoint import load_state_checked, read_safetensors, torch_load_weights
+from segkd.errors import SegkdError
+from segkd.models.base import SegModel
+
+
+@dataclass
+class ConversionReport:
+    source_format: str
+    placed: int = 0
+    unplaced: list[str] = field(default_factory=list)  # source keys with no place in the model
+    skipped: list[str] = field(default_factory=list)  # source keys deliberately dropped (aux head, cls head)
+    missing: list[str] = field(default_factory=list)  # model keys left at initialisation
+
+
+def read_foreign(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from ``.safetensors`` or a torch pickle (``weights_only=True``), unwrapped and de-prefixed."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state: dict = read_safetensors(path)[0]
+    else:
+        state = torch_load_weights(path)
+    for wrapper in ("state_dict", "model", "model_state", "module"):
+        if wrapper in state and isinstance(state[wrapper], Mapping):
+            state = dict(state[wrapper])
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise SegkdError(f"{path}: holds no tensors")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def detect_format(keys: list[str]) -> str:
+    if any(re.match(r"(segformer\.)?(encoder\.patch_embeddings|stages\.\d+\.patch_embeddings)\.", k) for k in keys):
+        return "hf"
+    if any(re.search(r"(^|\.)patch_embed1\.", k) for k in keys):
+        return "nvlabs"
+    if any(re.search(r"(^|\.)layers\.\d+\.0\.projection\.", k) for k in keys):
+        return "mmseg"
+    if any(k.startswith(("backbone.layer1.", "classifier.0.convs.")) for k in keys):
+        return "torchvision"
+    return "unknown"
+
+
+_HF_BLOCK = {
+    # transformers 4.x names (also the layout of checkpoints on the Hub)
+    "layer_norm_1": "norm1",
+    "attention.self.query": "attn.q",
+    "attention.self.key": "attn.k",
+    "attention.self.value": "attn.v",
+    "attention.self.sr": "attn.sr",
+    "attention.self.layer_norm": "attn.sr_norm",
+    "attention.output.dense": "attn.proj",
+    "layer_norm_2": "norm2",
+    "mlp.dense1": "mlp.fc1",
+    "mlp.dwconv.dwconv": "mlp.dwconv",
+    "mlp.dense2": "mlp.fc2",
+    # transformers 5.x names
+    "layernorm_before": "norm1",
+    "attention.q_proj": "attn.q",
+    "attention.k_proj": "attn.k",
+    "attention.v_proj": "attn.v",
+    "attention.o_proj": "attn.proj",
+    "attention.sequence_reduction.sequence_reduction": "attn.sr",
+    "attention.sequence_reduction.layer_norm": "attn.sr_norm",
+    "layernorm_after": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+
+
+def _map_hf(key: str) -> str | None:
+    k = key.removeprefix("segformer.")
+    patch = r"(?:encoder\.patch_embeddings\.(\d)|stages\.(\d)\.patch_embeddings)\.(proj|layer_norm)\.(\w+)"
+    if m := re.fullmatch(patch, k):
+        part = "proj" if m[3] == "proj" else "norm"
+        return f"encoder.patch_embeds.{m[1] or m[2]}.{part}.{m[4]}"
+    if m := re.fullmatch(r"(?:encoder\.block|stages)\.(\d)\.(?:blocks\.)?(\d+)\.(.+)\.(weight|bias)", k):
+        sub = _HF_BLOCK.get(m[3])
+        return f"encoder.stages.{m[1]}.{m[2]}.{sub}.{m[4]}" if sub else None
+    if m := re.fullmatch(r"(?:encoder\.layer_norm\.(\d)|stages\.(\d)\.layer_norm)\.(weight|bias)", k):
+        return f"encoder.norms.{m[1] or m[2]}.{m[3]}"
+    if m := re.fullmatch(r"decode_head\.linear_(?:c|projections)\.(\d)\.proj\.(weight|bias)", k):
+        return f"decode_head.linear_c.{m[1]}.{m[2]}"
+    if k == "decode_head.linear_fuse.weight":
+        return k
+    if m := re.fullmatch(r"decode_head\.batch_norm\.(.+)", k):
+        return f"decode_head.bn.{m[1]}"
+    if m := re.fullmatch(r"decode_head\.classifier\.(weight|bias)", k):
+        return k
+    return None
+
+
+_NV_BLOCK = {
+    "norm1": "norm1",
+    "attn.q": "attn.q",
+    "attn.proj": "attn.proj",
+    "attn.sr": "attn.sr",
+    "attn.norm": "attn.sr_norm",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.dwconv.dwconv": "mlp.dwconv",
+    "mlp.fc2": "mlp.fc2",
+}
+
+
+def _convert_nvlabs(src: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    out: dict[str, Tensor] = {}
+    unplaced, skipped = [], []
+    for key, v in src.items():
+        k = key.removeprefix("backbone.")
+        if m := re.fullmatch(r"patch_embed(\d)\.(proj|norm)\.(weight|bias)", k):
+            out[f"encoder.patch_embeds.{int(m[1]) - 1}.{m[2]}.{m[3]}"] = v
+        elif m := re.fullmatch(r"block(\d)\.(\d+)\.attn\.kv\.(weight|bias)", k):
+            kk, vv = v.chunk(2, dim=0)  # NVlabs reshapes kv to (2, heads, head_dim): k first, then v
+            base = f"encoder.stages.{int(m[1]) - 1}.{m[2]}.attn"
+            out[f"{base}.k.{m[3]}"], out[f"{base}.v.{m[3]}"] = kk, vv
+        elif m := re.fullmatch(r"block(\d)\.(\d+)\.(.+)\.(weight|bias)", k):
+            sub = _NV_BLOCK.get(m[3])
+            if sub is None:
+                unplaced.append(key)
+            else:
+                out[f"encoder.stages.{int(m[1]) - 1}.{m[2]}.{sub}.{m[4]}"] = v
+        elif m := re.fullmatch(r"norm(\d)\.(weight|bias)", k):
+            out[f"encoder.norms.{int(m[1]) - 1}.{m[2]}"] = v
+        elif m := re.fullmatch(r"decode_head\.linear_c(\d)\.proj\.(weight|bias)", k):
+            out[f"decode_head.linear_c.{int(m[1]) - 1}.{m[2]}"] = v
+        elif k == "decode_head.linear_fuse.conv.weight":
+            out["decode_head.linear_fuse.weight"] = v
+        elif m := re.fullmatch(r"decode_head\.linear_fuse\.bn\.(.+)", k):
+            out[f"decode_head.bn.{m[1]}"] = v
+        elif m := re.fullmatch(r"decode_head\.linear_pred\.(weight|bias)", k):
+            out[f"decode_head.classifier.{m[1]}"] = v
+        elif k.startswith("head."):
+            skipped.append(key)  # ImageNet classification head of an encoder checkpoint
+        else:
+            unplaced.append(key)
+    return out, unplaced, skipped
+
+
+_MM_BLOCK = {"ln1": "norm1", "ln2": "norm2", "attn.attn.out_proj": "attn.proj", "attn.sr": "attn.sr",
+             "attn.norm": "attn.sr_norm", "ffn.layers.1": "mlp.dwconv"}
+
+
+def _convert_mmseg(src: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    out: dict[str, Tensor] = {}
+    unplaced, skipped = [], []
+    for key, v in src.items():
+        k = key.removeprefix("backbone.")
+        if m := re.fullmatch(r"layers\.(\d)\.0\.(projection|norm)\.(weight|bias)", k):
+            out[f"encoder.patch_embeds.{m[1]}.{'proj' if m[2] == 'projection' else 'norm'}.{m[3]}"] = v
+        elif m := re.fullmatch(r"layers\.(\d)\.1\.(\d+)\.attn\.attn\.in_proj_(weight|bias)", k):
+            base = f"encoder.stages.{m[1]}.{m[2]}.attn"
+            for name, part in zip("qkv", v.chunk(3, dim=0), strict=True):
+                out[f"{base}.{name}.{m[3]}"] = part
+        elif m := re.fullmatch(r"layers\.(\d)\.1\.(\d+)\.ffn\.layers\.(0|4)\.(weight|bias)", k):
+            fc = "fc1" if m[3] == "0" else "fc2"
+            out[f"encoder.stages.{m[1]}.{m[2]}.mlp.{fc}.{m[4]}"] = v.flatten(1) if m[4] == "weight" else v
+        elif m := re.fullmatch(r"layers\.(\d)\.1\.(\d+)\.(.+)\.(weight|bias)", k):
+            sub = _MM_BLOCK.get(m[3])
+            if sub is None:
+                unplaced.append(key)
+            else:
+                out[f"encoder.stages.{m[1]}.{m[2]}.{sub}.{m[4]}"] = v
+        elif m := re.fullmatch(r"layers\.(\d)\.2\.(weight|bias)", k):
+            out[f"encoder.norms.{m[1]}.{m[2]}"] = v
+        elif k.startswith(("decode_head.", "auxiliary_head.")):
+            skipped.append(key)  # mmseg 1.x SegformerHead differs from the published all-MLP head
+        else:
+            unplaced.append(key)
+    return out, unplaced, skipped
+
+
+def convert_state(src: dict[str, Tensor], model: SegModel) -> tuple[dict[str, Tensor], ConversionReport]:
+    """Map a foreign state dict onto ``model``'s keys. Shapes are checked by the caller's load."""
+    fmt = detect_format(list(src))
+    report = ConversionReport(fmt)
+    out: dict[str, Tensor] = {}
+    if model.family == "transformer":
+        if fmt == "hf":
+            for key, v in src.items():
+                new = _map_hf(key)
+                if new is not None:
+                    out[new] = v
+                elif key.startswith("classifier."):
+                    report.skipped.append(key)  # ImageNet head of an encoder-only checkpoint
+                else:
+                    report.unplaced.append(key)
+        elif fmt == "nvlabs":
+            out, report.unplaced, report.skipped = _convert_nvlabs(src)
+        elif fmt == "mmseg":
+            out, report.unplaced, report.skipped = _convert_mmseg(src)
+        else:
+            first = next(iter(src))
+            raise SegkdError(f"keys look like a {fmt} checkpoint, not a SegFormer/MiT one (first key {first!r})")
+    else:
+        if fmt != "torchvision":
+            raise SegkdError(f"keys look like a {fmt} checkpoint, not a torchvision DeepLab one (first key "
+                             f"{next(iter(src))!r})")
+        own = model.state_dict()
+        for key, v in src.items():
+            if key.startswith("aux_classifier.") and key not in own:
+                report.skipped.append(key)
+            elif key in own:
+                out[key] = v
+            elif key.startswith("backbone.fc."):
+                report.skipped.append(key)
+            else:
+                report.unplaced.append(key)
+    own = model.state_dict()
+    for key in list(out):
+        if key not in own:
+            report.unplaced.append(key)
+            del out[key]
+    report.placed = len(out)
+    report.missing = [k for k in own if k not in out and not k.endswith("num_batches_tracked")]
+    return out, report
+
+
+def infer_num_classes(src: dict[str, Tensor]) -> int | None:
+    """The class count of a foreign segmentation checkpoint, from its classifier weight."""
+    for key in ("decode_head.classifier.weight", "decode_head.linear_pred.weight", "classifier.4.weight"):
+        if key in src:
+            return int(src[key].shape[0])
+    return None
+
+
+def load_pretrained_encoder(model: SegModel, path: str | Path) -> ConversionReport:
+    """Load a MiT encoder (HF, NVlabs or mmseg layout) into a SegFormer; every encoder key must be found."""
+    src = read_foreign(path)
+    state, report = convert_state(src, model)
+    enc = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    need = [k for k in model.state_dict() if k.startswith("encoder.")]
+    missing = [k for k in need if k not in enc]
+    if missing:
+        raise SegkdError(f"{path}: not a MiT-{model.variant} encoder checkpoint: missing {missing[0]!r}")  # type: ignore[attr-defined]
+    load_state_checked(model, enc, str(path), strict=False)
+    return report
+
+
+def convert_checkpoint(
+    src_path: str | Path,
+    model_name: str,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+) -> tuple[SegModel, dict, ConversionReport]:
+    """Build ``model_name`` and load a foreign checkpoint into it.
+
+    Returns the model, the ``model_kwargs`` it was built with (recorded in the segkd checkpoint) and the report.
+    The class count comes from ``num_classes``, else from ``class_names``, else from the source's classifier.
+    """
+    from segkd.models import MODELS, create_model
+
+    src = read_foreign(src_path)
+    fmt = detect_format(list(src))
+    found = infer_num_classes(src)
+    if num_classes is None:
+        num_classes = len(class_names) if class_names else found
+    if num_classes is None:
+        raise SegkdError(f"{src_path}: no classifier in the checkpoint; pass --num-classes")
+    family = MODELS.get(model_name).family
+    kwargs: dict = {}
+    if family == "transformer" and fmt == "hf":
+        kwargs["ln_eps"] = 1e-5  # HF SegFormer uses PyTorch's default LayerNorm eps in blocks and stage norms
+    model = create_model(model_name, num_classes=num_classes, **kwargs)
+    state, report = convert_state(src, model)
+    if found is not None and found != num_classes:
+        # a different class count: keep everything but the classifier, which stays freshly initialised
+        head = [k for k in state if k.startswith(("decode_head.classifier.", "classifier.4.", "classifier."))
+                and state[k].shape[0] == found and k.endswith(("weight", "bias"))]
+        for k in head:
+            report.skipped.append(k)
+            del state[k]
+        report.missing = [k for k in model.state_dict() if k not in state and not k.endswith("num_batches_tracked")]
+        report.placed = len(state)
+    if not state:
+        raise SegkdError(f"{src_path}: no key could be placed in {model_name}")
+    load_state_checked(model, state, str(src_path), strict=False)
+    return model, kwargs, report
+
+
+def run_convert(
+    src: str | Path,
+    model_name: str,
+    out: str | Path,
+    num_classes: int | None = None,
+    classes_file: str | Path | None = None,
+    ignore_index: int = 255,
+) -> dict:
+    """``segkd convert``: import ``src`` into ``model_name`` and write a segkd checkpoint; returns the report."""
+    from dataclasses import asdict
+
+    from segkd.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
+
+    class_names = None
+    if classes_file is not None:
+        p = Path(classes_file)
+        if not p.is_file():
+            raise SegkdError(f"{p}: class-name file not found")
+        class_names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        if num_classes is not None and len(class_names) != num_classes:
+            raise SegkdError(f"{p}: {len(class_names)} class names but --num-classes {num_classes}")
+    model, kwargs, report = convert_checkpoint(src, model_name, num_classes, class_names)
+    meta = CheckpointMeta(
+        model=model.zoo_name,
+        num_classes=model.num_classes,
+        class_names=class_names or [],
+        ignore_index=ignore_index,
+        model_kwargs=kwargs,
+        args={"command": "convert", "src": str(src), "src_sha256": file_sha256(src)},
+        source=f"{report.source_format}:{Path(src).name}",
+    )
+    save_checkpoint(out, model, meta)
+    return {"model": model.zoo_name, "num_classes": model.num_classes, "out": str(out), **asdict(report)}

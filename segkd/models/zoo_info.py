@@ -1,0 +1,53 @@
+"""What ``segkd models`` shows: parameters, GMACs at a stated size and the feature taps of each zoo model."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from segkd.errors import SegkdError
+from segkd.models import MODELS, count_params, create_model
+
+
+def parse_hw(text: str) -> tuple[int, int]:
+    """``"512x1024"`` -> (512, 1024), with a one-line error for anything else."""
+    parts = text.lower().replace(" ", "").split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SegkdError(f"size {text!r} is not HxW with positive integers (e.g. 512x1024)")
+    return int(parts[0]), int(parts[1])
+
+
+def describe_models(name: str | None, num_classes: int, size: str, flops: bool = True) -> list[dict]:
+    from segkd.bench.flops import count_flops
+
+    h, w = parse_hw(size)
+    names = [MODELS.canonical(name)] if name else MODELS.names()
+    rows = []
+    for n in names:
+        model = create_model(n, num_classes=num_classes)
+        row = {
+            "name": n,
+            "family": MODELS.get(n).family,
+            "summary": MODELS.get(n).summary,
+            "params_m": round(count_params(model) / 1e6, 3),
+            "output_stride": model.output_stride,
+            "taps": [{"name": s.name, "kind": s.kind, "channels": s.channels, "stride": s.stride}
+                     for s in model.feature_info],
+            "aliases": sorted(a for a, c in MODELS.aliases().items() if c == n),
+        }
+        if flops:
+            row["gmacs"] = round(count_flops(model, (1, 3, h, w)).gmacs, 2)
+        rows.append(row)
+    return rows
+
+
+def render_models(rows: list[dict], console: Console, size: str, num_classes: int) -> None:
+    table = Table(title=f"segkd model zoo ({num_classes} classes; GMACs at 1x3x{size}, attention counted)")
+    for col in ("model", "family", "params (M)", "GMACs", "out stride", "feature taps (channels@stride)"):
+        table.add_column(col, justify="right" if col in ("params (M)", "GMACs", "out stride") else "left")
+    for r in rows:
+        taps = " ".join(f"{t['name']}:{t['channels']}@{t['stride']}" for t in r["taps"])
+        gmacs = f"{r['gmacs']:.2f}" if "gmacs" in r else "-"
+        table.add_row(r["name"], r["family"], f"{r['params_m']:.2f}", gmacs, str(r["output_stride"]), taps)
+    console.print(table)
+    console.print("GMACs = multiply-adds (the SegFormer/mmseg papers' 'FLOPs'); FLOPs = 2 x GMACs.")

@@ -1,0 +1,65 @@
+"""One small registry class, used for models, methods and datasets."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from segkd.errors import SegkdError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps names (and aliases) to builders. Unknown names fail with the closest matches."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._aliases: dict[str, str] = {}
+
+    def register(self, name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            self.add(name, obj, aliases=aliases)
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T, *, aliases: tuple[str, ...] = ()) -> None:
+        if name in self._items or name in self._aliases:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._items[name] = obj
+        for alias in aliases:
+            self._aliases[alias] = name
+
+    def canonical(self, name: str) -> str:
+        """The registered name for ``name`` (resolving aliases); a clear error when unknown."""
+        key = name.strip().lower()
+        if key in self._items:
+            return key
+        if key in self._aliases:
+            return self._aliases[key]
+        choices = list(self._items) + list(self._aliases)
+        close = difflib.get_close_matches(key, choices, n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(self._items)}"
+        raise SegkdError(f"unknown {self.kind} {name!r}{hint}")
+
+    def get(self, name: str) -> T:
+        return self._items[self.canonical(name)]
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.canonical(name)
+        except SegkdError:
+            return False
+        return True
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
