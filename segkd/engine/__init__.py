@@ -1,0 +1,1 @@
+"""The shared engine: one trainer, evaluation and inference used by every command."""
