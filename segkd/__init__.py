@@ -12,8 +12,24 @@ Python API (the CLI drives the same functions)::
 
 __version__ = "0.1.0"
 
-from segkd.checkpoint import CheckpointMeta, load_model, save_checkpoint  # noqa: E402
-from segkd.models import MODELS, create_model, upsample_logits  # noqa: E402
+_LAZY = {
+    "CheckpointMeta": "segkd.checkpoint",
+    "load_model": "segkd.checkpoint",
+    "save_checkpoint": "segkd.checkpoint",
+    "MODELS": "segkd.models",
+    "create_model": "segkd.models",
+    "upsample_logits": "segkd.models",
+}
+
+
+def __getattr__(name: str):
+    # imported on first use, so `segkd --version` and `--help` do not pay for torch/timm
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'segkd' has no attribute {name!r}")
+
 
 __all__ = ["MODELS", "CheckpointMeta", "__version__", "create_model", "load_model", "save_checkpoint",
            "upsample_logits"]

@@ -40,8 +40,8 @@ class Registry(Generic[T]):
             return key
         if key in self._aliases:
             return self._aliases[key]
-        choices = list(self._items) + list(self._aliases)
-        close = difflib.get_close_matches(key, choices, n=4, cutoff=0.5)
+        scored = [(difflib.SequenceMatcher(None, key, c).ratio(), c) for c in list(self._items) + list(self._aliases)]
+        close = [c for r, c in sorted(scored, key=lambda rc: (-rc[0], rc[1])) if r >= 0.5][:5]
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(self._items)}"
         raise SegkdError(f"unknown {self.kind} {name!r}{hint}")
 

@@ -279,12 +279,16 @@ def convert_checkpoint(
 
     src = read_foreign(src_path)
     fmt = detect_format(list(src))
+    family = MODELS.get(model_name).family
+    expected = ("hf", "nvlabs", "mmseg") if family == "transformer" else ("torchvision",)
+    if fmt not in expected:
+        kind = "a SegFormer/MiT" if family == "transformer" else "a torchvision DeepLab"
+        raise SegkdError(f"{src_path}: keys look like a {fmt} checkpoint, not {kind} one (first key {next(iter(src))!r})")
     found = infer_num_classes(src)
     if num_classes is None:
         num_classes = len(class_names) if class_names else found
     if num_classes is None:
         raise SegkdError(f"{src_path}: no classifier in the checkpoint; pass --num-classes")
-    family = MODELS.get(model_name).family
     kwargs: dict = {}
     if family == "transformer" and fmt == "hf":
         kwargs["ln_eps"] = 1e-5  # HF SegFormer uses PyTorch's default LayerNorm eps in blocks and stage norms
