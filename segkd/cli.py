@@ -103,6 +103,80 @@ def convert_cmd(
     out.print(f"wrote {report['out']}")
 
 
+# ------------------------------------------------------------------------------------------------------ train
+@app.command("train")
+def train_cmd(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Zoo model to train, e.g. segformer-b0.")] = None,
+    data: Annotated[str, typer.Option(help="Dataset root, or 'synth' for the built-in procedural dataset.")] = "synth",
+    data_format: Annotated[str | None, typer.Option(help="Dataset format (default: detected from the root).")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Classes, for the 'folder' format.")] = None,
+    ignore_index: Annotated[int, typer.Option(help="Label value ignored by the loss and the metrics.")] = 255,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory for checkpoints and logs.")] = Path(
+        "runs/train"),
+    iters: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
+    batch: Annotated[int, typer.Option(help="Images per forward pass, summed over all processes.")] = 8,
+    accum: Annotated[int, typer.Option(help="Micro-batches accumulated per optimiser step.")] = 1,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    lr: Annotated[float | None, typer.Option(help="Peak LR (default 2e-4 adamw, 0.01 sgd).")] = None,
+    wd: Annotated[float | None, typer.Option(help="Weight decay (default 0.01 adamw, 5e-4 sgd).")] = None,
+    head_lr_mult: Annotated[float | None, typer.Option(help="LR multiplier of the decode head "
+                                                        "(default 10 adamw, 1 sgd).")] = None,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up iterations.")] = 0,
+    poly_power: Annotated[float, typer.Option(help="Power of the poly LR decay.")] = 1.0,
+    crop: Annotated[str | None, typer.Option(help="Random crop HxW (padded with the ignore index).")] = None,
+    resize: Annotated[str | None, typer.Option(help="Resize images to HxW before augmenting and for validation.")
+                      ] = None,
+    scale: Annotated[str, typer.Option(help="Random rescale range MIN,MAX ('1' disables).")] = "0.5,2.0",
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flip.")] = True,
+    jitter: Annotated[bool, typer.Option("--jitter/--no-jitter", help="Photometric jitter.")] = True,
+    val_every: Annotated[int, typer.Option(help="Validate and checkpoint every N iterations (and at the end).")
+                         ] = 500,
+    aux_weight: Annotated[float, typer.Option(help="Weight of DeepLabV3's auxiliary head loss (0 = no aux head).")
+                          ] = 0.4,
+    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision: bf16 on CPU, fp16 + grad scaler on CUDA.")
+                   ] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")] = False,
+    clip_grad: Annotated[float | None, typer.Option(help="Clip the gradient norm of each part to X.")] = None,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across processes under torchrun.")
+                       ] = False,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")] = 0,
+    pretrained: Annotated[str | None, typer.Option(help="Local backbone weights file (never downloaded).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    resume: Annotated[Path | None, typer.Option(help="Continue a run exactly: its directory or resume.pt.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Plain log lines instead of a progress bar.")
+                           ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+) -> None:
+    """Train a zoo model supervised (teachers, and the no-KD student baseline); resumable, DDP under torchrun."""
+    from segkd.engine.trainer import TrainConfig, run_train
+
+    if model is None and resume is None:
+        raise SegkdError("--model is required (or --resume RUN_DIR to continue a run)")
+    cfg = TrainConfig(
+        model=model or "", data=data, data_format=data_format, num_classes=num_classes, ignore_index=ignore_index,
+        out=str(out_dir), iters=iters, batch=batch, accum=accum, optimizer=optimizer, lr=lr, wd=wd,
+        head_lr_mult=head_lr_mult, warmup=warmup, poly_power=poly_power, crop=crop, resize=resize, scale=scale,
+        flip=flip, jitter=jitter, val_every=val_every, aux_weight=aux_weight, amp=amp, channels_last=channels_last,
+        clip_grad=clip_grad, sync_bn=sync_bn, workers=workers, seed=seed, pretrained=pretrained, device=device,
+        progress=not no_progress,
+    )
+    summary = run_train(cfg, resume=resume)
+    if summary.get("rank", 0) != 0:
+        return
+    if as_json:
+        _emit_json(summary, None)
+        return
+    for name, best in summary["best"].items():
+        out.print(f"{name}: best val mIoU {100 * best['miou']:.2f} at iteration {best['iteration']}")
+    out.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
+    for name, paths in summary["checkpoints"].items():
+        out.print(f"wrote {paths['last']} and {paths['best']} ({name})")
+    out.print(f"wrote {summary['metrics_log']}, {summary['resume']}, {summary['out']}/run.json")
+
+
+
+
 def main() -> None:
     """Console-script entry point: one ``error:`` line and a non-zero exit for every expected failure."""
     try:

@@ -1,0 +1,747 @@
+"""The one training loop, used by ``segkd train`` (a :class:`SupervisedTask`) and by ``distill``/``collab`` tasks.
+
+Iteration-based: ``iters`` optimiser steps, each over ``accum`` micro-batches of ``batch`` images (summed over the
+processes), poly LR after a linear warm-up, optional AMP (bf16 autocast on CPU; fp16 with a GradScaler on CUDA),
+clipping, channels_last, DDP under torchrun. Every ``val_every`` iterations (and at the end) each deploy model is
+evaluated and written as ``last`` and, when its val mIoU improved, ``best`` checkpoint, then the resume state.
+
+Run directory::
+
+    run.json          the TrainConfig, environment, and (at the end) the summary
+    metrics.jsonl     one JSON object per line: {"type": "train", "iter", "lr", "loss", <every term>, "img_s"},
+                      {"type": "val", "iter", "model", "miou", ...}
+    last.safetensors  best.safetensors        (peer_last / peer_best for a second deploy model)
+    resume.pt         everything --resume needs for an exact continuation
+
+Exactness: the data order is a seeded permutation per epoch plus the number of global batches already taken in
+that epoch (:class:`~segkd.engine.distributed.StepSampler`), augmentation is seeded per (seed, epoch, index) by the
+dataset, the LR is a function of the iteration, and the RNG states of every rank are saved; so on CPU an
+interrupted-and-resumed run ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from segkd.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointMeta, atomic_write_text, save_checkpoint
+from segkd.engine.distributed import (
+    DistInfo,
+    ShardSampler,
+    StepSampler,
+    any_rank,
+    barrier,
+    broadcast_buffers,
+    cleanup_distributed,
+    gather_objects,
+    init_distributed,
+    mean_across,
+)
+from segkd.engine.schedule import apply_lr, lr_factor
+from segkd.engine.state import RESUME_FILE, capture_rng, load_resume, resolve_resume_path, restore_rng, save_resume
+from segkd.engine.task import OptimConfig, SupervisedTask, Task, build_optimizer, supports_aux
+from segkd.errors import SegkdError
+
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+# options that describe the machine, not the run: on --resume they come from the new command line
+MACHINE_OPTIONS = ("device", "workers", "progress", "log_every")
+# what a validation contributes to metrics.jsonl and checkpoint metadata (the confusion matrix stays out)
+VAL_KEYS = ("miou", "aacc", "macc", "fwiou", "mdice", "n_images", "per_class_iou", "per_class_acc")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; recorded in run.json, the resume file and every checkpoint."""
+
+    model: str = "segformer-b0"
+    data: str = "synth"
+    data_format: str | None = None
+    num_classes: int | None = None
+    ignore_index: int = 255
+    out: str = "runs/train"
+    iters: int = 2000
+    batch: int = 8
+    accum: int = 1
+    optimizer: str = "adamw"
+    lr: float | None = None
+    wd: float | None = None
+    head_lr_mult: float | None = None
+    momentum: float = 0.9
+    warmup: int = 0
+    warmup_ratio: float = 1e-6
+    poly_power: float = 1.0
+    crop: str | None = None
+    resize: str | None = None
+    scale: str = "0.5,2.0"
+    flip: bool = True
+    jitter: bool = True
+    val_every: int = 500
+    val_batch: int = 1
+    log_every: int = 10
+    amp: bool = False
+    channels_last: bool = False
+    clip_grad: float | None = None
+    workers: int = 2
+    seed: int = 0
+    pretrained: str | None = None
+    device: str = "auto"
+    sync_bn: bool = False
+    aux_weight: float = 0.4
+    train_split: str = "train"
+    val_split: str = "val"
+    progress: bool = True
+
+    def check(self) -> None:
+        """One-line errors for impossible values, before anything is built."""
+        positive = {"iters": self.iters, "batch": self.batch, "accum": self.accum, "val_every": self.val_every,
+                    "val_batch": self.val_batch, "log_every": self.log_every}
+        for name, value in positive.items():
+            if value < 1:
+                raise SegkdError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.workers < 0:
+            raise SegkdError(f"--workers must be >= 0, got {self.workers}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise SegkdError(f"--clip-grad must be > 0, got {self.clip_grad}")
+        if self.aux_weight < 0:
+            raise SegkdError(f"--aux-weight must be >= 0, got {self.aux_weight}")
+        lr_factor(0, self.iters, self.warmup, self.poly_power, self.warmup_ratio)
+        for opt in ("crop", "resize"):
+            if getattr(self, opt) is not None:
+                parse_hw(getattr(self, opt), f"--{opt}")
+        parse_scale(self.scale)
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig.make(self.optimizer, self.lr, self.wd, self.head_lr_mult, momentum=self.momentum)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def parse_hw(text: str, option: str) -> tuple[int, int]:
+    """``"360x480"`` (or a single ``"512"``) -> ``(360, 480)``, or a one-line error naming the option."""
+    parts = str(text).lower().replace(",", "x").split("x")
+    try:
+        hw = tuple(int(p) for p in parts)
+    except ValueError:
+        raise SegkdError(f"{option} must be HxW (e.g. 360x480), got {text!r}") from None
+    if len(hw) == 1:
+        hw = (hw[0], hw[0])
+    if len(hw) != 2 or min(hw) < 1:
+        raise SegkdError(f"{option} must be HxW with positive sizes, got {text!r}")
+    return hw  # type: ignore[return-value]
+
+
+def parse_scale(text: str) -> tuple[float, float]:
+    """``"0.5,2.0"`` -> ``(0.5, 2.0)``; ``"1"`` or ``"1,1"`` disables rescaling."""
+    try:
+        vals = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise SegkdError(f"--scale must be MIN,MAX (e.g. 0.5,2.0), got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or vals[0] <= 0 or vals[1] < vals[0]:
+        raise SegkdError(f"--scale must be MIN,MAX with 0 < MIN <= MAX, got {text!r}")
+    return vals[0], vals[1]
+
+
+@dataclass
+class DataBundle:
+    """The datasets a run trains and validates on, and what the checkpoints must say about their classes."""
+
+    train: Dataset
+    val: Dataset | None
+    num_classes: int
+    class_names: list[str]
+    palette: list[list[int]]
+    ignore_index: int = 255
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+
+def prepare_data(cfg: TrainConfig, info: DistInfo | None = None) -> DataBundle:
+    """Build and validate the train/val datasets of ``cfg`` (bad files fail here, naming the file)."""
+    from segkd.data import (
+        build_dataset,
+        build_eval_transform,
+        build_train_transform,
+        resolve_data_root,
+        validate_dataset,
+    )
+
+    root = resolve_data_root(cfg.data)
+    crop = parse_hw(cfg.crop, "--crop") if cfg.crop else None
+    resize = parse_hw(cfg.resize, "--resize") if cfg.resize else None
+    mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    train_tf = build_train_transform(crop=crop, scale=parse_scale(cfg.scale), flip=cfg.flip, jitter=cfg.jitter,
+                                     resize=resize, mean=mean, std=std, ignore_index=cfg.ignore_index)
+    eval_tf = build_eval_transform(resize=resize, mean=mean, std=std)
+    common = {"fmt": cfg.data_format, "num_classes": cfg.num_classes, "ignore_index": cfg.ignore_index}
+    train = build_dataset(root, cfg.train_split, transform=train_tf, seed=cfg.seed, **common)
+    val = build_dataset(root, cfg.val_split, transform=eval_tf, seed=cfg.seed, **common)
+    if info is None or info.is_main:
+        validate_dataset(train, full=True)
+        validate_dataset(val, full=True)
+    ds_info = train.info
+    return DataBundle(train, val, ds_info.num_classes, list(ds_info.class_names),
+                      [list(c) for c in ds_info.palette], ds_info.ignore_index, mean, std)
+
+
+class TrainingInterrupted(SegkdError):
+    """Ctrl-C / SIGTERM: the resumable state was saved; exit code 130 like an interrupted shell command."""
+
+    exit_code = 130
+
+
+class NonFiniteLoss(SegkdError):
+    """A NaN/Inf loss or gradient: the run stops, the last good checkpoint is kept untouched."""
+
+
+class _TaskModule(nn.Module):
+    """All trainable parts under one module so one DDP wrapper covers them; forward = ``task.losses``."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict({name: p.module for name, p in task.parts().items()})
+        object.__setattr__(self, "_task", task)  # not a submodule: frozen teachers stay out of DDP
+
+    def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        return self._task.losses(images, labels)
+
+
+def _ignore_sigint_in_worker(_: int) -> None:
+    # Ctrl-C reaches the whole process group; workers must survive it so the main process can stop cleanly
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def ckpt_name(model_name: str, kind: str) -> str:
+    """``last.safetensors`` for the student; ``peer_last.safetensors`` for any other deploy model."""
+    return f"{kind}.safetensors" if model_name == "student" else f"{model_name}_{kind}.safetensors"
+
+
+def deploy_state(model: nn.Module) -> dict[str, Tensor]:
+    """The deployable weights: the training-only auxiliary head (DeepLabV3 ``aux_classifier``) is left out."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("aux_classifier.")}
+
+
+class _Display:
+    """A rich progress bar on a TTY; plain periodic lines otherwise (or with ``--no-progress``)."""
+
+    def __init__(self, total: int, start: int, enabled: bool, rich_ok: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.bar = None
+        if enabled and rich_ok:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                console=Console(stderr=True), transient=False)
+            self.task_id = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, it: int, text: str, eta_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task_id, completed=it, info=text)
+        else:
+            eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
+            print(f"iter {it}/{self.total}  {text}  eta {eta}", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class Trainer:
+    """Runs a :class:`~segkd.engine.task.Task` for ``cfg.iters`` iterations; see the module docstring."""
+
+    def __init__(self, task: Task, cfg: TrainConfig, data: DataBundle, info: DistInfo | None = None,
+                 callbacks: Sequence[Callable[[Trainer, int], None]] = (), source: str = "segkd train") -> None:
+        cfg.check()
+        self.task, self.cfg, self.data = task, cfg, data
+        self.info = info or DistInfo(device=torch.device("cpu"))
+        self.device = self.info.device
+        self.callbacks = list(callbacks)
+        self.source = source
+        self.out = Path(cfg.out)
+        # impossible batch / process combinations fail here, before anything is written
+        StepSampler(len(data.train), cfg.batch, cfg.seed, 0, self.info.rank, self.info.world_size)  # type: ignore
+        self.parts = task.parts()
+        for part in self.parts.values():
+            part.module.to(self.device)
+            if cfg.channels_last:
+                part.module.to(memory_format=torch.channels_last)
+        for m in task.deploy_models().values():
+            m.to(self.device)
+        self.optimizers = {name: build_optimizer(p) for name, p in self.parts.items()}
+        self.use_scaler = cfg.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
+        self.iteration = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.best: dict[str, dict[str, Any]] = {}
+        self.history: list[dict[str, Any]] = []
+        self._stop_requested = False
+        self._wrapped: nn.Module | None = None
+        self._metrics_fh = None
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        """The resume state (rank-local parts; RNG states of every rank gathered)."""
+        rngs = gather_objects(capture_rng(), self.info)
+        return {
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "world_size": self.info.world_size,
+            "config": asdict(self.cfg),
+            "parts": {n: p.module.state_dict() for n, p in self.parts.items()},
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "scaler": self.scaler.state_dict(),
+            "task": self.task.extra_state(),
+            "rng": rngs,
+            "best": self.best,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore everything :meth:`state` saved (call before :meth:`fit`)."""
+        if set(state["parts"]) != set(self.parts):
+            raise SegkdError(f"resume state has parts {sorted(state['parts'])}, the task has {sorted(self.parts)}")
+        for name, part in self.parts.items():
+            part.module.load_state_dict(state["parts"][name])
+            self.optimizers[name].load_state_dict(state["optimizers"][name])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.task.load_extra_state(state.get("task", {}))
+        self.iteration = int(state["iteration"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.best = dict(state.get("best", {}))
+        rngs = state["rng"]
+        if len(rngs) == self.info.world_size:
+            restore_rng(rngs[self.info.rank])
+        else:
+            restore_rng(rngs[0])
+            torch.manual_seed(self.cfg.seed + 7919 * self.info.rank + self.iteration)
+            self._note(f"warning: resuming a {len(rngs)}-process run on {self.info.world_size} processes: data order "
+                       "is kept, dropout randomness is not (the result will not be bit-identical)")
+
+    # ------------------------------------------------------------------------------------------------- data
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Micro-batches forever, epoch after epoch, starting where the (possibly resumed) state says."""
+        cfg, info = self.cfg, self.info
+        n = len(self.data.train)  # type: ignore[arg-type]
+        while True:
+            sampler = StepSampler(n, cfg.batch, cfg.seed, self.epoch, info.rank, info.world_size, self.step_in_epoch)
+            if hasattr(self.data.train, "set_epoch"):
+                self.data.train.set_epoch(self.epoch)  # type: ignore[attr-defined]
+            loader = DataLoader(self.data.train, batch_size=sampler.local_batch, sampler=sampler,
+                                num_workers=cfg.workers, drop_last=True, pin_memory=self.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(cfg.seed + self.epoch),
+                                worker_init_fn=_ignore_sigint_in_worker if cfg.workers > 0 else None)
+            for batch in loader:
+                self.step_in_epoch += 1
+                yield batch[0], batch[1]
+            self.epoch += 1
+            self.step_in_epoch = 0
+
+    def _val_loader(self) -> DataLoader | None:
+        if self.data.val is None:
+            return None
+        n = len(self.data.val)  # type: ignore[arg-type]
+        sampler = ShardSampler(n, self.info.rank, self.info.world_size)
+        return DataLoader(self.data.val, batch_size=self.cfg.val_batch, sampler=sampler,
+                          num_workers=self.cfg.workers, generator=torch.Generator().manual_seed(0),
+                          worker_init_fn=_ignore_sigint_in_worker if self.cfg.workers > 0 else None)
+
+    # ------------------------------------------------------------------------------------------------ output
+    def _note(self, text: str) -> None:
+        if self.info.is_main and getattr(self, "display", None) is not None:
+            self.display.note(text)
+        elif self.info.is_main and self.cfg.progress:
+            print(text, file=sys.stderr, flush=True)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.info.is_main and self._metrics_fh is not None:
+            self._metrics_fh.write(json.dumps(record, default=float) + "\n")
+            self._metrics_fh.flush()
+            os.fsync(self._metrics_fh.fileno())
+
+    def _open_metrics_log(self) -> None:
+        """Open metrics.jsonl for appending; on resume, first drop records past the resumed iteration (and any torn
+        last line from a crash), rewriting the file atomically, so the log reads as one uninterrupted run."""
+        path = self.out / METRICS_FILE
+        if path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if int(rec.get("iter", 0)) <= self.iteration:
+                    kept.append(json.dumps(rec))
+            atomic_write_text(path, "".join(k + "\n" for k in kept))
+        self._metrics_fh = open(path, "a")  # noqa: SIM115 - closed in fit()
+
+    def write_run_json(self, summary: dict[str, Any] | None = None) -> None:
+        if not self.info.is_main:
+            return
+        doc = {
+            "command": self.source,
+            "config": asdict(self.cfg),
+            "world_size": self.info.world_size,
+            "device": str(self.device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "classes": self.data.class_names,
+            "trainable_params": {n: sum(p.numel() for p in part.module.parameters() if p.requires_grad)
+                                 for n, part in self.parts.items()},
+            "deploy_params": {n: sum(p.numel() for p in deploy_state(m).values())
+                              for n, m in self.task.deploy_models().items()},
+        }
+        if summary is not None:
+            doc["summary"] = summary
+        atomic_write_text(self.out / RUN_FILE, json.dumps(doc, indent=2, default=str) + "\n")
+
+    def _meta(self, name: str, model: nn.Module, metrics: dict[str, Any]) -> CheckpointMeta:
+        extra = {}
+        if hasattr(self.task, "checkpoint_meta"):
+            extra = dict(self.task.checkpoint_meta().get(name, {}))  # type: ignore[attr-defined]
+        merged_metrics = {**extra.pop("metrics", {}), **metrics}
+        return CheckpointMeta(
+            model=getattr(model, "zoo_name", type(model).__name__), num_classes=self.data.num_classes,
+            class_names=self.data.class_names, palette=self.data.palette, mean=self.data.mean, std=self.data.std,
+            ignore_index=self.data.ignore_index, args=asdict(self.cfg), metrics=merged_metrics,
+            source=self.source, **extra,
+        )
+
+    # ----------------------------------------------------------------------------------------------- validate
+    def validate(self) -> dict[str, dict[str, Any]]:
+        """Evaluate every deploy model on the val set (confusion matrices all-reduced under DDP)."""
+        from segkd.engine.evaluate import evaluate
+        from segkd.engine.inference import make_predictor
+
+        loader = self._val_loader()
+        results: dict[str, dict[str, Any]] = {}
+        self.task.train(False)
+        for name, model in self.task.deploy_models().items():
+            broadcast_buffers(model, self.info)
+            if loader is None:
+                continue
+            res = evaluate(make_predictor(model, mode="whole"), loader, self.data.num_classes,
+                           self.data.ignore_index, self.device, distributed=self.info.enabled, progress=False)
+            full = res.to_dict()
+            results[name] = {k: full[k] for k in VAL_KEYS if k in full}
+        self.task.train(True)
+        return results
+
+    def _checkpoint(self, results: dict[str, dict[str, Any]]) -> None:
+        """Write last (+ best when improved) for each deploy model, then the resume state (files: rank 0 only).
+
+        Weights are checked to be finite first: a diverged model never replaces a good checkpoint."""
+        for name, model in self.task.deploy_models().items():
+            bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+            if bad:
+                raise NonFiniteLoss(f"non-finite weights in {name} ({bad[0]}) at iteration {self.iteration}; training "
+                                    "stopped and the previous checkpoints are kept (try a lower --lr or --clip-grad)")
+        for name, model in self.task.deploy_models().items():
+            res = results.get(name, {})
+            metrics = {"iteration": self.iteration, **res}
+            if self.info.is_main:
+                save_checkpoint(self.out / ckpt_name(name, "last"), deploy_state(model),
+                                self._meta(name, model, metrics))
+            miou = res.get("miou")
+            if miou is not None and (name not in self.best or miou > self.best[name]["miou"]):
+                self.best[name] = {"miou": float(miou), "iteration": self.iteration,
+                                   "path": str(self.out / ckpt_name(name, "best"))}
+                if self.info.is_main:
+                    save_checkpoint(self.out / ckpt_name(name, "best"), deploy_state(model),
+                                    self._meta(name, model, metrics))
+        self.save_resume()
+
+    def save_resume(self) -> Path:
+        state = self.state()  # collective (RNG gather): every rank calls it
+        path = self.out / RESUME_FILE
+        if self.info.is_main:
+            save_resume(path, state)
+        return path
+
+    # ------------------------------------------------------------------------------------------------- train
+    def _forward_module(self) -> nn.Module:
+        if self._wrapped is None:
+            module = _TaskModule(self.task)
+            if self.info.enabled:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                module = DDP(module, device_ids=ids,
+                             find_unused_parameters=bool(getattr(self.task, "find_unused_parameters", False)),
+                             gradient_as_bucket_view=True)
+            self._wrapped = module
+        return self._wrapped
+
+    def _check_finite(self, values: dict[str, float], what: str) -> None:
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if any_rank(bool(bad), self.info):
+            if self.info.is_main:
+                self._log({"type": "error", "iter": self.iteration + 1, "error": f"non-finite {what}",
+                           **{k: str(v) for k, v in bad.items()}})
+            terms = ", ".join(f"{k} = {v}" for k, v in bad.items()) or "on another rank"
+            last = self.out / ckpt_name("student", "last")
+            kept = f"; the last good checkpoint {last} is kept" if last.exists() else "; nothing was overwritten"
+            raise NonFiniteLoss(f"non-finite {what} at iteration {self.iteration + 1} ({terms}); training stopped"
+                                f"{kept} (try a lower --lr, --clip-grad, or no --amp)")
+
+    def _install_signals(self) -> dict[int, Any]:
+        old: dict[int, Any] = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_requested:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: no handlers, KeyboardInterrupt behaves as usual
+            pass
+        return old
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``cfg.iters``; returns the summary (also written to run.json)."""
+        cfg, info = self.cfg, self.info
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._open_metrics_log()
+            self.write_run_json()
+        tty = sys.stderr.isatty()
+        self.display = _Display(cfg.iters, self.iteration, cfg.progress and info.is_main, rich_ok=tty)
+        fwd = self._forward_module()
+        self.task.train(True)
+        batches = self._batches()
+        old_signals = self._install_signals()
+        t_start = time.perf_counter()
+        window: dict[str, float] = {}
+        win_iters, win_images, win_t0 = 0, 0, time.perf_counter()
+        run_images, run_t0, start_it = 0, time.perf_counter(), self.iteration
+        params = {n: [p for p in part.module.parameters() if p.requires_grad] for n, part in self.parts.items()}
+        try:
+            while self.iteration < cfg.iters:
+                factor = lr_factor(self.iteration, cfg.iters, cfg.warmup, cfg.poly_power, cfg.warmup_ratio)
+                lrs = apply_lr(self.optimizers.values(), factor)
+                for opt in self.optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                sums: dict[str, Tensor] = {}
+                for micro in range(cfg.accum):
+                    images, labels = next(batches)
+                    images = images.to(self.device, non_blocking=True)
+                    labels = labels.to(self.device, non_blocking=True)
+                    if cfg.channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    sync = micro == cfg.accum - 1 or not info.enabled
+                    with nullcontext() if sync else fwd.no_sync():  # type: ignore[operator]
+                        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
+                            terms = fwd(images, labels)
+                        if "loss" not in terms:
+                            raise SegkdError("the task returned no 'loss' term")
+                        self.scaler.scale(terms["loss"] / cfg.accum).backward()
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.accum
+                values = {k: float(v) for k, v in sums.items()}
+                self._check_finite(values, "loss")
+                norms: dict[str, float] = {}
+                for name, opt in self.optimizers.items():
+                    if self.use_scaler:
+                        self.scaler.unscale_(opt)
+                    if cfg.clip_grad is not None:
+                        norm = torch.nn.utils.clip_grad_norm_(params[name], cfg.clip_grad)
+                    else:
+                        norm = torch.nn.utils.get_total_norm([p.grad for p in params[name] if p.grad is not None])
+                    norms[name] = float(norm)
+                if not self.use_scaler:  # with a scaler, inf grads just skip the step and lower the scale
+                    self._check_finite({f"grad_norm_{k}": v for k, v in norms.items()}, "gradient")
+                for opt in self.optimizers.values():
+                    self.scaler.step(opt)
+                self.scaler.update()
+                self.iteration += 1
+                n_img = cfg.batch * cfg.accum
+                win_images += n_img
+                run_images += n_img
+                win_iters += 1
+                for k, v in values.items():
+                    window[k] = window.get(k, 0.0) + v
+                for cb in self.callbacks:
+                    cb(self, self.iteration)
+
+                last_iter = self.iteration == cfg.iters
+                if self.iteration % cfg.log_every == 0 or last_iter:
+                    dt = time.perf_counter() - win_t0
+                    avg = mean_across({k: v / win_iters for k, v in window.items()}, info)
+                    rec: dict[str, Any] = {"type": "train", "iter": self.iteration, "epoch": self.epoch, "lr": lrs[0],
+                                           **avg, "img_s": win_images / max(dt, 1e-9)}
+                    for name, nv in norms.items():
+                        rec[f"grad_norm_{name}" if len(norms) > 1 else "grad_norm"] = nv
+                    if self.use_scaler:
+                        rec["amp_scale"] = float(self.scaler.get_scale())
+                    self._log(rec)
+                    per_it = (time.perf_counter() - run_t0) / max(self.iteration - start_it, 1)
+                    eta = per_it * (cfg.iters - self.iteration)
+                    self.display.update(self.iteration, f"loss {avg['loss']:.4f}  lr {lrs[0]:.2e}  "
+                                        f"{rec['img_s']:.1f} img/s", eta)
+                    window, win_iters, win_images, win_t0 = {}, 0, 0, time.perf_counter()
+                else:
+                    if self.display.bar is not None:
+                        self.display.bar.update(self.display.task_id, completed=self.iteration)
+
+                if self.iteration % cfg.val_every == 0 or last_iter:
+                    results = self.validate()
+                    for name, res in results.items():
+                        self._log({"type": "val", "iter": self.iteration, "model": name,
+                                   **{k: v for k, v in res.items() if k != "per_class_iou"},
+                                   "per_class_iou": res.get("per_class_iou")})
+                        self._note(f"val @ {self.iteration}: {name} mIoU {100 * res['miou']:.2f}  "
+                                   f"aAcc {100 * res['aacc']:.2f}")
+                    self._checkpoint(results)
+                    self.last_results = results
+                if any_rank(self._stop_requested, info) and not last_iter:
+                    path = self.save_resume()
+                    raise TrainingInterrupted(
+                        f"interrupted at iteration {self.iteration}/{cfg.iters}; resumable state saved to {path}; "
+                        f"continue with: segkd train --resume {self.out}")
+        finally:
+            for sig, h in old_signals.items():
+                signal.signal(sig, h)
+            self.display.close()
+            if self._metrics_fh is not None:
+                self._metrics_fh.close()
+                self._metrics_fh = None
+        wall = time.perf_counter() - t_start
+        summary = self.summary(wall, run_images)
+        self.write_run_json(summary)
+        barrier(info)
+        return summary
+
+    def summary(self, wall: float, images: int) -> dict[str, Any]:
+        results = getattr(self, "last_results", {})
+        return {
+            "out": str(self.out),
+            "rank": self.info.rank,
+            "world_size": self.info.world_size,
+            "iterations": self.iteration,
+            "wall_time_s": round(wall, 3),
+            "img_s": round(images / max(wall, 1e-9), 3),
+            "final": {n: {k: v for k, v in r.items()} for n, r in results.items()},
+            "best": self.best,
+            "checkpoints": {n: {k: str(self.out / ckpt_name(n, k)) for k in ("last", "best")}
+                            for n in self.task.deploy_models()},
+            "resume": str(self.out / RESUME_FILE),
+            "metrics_log": str(self.out / METRICS_FILE),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The config to run with and the resume state: on ``--resume`` the saved config wins, except for the options
+    that describe the machine (device, workers, progress, log interval), which come from ``cfg``."""
+    if resume is None:
+        cfg.check()
+        out = Path(cfg.out)
+        if (out / RESUME_FILE).exists() or (out / RUN_FILE).exists():
+            raise SegkdError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+        return cfg, None
+    path = resolve_resume_path(resume)
+    state = load_resume(path)
+    saved = TrainConfig.from_dict(state["config"])
+    for name in MACHINE_OPTIONS:
+        setattr(saved, name, getattr(cfg, name))
+    saved.out = str(path.parent)
+    saved.check()
+    return saved, state
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The zoo model of ``cfg`` (with DeepLabV3's aux head when ``aux_weight > 0``)."""
+    from segkd.models import create_model
+
+    kwargs: dict[str, Any] = {}
+    if cfg.aux_weight > 0 and supports_aux(cfg.model):
+        kwargs["aux"] = True
+    return create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, **kwargs)
+
+
+Callback = Callable[["Trainer", int], None]
+
+
+def run_train(cfg: TrainConfig, resume: str | Path | None = None, callbacks: Sequence[Callback] = (),
+              data: DataBundle | None = None) -> dict[str, Any]:
+    """``segkd train``: supervised training of a zoo model (set up DDP from torchrun's env when present).
+
+    ``data`` may be given to train on in-memory datasets (tests, notebooks); otherwise ``cfg.data`` is read.
+    """
+    from segkd.models import MODELS
+
+    cfg, state = start_run(cfg, resume)
+    MODELS.canonical(cfg.model)  # unknown model: fail before any data is read
+    info = init_distributed(cfg.device)
+    try:
+        seed_everything(cfg.seed)
+        bundle = data if data is not None else prepare_data(cfg, info)
+        model = build_model(cfg, bundle.num_classes)
+        if cfg.sync_bn and info.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        torch.manual_seed(cfg.seed + 7919 * info.rank)  # rank-specific dropout / drop-path streams
+        task = SupervisedTask(model, bundle.ignore_index, cfg.aux_weight, cfg.optim())
+        trainer = Trainer(task, cfg, bundle, info, callbacks)
+        if state is not None:
+            if state["iteration"] >= cfg.iters:
+                raise SegkdError(f"{cfg.out}: the run already finished ({state['iteration']}/{cfg.iters} iterations)")
+            trainer.load_state(state)
+        return trainer.fit()
+    finally:
+        cleanup_distributed(info)
