@@ -177,6 +177,95 @@ def train_cmd(
 
 
 
+# ------------------------------------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_cmd(
+    source: Annotated[Path, typer.Argument(help="segkd checkpoint (.safetensors) or exported model (.onnx).")],
+    data: Annotated[str, typer.Option(help="Dataset root, or 'synth' for the built-in procedural dataset.")] = "synth",
+    data_format: Annotated[str | None, typer.Option(help="Dataset format (default: detected from the root).")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
+    resize: Annotated[str | None, typer.Option(help="Resize images to HxW before inference.")] = None,
+    mode: Annotated[str, typer.Option(help="Inference mode: whole or slide (sliding window).")] = "whole",
+    crop: Annotated[str | None, typer.Option(help="Sliding-window size HxW (--mode slide).")] = None,
+    stride: Annotated[str | None, typer.Option(help="Sliding-window stride HxW (default 2/3 of --crop).")] = None,
+    flip: Annotated[bool, typer.Option("--flip", help="Horizontal-flip test-time augmentation.")] = False,
+    scales: Annotated[str | None, typer.Option(help="Multi-scale TTA, e.g. 0.75,1.0,1.25.")] = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass (per process).")] = 1,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    amp: Annotated[bool, typer.Option("--amp", help="Autocast inference: bf16 on CPU, fp16 on CUDA.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON instead of a table.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the metrics JSON to this file.")
+                        ] = None,
+    save_preds: Annotated[Path | None, typer.Option(help="Write colourised masks and overlays (PNG) here.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Evaluate a checkpoint or ONNX model: mIoU, per-class IoU/Acc, aAcc, mAcc, fwIoU (DDP under torchrun)."""
+    from segkd.engine.evaluate import render_eval, run_eval
+
+    result = run_eval(source, data=data, data_format=data_format, split=split, resize=resize, mode=mode, crop=crop,
+                      stride=stride, flip=flip, scales=scales, batch=batch, workers=workers, device=device,
+                      save_preds=save_preds, amp=amp, progress=not no_progress)
+    if result.rank != 0:
+        return
+    if json_out is not None:
+        _emit_json(result.to_dict(), json_out)
+    if as_json:
+        _emit_json(result.to_dict(), None)
+        return
+    render_eval(result, out)
+    if json_out is not None:
+        out.print(f"wrote {json_out}")
+    if save_preds is not None:
+        out.print(f"wrote predictions to {save_preds}")
+
+
+# ----------------------------------------------------------------------------------------------------- export
+@app.command("export")
+def export_cmd(
+    ckpt: Annotated[Path, typer.Argument(help="segkd checkpoint (.safetensors) of the model to deploy.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write (only after verification).")],
+    opset: Annotated[int, typer.Option(help="ONNX opset (17 or newer: native LayerNormalization).")] = 17,
+    static: Annotated[str | None, typer.Option(help="Fixed input shape BxCxHxW (trtexec syntax), e.g. "
+                                               "1x3x512x1024; dynamic batch/H/W when omitted.")] = None,
+    output: Annotated[str, typer.Option(help="Graph output: logits (model stride), probs or labels (input size).")
+                      ] = "logits",
+    fold_normalize: Annotated[bool, typer.Option("--fold-normalize", help="Put mean/std into the graph; the "
+                                                 "model then takes 0..255 RGB.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="fp16 weights/activations; LayerNorm, softmax, reductions "
+                                       "and normalisation stay fp32.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check ORT against PyTorch before writing.")
+                      ] = True,
+    data: Annotated[str | None, typer.Option(help="Dataset root whose first images join verification, or 'synth'.")
+                    ] = None,
+    size: Annotated[str | None, typer.Option(help="Export/verification size HxW (dynamic exports; default "
+                                             "512x1024).")] = None,
+    atol: Annotated[float | None, typer.Option(help="Max abs output difference allowed (default 1e-4 fp32, "
+                                               "none for fp16).")] = None,
+    min_agreement: Annotated[float | None, typer.Option(help="Min label agreement (default 0.999 fp32, 0.99 fp16).")
+                             ] = None,
+    providers: Annotated[str, typer.Option(help="ONNX Runtime providers for verification: cpu, cuda, tensorrt "
+                                           "(comma-separated); never a silent fallback.")] = "cpu",
+    num_images: Annotated[int, typer.Option(help="Real images used from --data.")] = 4,
+    trt_min: Annotated[str | None, typer.Option(help="TensorRT profile min shape (default 1x3xH/2xW/2).")] = None,
+    trt_max: Annotated[str | None, typer.Option(help="TensorRT profile max shape (default 4x3xHxW).")] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = its default).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Export the deployable model to verified ONNX, with a TensorRT readiness report and trtexec line."""
+    from segkd.export.onnx_export import ExportConfig, export_checkpoint
+    from segkd.export.render import render_export_report
+
+    cfg = ExportConfig(opset=opset, static=static, output=output, fold_normalize=fold_normalize, fp16=fp16,
+                       verify=verify, data=data, size=size, atol=atol, min_agreement=min_agreement,
+                       providers=providers, num_images=num_images, trt_min=trt_min, trt_max=trt_max, threads=threads)
+    report = export_checkpoint(ckpt, out_path, cfg)
+    if as_json:
+        _emit_json(report, None)
+    else:
+        render_export_report(report, out)
+
+
 def main() -> None:
     """Console-script entry point: one ``error:`` line and a non-zero exit for every expected failure."""
     try:

@@ -1,0 +1,350 @@
+"""Evaluation: one confusion matrix over a loader, the metrics of :mod:`segkd.engine.metrics`, and ``segkd eval``.
+
+:func:`evaluate` is what the trainer calls for periodic validation and what ``segkd eval`` calls on a checkpoint
+or an exported ONNX model. Predictions are compared with the labels at the *label* resolution: scores are
+upsampled bilinearly to the label size before the argmax (mmseg's convention), so a model evaluated with
+``--resize`` is still scored against whatever labels the dataset yields.
+
+Under ``torchrun`` every rank evaluates a disjoint shard (``dataset[rank::world]``, no padding, unlike
+``DistributedSampler`` which repeats samples to even out the shards and would count them twice), then the
+confusion matrices and image counts are summed with ``all_reduce``; the result equals a single-process run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from segkd.engine.metrics import CONVENTION, ConfusionMeter, all_reduce_sum, nan_to_none, scores_from_confusion
+from segkd.errors import SegkdError
+from segkd.models.base import upsample_logits
+
+BatchHook = Callable[[int, Tensor, Tensor, Tensor], None]
+
+
+@dataclass
+class EvalResult:
+    """Dataset-level metrics (fractions in [0, 1]; NaN where undefined, see :mod:`segkd.engine.metrics`)."""
+
+    miou: float
+    aacc: float
+    macc: float
+    fwiou: float
+    mdice: float
+    per_class_iou: list[float]
+    per_class_acc: list[float]
+    per_class_dice: list[float]
+    confusion: Tensor
+    n_images: int
+    ignore_index: int | None = 255
+    class_names: list[str] | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0  # this process's rank (not serialised): only rank 0 prints or writes shared files
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.confusion.shape[0])
+
+    def names(self) -> list[str]:
+        if self.class_names and len(self.class_names) == self.num_classes:
+            return list(self.class_names)
+        return [f"class{i}" for i in range(self.num_classes)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: summary metrics, a per-class block keyed by class name, the raw confusion matrix."""
+        gt = self.confusion.sum(1).tolist()
+        pred = self.confusion.sum(0).tolist()
+        per_class = {
+            name: {
+                "iou": nan_to_none(self.per_class_iou[i]),
+                "acc": nan_to_none(self.per_class_acc[i]),
+                "dice": nan_to_none(self.per_class_dice[i]),
+                "gt_pixels": int(gt[i]),
+                "pred_pixels": int(pred[i]),
+            }
+            for i, name in enumerate(self.names())
+        }
+        return {
+            "miou": nan_to_none(self.miou),
+            "aacc": nan_to_none(self.aacc),
+            "macc": nan_to_none(self.macc),
+            "fwiou": nan_to_none(self.fwiou),
+            "mdice": nan_to_none(self.mdice),
+            "n_images": self.n_images,
+            "n_pixels": int(self.confusion.sum()),
+            "num_classes": self.num_classes,
+            "ignore_index": self.ignore_index,
+            "class_names": self.names(),
+            "per_class": per_class,
+            "per_class_iou": [nan_to_none(v) for v in self.per_class_iou],
+            "per_class_acc": [nan_to_none(v) for v in self.per_class_acc],
+            "convention": CONVENTION,
+            "confusion": self.confusion.tolist(),
+            "seconds": round(self.seconds, 3),
+            **self.extra,
+        }
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_dataset(dataset: Dataset, rank: int, world: int) -> Dataset:
+    """This rank's disjoint share of ``dataset`` (``rank::world``), without the padding ``DistributedSampler`` adds."""
+    if world <= 1:
+        return dataset
+    return Subset(dataset, list(range(rank, len(dataset), world)))  # type: ignore[arg-type]
+
+
+def _progress(enabled: bool, total: int | None):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=not enabled or not console.is_terminal)
+
+
+def evaluate(
+    predict: Callable[[Tensor], Tensor],
+    loader: Any,
+    num_classes: int,
+    ignore_index: int | None = 255,
+    device: str | torch.device = "cpu",
+    distributed: bool = False,
+    progress: bool = True,
+    class_names: Sequence[str] | None = None,
+    on_batch: BatchHook | None = None,
+) -> EvalResult:
+    """Run ``predict`` over ``loader`` (``(images, labels)`` batches) and score it against the labels.
+
+    ``predict(images) -> B x K x h x w`` scores (e.g. from :func:`segkd.engine.inference.make_predictor`); they are
+    upsampled to the label size before the argmax. With ``distributed=True`` and ``torch.distributed`` initialised,
+    the loader must hold this rank's shard (:func:`shard_dataset`), and the confusion matrix and image count are
+    summed over ranks, so every rank returns the global result. ``on_batch(index_of_first, images, labels, pred)``
+    is called per batch (used by ``--save-preds``).
+    """
+    device = torch.device(device)
+    meter = ConfusionMeter(num_classes, ignore_index, device=device)
+    n_images = 0
+    seen = 0
+    rank, _ = _dist_info()
+    start = time.perf_counter()
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    with _progress(progress and rank == 0, total) as bar:
+        task = bar.add_task("eval", total=total)
+        for batch in loader:
+            if isinstance(batch, dict):
+                images, labels = batch["image"], batch["label"]
+            else:
+                images, labels = batch[0], batch[1]
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if labels.ndim == 4 and labels.shape[1] == 1:
+                labels = labels[:, 0]
+            scores = predict(images)
+            if scores.ndim != 4 or scores.shape[0] != images.shape[0]:
+                raise SegkdError(f"predict returned shape {tuple(scores.shape)} for a batch of {images.shape[0]}")
+            if scores.shape[1] != num_classes:
+                raise SegkdError(f"the model predicts {scores.shape[1]} classes but the evaluation expects "
+                                 f"{num_classes}")
+            pred = upsample_logits(scores.float(), labels.shape[-2:]).argmax(1)
+            meter.update(pred, labels)
+            if on_batch is not None:
+                on_batch(seen, images, labels, pred)
+            seen += images.shape[0]
+            n_images += images.shape[0]
+            bar.advance(task)
+    if distributed:
+        meter.reduce()
+        n_images = int(all_reduce_sum(torch.tensor([n_images], dtype=torch.int64, device=device)).item())
+    s = scores_from_confusion(meter.matrix)
+    return EvalResult(
+        miou=s.miou, aacc=s.aacc, macc=s.macc, fwiou=s.fwiou, mdice=s.mdice,
+        per_class_iou=s.per_class_iou, per_class_acc=s.per_class_acc, per_class_dice=s.per_class_dice,
+        confusion=meter.matrix.cpu(), n_images=n_images, ignore_index=ignore_index,
+        class_names=list(class_names) if class_names else None, seconds=time.perf_counter() - start, rank=rank,
+    )
+
+
+# --------------------------------------------------------------------------------------------- segkd eval
+def load_predictor_source(path: str | Path, device: torch.device) -> tuple[Callable[[Tensor], Tensor], Any, str]:
+    """``(callable, CheckpointMeta, kind)`` for a segkd checkpoint or an exported ``.onnx`` model."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegkdError(f"{path}: file not found")
+    if path.suffix.lower() == ".onnx":
+        from segkd.export.runtime import load_onnx_predictor
+
+        # ask for exactly the device's provider: load_onnx_predictor fails loudly instead of falling back to CPU
+        fn, meta = load_onnx_predictor(path, ("cuda",) if device.type == "cuda" else ("cpu",))
+        return fn, meta, "onnx"
+    from segkd.checkpoint import load_model
+
+    model = load_model(path, device=device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, model.segkd_meta, "checkpoint"  # type: ignore[attr-defined]
+
+
+def _sample_stem(dataset: Any, index: int) -> str:
+    """A file stem for sample ``index`` when the dataset knows its files, else the zero-padded index."""
+    for attr in ("sample_name", "name_of"):
+        fn = getattr(dataset, attr, None)
+        if callable(fn):
+            return Path(str(fn(index))).stem
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, Sequence) and index < len(samples):
+        item = samples[index]
+        first = item[0] if isinstance(item, (tuple, list)) else item
+        if isinstance(first, (str, Path)):
+            return Path(first).stem
+    return f"{index:06d}"
+
+
+def run_eval(
+    source: str | Path,
+    data: str | Path | None = None,
+    data_format: str | None = None,
+    split: str = "val",
+    resize: str | None = None,
+    mode: str = "whole",
+    crop: str | None = None,
+    stride: str | None = None,
+    flip: bool = False,
+    scales: str | None = None,
+    batch: int = 1,
+    workers: int = 0,
+    device: str = "auto",
+    save_preds: str | Path | None = None,
+    amp: bool = False,
+    progress: bool = True,
+    dataset: Dataset | None = None,
+) -> EvalResult:
+    """Everything ``segkd eval`` does: load the model alone, build the dataset from its metadata, evaluate.
+
+    ``dataset`` (already transformed, yielding ``(image, label)``) replaces ``data``/``data_format``/``resize``.
+    """
+    from segkd.engine.inference import make_predictor, parse_hw, parse_scales
+
+    if batch < 1:
+        raise SegkdError(f"--batch must be >= 1, got {batch}")
+    if workers < 0:
+        raise SegkdError(f"--workers must be >= 0, got {workers}")
+    resize_hw = parse_hw(resize, "--resize")
+    scale_list = parse_scales(scales)
+    from segkd.engine.distributed import init_distributed
+
+    info = init_distributed(device)
+    dev = info.device
+    fn, meta, kind = load_predictor_source(source, dev)
+    predict = make_predictor(fn, mode=mode, crop=crop, stride=stride, flip=flip, scales=scale_list,  # type: ignore
+                             amp=amp)
+    if dataset is None:
+        if data is None:
+            raise SegkdError("--data is required (a dataset root, or 'synth')")
+        dataset = build_eval_dataset(data, data_format, split, resize_hw, meta)
+    ds_classes, ds_ignore = _dataset_classes(dataset)
+    if ds_classes is not None and ds_classes != meta.num_classes:
+        where = f"the dataset {data}" if data is not None else "the dataset"
+        raise SegkdError(f"{source}: the model predicts {meta.num_classes} classes but {where} has {ds_classes}")
+    ignore = ds_ignore if ds_ignore is not None else meta.ignore_index
+    distributed, rank, world = info.enabled, info.rank, info.world_size
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise SegkdError(f"{data}: split {split!r} has no samples")
+    indices = list(range(rank, len(dataset), world))  # type: ignore[arg-type]
+    shard = Subset(dataset, indices) if world > 1 else dataset
+    loader = DataLoader(shard, batch_size=batch, shuffle=False, num_workers=workers,
+                        pin_memory=dev.type == "cuda", drop_last=False)
+    hook = None
+    if save_preds is not None:
+        from segkd.engine.visualize import save_prediction
+
+        out_dir = Path(save_preds)
+
+        def hook(first: int, images: Tensor, labels: Tensor, pred: Tensor) -> None:
+            for j in range(pred.shape[0]):
+                index = indices[first + j]
+                save_prediction(out_dir, _sample_stem(dataset, index), pred[j], meta.palette, image=images[j],
+                                mean=meta.mean, std=meta.std)
+
+    result = evaluate(predict, loader, meta.num_classes, ignore_index=ignore, device=dev, distributed=distributed,
+                      progress=progress, class_names=meta.class_names, on_batch=hook)
+    result.extra = {
+        "source": str(source),
+        "kind": kind,
+        "model": meta.model,
+        "data": str(data) if data is not None else None,
+        "split": split,
+        "resize": list(resize_hw) if resize_hw else None,
+        "mode": mode,
+        "crop": list(parse_hw(crop)) if crop else None,
+        "stride": list(parse_hw(stride, "--stride")) if stride else None,
+        "flip": flip,
+        "scales": list(scale_list),
+        "device": str(dev),
+        "world_size": world,
+    }
+    return result
+
+
+def build_eval_dataset(data: str | Path, data_format: str | None, split: str, resize: tuple[int, int] | None,
+                       meta: Any) -> Dataset:
+    """The evaluation split through the data package, normalised with the checkpoint's mean/std.
+
+    ``num_classes``/``ignore_index`` come from the checkpoint (they matter for the ``folder`` format, whose files
+    do not name their classes); formats that know their classes report them, and a mismatch is an error.
+    """
+    from segkd.data import build_dataset, build_eval_transform, resolve_data_root
+
+    root = resolve_data_root(str(data))
+    transform = build_eval_transform(resize=resize, mean=list(meta.mean), std=list(meta.std))
+    return build_dataset(root, split, transform=transform, fmt=data_format, num_classes=meta.num_classes,
+                         ignore_index=meta.ignore_index)
+
+
+def _dataset_classes(dataset: Any) -> tuple[int | None, int | None]:
+    """``(num_classes, ignore_index)`` a dataset declares (``dataset.info`` or plain attributes), else ``None``."""
+    info = getattr(dataset, "info", dataset)
+    k = getattr(info, "num_classes", None)
+    ignore = getattr(info, "ignore_index", None)
+    return (int(k) if k is not None else None), (int(ignore) if ignore is not None else None)
+
+
+def render_eval(result: EvalResult, console: Any) -> None:
+    """A rich table: per-class IoU / Acc / Dice (%), GT pixel share, then the summary row."""
+    from rich.table import Table
+
+    def pct(v: float) -> str:
+        return "-" if v != v else f"{100 * v:.2f}"
+
+    gt = result.confusion.sum(1).double()
+    total = float(gt.sum()) or 1.0
+    table = Table(title=f"{result.extra.get('model', 'model')} on {result.extra.get('split', 'eval')} "
+                        f"({result.n_images} images)", title_justify="left")
+    for col in ("class", "IoU", "Acc", "Dice", "GT %"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for i, name in enumerate(result.names()):
+        table.add_row(name, pct(result.per_class_iou[i]), pct(result.per_class_acc[i]),
+                      pct(result.per_class_dice[i]), f"{100 * float(gt[i]) / total:.2f}")
+    table.add_section()
+    table.add_row("[bold]mean[/]", f"[bold]{pct(result.miou)}[/]", pct(result.macc), pct(result.mdice), "")
+    console.print(table)
+    console.print(f"mIoU {pct(result.miou)}  aAcc {pct(result.aacc)}  mAcc {pct(result.macc)}  "
+                  f"fwIoU {pct(result.fwiou)}  mDice {pct(result.mdice)}  ({result.seconds:.1f} s)")
+    console.print("[dim]- = class absent from both ground truth and prediction (excluded from the means)[/]")

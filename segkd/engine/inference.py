@@ -1,0 +1,194 @@
+"""Inference at the input size: whole image, sliding window, flip and multi-scale test-time augmentation.
+
+:func:`make_predictor` wraps any callable that maps a normalised image batch ``B x 3 x h x w`` to logits
+``B x K x h' x w'`` at some output stride (a zoo model, a plain function, an ONNX Runtime session wrapper) and
+returns ``predict(images) -> B x K x H x W`` scores at the input size. The callable's output is always brought to
+the size of what it was given by bilinear upsampling with ``align_corners=False`` (the torchvision / HF / mmseg
+convention, :func:`segkd.models.upsample_logits`).
+
+Choices (the papers and tools differ; these follow mmseg, which most published numbers use):
+
+* **slide**: windows of ``crop`` size every ``stride`` pixels; the last window in each direction is shifted back
+  so it ends at the border (mmseg ``slide_inference``), and when the image is smaller than the crop the window is
+  zero-padded on the bottom/right to the crop size (zero = the mean colour after normalisation) and the padded part
+  of the output is dropped, so fixed-shape models (static ONNX) see only crop-sized inputs. Logits are summed
+  over windows and divided by the per-pixel window count.
+* **TTA** (flip and/or several scales): each view's logits are brought back to the input size (flipped back,
+  resized bilinearly) and the views are averaged as **softmax probabilities** (mmseg ``SegTTAModel``), because
+  logits of differently scaled views are not calibrated against each other. ``tta_average="logits"`` averages
+  logits instead. To keep one output type, the averaged probabilities are returned as their log, so ``softmax``
+  of the result gives the averaged probabilities and ``argmax`` the prediction either way; without TTA the plain
+  (window-averaged) logits are returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segkd.errors import SegkdError
+from segkd.models.base import upsample_logits
+
+Predictor = Callable[[Tensor], Tensor]
+
+
+def parse_hw(text: str | Sequence[int] | None, option: str = "--crop") -> tuple[int, int] | None:
+    """``"512x1024"`` / ``"512"`` / ``(512, 1024)`` -> ``(512, 1024)``; a one-line error naming ``option``."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        vals = tuple(int(v) for v in text)
+    else:
+        parts = text.lower().replace("*", "x").replace(",", "x").split("x")
+        try:
+            vals = tuple(int(p) for p in parts)
+        except ValueError:
+            raise SegkdError(f"{option} {text!r}: expected HxW, e.g. 512x1024") from None
+    if len(vals) == 1:
+        vals = (vals[0], vals[0])
+    if len(vals) != 2 or min(vals) < 1:
+        raise SegkdError(f"{option} {text!r}: expected two positive integers HxW, e.g. 512x1024")
+    return vals[0], vals[1]
+
+
+def parse_scales(text: str | Sequence[float] | None) -> tuple[float, ...]:
+    """``"0.75,1.0,1.25"`` -> ``(0.75, 1.0, 1.25)``; a one-line error for anything else."""
+    if text is None or text == "":
+        return (1.0,)
+    if isinstance(text, str):
+        try:
+            vals = tuple(float(p) for p in text.replace(" ", "").split(",") if p)
+        except ValueError:
+            raise SegkdError(f"--scales {text!r}: expected comma-separated numbers, e.g. 0.75,1.0,1.25") from None
+    else:
+        vals = tuple(float(v) for v in text)
+    if not vals or any(not (v > 0 and v < 16) for v in vals):
+        raise SegkdError(f"--scales {text!r}: expected comma-separated numbers in (0, 16), e.g. 0.75,1.0,1.25")
+    return vals
+
+
+def _as_tensor(out: object, device: torch.device) -> Tensor:
+    """Accept model outputs that are tensors, numpy arrays, ``SegOutput``-like objects or 1-tuples."""
+    if hasattr(out, "logits"):
+        out = out.logits  # type: ignore[union-attr]
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, Tensor):
+        out = torch.as_tensor(out)
+    if out.ndim != 4:
+        raise SegkdError(f"the model returned a tensor of shape {tuple(out.shape)}; expected B x K x h x w logits")
+    return out.to(device=device, dtype=torch.float32)
+
+
+def _whole(fn: Predictor, images: Tensor) -> Tensor:
+    return upsample_logits(_as_tensor(fn(images), images.device), images.shape[-2:])
+
+
+def slide_windows(
+    height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
+    """``(y1, y2, x1, x2)`` windows covering an image (mmseg grid; last window shifted back to the border)."""
+    (ch, cw), (sh, sw) = crop, stride
+    rows = max(height - ch + sh - 1, 0) // sh + 1
+    cols = max(width - cw + sw - 1, 0) // sw + 1
+    out = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + ch, height), min(c * sw + cw, width)
+            out.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+    return out
+
+
+def _slide(fn: Predictor, images: Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> Tensor:
+    b, _, h, w = images.shape
+    total: Tensor | None = None
+    count = torch.zeros(1, 1, h, w, device=images.device)
+    for y1, y2, x1, x2 in slide_windows(h, w, crop, stride):
+        window = images[:, :, y1:y2, x1:x2]
+        wh, ww = y2 - y1, x2 - x1
+        if (wh, ww) != crop:  # image smaller than the crop: pad bottom/right so the model sees crop-sized input
+            window = F.pad(window, (0, crop[1] - ww, 0, crop[0] - wh))
+        logits = _whole(fn, window)[:, :, :wh, :ww]
+        if total is None:
+            total = images.new_zeros(b, logits.shape[1], h, w, dtype=torch.float32)
+        total[:, :, y1:y2, x1:x2] += logits
+        count[:, :, y1:y2, x1:x2] += 1
+    assert total is not None  # slide_windows always yields at least one window
+    return total / count
+
+
+def make_predictor(
+    model: Predictor,
+    mode: Literal["whole", "slide"] = "whole",
+    crop: tuple[int, int] | str | None = None,
+    stride: tuple[int, int] | str | None = None,
+    flip: bool = False,
+    scales: Sequence[float] | str = (1.0,),
+    tta_average: Literal["probs", "logits"] = "probs",
+    amp: bool = False,
+) -> Predictor:
+    """``predict(images) -> B x K x H x W`` scores at the input size (see the module docstring for the choices).
+
+    ``model`` is called under ``torch.inference_mode()``; put an ``nn.Module`` in eval mode first. ``stride``
+    defaults to two thirds of ``crop`` (mmseg's usual 512/341 ratio). ``amp`` runs the model under autocast
+    (bf16 on CPU, fp16 on CUDA) while the averaging stays fp32.
+    """
+    if mode not in ("whole", "slide"):
+        raise SegkdError(f"--mode {mode!r}: expected whole or slide")
+    crop_hw = parse_hw(crop, "--crop")
+    stride_hw = parse_hw(stride, "--stride")
+    if mode == "slide":
+        if crop_hw is None:
+            raise SegkdError("--mode slide needs --crop HxW")
+        if stride_hw is None:
+            stride_hw = (max(1, crop_hw[0] * 2 // 3), max(1, crop_hw[1] * 2 // 3))
+        if stride_hw[0] > crop_hw[0] or stride_hw[1] > crop_hw[1]:
+            raise SegkdError(f"--stride {stride_hw[0]}x{stride_hw[1]} is larger than --crop "
+                             f"{crop_hw[0]}x{crop_hw[1]}: some pixels would never be predicted")
+    elif stride is not None:
+        raise SegkdError("--stride only applies with --mode slide")
+    scale_list = parse_scales(scales)
+    if tta_average not in ("probs", "logits"):
+        raise SegkdError(f"tta_average {tta_average!r}: expected probs or logits")
+    use_tta = flip or len(scale_list) > 1 or scale_list[0] != 1.0
+
+    def single(images: Tensor) -> Tensor:
+        if mode == "slide":
+            assert crop_hw is not None and stride_hw is not None
+            return _slide(model, images, crop_hw, stride_hw)
+        return _whole(model, images)
+
+    def predict(images: Tensor) -> Tensor:
+        if images.ndim != 4:
+            raise SegkdError(f"expected an image batch B x C x H x W, got shape {tuple(images.shape)}")
+        size = images.shape[-2:]
+        dtype = torch.bfloat16 if images.device.type == "cpu" else torch.float16
+        with torch.inference_mode(), torch.autocast(images.device.type, dtype=dtype, enabled=amp):
+            if not use_tta:
+                return single(images).float()
+            acc: Tensor | None = None
+            views = 0
+            for s in scale_list:
+                if s == 1.0:
+                    scaled = images
+                else:
+                    hw = (max(1, round(size[0] * s)), max(1, round(size[1] * s)))
+                    scaled = F.interpolate(images, size=hw, mode="bilinear", align_corners=False)
+                for flipped in (False, True) if flip else (False,):
+                    view = scaled.flip(-1) if flipped else scaled
+                    logits = single(view).float()
+                    if flipped:
+                        logits = logits.flip(-1)
+                    logits = upsample_logits(logits, size)
+                    term = logits.softmax(1) if tta_average == "probs" else logits
+                    acc = term if acc is None else acc + term
+                    views += 1
+            assert acc is not None
+            mean = acc / views
+            return mean.clamp_min(1e-12).log() if tta_average == "probs" else mean
+
+    return predict
