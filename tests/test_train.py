@@ -208,6 +208,22 @@ def test_checkpoints_round_trip_with_metadata(tmp_path: Path) -> None:
     assert run["config"]["batch"] == 2 and run["summary"]["iterations"] == 4
 
 
+def test_amp_channels_last_and_clipping_on_cpu(tmp_path: Path) -> None:
+    norms: list[float] = []
+
+    def clipped_norm(trainer: Trainer, it: int) -> None:  # grads are still there after the step
+        grads = [p.grad for p in trainer.task.model.parameters() if p.grad is not None]
+        norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+    summary = run_train(cfg_for(tmp_path, iters=2, val_every=2, amp=True, channels_last=True, clip_grad=0.05),
+                        callbacks=[clipped_norm], data=bundle())
+    assert summary["iterations"] == 2 and (tmp_path / "last.safetensors").is_file()
+    log = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    pre = [r["grad_norm"] for r in log if r["type"] == "train"]
+    assert all(p > 0.05 for p in pre)  # the raw norms were above the threshold ...
+    assert all(n <= 0.05 * 1.001 for n in norms)  # ... and the applied gradients were clipped to it
+
+
 # ------------------------------------------------------------------------------------------------ accumulation
 class Pixel(SegModel):
     """A 1x1-conv segmenter without BatchNorm or dropout: gradients are exact means over pixels."""
@@ -308,6 +324,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
         run_train(cfg_for(tmp_path / "b", batch=8), data=bundle())
     for kw, opt in ((dict(iters=0), "--iters"), (dict(accum=0), "--accum"), (dict(crop="12y"), "--crop"),
                     (dict(scale="2,1"), "--scale"), (dict(optimizer="adam"), "--optimizer"),
-                    (dict(warmup=6), "--warmup"), (dict(clip_grad=0.0), "--clip-grad"), (dict(device="tpu"), "--device")):
+                    (dict(warmup=6), "--warmup"), (dict(clip_grad=0.0), "--clip-grad"),
+                    (dict(device="tpu"), "--device")):
         with pytest.raises(SegkdError, match=opt):
             run_train(cfg_for(tmp_path / "c", **kw), data=bundle())

@@ -697,7 +697,7 @@ def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig,
         return cfg, None
     path = resolve_resume_path(resume)
     state = load_resume(path)
-    saved = TrainConfig.from_dict(state["config"])
+    saved = type(cfg).from_dict(state["config"])
     for name in MACHINE_OPTIONS:
         setattr(saved, name, getattr(cfg, name))
     saved.out = str(path.parent)
@@ -718,26 +718,29 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 Callback = Callable[["Trainer", int], None]
 
 
-def run_train(cfg: TrainConfig, resume: str | Path | None = None, callbacks: Sequence[Callback] = (),
-              data: DataBundle | None = None) -> dict[str, Any]:
-    """``segkd train``: supervised training of a zoo model (set up DDP from torchrun's env when present).
+def run_task(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, DistInfo], Task],
+             resume: str | Path | None = None, callbacks: Sequence[Callback] = (), data: DataBundle | None = None,
+             source: str = "segkd train") -> dict[str, Any]:
+    """Run any task on the shared engine: the entry point of ``train`` and ``distill``.
 
-    ``data`` may be given to train on in-memory datasets (tests, notebooks); otherwise ``cfg.data`` is read.
+    Order: config/resume checks, process group (from torchrun's env), seeding, data (validated up front),
+    ``make_task(cfg, data, info)`` (builds the models under the run seed, so every rank starts identical),
+    optional SyncBatchNorm, rank-specific RNG streams, restored state on ``--resume``, then :meth:`Trainer.fit`.
+    ``cfg`` may be a subclass of :class:`TrainConfig` holding a method's extra options.
     """
-    from segkd.models import MODELS
-
     cfg, state = start_run(cfg, resume)
-    MODELS.canonical(cfg.model)  # unknown model: fail before any data is read
     info = init_distributed(cfg.device)
     try:
+        if cfg.sync_bn and info.enabled and info.device.type != "cuda":
+            raise SegkdError("--sync-bn needs CUDA: torch's SyncBatchNorm has no CPU implementation")
         seed_everything(cfg.seed)
         bundle = data if data is not None else prepare_data(cfg, info)
-        model = build_model(cfg, bundle.num_classes)
+        task = make_task(cfg, bundle, info)
         if cfg.sync_bn and info.enabled:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            for part in task.parts().values():
+                nn.SyncBatchNorm.convert_sync_batchnorm(part.module)  # converts the BN children in place
         torch.manual_seed(cfg.seed + 7919 * info.rank)  # rank-specific dropout / drop-path streams
-        task = SupervisedTask(model, bundle.ignore_index, cfg.aux_weight, cfg.optim())
-        trainer = Trainer(task, cfg, bundle, info, callbacks)
+        trainer = Trainer(task, cfg, bundle, info, callbacks, source=source)
         if state is not None:
             if state["iteration"] >= cfg.iters:
                 raise SegkdError(f"{cfg.out}: the run already finished ({state['iteration']}/{cfg.iters} iterations)")
@@ -745,3 +748,21 @@ def run_train(cfg: TrainConfig, resume: str | Path | None = None, callbacks: Seq
         return trainer.fit()
     finally:
         cleanup_distributed(info)
+
+
+def run_train(cfg: TrainConfig, resume: str | Path | None = None, callbacks: Sequence[Callback] = (),
+              data: DataBundle | None = None) -> dict[str, Any]:
+    """``segkd train``: supervised training of a zoo model (DDP when launched by torchrun).
+
+    ``data`` may be given to train on in-memory datasets (tests, notebooks); otherwise ``cfg.data`` is read.
+    """
+    from segkd.models import MODELS
+
+    if resume is None:
+        MODELS.canonical(cfg.model)  # unknown model: fail before any data is read
+
+    def make_task(c: TrainConfig, bundle: DataBundle, info: DistInfo) -> Task:
+        model = build_model(c, bundle.num_classes)
+        return SupervisedTask(model, bundle.ignore_index, c.aux_weight, c.optim())
+
+    return run_task(cfg, make_task, resume, callbacks, data, source="segkd train")
