@@ -175,8 +175,6 @@ def train_cmd(
     out.print(f"wrote {summary['metrics_log']}, {summary['resume']}, {summary['out']}/run.json")
 
 
-
-
 # ------------------------------------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_cmd(
