@@ -328,3 +328,39 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
                     (dict(device="tpu"), "--device")):
         with pytest.raises(SegkdError, match=opt):
             run_train(cfg_for(tmp_path / "c", **kw), data=bundle())
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def _cli(args: list[str]):
+    from typer.testing import CliRunner
+
+    from segkd.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def test_cli_unknown_model_is_one_line(tmp_path: Path) -> None:
+    res = _cli(["train", "--model", "segformer-b9", "--out", str(tmp_path / "r"), "--iters", "2"])
+    assert isinstance(res.exception, SegkdError)
+    assert "unknown model 'segformer-b9'" in str(res.exception) and "\n" not in str(res.exception)
+    res = _cli(["train", "--out", str(tmp_path / "r")])
+    assert isinstance(res.exception, SegkdError) and "--model is required" in str(res.exception)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_train_end_to_end_on_synth(tmp_path: Path) -> None:
+    pytest.importorskip("segkd.data", reason="the data package (synth dataset) is not installed yet")
+    out = tmp_path / "run"
+    args = ["train", "--model", "segformer-b0", "--data", "synth", "--resize", "32x32", "--iters", "2",
+            "--batch", "2", "--val-every", "2", "--workers", "0", "--no-progress", "--out", str(out), "--seed", "1"]
+    res = _cli(args + ["--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["iterations"] == 2 and 0.0 <= summary["best"]["student"]["miou"] <= 1.0
+    meta = load_model(out / "best.safetensors").segkd_meta
+    assert meta.args["resize"] == "32x32" and meta.num_classes == len(meta.class_names)
+    res = _cli(args)  # the same --out again: refused, nothing overwritten
+    assert isinstance(res.exception, SegkdError) and "already holds a run" in str(res.exception)
+    res = _cli(["train", "--model", "segformer-b0", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m")])
+    assert isinstance(res.exception, SegkdError) and "missing" in str(res.exception)
+    assert "\n" not in str(res.exception)

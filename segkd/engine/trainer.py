@@ -643,7 +643,7 @@ class Trainer:
                     path = self.save_resume()
                     raise TrainingInterrupted(
                         f"interrupted at iteration {self.iteration}/{cfg.iters}; resumable state saved to {path}; "
-                        f"continue with: segkd train --resume {self.out}")
+                        f"continue with: {self.source} --resume {self.out}")
         finally:
             for sig, h in old_signals.items():
                 signal.signal(sig, h)
@@ -692,7 +692,8 @@ def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig,
     if resume is None:
         cfg.check()
         out = Path(cfg.out)
-        if (out / RESUME_FILE).exists() or (out / RUN_FILE).exists():
+        # a run that saved a state or a checkpoint is never overwritten; one that died before that is restarted
+        if (out / RESUME_FILE).exists() or any(out.glob("*.safetensors")):
             raise SegkdError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
         return cfg, None
     path = resolve_resume_path(resume)
