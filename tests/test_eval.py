@@ -282,6 +282,9 @@ def _dist_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
 def tiny_ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = create_model("deeplabv3-resnet18", num_classes=3)
+    with torch.no_grad():  # a larger random head so an untrained model predicts every class somewhere
+        for p in model.classifier_parameters():
+            p.normal_(0, 0.5)
     meta = CheckpointMeta(model="deeplabv3-resnet18", num_classes=3, class_names=["sky", "road", "car"],
                           mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", model, meta)
@@ -315,6 +318,29 @@ def test_run_eval_save_preds(tiny_ckpt, tmp_path):
     names = sorted(p.name for p in (tmp_path / "preds").iterdir())
     assert names == [f"{i:06d}_{kind}.png" for i in range(3) for kind in ("overlay", "pred")]
     assert res.extra["mode"] == "slide" and res.extra["crop"] == [16, 16] and res.n_images == 3
+
+
+def test_onnx_export_evaluates_like_the_checkpoint(tiny_ckpt, tmp_path):
+    from segkd.export.onnx_export import ExportConfig, export_checkpoint
+
+    ds = TinySet(n=3, size=(32, 32), label_size=(32, 32))
+    ref = run_eval(tiny_ckpt, dataset=ds, device="cpu", progress=False, mode="slide", crop="24x24", stride="16x16")
+    ref_whole = run_eval(tiny_ckpt, dataset=ds, device="cpu", progress=False)
+    assert (ref.confusion.sum(0) > 0).sum() >= 2  # the model predicts more than one class: a real comparison
+    for output in ("logits", "labels"):
+        onnx_path = tmp_path / f"tiny-{output}.onnx"
+        export_checkpoint(tiny_ckpt, onnx_path, ExportConfig(verify=False, size="32x32", output=output))
+        got = run_eval(onnx_path, dataset=ds, device="cpu", progress=False, mode="slide", crop="24x24",
+                       stride="16x16")
+        assert got.extra["kind"] == "onnx" and got.n_images == 3
+        if output == "logits":
+            assert got.confusion.tolist() == ref.confusion.tolist()
+        whole = run_eval(onnx_path, dataset=ds, device="cpu", progress=False)
+        assert whole.confusion.tolist() == ref_whole.confusion.tolist()  # label maps are exact in whole mode
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(b"garbage")
+    with pytest.raises(SegkdError, match="plain.onnx"):
+        run_eval(plain, dataset=ds, device="cpu", progress=False)
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
