@@ -1,0 +1,260 @@
+"""What every distillation method shares: its spec, the registry, pair checks, options and logit alignment.
+
+Calling convention (docs/architecture.md)
+-----------------------------------------
+A method is an ``nn.Module`` holding only its training-only adapters (projections, CSF, PEA, attention pool...).
+``method(images, labels, outs)`` takes the batch and ``outs``, a dict mapping roles (``"student"``, ``"teacher"``,
+``"peer"``) to :class:`~segkd.models.SegOutput` with the taps the spec declared, and returns a dict of **weighted**
+loss terms, e.g. ``{"kd": 1.0 * L_kd, "ce": L_ce}``. The caller (the task) sums them into ``"loss"``. The unweighted
+value of every term is kept, detached, in ``method.last_raw`` (same keys) so both can be logged; the task logs
+them as ``loss_<name>`` (weighted) and ``raw_<name>`` (raw). Whether cross-entropy is part of the objective is the
+method's choice (it is a term like any other).
+
+Logit alignment
+---------------
+Teacher and student logits come at their own strides (SegFormer 4, DeepLabV3 8, DeepLabV3+ 4). By default both
+are upsampled bilinearly (``align_corners=False``) to the **label size** (``align="label"``): the ground truth
+then defines every pixel exactly once (needed by the per-pixel DKD/PDD/BSD terms that gather the GT class and
+drop void pixels), this is what C2VKD's code does (both logits at crop size) and what ``seg_cross_entropy`` does.
+``align="student"`` instead resizes the teacher logits to the student's grid and nearest-downsamples the labels:
+cheaper (16x fewer pixels at stride 4), at the price of a coarser ignore mask.
+
+Adding a method = one file defining an options dataclass, a builder ``build(opts, student, other) -> nn.Module``
+and one ``METHODS.add(name, MethodSpec(...))``, plus its import in ``segkd/methods/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segkd.errors import SegkdError
+from segkd.models import SegModel
+from segkd.registry import Registry
+
+ROLES = ("student", "teacher", "peer")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method's contract: which roles it needs, which families, which taps, and how to build it.
+
+    ``taps`` maps a role to the tap names it reads (``"stage1"``, ``"embed4"``, ``"layer4"`` ...); an entry
+    ``"low"`` / ``"deep"`` means "the model's shallowest / deepest feature tap", resolved per model by
+    :func:`resolve_tap`. ``online`` methods train the student and the peer together (no teacher).
+    """
+
+    name: str
+    summary: str
+    options: type
+    build: Callable[..., nn.Module]
+    teacher: bool = True
+    peer: bool = False
+    student_family: str | None = None
+    other_family: str | None = None
+    taps: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    same_classes: bool = True
+    reconstruction: bool = False
+    pair_check: Callable[[SegModel, SegModel], str | None] | None = None
+
+    @property
+    def online(self) -> bool:
+        return self.peer
+
+    @property
+    def other_role(self) -> str:
+        return "peer" if self.peer else "teacher"
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def resolve_tap(model: SegModel, tap: str) -> str:
+    """A concrete tap name of ``model``: ``low`` = shallowest feature tap, ``deep`` = deepest backbone stage."""
+    feats = [s for s in model.feature_info if s.kind == "feature" and s.name != "aspp"]
+    if tap == "low":
+        return min(feats, key=lambda s: s.stride).name
+    if tap == "deep":
+        return feats[-1].name
+    return tap
+
+
+def _describe(model: SegModel) -> str:
+    return getattr(model, "zoo_name", type(model).__name__)
+
+
+def check_pair(spec: MethodSpec, student: SegModel, other: SegModel | None) -> None:
+    """Raise a one-line :class:`SegkdError` when ``spec`` cannot run on this pair; called before any training."""
+    role = spec.other_role
+    if other is None:
+        raise SegkdError(f"{spec.name} needs a {role} (--{role})")
+    for model, r, fam in ((student, "student", spec.student_family), (other, role, spec.other_family)):
+        if fam is not None and model.family != fam:
+            raise SegkdError(f"{spec.name} needs a {fam} {r}; {_describe(model)} is a {model.family}")
+    for model, r in ((student, "student"), (other, role)):
+        have = {s.name for s in model.feature_info}
+        for tap in spec.taps.get(r, ()):
+            name = resolve_tap(model, tap)
+            if name not in have:
+                if name.startswith("embed"):
+                    raise SegkdError(f"{spec.name} needs transformer stages with patch embeddings on both sides; "
+                                     f"{_describe(model)} ({r}) has none")
+                raise SegkdError(f"{spec.name} needs tap {name!r} on the {r}; {_describe(model)} has none "
+                                 f"(taps: {', '.join(sorted(have))})")
+    if spec.same_classes and student.num_classes != other.num_classes:
+        raise SegkdError(f"{spec.name}: the student has {student.num_classes} classes but the {role} "
+                         f"{_describe(other)} has {other.num_classes}")
+    if spec.pair_check is not None:
+        why = spec.pair_check(student, other)
+        if why:
+            raise SegkdError(f"{spec.name}: {why}")
+
+
+# ------------------------------------------------------------------------------------------------- options
+def _convert(value: str, typ: Any, key: str, method: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if origin is typing.Union or (origin is not None and type(None) in typing.get_args(typ)):
+        if value.lower() in ("none", "null", ""):
+            return None
+        return _convert(value, args[0], key, method)
+    if origin is typing.Literal:
+        if value not in typing.get_args(typ):
+            raise SegkdError(f"{method} option {key} must be one of {', '.join(map(str, typing.get_args(typ)))}, "
+                             f"got {value!r}")
+        return value
+    if origin is tuple:
+        parts = [p for p in value.replace(";", ",").split(",") if p.strip()]
+        return tuple(_convert(p.strip(), args[0], key, method) for p in parts)
+    try:
+        if typ is bool:
+            low = value.lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            return low in ("1", "true", "yes", "on")
+        if typ is int:
+            return int(value)
+        if typ is float:
+            return float(value)
+    except ValueError:
+        raise SegkdError(f"{method} option {key} expects a {typ.__name__}, got {value!r}") from None
+    return value
+
+
+def make_options(spec: MethodSpec, overrides: dict[str, Any] | None = None) -> Any:
+    """The method's options dataclass with ``overrides`` applied (strings are converted to the field types).
+
+    Unknown keys fail with the method's option names; each options class may define ``check()`` for ranges."""
+    overrides = dict(overrides or {})
+    hints = typing.get_type_hints(spec.options)
+    names = [f.name for f in dataclasses.fields(spec.options)]
+    values: dict[str, Any] = {}
+    for key, value in overrides.items():
+        k = key.replace("-", "_")
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; options: {', '.join(names)}"
+            raise SegkdError(f"{spec.name} has no option {key!r}{hint}")
+        values[k] = _convert(value, hints[k], k, spec.name) if isinstance(value, str) else value
+    opts = spec.options(**values)
+    if hasattr(opts, "check"):
+        opts.check()
+    return opts
+
+
+def parse_method_opts(items: list[str] | None) -> dict[str, str]:
+    """``["temperature=2", "weight=0.5"]`` -> dict, one-line error for an item without ``=``."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SegkdError(f"--method-opt expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def check_positive(opts: Any, *names: str, allow_zero: bool = True) -> None:
+    """One-line errors for negative (or zero, when not allowed) weights/temperatures."""
+    for n in names:
+        v = getattr(opts, n)
+        if v < 0 or (not allow_zero and v == 0):
+            raise SegkdError(f"option {n} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+
+# ---------------------------------------------------------------------------------------------- alignment
+def nearest_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Labels resized by nearest neighbour (void stays void)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def align_logits(student: Tensor, other: Tensor, labels: Tensor, align: str = "label") -> tuple[Tensor, Tensor,
+                                                                                                 Tensor]:
+    """Student and teacher/peer logits (and labels) on one grid; see the module docstring for the two modes."""
+    if align == "label":
+        size = tuple(labels.shape[-2:])
+    elif align == "student":
+        size = tuple(student.shape[-2:])
+        labels = nearest_labels(labels, size)  # type: ignore[arg-type]
+    else:
+        raise SegkdError(f"logit alignment must be 'label' or 'student', got {align!r}")
+
+    def up(z: Tensor) -> Tensor:
+        if tuple(z.shape[-2:]) == size:
+            return z
+        return F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+
+    return up(student), up(other), labels
+
+
+def resize_to(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Bilinear resize of a feature map (no-op when the size already matches)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def valid_mask(labels: Tensor, ignore_index: int) -> Tensor:
+    return (labels != ignore_index) & (labels >= 0)
+
+
+class Method(nn.Module):
+    """Small shared base: keeps ``last_raw`` and the role names. Subclasses implement ``terms``."""
+
+    def __init__(self, ignore_index: int = 255) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.last_raw: dict[str, Tensor] = {}
+
+    def record(self, weighted: dict[str, tuple[float, Tensor]]) -> dict[str, Tensor]:
+        """``{name: (weight, raw)}`` -> ``{name: weight * raw}``, remembering the raw values (skips weight 0)."""
+        out: dict[str, Tensor] = {}
+        self.last_raw = {}
+        for name, (w, raw) in weighted.items():
+            if w == 0:
+                continue
+            self.last_raw[name] = raw.detach()
+            out[name] = raw * w
+        return out
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def frozen_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if not p.requires_grad)
+
+    def student_modules(self) -> nn.Module:
+        """The adapters trained with the student (online methods split adapters per role)."""
+        return self
+
+    def peer_modules(self) -> nn.Module | None:
+        return None

@@ -1,0 +1,326 @@
+"""C2VKD (Zheng et al., "Distilling Efficient Vision Transformers from CNNs for Semantic Segmentation").
+
+CNN teacher -> transformer student. Objective (the released code's defaults; no CE unless ``add_ce``)::
+
+    L = PDD(zS, zT, y) + 0.1 L_global + 0.1 L_patch + 0.5 L_ling
+
+Wiring (methods.md §1.4.4, the SegFormer path of the official code): teacher feature ``F^T`` = ResNet ``layer4``;
+student stage-4 feature -> training-only ``Conv1x1(C4 -> C_T, no bias)`` -> bilinear resize to the teacher's
+layer4 grid = ``F^S``; student linguistic embedding = ``GAP -> Conv1x1(C4 -> 512, no bias)`` (``ling_student=
+"head"``) or the frozen pool applied to ``F^S`` (``"pool"``, what the released ``train.py`` does); teacher
+linguistic embedding = frozen CLIP-style ``AttentionPool2d`` on ``F^T``.
+
+* VLFD global: channel softmax per position, ``KLDivLoss(reduction='mean')`` i.e. divided by ``B*C*H*W`` (kept so
+  the 0.1 weight means what it did); direction ``kl="teacher_student"`` = KL(T||S) as in the code (the paper's
+  Eq. 3 writes KL(S||T): ``kl="student_teacher"``).
+* VLFD patch: rows = all positions of all images, L2-normalised then centred, ``G = X X^T / (C-1)``,
+  ``MSE(G_T, G_S)`` over all ``N^2`` entries, computed in row chunks of ``gram_chunk`` rows by a custom autograd
+  function whose backward is chunked too, so memory is ``O(chunk * N)`` instead of ``O(N^2)`` (value and gradient
+  equal the unchunked ones).
+* VLFD linguistic: ``0.5 * KLDivLoss(log_softmax(lS), log_softmax(lT), log_target=True, reduction='mean')``.
+* PDD ``pdd_mode="paper"``: per labelled pixel ``b = [p_y, sum_{c!=y} p_c]`` (T = 1),
+  ``q = normalise((b^T + [1, 0]) / 2)``, ``L = alpha b^S_t log(b^S_t / q_t) + beta b^S_nt log(b^S_nt / q_nt)``
+  (student-first, as the audit reads Eq. 9), mean over labelled pixels, logs clamped at 1e-8; alpha = beta = 0.5.
+  ``pdd_kl="forward"`` swaps to ``KL(q || b^S)`` (no vanishing gradient when p_y -> 0, papers-extra §2.2);
+  ``pdd_nckd > 0`` adds that weight times DKD's NCKD. ``pdd_mode="dkd"``: pixel-wise DKD (TCKD + NCKD) with
+  alpha = beta = 0.5, T = 1, teacher only (the name of the official call, ``get_dkd_loss``).
+
+Attention-pool weights (``pool_weights``): a state dict with CLIP's ``visual.attnpool.*`` keys (a CLIP RN101
+state dict), or the pool's own keys (optionally prefixed ``attnpool.``/``encoder.``), in .safetensors or .pt/.pth.
+Its spatial positional embedding is interpolated bilinearly to the teacher's grid (DenseCLIP). **Fallback without
+a file**: a frozen pool with CLIP's initialisation drawn from a fixed seed (``pool_seed``), sized to the
+teacher's layer4 channels. Why: segkd never downloads weights, and a frozen random attention pool keeps the term's
+form and scale (a fixed non-linear 512-d projection of the teacher feature that the student's head must match),
+is reproducible across runs and resumes, and does not let the term collapse as a trainable pool would. It is not
+CLIP's language-aligned space; the run records which pool was used (``pool_source``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segkd.checkpoint import file_sha256, read_safetensors, torch_load_weights
+from segkd.engine.losses import seg_cross_entropy
+from segkd.errors import SegkdError
+from segkd.methods.base import METHODS, Method, MethodSpec, align_logits, check_positive, resize_to, resolve_tap
+from segkd.methods.dkd import EPS, binary_probs, dkd_rows, nckd_rows, valid_pixels
+from segkd.models import SegModel, SegOutput
+
+POOL_KEYS = ("positional_embedding", "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias",
+             "v_proj.weight", "v_proj.bias", "c_proj.weight", "c_proj.bias")
+
+
+# ------------------------------------------------------------------------------------------------ VLFD terms
+def vlfd_global_loss(fs: Tensor, ft: Tensor, kl: str = "teacher_student") -> Tensor:
+    """Channel-softmax KL per position, mean over all ``B*C*H*W`` elements (``KLDivLoss(reduction='mean')``)."""
+    log_s, log_t = F.log_softmax(fs.float(), dim=1), F.log_softmax(ft.float(), dim=1)
+    if kl == "teacher_student":
+        return (log_t.exp() * (log_t - log_s)).mean()
+    return (log_s.exp() * (log_s - log_t)).mean()
+
+
+def relation_rows(f: Tensor) -> Tensor:
+    """``B x C x H x W`` -> ``(B*H*W) x C`` rows, L2-normalised, then centred (the code's order)."""
+    x = f.float().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return x - x.mean(dim=1, keepdim=True)
+
+
+class _ChunkedGramMSE(torch.autograd.Function):
+    """``mean((Xs Xs^T - Xt Xt^T)^2) / (C-1)^2`` row-chunk by row-chunk, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, xs: Tensor, xt: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+        n, c = xs.shape
+        scale = 1.0 / (c - 1)
+        total = xs.new_zeros((), dtype=torch.float64)
+        for i in range(0, n, chunk):
+            d = (xs[i:i + chunk] @ xs.T - xt[i:i + chunk] @ xt.T) * scale
+            total += d.double().pow(2).sum()
+        ctx.save_for_backward(xs, xt)
+        ctx.chunk = chunk
+        return (total / (n * n)).to(xs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        xs, xt = ctx.saved_tensors
+        n, c = xs.shape
+        scale = 1.0 / (c - 1)
+        gx = torch.empty_like(xs)
+        # L = sum(D^2)/n^2 with D = (Xs Xs^T - Xt Xt^T)/(c-1) symmetric  =>  dL/dXs = 4/(n^2 (c-1)) D Xs
+        for i in range(0, n, ctx.chunk):
+            d = (xs[i:i + ctx.chunk] @ xs.T - xt[i:i + ctx.chunk] @ xt.T) * scale
+            gx[i:i + ctx.chunk] = d @ xs
+        return gx * (4.0 * scale / (n * n)) * grad, None, None
+
+
+def vlfd_patch_loss(fs: Tensor, ft: Tensor, chunk: int | None = 1024) -> Tensor:
+    """Patch-relation loss: MSE between the batch-wide token Gram matrices of student and teacher features.
+
+    ``chunk=None`` builds the full ``N x N`` matrices (reference implementation, used by the tests)."""
+    xs, xt = relation_rows(fs), relation_rows(ft.detach())
+    c = xs.shape[1]
+    if c < 2:
+        raise SegkdError("the patch-relation loss needs features with at least 2 channels")
+    if chunk is None:
+        return F.mse_loss(xs @ xs.T / (c - 1), xt @ xt.T / (c - 1))
+    return _ChunkedGramMSE.apply(xs, xt, int(chunk))
+
+
+def vlfd_ling_loss(ls: Tensor, lt: Tensor) -> Tensor:
+    """KL(softmax(lT) || softmax(lS)) over the embedding dims, mean over ``B * D`` elements (the code's 'mean')."""
+    log_s, log_t = F.log_softmax(ls.float(), dim=1), F.log_softmax(lt.float(), dim=1)
+    return (log_t.exp() * (log_t - log_s)).mean()
+
+
+# ------------------------------------------------------------------------------------------------------- PDD
+def pdd_loss(student: Tensor, teacher: Tensor, labels: Tensor, mode: str = "paper", alpha: float = 0.5,
+             beta: float = 0.5, temperature: float = 1.0, nckd: float = 0.0, kl: str = "reverse",
+             ignore_index: int = 255) -> Tensor:
+    """Pixel-wise decoupled distillation over labelled pixels; see the module docstring for both modes."""
+    s, t, y = valid_pixels(student, teacher, labels, ignore_index)
+    if y.numel() == 0:
+        return student.sum() * 0.0
+    if mode == "dkd":
+        tckd, nk = dkd_rows(s, t, y, alpha, beta, temperature)
+        return (alpha * tckd + beta * nk).mean()
+    bs, _ = binary_probs(s, y, temperature)
+    bt, _ = binary_probs(t, y, temperature)
+    q = (bt + torch.tensor([1.0, 0.0], device=bt.device, dtype=bt.dtype)) / 2
+    q = q / q.sum(1, keepdim=True)
+    log_bs, log_q = bs.clamp_min(EPS).log(), q.clamp_min(EPS).log()
+    w = torch.tensor([alpha, beta], device=bs.device, dtype=bs.dtype)
+    if kl == "reverse":
+        rows = (w * bs * (log_bs - log_q)).sum(1)
+    else:
+        rows = (w * q * (log_q - log_bs)).sum(1)
+    if nckd > 0:
+        rows = rows + nckd * nckd_rows(s, t, y, temperature)
+    return rows.mean()
+
+
+# ------------------------------------------------------------------------------------------ attention pool
+class AttentionPool2d(nn.Module):
+    """CLIP/DenseCLIP attention pooling: the mean token attends over ``[mean; tokens]`` (+ positional embedding,
+    its spatial part interpolated bilinearly to the input grid); returns the ``output_dim`` global embedding."""
+
+    def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int) -> None:
+        super().__init__()
+        self.spacial_dim, self.num_heads = spacial_dim, num_heads
+        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim**2 + 1, embed_dim) / embed_dim**0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # B x HW x C
+        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
+        pos = self.positional_embedding.to(x.dtype)
+        sd = self.spacial_dim
+        spatial = pos[1:].reshape(1, sd, sd, c).permute(0, 3, 1, 2)
+        if (h, w) != (sd, sd):
+            spatial = F.interpolate(spatial, size=(h, w), mode="bilinear", align_corners=False)
+        pos = torch.cat([pos[:1], spatial.reshape(c, h * w).T], dim=0)
+        tokens = tokens + pos[None]
+        nh = self.num_heads
+        q = self.q_proj(tokens[:, :1]).reshape(b, 1, nh, -1).transpose(1, 2)
+        k = self.k_proj(tokens).reshape(b, h * w + 1, nh, -1).transpose(1, 2)
+        v = self.v_proj(tokens).reshape(b, h * w + 1, nh, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c)
+        return self.c_proj(out)
+
+
+def load_pool(path: str | Path, channels: int, heads: int = 32) -> tuple[AttentionPool2d, str]:
+    """A frozen pool from a weights file (CLIP ``visual.attnpool.*`` or plain keys); the source string has the
+    file's sha256. One-line errors for missing keys or a channel count that does not fit the teacher."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, _ = read_safetensors(path)
+    else:
+        state = torch_load_weights(path)
+        state = state.get("state_dict", state) if isinstance(state.get("state_dict"), dict) else state
+    picked: dict[str, Tensor] = {}
+    for prefix in ("visual.attnpool.", "module.visual.attnpool.", "attnpool.", "encoder.", "module.encoder.", ""):
+        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in POOL_KEYS}
+        if len(picked) == len(POOL_KEYS):
+            break
+    if len(picked) != len(POOL_KEYS):
+        missing = [k for k in POOL_KEYS if k not in picked]
+        raise SegkdError(f"--c2vkd-pool-weights {path}: no attention-pool weights (missing {missing[0]!r}; expected "
+                         "CLIP 'visual.attnpool.*' keys or the pool's own keys)")
+    pos = picked["positional_embedding"]
+    embed, out_dim = int(pos.shape[1]), int(picked["c_proj.weight"].shape[0])
+    sd = int(round(math.sqrt(pos.shape[0] - 1)))
+    if sd * sd + 1 != pos.shape[0]:
+        raise SegkdError(f"--c2vkd-pool-weights {path}: positional embedding has {pos.shape[0]} rows, not n*n+1")
+    if embed != channels:
+        raise SegkdError(f"--c2vkd-pool-weights {path}: the pool takes {embed} channels but the teacher's layer4 has "
+                         f"{channels} (CLIP RN101's pool needs a ResNet-50/101 teacher)")
+    if embed % heads:
+        raise SegkdError(f"--c2vkd-pool-weights {path}: {embed} channels are not divisible by {heads} heads")
+    pool = AttentionPool2d(sd, embed, heads, out_dim)
+    pool.load_state_dict({k: v.float() for k, v in picked.items()})
+    return pool, f"{path.name} sha256:{file_sha256(path)}"
+
+
+def random_pool(channels: int, out_dim: int = 512, heads: int = 32, spacial_dim: int = 16,
+                seed: int = 0) -> AttentionPool2d:
+    """The documented fallback: CLIP-initialised pool drawn from a fixed seed (independent of the global RNG)."""
+    while channels % heads:
+        heads //= 2
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        pool = AttentionPool2d(spacial_dim, channels, heads, out_dim)
+    finally:
+        torch.random.set_rng_state(state)
+    return pool
+
+
+# ----------------------------------------------------------------------------------------------------- method
+@dataclass
+class C2VKDOptions:
+    vlfd_global: bool = True
+    vlfd_patch: bool = True
+    vlfd_ling: bool = True
+    global_weight: float = 0.1
+    patch_weight: float = 0.1
+    ling_weight: float = 0.5
+    pdd_weight: float = 1.0
+    kl: Literal["teacher_student", "student_teacher"] = "teacher_student"
+    gram_chunk: int = 1024
+    pdd_mode: Literal["paper", "dkd"] = "paper"
+    pdd_alpha: float = 0.5
+    pdd_beta: float = 0.5
+    pdd_temperature: float = 1.0
+    pdd_nckd: float = 0.0
+    pdd_kl: Literal["reverse", "forward"] = "reverse"
+    add_ce: bool = False
+    ce_weight: float = 1.0
+    pool_weights: str | None = None
+    pool_seed: int = 0
+    pool_heads: int = 32
+    ling_dim: int = 512
+    ling_student: Literal["head", "pool"] = "head"
+    align: Literal["label", "student"] = "label"
+
+    def check(self) -> None:
+        check_positive(self, "global_weight", "patch_weight", "ling_weight", "pdd_weight", "pdd_alpha", "pdd_beta",
+                       "pdd_nckd", "ce_weight")
+        check_positive(self, "pdd_temperature", allow_zero=False)
+        if self.gram_chunk < 1:
+            raise SegkdError(f"option gram_chunk must be >= 1, got {self.gram_chunk}")
+        if self.pool_weights is not None and not Path(self.pool_weights).is_file():
+            raise SegkdError(f"--c2vkd-pool-weights {self.pool_weights}: file not found")
+
+
+class C2VKD(Method):
+    def __init__(self, opts: C2VKDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> None:
+        super().__init__(ignore_index)
+        self.opts = opts
+        self.s_tap, self.t_tap = resolve_tap(student, "deep"), "layer4"
+        cs, ct = student.feature_spec(self.s_tap).channels, teacher.feature_spec(self.t_tap).channels
+        self.vis_head = nn.Conv2d(cs, ct, 1, bias=False)
+        self.pool: AttentionPool2d | None = None
+        self.pool_source = "none"
+        if opts.vlfd_ling:
+            if opts.pool_weights:
+                self.pool, self.pool_source = load_pool(opts.pool_weights, ct, opts.pool_heads)
+            else:
+                self.pool = random_pool(ct, opts.ling_dim, opts.pool_heads, seed=opts.pool_seed)
+                self.pool_source = f"random (seed {opts.pool_seed}, frozen; no --c2vkd-pool-weights)"
+            self.pool.requires_grad_(False).eval()
+            if opts.ling_student == "head":
+                out_dim = self.pool.c_proj.out_features
+                self.ling_head = nn.Conv2d(cs, out_dim, 1, bias=False)
+
+    def train(self, mode: bool = True) -> C2VKD:
+        super().train(mode)
+        if self.pool is not None:
+            self.pool.eval()
+        return self
+
+    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput]) -> dict[str, Tensor]:
+        o = self.opts
+        s_out, t_out = outs["student"], outs["teacher"]
+        zs, zt, lab = align_logits(s_out.logits, t_out.logits, labels, o.align)
+        terms: dict[str, tuple[float, Tensor]] = {}
+        if o.add_ce:
+            terms["ce"] = (o.ce_weight, seg_cross_entropy(s_out.logits, labels, self.ignore_index))
+        terms["pdd"] = (o.pdd_weight, pdd_loss(zs, zt.detach(), lab, o.pdd_mode, o.pdd_alpha, o.pdd_beta,
+                                               o.pdd_temperature, o.pdd_nckd, o.pdd_kl, self.ignore_index))
+        s4 = s_out.tap(self.s_tap)
+        ft = t_out.tap(self.t_tap).detach()
+        fs = resize_to(self.vis_head(s4), ft.shape[-2:])
+        if o.vlfd_global:
+            terms["vlfd_global"] = (o.global_weight, vlfd_global_loss(fs, ft, o.kl))
+        if o.vlfd_patch:
+            terms["vlfd_patch"] = (o.patch_weight, vlfd_patch_loss(fs, ft, o.gram_chunk))
+        if o.vlfd_ling and self.pool is not None:
+            with torch.no_grad():
+                lt = self.pool(ft.float())
+            if o.ling_student == "head":
+                ls = self.ling_head(F.adaptive_avg_pool2d(s4, 1)).flatten(1)
+            else:
+                ls = self.pool(fs.float())
+            terms["vlfd_ling"] = (o.ling_weight, vlfd_ling_loss(ls, lt))
+        return self.record(terms)
+
+
+def _build(opts: C2VKDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> C2VKD:
+    return C2VKD(opts, student, teacher, ignore_index)
+
+
+METHODS.add("c2vkd", MethodSpec(
+    "c2vkd", "CNN -> ViT: VLFD (global, patch-relation, linguistic) + PDD; no CE by default", C2VKDOptions, _build,
+    student_family="transformer", other_family="cnn",
+    taps={"student": ("deep",), "teacher": ("layer4",)}))

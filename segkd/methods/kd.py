@@ -1,0 +1,71 @@
+"""Pixel-wise KD (Hinton et al.), in the CIRKD convention.
+
+``L_kd = T^2 * mean_pixels sum_k pT_k (log pT_k - log pS_k)`` with ``p = softmax(z / T)`` over classes; the mean
+is over all pixels (CIRKD flattens to ``(B*H*W) x K`` and uses ``kl_div(reduction='batchmean')``). CIRKD does not
+mask void pixels; ``mask_ignore=True`` averages over labelled pixels only. Objective: ``CE + weight * L_kd``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from segkd.engine.losses import seg_cross_entropy
+from segkd.methods.base import METHODS, Method, MethodSpec, align_logits, check_positive, valid_mask
+from segkd.models import SegModel, SegOutput
+
+
+def pixel_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-pixel ``KL(softmax(t/T) || softmax(s/T))`` over the class axis: ``B x K x H x W`` -> ``B x H x W``."""
+    log_s = F.log_softmax(student.float() / temperature, dim=1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=1)
+    return (log_t.exp() * (log_t - log_s)).sum(1)
+
+
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0, mask: Tensor | None = None) -> Tensor:
+    """``T^2`` times the per-pixel KL averaged over pixels (all of them, or those where ``mask`` is true)."""
+    kl = pixel_kl(student, teacher, temperature)
+    if mask is None:
+        return kl.mean() * temperature**2
+    n = mask.sum()
+    return (kl * mask).sum() / n.clamp(min=1) * temperature**2
+
+
+@dataclass
+class KDOptions:
+    """``temperature`` 1 and ``weight`` 1 as in CIRKD; ``ce_weight`` 1 (the student keeps its CE)."""
+
+    temperature: float = 1.0
+    weight: float = 1.0
+    ce_weight: float = 1.0
+    mask_ignore: bool = False
+    align: Literal["label", "student"] = "label"
+
+    def check(self) -> None:
+        check_positive(self, "weight", "ce_weight")
+        check_positive(self, "temperature", allow_zero=False)
+
+
+class KD(Method):
+    def __init__(self, opts: KDOptions, ignore_index: int = 255) -> None:
+        super().__init__(ignore_index)
+        self.opts = opts
+
+    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput]) -> dict[str, Tensor]:
+        o = self.opts
+        zs, zt, lab = align_logits(outs["student"].logits, outs["teacher"].logits, labels, o.align)
+        mask = valid_mask(lab, self.ignore_index) if o.mask_ignore else None
+        return self.record({
+            "ce": (o.ce_weight, seg_cross_entropy(outs["student"].logits, labels, self.ignore_index)),
+            "kd": (o.weight, kd_loss(zs, zt, o.temperature, mask)),
+        })
+
+
+def _build(opts: KDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> KD:
+    return KD(opts, ignore_index)
+
+
+METHODS.add("kd", MethodSpec("kd", "pixel-wise KD with temperature (CIRKD convention)", KDOptions, _build))

@@ -1,0 +1,331 @@
+"""``segkd distill``: distillation tasks for the shared trainer, and the command's entry point.
+
+* :class:`DistillTask` (teacher methods): one trainable part, ``student`` = the student plus the method's
+  adapters under one optimiser; the teacher is frozen (``eval()``, ``requires_grad_(False)``), runs under
+  ``torch.inference_mode()`` and its outputs are cloned so they can enter the loss.
+* :class:`OnlineTask` (``collab``, ``dml``): two parts, ``student`` and ``peer``, each with its own adapters and
+  optimiser settings (``--peer-optimizer``, ``--peer-lr``, ...).
+
+Both return, per step, ``loss`` (sum of the weighted terms), ``loss_<term>`` (weighted) and ``raw_<term>``
+(unweighted) so every term is logged. Deploy models are the bare students: checkpoints hold the student (and peer)
+alone; adapter parameter counts are reported separately (``distill.json`` and the checkpoint metrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from segkd.checkpoint import META_KEY, CheckpointMeta, atomic_write_text, load_state_checked, read_safetensors
+from segkd.engine.task import OptimConfig, Part
+from segkd.engine.trainer import Callback, DataBundle, TrainConfig, parse_hw, run_task
+from segkd.errors import SegkdError
+from segkd.methods.base import METHODS, Method, MethodSpec, check_pair, make_options
+from segkd.models import MODELS, SegModel, SegOutput, count_params, create_model
+
+
+def _outputs(model: nn.Module, images: Tensor, taps: bool) -> SegOutput:
+    out = model(images, taps=True) if taps else model(images)
+    return out if isinstance(out, SegOutput) else SegOutput(out)
+
+
+def _assemble(terms: dict[str, Tensor], raw: dict[str, Tensor]) -> dict[str, Tensor]:
+    if not terms:
+        raise SegkdError("the method returned no loss term (every weight is 0?)")
+    out: dict[str, Tensor] = {"loss": sum(terms.values())}  # type: ignore[dict-item]
+    for k, v in terms.items():
+        out[f"loss_{k}"] = v
+        if k in raw:
+            out[f"raw_{k}"] = raw[k]
+    return out
+
+
+class DistillTask:
+    """A frozen teacher distilled into a student by ``method`` (see the module docstring)."""
+
+    find_unused_parameters = True  # e.g. TransKD's SK BN is skipped at batch 1; some adapters idle in ablations
+
+    def __init__(self, spec: MethodSpec, method: Method, student: SegModel, teacher: SegModel,
+                 optim: OptimConfig) -> None:
+        self.spec, self.method, self.student, self.teacher = spec, method, student, teacher
+        self.module = nn.ModuleDict({"student": student, "method": method})
+        self.optim = optim
+        teacher.eval().requires_grad_(False)
+
+    def parts(self) -> dict[str, Part]:
+        return {"student": Part(self.module, self.optim, list(self.student.classifier_parameters()))}
+
+    def teacher_outputs(self, images: Tensor) -> SegOutput:
+        """The teacher's logits and the taps the method needs, computed without autograd, then cloned."""
+        first = next(self.teacher.parameters())
+        if first.device != images.device:
+            self.teacher.to(images.device)
+        self.teacher.eval()
+        need = set(self.spec.taps.get("teacher", ()))
+        with torch.inference_mode():
+            out = _outputs(self.teacher, images, bool(need))
+        keep = {self.method_tap(n) for n in need}
+        return SegOutput(out.logits.clone(), {k: v.clone() for k, v in out.features.items() if k in keep},
+                         {k: v.clone() for k, v in out.embeds.items() if k in keep})
+
+    def method_tap(self, name: str) -> str:
+        from segkd.methods.base import resolve_tap
+
+        return resolve_tap(self.teacher, name)
+
+    def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        s_out = _outputs(self.student, images, bool(self.spec.taps.get("student")))
+        t_out = self.teacher_outputs(images)
+        terms = self.method(images, labels, {"student": s_out, "teacher": t_out})
+        return _assemble(terms, self.method.last_raw)
+
+    def deploy_models(self) -> dict[str, SegModel]:
+        return {"student": self.student}
+
+    def train(self, mode: bool = True) -> DistillTask:
+        self.student.train(mode)
+        self.method.train(mode)
+        self.teacher.eval()
+        return self
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise SegkdError(f"unexpected task state keys for distillation: {sorted(state)}")
+
+    def param_report(self) -> dict[str, Any]:
+        return {"deploy_params": {"student": count_params(self.student)},
+                "adapter_params": {"student": self.method.trainable_parameter_count()},
+                "frozen_params": {"teacher": count_params(self.teacher),
+                                  "method": self.method.frozen_parameter_count()}}
+
+    def checkpoint_meta(self) -> dict[str, dict]:
+        rep = self.param_report()
+        return {"student": {"metrics": {"distill_method": self.spec.name, "teacher": self.teacher.zoo_name,
+                                        "adapter_params": rep["adapter_params"]["student"]}}}
+
+
+class OnlineTask:
+    """Two students trained together by an online method; each part has its own adapters and optimiser."""
+
+    find_unused_parameters = True  # region/pixel masks can leave a projection without a gradient
+
+    def __init__(self, spec: MethodSpec, method: Method, student: SegModel, peer: SegModel, optim: OptimConfig,
+                 peer_optim: OptimConfig) -> None:
+        self.spec, self.method, self.student, self.peer = spec, method, student, peer
+        self.optim, self.peer_optim = optim, peer_optim
+        a = nn.ModuleDict({"model": student})
+        b = nn.ModuleDict({"model": peer})
+        if any(True for _ in method.student_modules().parameters()):
+            a["adapters"] = method.student_modules()
+        peer_mods = method.peer_modules()
+        if peer_mods is not None and any(True for _ in peer_mods.parameters()):
+            b["adapters"] = peer_mods
+        self.a, self.b = a, b
+
+    def parts(self) -> dict[str, Part]:
+        return {"student": Part(self.a, self.optim, list(self.student.classifier_parameters())),
+                "peer": Part(self.b, self.peer_optim, list(self.peer.classifier_parameters()))}
+
+    def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        outs = {"student": _outputs(self.student, images, bool(self.spec.taps.get("student"))),
+                "peer": _outputs(self.peer, images, bool(self.spec.taps.get("peer")))}
+        return _assemble(self.method(images, labels, outs), self.method.last_raw)
+
+    def deploy_models(self) -> dict[str, SegModel]:
+        return {"student": self.student, "peer": self.peer}
+
+    def train(self, mode: bool = True) -> OnlineTask:
+        self.student.train(mode)
+        self.peer.train(mode)
+        self.method.train(mode)
+        return self
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise SegkdError(f"unexpected task state keys for online distillation: {sorted(state)}")
+
+    def param_report(self) -> dict[str, Any]:
+        peer_mods = self.method.peer_modules()
+        return {"deploy_params": {"student": count_params(self.student), "peer": count_params(self.peer)},
+                "adapter_params": {"student": count_params(self.method.student_modules()),
+                                   "peer": count_params(peer_mods) if peer_mods is not None else 0},
+                "frozen_params": {}}
+
+    def checkpoint_meta(self) -> dict[str, dict]:
+        rep = self.param_report()
+        return {role: {"metrics": {"distill_method": self.spec.name, "adapter_params": rep["adapter_params"][role],
+                                   "partner": (self.peer if role == "student" else self.student).zoo_name}}
+                for role in ("student", "peer")}
+
+
+# ------------------------------------------------------------------------------------------------- config
+@dataclass
+class DistillConfig(TrainConfig):
+    """:class:`TrainConfig` (``model`` = the student) plus the method's choices; saved with the run for resume."""
+
+    method: str = "kd"
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    peer: str | None = None
+    peer_pretrained: str | None = None
+    peer_optimizer: str | None = None
+    peer_lr: float | None = None
+    peer_wd: float | None = None
+    peer_head_lr_mult: float | None = None
+    method_opts: dict[str, Any] = field(default_factory=dict)
+    out: str = "runs/distill"
+    aux_weight: float = 0.0
+
+    def check(self) -> None:
+        super().check()
+        spec = METHODS.get(self.method)
+        MODELS.canonical(self.model)
+        if spec.teacher:
+            if not self.teacher:
+                raise SegkdError(f"{spec.name} needs --teacher NAME")
+            MODELS.canonical(self.teacher)
+            if not self.teacher_weights:
+                raise SegkdError(f"{spec.name} needs --teacher-weights CKPT (a segkd checkpoint or a convertible "
+                                 "foreign one); a randomly initialised teacher teaches nothing")
+            if not Path(self.teacher_weights).is_file():
+                raise SegkdError(f"--teacher-weights {self.teacher_weights}: file not found")
+        elif self.teacher or self.teacher_weights:
+            raise SegkdError(f"{spec.name} is an online method (two students, no teacher); use --peer, not --teacher")
+        if spec.peer:
+            if not self.peer:
+                raise SegkdError(f"{spec.name} needs --peer NAME (the second student)")
+            MODELS.canonical(self.peer)
+        elif self.peer:
+            raise SegkdError(f"{spec.name} takes a teacher, not a --peer")
+        make_options(spec, self.method_opts)
+
+    def peer_optim(self) -> OptimConfig:
+        return OptimConfig.make(self.peer_optimizer or self.optimizer,
+                                self.peer_lr if self.peer_lr is not None else (self.lr if not self.peer_optimizer
+                                                                                else None),
+                                self.peer_wd if self.peer_wd is not None else (self.wd if not self.peer_optimizer
+                                                                                else None),
+                                self.peer_head_lr_mult, momentum=self.momentum)
+
+
+# ------------------------------------------------------------------------------------------------- teacher
+def load_teacher(name: str, path: str | Path, num_classes: int, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> SegModel:
+    """A teacher with every weight loaded: a segkd checkpoint of ``name`` (strict), or a foreign checkpoint that
+    ``segkd convert`` understands with no key missing or left over. Anything else is refused in one line."""
+    path = Path(path)
+    canonical = MODELS.canonical(name)
+    meta: CheckpointMeta | None = None
+    if path.suffix == ".safetensors":
+        state, raw = read_safetensors(path)
+        if META_KEY in raw:
+            meta = CheckpointMeta.from_json(raw[META_KEY], source=str(path))
+    if meta is not None:
+        if MODELS.canonical(meta.model) != canonical:
+            raise SegkdError(f"--teacher-weights {path}: a {meta.model} checkpoint, but --teacher is {name}")
+        model = create_model(canonical, num_classes=meta.num_classes, **meta.model_kwargs)
+        load_state_checked(model, {k: v for k, v in state.items() if not k.startswith("aux_classifier.")},
+                           f"--teacher-weights {path}")
+        if mean is not None and std is not None and (
+                any(abs(a - b) > 1e-6 for a, b in zip(meta.mean, mean, strict=True))
+                or any(abs(a - b) > 1e-6 for a, b in zip(meta.std, std, strict=True))):
+            raise SegkdError(f"--teacher-weights {path}: trained with mean/std {meta.mean}/{meta.std}, but the run "
+                             f"normalises with {list(mean)}/{list(std)}")
+    else:
+        from segkd.models.convert import convert_checkpoint
+
+        model, _, report = convert_checkpoint(path, canonical, num_classes=None)
+        bad = [(label, keys) for label, keys in (("missing", report.missing), ("unexpected", report.unplaced))
+               if keys]
+        if bad:
+            label, keys = bad[0]
+            raise SegkdError(f"--teacher-weights {path}: {len(keys)} {label} key(s) for {canonical} (first "
+                             f"{keys[0]!r}); refusing a partially loaded teacher")
+    if model.num_classes != num_classes:
+        raise SegkdError(f"--teacher-weights {path}: the teacher predicts {model.num_classes} classes, the dataset "
+                         f"has {num_classes}")
+    return model.eval().requires_grad_(False)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------- build
+def build_models(cfg: DistillConfig, num_classes: int) -> tuple[SegModel, SegModel | None]:
+    student = create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained)
+    if METHODS.get(cfg.method).peer:
+        return student, create_model(cfg.peer, num_classes=num_classes, pretrained=cfg.peer_pretrained)  # type: ignore[arg-type]
+    return student, None
+
+
+def precheck(cfg: DistillConfig) -> None:
+    """Fail before any data is read: unknown names, options, and incompatible pairs (checked on throw-away
+    2-class models; the class counts are checked again once the data is known)."""
+    cfg.check()
+    spec = METHODS.get(cfg.method)
+    student = create_model(cfg.model, num_classes=2)
+    other = create_model(cfg.teacher if spec.teacher else cfg.peer, num_classes=2)  # type: ignore[arg-type]
+    check_pair(spec, student, other)
+
+
+def make_distill_task(cfg: DistillConfig, data: DataBundle) -> DistillTask | OnlineTask:
+    """Models, method and task of ``cfg`` (the teacher loaded and checked, the pair checked)."""
+    spec = METHODS.get(cfg.method)
+    opts = make_options(spec, cfg.method_opts)
+    student, peer = build_models(cfg, data.num_classes)
+    if spec.peer:
+        assert peer is not None
+        check_pair(spec, student, peer)
+        method = spec.build(opts, student, peer, ignore_index=data.ignore_index)
+        return OnlineTask(spec, method, student, peer, cfg.optim(), cfg.peer_optim())
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, data.num_classes, data.mean, data.std)  # type: ignore[arg-type]
+    check_pair(spec, student, teacher)
+    method = spec.build(opts, student, teacher, ignore_index=data.ignore_index)
+    return DistillTask(spec, method, student, teacher, cfg.optim())
+
+
+def deploy_gmacs(model: SegModel, size: tuple[int, int]) -> float:
+    from segkd.bench.flops import count_flops
+
+    return round(count_flops(model, (1, 3, *size)).gmacs, 3)
+
+
+def run_distill(cfg: DistillConfig, resume: str | Path | None = None, callbacks: Sequence[Callback] = (),
+                data: DataBundle | None = None) -> dict[str, Any]:
+    """``segkd distill``: check everything, then run the task on the shared trainer; writes ``distill.json``
+    (method, options, deploy/adapter/frozen parameter counts, deploy GMACs) beside run.json."""
+    if resume is None:
+        precheck(cfg)
+    holder: dict[str, Any] = {}
+
+    def make(c: TrainConfig, bundle: DataBundle, info: Any) -> DistillTask | OnlineTask:
+        task = make_distill_task(c, bundle)  # type: ignore[arg-type]
+        holder["task"], holder["cfg"] = task, c
+        return task
+
+    summary = run_task(cfg, make, resume, callbacks, data, source=f"segkd distill --method {cfg.method}")
+    task, c = holder["task"], holder["cfg"]
+    size = parse_hw(c.crop or c.resize or "512x512", "--crop")
+    report = {"method": METHODS.canonical(c.method), "options": asdict(make_options(METHODS.get(c.method),
+                                                                                    c.method_opts)),
+              "reconstruction": task.spec.reconstruction, **task.param_report(),
+              "deploy_gmacs": {n: deploy_gmacs(m, size) for n, m in task.deploy_models().items()},
+              "gmacs_input": f"1x3x{size[0]}x{size[1]}"}
+    if isinstance(task, DistillTask):
+        report["teacher"] = {"name": task.teacher.zoo_name, "weights": c.teacher_weights}
+        if hasattr(task.method, "pool_source"):
+            report["pool_source"] = task.method.pool_source
+    summary["distill"] = report
+    if summary.get("rank", 0) == 0:
+        import json
+
+        atomic_write_text(Path(c.out) / "distill.json", json.dumps(report, indent=2, default=str) + "\n")
+    return summary
