@@ -264,6 +264,65 @@ def export_cmd(
         render_export_report(report, out)
 
 
+# ------------------------------------------------------------------------------------------------------ bench
+@app.command("bench")
+def bench_cmd(
+    models: Annotated[list[str] | None, typer.Argument(help="Zoo names, segkd checkpoints (.safetensors) or .onnx "
+                                                       "files; the first is the reference for ratios.")] = None,
+    inputs: Annotated[list[str] | None, typer.Option("--input", help="Input shape BxCxHxW or HxW (repeatable); "
+                                                     "default 1x3x512x1024.")] = None,
+    batch: Annotated[str | None, typer.Option(help="Batch sizes replacing each input's batch, e.g. 1,8.")] = None,
+    device: Annotated[str, typer.Option(help="Device for torch backends: cpu or cuda.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch and ONNX Runtime (default: torch's).")
+                       ] = None,
+    backend: Annotated[list[str] | None, typer.Option("--backend", help="torch, torch-compile or onnxruntime "
+                                                      "(repeatable); default torch.")] = None,
+    providers: Annotated[str | None, typer.Option(help="ONNX Runtime provider: cpu, cuda or tensorrt (default "
+                                                  "follows --device); never a silent fallback.")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 3,
+    iters: Annotated[int, typer.Option(help="Minimum timed calls.")] = 10,
+    min_time: Annotated[float, typer.Option(help="Keep timing until this many seconds have passed.")] = 0.0,
+    num_classes: Annotated[int | None, typer.Option(help="Classes of zoo models (default 19).")] = None,
+    detail: Annotated[bool, typer.Option("--detail", help="Per-module FLOPs table and the ops counted as 0.")
+                      ] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format (torch).")
+                             ] = False,
+    flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count FLOPs.")] = True,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Time the models.")] = True,
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report as JSON to PATH, or '-' for "
+                                                  "stdout (the table then goes to stderr).")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="Gate: p50 latency of every run (ms).")] = None,
+    max_gflops: Annotated[float | None, typer.Option(help="Gate: GFLOPs per image (2 x GMACs) at every input.")
+                          ] = None,
+    max_params: Annotated[str | None, typer.Option(help="Gate: deploy parameters, e.g. 3.8M or 3800000.")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="Previous `segkd bench --json` report to compare with.")
+                        ] = None,
+    max_regression: Annotated[str, typer.Option(help="Gate with --baseline: allowed increase of p50 latency, GMACs "
+                                                "and params, e.g. 10%.")] = "10%",
+) -> None:
+    """Parameters, FLOPs (GMACs), latency percentiles, throughput and memory; JSON report and CI gates (exit 3)."""
+    from segkd.bench.gates import Gates, enforce, parse_count
+    from segkd.bench.report import render
+    from segkd.bench.run import BenchConfig, run_bench_command
+    from segkd.bench.specs import parse_percent
+
+    cfg = BenchConfig(models=list(models or []), inputs=list(inputs or ["1x3x512x1024"]), batch=batch,
+                      device=device, threads=threads, backends=list(backend or ["torch"]), providers=providers,
+                      warmup=warmup, iters=iters, min_time=min_time, num_classes=num_classes, detail=detail,
+                      channels_last=channels_last, flops=flops, latency=latency)
+    gates = Gates(max_latency_ms=max_latency_ms, max_gflops=max_gflops,
+                  max_params=None if max_params is None else parse_count(max_params), baseline=baseline,
+                  max_regression=parse_percent(max_regression))
+    to_stdout = json_path == "-"
+    view = console if to_stdout else out
+    with view.status("benchmarking") as status:
+        report = run_bench_command(cfg, gates, progress=lambda label: status.update(f"benchmarking {label}"))
+    render(report, view)
+    if json_path is not None:
+        _emit_json(report, None if to_stdout else Path(json_path))
+    enforce(report)
+
+
 def main() -> None:
     """Console-script entry point: one ``error:`` line and a non-zero exit for every expected failure."""
     try:

@@ -1,0 +1,63 @@
+"""Human-readable rendering of the ``segkd export`` report (the ``--json`` output is the report itself)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def render_export_report(report: dict[str, Any], console: Console) -> None:
+    """Summary, verification table, TensorRT readiness and the trtexec line."""
+    ex, graph = report["export"], report["graph"]
+    shape = "x".join(str(d) for d in ex["input_shape"])
+    console.print(
+        f"[bold]{report['model']}[/] -> {report['out']}  opset {ex['opset']}, output {ex['output']}, "
+        f"input {ex['input_name']} {shape} ({ex['input_range']}), {'fp16' if ex['fp16'] else 'fp32'}, "
+        f"{graph['nodes']} nodes, {report['bytes'] / 1e6:.1f} MB, {report['seconds']:.1f} s",
+        highlight=False,
+    )
+    ver = report.get("verification")
+    if ver:
+        table = Table(title="verification: ONNX Runtime vs PyTorch", title_justify="left")
+        for col in ("case", "max |diff|", "mean |diff|", "label agreement", "ok"):
+            table.add_column(col)
+        for c in ver["cases"]:
+            if "error" in c:
+                table.add_row(c["case"], "-", "-", "-", f"[red]{c['error']}[/]")
+                continue
+            table.add_row(c["case"], _num(c["max_abs_diff"]), _num(c["mean_abs_diff"]),
+                          f"{c['label_agreement']:.5f}", "yes" if c["passed"] else "[red]no[/]")
+        console.print(table)
+        if ver.get("static_other_size"):
+            probe = ver["static_other_size"]
+            verdict = "rejected (as it must)" if probe["rejected"] else "[red]accepted[/]"
+            console.print(f"static: another size {'x'.join(map(str, probe['shape']))} {verdict}: {probe['reason']}",
+                          highlight=False)
+        console.print(f"providers requested {ver['providers_requested']}, used {ver['providers_used']}; gates: "
+                      f"atol {ver['atol']}, min agreement {ver['min_agreement']}", highlight=False)
+    else:
+        console.print("verification skipped (--no-verify)")
+    trt = report["tensorrt"]
+    src = trt["table"]
+    console.print(
+        f"TensorRT readiness (ONNX-TensorRT {src['tensorrt_version']} matrix, {src['repository']} "
+        f"{src['path']}@{src['commit'][:10]}): {'ready' if trt['ready'] else '[red]NOT ready[/]'}; "
+        f"{len(trt['op_counts'])} op types, unsupported: {', '.join(trt['unsupported']) or 'none'}",
+        highlight=False,
+    )
+    for issue in trt["issues"]:
+        where = f" {issue['op']}" + (f" {issue['node']}" if issue["node"] else "")
+        console.print(f"  {issue['severity']}:{where}: {issue['message']}", highlight=False, soft_wrap=True)
+    engine = trt.get("engine") or {}
+    if engine.get("built"):
+        console.print(f"  TensorRT EP engine built and run at {engine['shape']}: max |diff| vs CPU "
+                      f"{engine['max_abs_diff_vs_cpu']:.3g}", highlight=False)
+    elif engine:
+        console.print(f"  TensorRT EP not run: {engine['reason']}", highlight=False, soft_wrap=True)
+    console.print(trt["trtexec"], highlight=False, soft_wrap=True)
