@@ -28,6 +28,7 @@ import platform
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -509,6 +510,9 @@ class Trainer:
             if self.info.enabled:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
+                # Depthwise convs with one input channel get grads whose size-1 dim has another stride than the
+                # bucket view; the reducer warns on every step although the layouts are equivalent (a plain copy).
+                warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 module = DDP(module, device_ids=ids,
                              find_unused_parameters=bool(getattr(self.task, "find_unused_parameters", False)),
