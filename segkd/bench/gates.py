@@ -1,0 +1,150 @@
+"""CI gates on a bench report: absolute limits and regressions against a previous report.
+
+Every gate applies to every model in the report (bench only the student when gating a student). Latency gates use
+the p50 of each run (backend x input x batch); ``--max-gflops`` uses GFLOPs per image (2 x GMACs) at each input size;
+``--max-params`` the deploy parameter count. A gate that cannot be evaluated (e.g. GFLOPs of an ONNX file without
+segkd metadata) fails rather than passing silently. A baseline is matched by model name (zoo name or file name),
+backend and input shape; pairs missing on either side are listed as skipped, and a baseline sharing nothing with
+the run is an error (exit 1), not a pass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segkd.errors import GateFailure, SegkdError
+
+_COUNT_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmgb]?)\s*$", re.IGNORECASE)
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
+
+
+def parse_count(text: str, option: str = "--max-params") -> float:
+    """``"3.8M"``, ``"500k"``, ``"25e6"`` or ``"3800000"`` -> a number of parameters."""
+    m = _COUNT_RE.match(text or "")
+    if not m:
+        raise SegkdError(f"{option} {text!r}: expected a count such as 3.8M, 500k or 3800000")
+    return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+
+
+@dataclass
+class Gates:
+    """Thresholds; ``None`` disables a gate. ``max_regression`` is a fraction (0.10 = 10 %)."""
+
+    max_latency_ms: float | None = None
+    max_gflops: float | None = None
+    max_params: float | None = None
+    baseline: Path | None = None
+    max_regression: float = 0.10
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.max_latency_ms, self.max_gflops, self.max_params, self.baseline))
+
+
+def _shape(s: list[int]) -> str:
+    return "x".join(str(v) for v in s)
+
+
+def load_baseline(path: Path) -> dict[str, Any]:
+    """A previous ``segkd bench --json`` report, checked enough to compare against."""
+    from segkd.bench.run import SCHEMA_VERSION
+
+    if not path.is_file():
+        raise SegkdError(f"--baseline {path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SegkdError(f"--baseline {path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(data, dict) or data.get("kind") != "segkd.bench" or not isinstance(data.get("models"), list):
+        raise SegkdError(f"--baseline {path}: not a segkd bench report (run `segkd bench --json` to make one)")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise SegkdError(f"--baseline {path}: schema_version {data.get('schema_version')!r}, this segkd writes "
+                         f"{SCHEMA_VERSION}")
+    return data
+
+
+def _check(results: list[dict[str, Any]], gate: str, model: str, where: str, value: float | None, limit: float,
+           unit: str, extra: str = "") -> None:
+    if value is None:
+        results.append({"gate": gate, "model": model, "where": where, "value": None, "limit": limit,
+                        "passed": False, "message": f"{gate}: {model} {where}: value unavailable"})
+        return
+    passed = value <= limit
+    msg = f"{gate}: {model} {where}: {value:.4g}{unit} {'<=' if passed else '>'} {limit:.4g}{unit}{extra}"
+    results.append({"gate": gate, "model": model, "where": where, "value": value, "limit": limit,
+                    "passed": passed, "message": msg})
+
+
+def apply_gates(report: dict[str, Any], gates: Gates) -> list[dict[str, Any]]:
+    """Evaluate every gate; stores ``report["gates"]`` and ``report["passed"]`` and returns the gate list."""
+    results: list[dict[str, Any]] = []
+    for m in report["models"]:
+        name = m["name"]
+        if gates.max_params is not None:
+            _check(results, "max-params", name, "deploy", float(m["params"]), gates.max_params, "")
+        if gates.max_gflops is not None:
+            for c in m["complexity"]:
+                _check(results, "max-gflops", name, f"@{_shape(c['input'])}", c.get("gflops"), gates.max_gflops, " G")
+        if gates.max_latency_ms is not None:
+            for r in m["runs"]:
+                extra = f" (contended run: CPU util {r['cpu_util']:.2f})" if r.get("contended") else ""
+                _check(results, "max-latency-ms", name, f"{r['backend']} {_shape(r['input'])} p50",
+                       r["latency_ms"]["p50"], gates.max_latency_ms, " ms", extra)
+    if gates.baseline is not None:
+        results += _baseline_gates(report, load_baseline(gates.baseline), gates.max_regression, str(gates.baseline))
+    report["gates"] = results
+    report["passed"] = all(g["passed"] is not False for g in results)
+    return results
+
+
+def _baseline_gates(report: dict[str, Any], base: dict[str, Any], limit: float, source: str) -> list[dict[str, Any]]:
+    old_models = {m["name"]: m for m in base["models"]}
+    results: list[dict[str, Any]] = []
+    compared = 0
+
+    def regress(gate: str, name: str, where: str, new: float | None, old: float | None, unit: str) -> None:
+        nonlocal compared
+        if new is None or old is None or old <= 0:
+            results.append({"gate": gate, "model": name, "where": where, "value": None, "limit": limit,
+                            "passed": None, "message": f"{gate}: {name} {where}: skipped (no value on one side)"})
+            return
+        compared += 1
+        change = new / old - 1.0
+        passed = change <= limit
+        msg = (f"{gate}: {name} {where}: {new:.4g}{unit} vs baseline {old:.4g}{unit} ({change:+.1%}, "
+               f"limit +{limit:.0%})")
+        results.append({"gate": gate, "model": name, "where": where, "value": change, "limit": limit,
+                        "passed": passed, "message": msg, "baseline": old, "current": new})
+
+    for m in report["models"]:
+        old = old_models.get(m["name"])
+        if old is None:
+            results.append({"gate": "baseline", "model": m["name"], "where": "-", "value": None, "limit": limit,
+                            "passed": None, "message": f"baseline: {m['name']} not in {source}: skipped"})
+            continue
+        regress("regression-params", m["name"], "deploy", float(m["params"]), float(old["params"]), "")
+        old_c = {_shape(c["input"]): c for c in old.get("complexity", [])}
+        for c in m["complexity"]:
+            o = old_c.get(_shape(c["input"]))
+            if o is not None:
+                regress("regression-gmacs", m["name"], f"@{_shape(c['input'])}", c.get("gmacs"), o.get("gmacs"), " G")
+        old_r = {(r["backend"], _shape(r["input"])): r for r in old.get("runs", [])}
+        for r in m["runs"]:
+            o = old_r.get((r["backend"], _shape(r["input"])))
+            if o is not None:
+                regress("regression-latency", m["name"], f"{r['backend']} {_shape(r['input'])} p50",
+                        r["latency_ms"]["p50"], o["latency_ms"]["p50"], " ms")
+    if compared == 0:
+        raise SegkdError(f"--baseline {source}: shares no model/backend/input with this run, nothing to compare")
+    return results
+
+
+def enforce(report: dict[str, Any]) -> None:
+    """Raise :class:`GateFailure` (exit 3) with one line naming the first failed gate and how many failed."""
+    failed = [g for g in report.get("gates", []) if g["passed"] is False]
+    if failed:
+        more = f" (+{len(failed) - 1} more failed gate(s))" if len(failed) > 1 else ""
+        raise GateFailure(failed[0]["message"] + more)

@@ -1,0 +1,118 @@
+"""Rich rendering of a bench report: one row per model x backend x input, ratios against the first model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _shape(s: list[int]) -> str:
+    return "x".join(str(v) for v in s)
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _gmacs_at(model: dict[str, Any], h: int, w: int) -> float | None:
+    for c in model["complexity"]:
+        if c["input"][2:] == [h, w]:
+            return c.get("gmacs")
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flat rows (what the table shows), also handy for docs and tests."""
+    out: list[dict[str, Any]] = []
+    first = report["models"][0] if report["models"] else None
+    first_runs = {(r["backend"], _shape(r["input"])): r for r in (first or {}).get("runs", [])}
+    for i, m in enumerate(report["models"]):
+        items = m["runs"] or [{"backend": "-", "input": c["input"], "latency_ms": None} for c in m["complexity"]]
+        for r in items:
+            h, w = r["input"][2], r["input"][3]
+            gmacs = _gmacs_at(m, h, w)
+            row = {
+                "model": m["name"], "backend": r["backend"], "input": _shape(r["input"]),
+                "providers": ",".join(p.replace("ExecutionProvider", "") for p in r.get("providers_used") or []),
+                "params_m": m["params_m"], "gmacs": gmacs, "gflops": None if gmacs is None else 2 * gmacs,
+                "lat": r.get("latency_ms"), "ips": r.get("throughput_ips"), "mem": r.get("peak_mem_mb"),
+                "util": r.get("cpu_util"), "contended": r.get("contended"),
+                "vs_params": "", "vs_gmacs": "", "vs_speed": "",
+            }
+            if i > 0 and first is not None:
+                row["vs_params"] = _ratio(m["params"], first["params"])
+                row["vs_gmacs"] = _ratio(gmacs, _gmacs_at(first, h, w))
+                f = first_runs.get((r["backend"], _shape(r["input"])))
+                if f is not None and r.get("latency_ms"):
+                    row["vs_speed"] = _ratio(f["latency_ms"]["p50"], r["latency_ms"]["p50"])
+            out.append(row)
+    return out
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    """The summary table, the conventions line, and ``--detail`` tables when present."""
+    env = report["environment"]
+    title = (f"segkd bench on {env['device']} ({env['cpu_model'] if env['device'] == 'cpu' else env['gpu_name']}, "
+             f"{env['threads']} threads)")
+    table = Table(title=title)
+    several = len(report["models"]) > 1
+    cols = ["model", "backend", "input", "params (M)", "GMACs", "GFLOPs", "p50 ms", "p90 ms", "mean±std ms",
+            "img/s", "peak MB", "CPU util"]
+    if several:
+        cols += ["params vs 1st", "GMACs vs 1st", "speed-up vs 1st"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("model", "backend", "input") else "right")
+    for r in rows(report):
+        lat = r["lat"]
+        backend = r["backend"] + (f" ({r['providers']})" if r["backend"] == "onnxruntime" else "")
+        util = "-" if r["util"] is None else f"{r['util']:.2f}" + (" [red]contended[/]" if r["contended"] else "")
+        cells = [
+            r["model"], backend, r["input"], f"{r['params_m']:.2f}", _fmt(r["gmacs"]), _fmt(r["gflops"]),
+            _fmt(lat and lat["p50"], ".1f"), _fmt(lat and lat["p90"], ".1f"),
+            "-" if not lat else f"{lat['mean']:.1f}±{lat['std']:.1f}", _fmt(r["ips"], ".2f"), _fmt(r["mem"], ".0f"),
+            util,
+        ]
+        if several:
+            cells += [r["vs_params"], r["vs_gmacs"], r["vs_speed"]]
+        table.add_row(*cells)
+    console.print(table, width=None if console.is_terminal else 200)
+    console.print("GMACs = multiply-adds per image (the SegFormer/mmseg papers' 'FLOPs'); GFLOPs = 2 x GMACs. "
+                  "Attention counted; elementwise ops and interpolation not. Latency excludes preprocessing and "
+                  "host-to-device copies (torch); peak MB on CPU is the process-wide peak RSS.", highlight=False)
+    if any(r.get("contended") for m in report["models"] for r in m["runs"]):
+        console.print("[yellow]warning:[/] some runs were contended (process CPU time / wall time < 0.9 x threads): "
+                      "another process shared the cores, so those latencies are too high.", highlight=False)
+    for m in report["models"]:
+        for note in m.get("notes", []):
+            console.print(f"note ({m['name']}): {note}", highlight=False)
+        for c in m["complexity"]:
+            if "modules" in c:
+                _render_detail(m["name"], c, console)
+    for g in report.get("gates", []):
+        mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]skip[/]"}[g["passed"]]
+        console.print(f"{mark} {g['message']}", highlight=False)
+
+
+def _render_detail(name: str, c: dict[str, Any], console: Console) -> None:
+    total = next((row["gflops"] for row in c["modules"] if row["depth"] == 0), None) or c.get("gflops") or 0.0
+    t = Table(title=f"{name} @ {_shape(c['input'])}: FLOPs by module")
+    for col in ("module", "GMACs", "GFLOPs", "share"):
+        t.add_column(col, justify="left" if col == "module" else "right")
+    for row in c["modules"]:
+        label = "  " * row["depth"] + row["module"].split(".")[-1] if row["depth"] else row["module"]
+        share = f"{100 * row['gflops'] / total:.1f}%" if total else "-"
+        t.add_row(label, f"{row['gflops'] / 2:.3f}", f"{row['gflops']:.3f}", share)
+    console.print(t, width=None if console.is_terminal else 120)
+    by_op = ", ".join(f"{k.replace('aten.', '')} {v:.3f}" for k, v in c.get("flops_by_op", {}).items())
+    console.print(f"GFLOPs by op: {by_op}", highlight=False)
+    unc = c.get("uncounted_ops") or {}
+    text = ", ".join(f"{k.replace('aten.', '')} x{n}" for k, n in unc.items()) or "none"
+    console.print(f"ops seen with no FLOP formula (contributed 0; views omitted): {text}", highlight=False)

@@ -1,0 +1,312 @@
+"""``segkd bench``: complexity, latency, throughput and memory of one or more models, as a JSON-ready report.
+
+The report follows ``segkd/bench/schema.json`` (``schema_version`` 1). Complexity is counted once per input size at
+batch 1 (figures are per image); latency runs cover every backend x input shape x batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from segkd import __version__
+from segkd.bench.flops import count_flops, module_table
+from segkd.bench.latency import RunResult, bench_onnxruntime, bench_torch, resolve_device
+from segkd.bench.specs import (
+    ModelSpec,
+    expand_inputs,
+    onnx_param_count,
+    parse_backends,
+    parse_batches,
+    resolve_model,
+)
+from segkd.errors import SegkdError
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("schema.json")
+CONVENTIONS = {
+    "gmacs": "multiply-accumulates / 1e9 per image (the SegFormer/mmseg papers' 'FLOPs')",
+    "gflops": "2 x GMACs (torch FlopCounterMode convention)",
+    "flops_counted": "conv, linear/matmul, attention (QK^T and AV); counted on the meta device, identical on CPU/GPU",
+    "flops_not_counted": "elementwise, normalisation, activations, softmax, pooling, interpolation",
+    "params": "parameters of the deploy model only (no training-only heads or adapters)",
+    "latency": "per call on a batch already on the device, synchronised; excludes preprocessing, the host-to-device "
+    "copy (torch), upsampling to input size and argmax unless the ONNX file contains them",
+    "throughput_ips": "batch / mean latency, images per second",
+    "peak_mem_mb": "cuda_max_allocated: torch.cuda.max_memory_allocated during the timed loop; process_peak_rss: "
+    "process-wide peak RSS since the process started (includes earlier work)",
+    "contended": "process CPU time / wall time < 0.9 x threads during the timed loop (CPU runs only)",
+}
+
+
+@dataclass
+class BenchConfig:
+    """Options of ``segkd bench`` (see the CLI help for each)."""
+
+    models: list[str]
+    inputs: list[str] = field(default_factory=lambda: ["1x3x512x1024"])
+    batch: str | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    backends: list[str] = field(default_factory=lambda: ["torch"])
+    providers: str | None = None
+    warmup: int = 3
+    iters: int = 10
+    min_time: float = 0.0
+    num_classes: int | None = None
+    detail: bool = False
+    detail_depth: int = 3
+    channels_last: bool = False
+    flops: bool = True
+    latency: bool = True
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
+    """Versions, machine, thread count and load: what a reader needs to judge the figures."""
+    try:
+        import onnxruntime as ort
+
+        ort_version: str | None = ort.__version__
+    except ImportError:
+        ort_version = None
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {
+        "segkd": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "device": str(device),
+        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "load_avg": load,
+    }
+
+
+def export_temp_onnx(model: nn.Module, shape: tuple[int, int, int, int], path: Path) -> None:
+    """Export a zoo model's logits to ``path`` for ONNX Runtime: TorchScript exporter, opset 17, dynamic B/H/W.
+
+    Same exporter and settings as ``segkd export`` (the fast TorchScript path with native LayerNormalization).
+    """
+    model = model.cpu().eval()
+    example = torch.zeros((max(2, shape[0]),) + tuple(shape[1:]))
+    dynamic = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "out_h", 3: "out_w"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, do_constant_folding=True,
+                              input_names=["image"], output_names=["logits"], dynamic_axes=dynamic)
+        except Exception as e:  # the exporter raises many internal error types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise SegkdError(f"ONNX export for --backend onnxruntime failed ({first})") from None
+
+
+def _complexity(spec: ModelSpec, hw_list: list[tuple[int, int]], cfg: BenchConfig) -> list[dict[str, Any]]:
+    out = []
+    module = spec.module
+    note = "counted on the PyTorch model (meta device)"
+    if module is None and spec.architecture is not None:
+        from segkd.models import create_model
+
+        kwargs = (spec.onnx_meta or {}).get("meta", {}).get("model_kwargs", {}) or {}
+        module = create_model(spec.architecture, num_classes=spec.num_classes or 19, **kwargs)
+        note = f"counted on the zoo architecture {spec.architecture} recorded in the ONNX metadata (meta device)"
+    for h, w in hw_list:
+        entry: dict[str, Any] = {"input": [1, 3, h, w]}
+        if module is None or not cfg.flops:
+            entry.update(gflops=None, gmacs=None, flops_source=None if cfg.flops else "not requested (--no-flops)")
+            if module is None and cfg.flops:
+                entry["flops_source"] = "unavailable: an ONNX graph without segkd metadata (FLOPs are not read " \
+                                        "from ONNX graphs)"
+            out.append(entry)
+            continue
+        count = count_flops(module, (1, 3, h, w))
+        entry.update(gflops=count.gflops, gmacs=count.gmacs, flops_source=note,
+                     flops_by_op={k: v / 1e9 for k, v in count.by_op.items()})
+        if cfg.detail:
+            entry["uncounted_ops"] = count.uncounted_ops
+            entry["modules"] = [{"module": m, "depth": d, "gflops": f / 1e9}
+                                for m, d, f in module_table(count, cfg.detail_depth)]
+        out.append(entry)
+    return out
+
+
+def _run_entry(backend: str, shape: tuple[int, ...], device: str, providers: str | None, cfg: BenchConfig,
+               res: RunResult) -> dict[str, Any]:
+    t = res.timing
+    return {
+        "backend": backend,
+        "input": list(shape),
+        "batch": shape[0],
+        "device": device,
+        "providers_requested": providers.split(",") if providers else None,
+        "providers_used": res.providers_used,
+        "latency_ms": {k: getattr(t, f"{k}_ms") for k in ("mean", "std", "min", "max", "p50", "p90", "p95", "p99")},
+        "iters": t.iters,
+        "warmup": t.warmup,
+        "min_time_s": cfg.min_time,
+        "throughput_ips": res.throughput_ips,
+        "peak_mem_mb": res.peak_mem_mb,
+        "peak_mem_kind": res.peak_mem_kind,
+        "wall_s": t.wall_s,
+        "cpu_s": t.cpu_s,
+        "cpu_util": t.cpu_util,
+        "contended": t.contended,
+        "compile_s": res.compile_s,
+        "channels_last": cfg.channels_last if backend.startswith("torch") else False,
+    }
+
+
+def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
+    """Measure every model; returns the schema-shaped report (gates are applied by :func:`segkd.bench.gates`)."""
+    if not cfg.models:
+        raise SegkdError("give at least one MODEL (a zoo name, a .safetensors checkpoint or an .onnx file)")
+    device = resolve_device(cfg.device)
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise SegkdError(f"--threads {cfg.threads}: must be >= 1")
+        torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()
+    shapes = expand_inputs(cfg.inputs, parse_batches(cfg.batch))
+    backends = parse_backends(cfg.backends)
+    providers = cfg.providers or ("cpu" if device.type == "cpu" else "cuda")
+    if "onnxruntime" in backends or any(m.lower().endswith(".onnx") for m in cfg.models):
+        from segkd.export.runtime import parse_providers
+
+        providers = ",".join(parse_providers(providers))
+    if cfg.warmup < 0 or cfg.iters < 1 or cfg.min_time < 0:
+        raise SegkdError("--warmup and --min-time must be >= 0 and --iters >= 1")
+    specs = [resolve_model(m, cfg.num_classes) for m in cfg.models]  # all resolved first: bad input fails fast
+    hw_list = list(dict.fromkeys((s[2], s[3]) for s in shapes))
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "segkd.bench",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": environment(device, threads),
+        "settings": {
+            "inputs": [list(s) for s in shapes],
+            "backends": backends,
+            "device": str(device),
+            "providers": providers,
+            "threads": threads,
+            "warmup": cfg.warmup,
+            "iters": cfg.iters,
+            "min_time_s": cfg.min_time,
+            "channels_last": cfg.channels_last,
+            "precision": "fp32",
+        },
+        "conventions": CONVENTIONS,
+        "models": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="segkd-bench-") as tmp:
+        for spec in specs:
+            entry = _bench_one(spec, shapes, hw_list, backends, device, providers, threads, cfg, Path(tmp), progress)
+            report["models"].append(entry)
+    return report
+
+
+def _bench_one(spec: ModelSpec, shapes: list[tuple[int, int, int, int]], hw_list: list[tuple[int, int]],
+               backends: list[str], device: torch.device, providers: str, threads: int, cfg: BenchConfig,
+               tmp: Path, progress: Any) -> dict[str, Any]:
+    notes = list(spec.notes)
+    if spec.module is not None:
+        params, params_source = sum(p.numel() for p in spec.module.parameters()), "torch_deploy_model"
+    else:
+        assert spec.onnx_path is not None
+        params, params_source = onnx_param_count(spec.onnx_path), "onnx_initializers"
+        notes.append("params are the ONNX file's float initializers (BatchNorm folded into convs by the exporter)")
+    entry: dict[str, Any] = {
+        "name": spec.name,
+        "arg": spec.arg,
+        "source": spec.source,
+        "architecture": spec.architecture,
+        "num_classes": spec.num_classes,
+        "params": int(params),
+        "params_m": params / 1e6,
+        "params_source": params_source,
+        "complexity": _complexity(spec, hw_list, cfg),
+        "runs": [],
+        "notes": notes,
+    }
+    if not cfg.latency:
+        return entry
+    model_backends = ["onnxruntime"] if spec.source == "onnx" else backends
+    if spec.source == "onnx" and any(b != "onnxruntime" for b in backends):
+        notes.append("an ONNX file runs on ONNX Runtime only; torch backends were skipped for it")
+    onnx_file = spec.onnx_path
+    for backend in model_backends:
+        for shape in shapes:
+            label = f"{spec.name} {backend} {'x'.join(map(str, shape))}"
+            if progress is not None:
+                progress(label)
+            if backend == "onnxruntime":
+                if onnx_file is None:
+                    assert spec.module is not None
+                    onnx_file = tmp / f"{len(list(tmp.iterdir()))}-{spec.name}.onnx"
+                    export_temp_onnx(spec.module, shape, onnx_file)
+                    notes.append("onnxruntime: exported to a temporary ONNX file (TorchScript exporter, opset 17, "
+                                 "dynamic batch/height/width)")
+                res = bench_onnxruntime(onnx_file, shape, providers, cfg.warmup, cfg.iters, cfg.min_time, threads)
+                entry["runs"].append(_run_entry(backend, shape, "ort", providers, cfg, res))
+            else:
+                assert spec.module is not None
+                res = bench_torch(spec.module, shape, device, cfg.warmup, cfg.iters, cfg.min_time, threads,
+                                  compile=backend == "torch-compile", channels_last=cfg.channels_last)
+                spec.module.to("cpu")
+                entry["runs"].append(_run_entry(backend, shape, str(device), None, cfg, res))
+    return entry
+
+
+def load_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    """Validate against the packaged JSON Schema (jsonschema is a dev dependency; skipped when absent)."""
+    try:
+        import jsonschema
+    except ImportError:  # pragma: no cover - the dev extra installs it
+        return
+    jsonschema.validate(report, load_schema())
+
+
+def run_bench_command(cfg: BenchConfig, gates: Any = None, progress: Any = None) -> dict[str, Any]:
+    """What ``segkd bench`` runs: measure, validate against the schema, then evaluate the gates (not enforce)."""
+    from segkd.bench.gates import Gates, apply_gates, load_baseline
+
+    gates = gates or Gates()
+    if gates.baseline is not None:
+        load_baseline(gates.baseline)  # a bad baseline fails before minutes of timing
+    report = bench_models(cfg, progress=progress)
+    if gates.any():
+        apply_gates(report, gates)
+    validate_report(report)
+    return report

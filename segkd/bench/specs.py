@@ -1,0 +1,177 @@
+"""Parsing what ``segkd bench`` is asked to measure: models (zoo names, checkpoints, ONNX files) and input shapes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from segkd.errors import SegkdError
+
+BACKENDS = ("torch", "torch-compile", "onnxruntime")
+_SHAPE_RE = re.compile(r"^\d+(x\d+){1,3}$")
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """``"1x3x512x1024"`` (B x C x H x W) or ``"512x1024"`` (H x W, batch 1, RGB) -> a 4-tuple, else one line."""
+    raw = text.strip().lower().replace(" ", "")
+    if not _SHAPE_RE.match(raw):
+        raise SegkdError(f"--input {text!r}: expected BxCxHxW (e.g. 1x3x512x1024) or HxW (e.g. 512x1024)")
+    dims = [int(p) for p in raw.split("x")]
+    if len(dims) == 3:
+        raise SegkdError(f"--input {text!r}: give 4 dimensions BxCxHxW or 2 dimensions HxW, not 3")
+    if len(dims) == 2:
+        dims = [1, 3, *dims]
+    if any(d <= 0 for d in dims):
+        raise SegkdError(f"--input {text!r}: every dimension must be a positive integer")
+    if dims[1] != 3:
+        raise SegkdError(f"--input {text!r}: segkd models take 3-channel RGB images (C must be 3, got {dims[1]})")
+    return dims[0], dims[1], dims[2], dims[3]
+
+
+def parse_batches(text: str | None) -> list[int] | None:
+    """``"1,8"`` -> [1, 8]; ``None`` keeps each ``--input``'s own batch size."""
+    if text is None or not text.strip():
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise SegkdError(f"--batch {text!r}: expected positive integers separated by commas (e.g. 1,8)")
+        if int(part) not in out:
+            out.append(int(part))
+    return out
+
+
+def expand_inputs(inputs: list[str], batches: list[int] | None) -> list[tuple[int, int, int, int]]:
+    """Every ``--input`` at every ``--batch`` (or its own batch), duplicates removed, order kept."""
+    shapes: list[tuple[int, int, int, int]] = []
+    for text in inputs:
+        b, c, h, w = parse_shape(text)
+        for bb in batches or [b]:
+            s = (bb, c, h, w)
+            if s not in shapes:
+                shapes.append(s)
+    return shapes
+
+
+def parse_backends(items: list[str]) -> list[str]:
+    out: list[str] = []
+    for item in items:
+        for b in item.split(","):
+            b = b.strip().lower()
+            if not b:
+                continue
+            if b not in BACKENDS:
+                raise SegkdError(f"--backend {b!r}: choose from {', '.join(BACKENDS)}")
+            if b not in out:
+                out.append(b)
+    if not out:
+        raise SegkdError("--backend: give at least one of " + ", ".join(BACKENDS))
+    return out
+
+
+def parse_percent(text: str) -> float:
+    """``"10%"`` or ``"10"`` -> 0.10 (always percent)."""
+    raw = text.strip().rstrip("%").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SegkdError(f"--max-regression {text!r}: expected a percentage such as 10%") from None
+    if not value >= 0:
+        raise SegkdError(f"--max-regression {text!r}: must be >= 0")
+    return value / 100.0
+
+
+@dataclass
+class ModelSpec:
+    """One MODEL argument, resolved. ``module`` is set for zoo names and checkpoints; ``onnx_path`` for ONNX."""
+
+    arg: str
+    name: str
+    source: str  # "zoo" | "checkpoint" | "onnx"
+    num_classes: int | None
+    architecture: str | None
+    module: nn.Module | None = None
+    onnx_path: Path | None = None
+    path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    onnx_meta: dict[str, Any] | None = None
+
+
+def _looks_like_path(arg: str) -> bool:
+    return "/" in arg or "\\" in arg or Path(arg).suffix.lower() in (".onnx", ".safetensors", ".pth", ".pt", ".bin")
+
+
+def resolve_model(arg: str, num_classes: int | None) -> ModelSpec:
+    """A zoo name (aliases allowed), a segkd ``.safetensors`` checkpoint or an ``.onnx`` file, or a one-line error."""
+    from segkd.models import MODELS, create_model
+
+    path = Path(arg)
+    if path.suffix.lower() == ".onnx":
+        if not path.is_file():
+            raise SegkdError(f"{arg}: ONNX file not found")
+        arch, k, meta = _onnx_architecture(path)
+        return ModelSpec(arg, path.name, "onnx", k, arch, onnx_path=path, path=path, onnx_meta=meta)
+    if path.is_file() or _looks_like_path(arg):
+        if not path.is_file():
+            raise SegkdError(f"{arg}: checkpoint file not found")
+        if path.suffix.lower() != ".safetensors":
+            raise SegkdError(f"{arg}: not a segkd checkpoint (.safetensors) or an .onnx file; "
+                             "import foreign checkpoints with `segkd convert`")
+        from segkd.checkpoint import load_model
+
+        model = load_model(path)
+        meta = model.segkd_meta  # type: ignore[attr-defined]
+        if num_classes is not None and num_classes != meta.num_classes:
+            raise SegkdError(f"--num-classes {num_classes}: {arg} has {meta.num_classes} classes")
+        return ModelSpec(arg, path.name, "checkpoint", meta.num_classes, meta.model, module=model, path=path)
+    name = MODELS.canonical(arg)
+    k = 19 if num_classes is None else num_classes
+    return ModelSpec(arg, name, "zoo", k, name, module=create_model(name, num_classes=k))
+
+
+def _onnx_architecture(path: Path) -> tuple[str | None, int | None, dict[str, Any] | None]:
+    """The zoo architecture and class count recorded by ``segkd export`` in the ONNX metadata, if any."""
+    import json
+
+    import onnx
+
+    from segkd.checkpoint import META_KEY
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and friends for garbage files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise SegkdError(f"{path}: not a readable ONNX file ({first})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if META_KEY not in props:
+        return None, None, None
+    try:
+        meta = json.loads(props[META_KEY])
+        export = json.loads(props.get("segkd.export", "{}"))
+    except json.JSONDecodeError:
+        return None, None, None
+    if not isinstance(meta, dict) or "model" not in meta or "num_classes" not in meta:
+        return None, None, None
+    return str(meta["model"]), int(meta["num_classes"]), {"meta": meta, "export": export}
+
+
+def onnx_param_count(path: Path) -> int:
+    """Elements of the floating-point initializers (the weights; after the exporter's BN folding)."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(path), load_external_data=False)
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_type in floats:
+            n = 1
+            for d in init.dims:
+                n *= int(d)
+            total += n
+    return total
