@@ -196,9 +196,17 @@ def prepare_data(cfg: TrainConfig, info: DistInfo | None = None) -> DataBundle:
     common = {"fmt": cfg.data_format, "num_classes": cfg.num_classes, "ignore_index": cfg.ignore_index}
     train = build_dataset(root, cfg.train_split, transform=train_tf, seed=cfg.seed, **common)
     val = build_dataset(root, cfg.val_split, transform=eval_tf, seed=cfg.seed, **common)
-    if info is None or info.is_main:
-        validate_dataset(train, full=True)
-        validate_dataset(val, full=True)
+    error: SegkdError | None = None
+    if info is None or info.is_main:  # one scan is enough; the other ranks learn the outcome below
+        try:
+            validate_dataset(train, full=True)
+            validate_dataset(val, full=True)
+        except SegkdError as e:
+            error = e
+    if info is not None and any_rank(error is not None, info):
+        raise error or SegkdError("the dataset failed validation (see rank 0)")
+    if error is not None:
+        raise error
     ds_info = train.info
     return DataBundle(train, val, ds_info.num_classes, list(ds_info.class_names),
                       [list(c) for c in ds_info.palette], ds_info.ignore_index, mean, std)
