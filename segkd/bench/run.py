@@ -11,7 +11,6 @@ import os
 import platform
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,21 +111,33 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
 
 
 def export_temp_onnx(model: nn.Module, shape: tuple[int, int, int, int], path: Path) -> None:
-    """Export a zoo model's logits to ``path`` for ONNX Runtime: TorchScript exporter, opset 17, dynamic B/H/W.
+    """Export a model's logits to ``path`` for ONNX Runtime with ``segkd export``'s own pipeline.
 
-    Same exporter and settings as ``segkd export`` (the fast TorchScript path with native LayerNormalization).
+    The same steps as ``segkd export`` (TorchScript exporter, opset 17, dynamic batch/height/width, ORT basic graph
+    optimisation, onnx.checker) minus the checkpoint metadata, the PyTorch-vs-ORT verification and the TensorRT
+    engine build, so ONNX Runtime times exactly the graph users deploy.
     """
+    import onnx
+
+    from segkd.export.onnx_export import (
+        MIN_OPSET,
+        DeployModel,
+        ExportConfig,
+        finalize_graph,
+        plan_shapes,
+        required_stride,
+        trace_to_onnx,
+    )
+
     model = model.cpu().eval()
-    example = torch.zeros((max(2, shape[0]),) + tuple(shape[1:]))
-    dynamic = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "out_h", 3: "out_w"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, do_constant_folding=True,
-                              input_names=["image"], output_names=["logits"], dynamic_axes=dynamic)
-        except Exception as e:  # the exporter raises many internal error types
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise SegkdError(f"ONNX export for --backend onnxruntime failed ({first})") from None
+    stride = required_stride(model)
+    h, w = max(shape[2], stride), max(shape[3], stride)
+    plan = plan_shapes(ExportConfig(size=f"{h}x{w}"), stride, getattr(model, "zoo_name", type(model).__name__))
+    wrapper = DeployModel(model, "logits", [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], fold=False).eval()
+    traced = path.with_name(path.stem + ".traced.onnx")
+    trace_to_onnx(wrapper, plan, MIN_OPSET, traced)
+    graph, _ = finalize_graph(traced, fp16=False, fold=False)
+    onnx.save(graph, str(path))
 
 
 def _complexity(spec: ModelSpec, hw_list: list[tuple[int, int]], cfg: BenchConfig) -> list[dict[str, Any]]:
@@ -272,8 +283,8 @@ def _bench_one(spec: ModelSpec, shapes: list[tuple[int, int, int, int]], hw_list
                     assert spec.module is not None
                     onnx_file = tmp / f"{len(list(tmp.iterdir()))}-{spec.name}.onnx"
                     export_temp_onnx(spec.module, shape, onnx_file)
-                    notes.append("onnxruntime: exported to a temporary ONNX file (TorchScript exporter, opset 17, "
-                                 "dynamic batch/height/width)")
+                    notes.append("onnxruntime: exported to a temporary ONNX file with segkd export's pipeline "
+                                 "(TorchScript exporter, opset 17, dynamic batch/height/width, ORT basic optimisation)")
                 res = bench_onnxruntime(onnx_file, shape, providers, cfg.warmup, cfg.iters, cfg.min_time, threads)
                 entry["runs"].append(_run_entry(backend, shape, "ort", providers, cfg, res))
             else:
