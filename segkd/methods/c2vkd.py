@@ -68,7 +68,8 @@ def vlfd_global_loss(fs: Tensor, ft: Tensor, kl: str = "teacher_student") -> Ten
 
 def relation_rows(f: Tensor) -> Tensor:
     """``B x C x H x W`` -> ``(B*H*W) x C`` rows, L2-normalised, then centred (the code's order)."""
-    x = f.float().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    x = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    x = x if x.dtype == torch.float64 else x.float()  # fp32 under AMP too: the Gram differences are small
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return x - x.mean(dim=1, keepdim=True)
 

@@ -257,7 +257,7 @@ def _build(opts: TransKDOptions, student: SegModel, teacher: SegModel, ignore_in
     return TransKD(opts, student, teacher, ignore_index)
 
 
-_TAPS = tuple(f"stage{i + 1}" for i in range(STAGES)) + tuple(f"embed{i + 1}" for i in range(STAGES))
+_TAPS = tuple(f"embed{i + 1}" for i in range(STAGES)) + tuple(f"stage{i + 1}" for i in range(STAGES))
 METHODS.add("transkd", MethodSpec(
     "transkd", "transformer -> transformer: CSF + HCL on 4 stages, PEA on patch embeddings (+GL-Mixer / EA)",
     TransKDOptions, _build,

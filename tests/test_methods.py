@@ -1,0 +1,446 @@
+"""Distillation methods: every loss against hand-computed values, gradient routing, and short end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from torch.utils.data import Dataset
+
+from segkd.checkpoint import CheckpointMeta, save_checkpoint
+from segkd.engine.task import build_optimizer
+from segkd.engine.trainer import DataBundle
+from segkd.errors import SegkdError
+from segkd.methods import METHODS, check_pair, make_options
+from segkd.methods.c2vkd import (
+    AttentionPool2d,
+    load_pool,
+    pdd_loss,
+    random_pool,
+    vlfd_global_loss,
+    vlfd_ling_loss,
+    vlfd_patch_loss,
+)
+from segkd.methods.collab import pbsd_loss, pbsd_masks, rbsd_loss, region_scores
+from segkd.methods.cwd import cwd_loss
+from segkd.methods.dkd import dkd_loss
+from segkd.methods.kd import kd_loss
+from segkd.methods.task import DistillConfig, load_teacher, make_distill_task, run_distill
+from segkd.methods.transkd import SK, hcl_loss, pea_loss
+from segkd.models import create_model
+
+L3 = math.log(3.0)
+KL_75_50 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # KL([.75,.25] || [.5,.5])
+
+
+def px(*values: float) -> torch.Tensor:
+    """One pixel's logits as a 1 x K x 1 x 1 tensor."""
+    return torch.tensor(values, dtype=torch.float64).reshape(1, -1, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------ logit losses
+def test_kd_by_hand() -> None:
+    s, t = px(0.0, 0.0), px(L3, 0.0)
+    assert kd_loss(s, t, 1.0).item() == pytest.approx(KL_75_50, rel=1e-5)
+    # T = 2: pT = softmax([ln3/2, 0]) = [sqrt3, 1] / (sqrt3 + 1); times T^2
+    r3 = math.sqrt(3)
+    pt = [r3 / (r3 + 1), 1 / (r3 + 1)]
+    expected = 4 * sum(p * math.log(p / 0.5) for p in pt)
+    assert kd_loss(s, t, 2.0).item() == pytest.approx(expected, rel=1e-5)
+    # two pixels, the second identical in both: batchmean over pixels halves the value; masking it restores it
+    s2 = torch.cat([s, px(1.0, 2.0)], dim=3)
+    t2 = torch.cat([t, px(1.0, 2.0)], dim=3)
+    assert kd_loss(s2, t2).item() == pytest.approx(KL_75_50 / 2, rel=1e-5)
+    mask = torch.tensor([[[True, False]]])
+    assert kd_loss(s2, t2, mask=mask).item() == pytest.approx(KL_75_50, rel=1e-5)
+
+
+def test_cwd_by_hand() -> None:
+    # one channel over two positions: teacher spatial softmax at T=4 is [.75, .25]; T^2/(B*C) with C=2, channel
+    # two identical in both
+    s = torch.zeros(1, 2, 1, 2, dtype=torch.float64)
+    t = torch.zeros(1, 2, 1, 2, dtype=torch.float64)
+    t[0, 0, 0, 0] = 4 * L3
+    s[0, 1] = torch.tensor([1.0, -1.0])
+    t[0, 1] = torch.tensor([1.0, -1.0])
+    assert cwd_loss(s, t, 4.0).item() == pytest.approx(16 * KL_75_50 / 2, rel=1e-5)
+
+
+def test_dkd_by_hand() -> None:
+    s = torch.cat([px(0.0, 0.0, 0.0), px(5.0, 0.0, 1.0)], dim=3)
+    t = torch.cat([px(math.log(2), math.log(2), 0.0), px(0.0, 3.0, 0.0)], dim=3)
+    labels = torch.tensor([[[0, 255]]])  # the second pixel is void and must not count
+    # pT = [.4, .4, .2], pS = 1/3 each: b^T = [.4, .6], b^S = [1/3, 2/3]; non-target: [2/3, 1/3] vs [.5, .5]
+    tckd = 0.4 * math.log(0.4 / (1 / 3)) + 0.6 * math.log(0.6 / (2 / 3))
+    nckd = (2 / 3) * math.log((2 / 3) / 0.5) + (1 / 3) * math.log((1 / 3) / 0.5)
+    got = dkd_loss(s, t, labels, alpha=1.0, beta=8.0, temperature=1.0)
+    assert got.item() == pytest.approx(tckd + 8 * nckd, rel=1e-5)
+    assert dkd_loss(s, t, torch.full_like(labels, 255)).item() == 0.0
+
+
+def test_pdd_both_modes_by_hand() -> None:
+    s = torch.cat([px(0.0, 0.0, 0.0), px(9.0, 0.0, 0.0)], dim=3)
+    t = torch.cat([px(math.log(2), math.log(2), 0.0), px(0.0, 0.0, 9.0)], dim=3)
+    labels = torch.tensor([[[0, 255]]])
+    bs, bt = (1 / 3, 2 / 3), (0.4, 0.6)
+    q = ((bt[0] + 1) / 2, bt[1] / 2)  # already normalised
+    paper = 0.5 * bs[0] * math.log(bs[0] / q[0]) + 0.5 * bs[1] * math.log(bs[1] / q[1])
+    assert pdd_loss(s, t, labels, "paper").item() == pytest.approx(paper, rel=1e-5)
+    forward = 0.5 * q[0] * math.log(q[0] / bs[0]) + 0.5 * q[1] * math.log(q[1] / bs[1])
+    assert pdd_loss(s, t, labels, "paper", kl="forward").item() == pytest.approx(forward, rel=1e-5)
+    tckd = bt[0] * math.log(bt[0] / bs[0]) + bt[1] * math.log(bt[1] / bs[1])
+    nckd = (2 / 3) * math.log((2 / 3) / 0.5) + (1 / 3) * math.log((1 / 3) / 0.5)
+    assert pdd_loss(s, t, labels, "dkd").item() == pytest.approx(0.5 * tckd + 0.5 * nckd, rel=1e-5)
+    assert pdd_loss(s, t, labels, "paper", nckd=2.0).item() == pytest.approx(paper + 2 * nckd, rel=1e-5)
+
+
+def test_pdd_gradient_vanishes_when_student_is_confidently_wrong() -> None:
+    """papers-extra §2.2: reverse-KL PDD gives a tiny push when p_y -> 0, far below CE's; the forward variant
+    does not vanish."""
+    z = px(-6.0, 0.0, 0.0).float().requires_grad_(True)
+    t, y = px(2.0, 0.0, 0.0).float(), torch.tensor([[[0]]])
+    pdd_loss(z, t, y, "paper").backward()
+    g_pdd = z.grad[0, 0].abs().item()
+    z.grad = None
+    F.cross_entropy(z, y).backward()
+    g_ce = z.grad[0, 0].abs().item()
+    z.grad = None
+    pdd_loss(z, t, y, "paper", kl="forward").backward()
+    assert g_pdd < 0.05 * g_ce and z.grad[0, 0].abs().item() > 0.2
+
+
+# ------------------------------------------------------------------------------------------------- VLFD terms
+def test_vlfd_global_and_ling_by_hand() -> None:
+    fs, ft = px(0.0, 0.0), px(L3, 0.0)
+    # channel softmax, KLDivLoss 'mean' = divided by all B*C*H*W = 2 elements
+    assert vlfd_global_loss(fs, ft).item() == pytest.approx(KL_75_50 / 2, rel=1e-5)
+    rev = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert vlfd_global_loss(fs, ft, "student_teacher").item() == pytest.approx(rev / 2, rel=1e-5)
+    assert vlfd_ling_loss(fs.flatten(1), ft.flatten(1)).item() == pytest.approx(KL_75_50 / 2, rel=1e-5)
+
+
+def test_vlfd_patch_by_hand_and_chunked_equals_unchunked() -> None:
+    # student tokens [1,0], [0,1] -> centred [.5,-.5], [-.5,.5]; teacher [1,0], [1,0]; C - 1 = 1
+    fs = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)
+    ft = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).T.reshape(1, 2, 1, 2)
+    gs = torch.tensor([[0.5, -0.5], [-0.5, 0.5]])
+    gt = torch.full((2, 2), 0.5)
+    assert ((gs - gt) ** 2).mean().item() == 0.5
+    assert vlfd_patch_loss(fs, ft, chunk=None).item() == pytest.approx(0.5)
+    assert vlfd_patch_loss(fs, ft, chunk=1).item() == pytest.approx(0.5)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float64)
+    ref = vlfd_patch_loss(a, b, chunk=None)
+    (ga,) = torch.autograd.grad(ref, a)
+    for chunk in (1, 7, 30, 1000):
+        val = vlfd_patch_loss(a, b, chunk=chunk)
+        (gc,) = torch.autograd.grad(val, a)
+        assert val.item() == pytest.approx(ref.item(), rel=1e-12)
+        torch.testing.assert_close(gc, ga, rtol=1e-10, atol=1e-14)
+
+
+def test_attention_pool_matches_reference_and_loads_clip_keys(tmp_path: Path) -> None:
+    pool = random_pool(64, out_dim=16, heads=8, spacial_dim=4, seed=3)
+    again = random_pool(64, out_dim=16, heads=8, spacial_dim=4, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(pool.parameters(), again.parameters(), strict=True))
+    x = torch.randn(2, 64, 4, 4)
+    # reference: CLIP's formulation through torch's multi-head attention with separate projection weights
+    tok = x.flatten(2).permute(2, 0, 1)
+    tok = torch.cat([tok.mean(0, keepdim=True), tok]) + pool.positional_embedding[:, None]
+    ref, _ = F.multi_head_attention_forward(
+        tok[:1], tok, tok, 64, 8, None, torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None,
+        None, False, 0.0, pool.c_proj.weight, pool.c_proj.bias, use_separate_proj_weight=True,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        need_weights=False)
+    torch.testing.assert_close(pool(x), ref[0], rtol=1e-5, atol=1e-5)
+    # a CLIP-style state dict loads; the positional embedding is interpolated to other grids
+    torch.save({f"visual.attnpool.{k}": v for k, v in pool.state_dict().items()} | {"visual.conv1.weight":
+                                                                                     torch.zeros(1)},
+               tmp_path / "clip.pt")
+    loaded, source = load_pool(tmp_path / "clip.pt", 64, heads=8)
+    torch.testing.assert_close(loaded(x), pool(x))
+    assert "sha256:" in source and loaded(torch.randn(1, 64, 6, 3)).shape == (1, 16)
+    with pytest.raises(SegkdError, match="the pool takes 64 channels but the teacher's layer4 has 512"):
+        load_pool(tmp_path / "clip.pt", 512)
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(SegkdError, match="no attention-pool weights"):
+        load_pool(tmp_path / "bad.pt", 64)
+    assert isinstance(loaded, AttentionPool2d)
+
+
+# --------------------------------------------------------------------------------------------- TransKD losses
+def test_hcl_and_pea_by_hand() -> None:
+    fs = [torch.zeros(1, 1, 2, 2)]
+    ft = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)]
+    # h = 2: levels 4 and 2 are skipped, level 1 gets weight 1/2: (7.5 + 0.5 * 2.5^2) / 1.5
+    assert hcl_loss(fs, ft).item() == pytest.approx((7.5 + 0.5 * 6.25) / 1.5)
+    big = [torch.zeros(1, 1, 8, 8)]
+    tb = [torch.ones(1, 1, 8, 8)]
+    # h = 8: levels 4, 2, 1 with 1/2, 1/4, 1/8; every MSE is 1 -> (1 + .5 + .25 + .125) / 1.875 = 1
+    assert hcl_loss(big + fs, tb + ft).item() == pytest.approx(1.0 + (7.5 + 3.125) / 1.5)
+    et = [torch.ones(1, 4, 3), torch.ones(1, 4, 3), torch.ones(1, 4, 3), 2 * torch.ones(1, 4, 3)]
+    es = [torch.zeros(1, 4, 3), None, None, torch.zeros(1, 4, 3)]
+    assert pea_loss(es, et, (0.1, 0.1, 0.5, 1.0)).item() == pytest.approx(0.1 * 1 + 1.0 * 4)
+
+
+def test_sk_batch_one_skips_batchnorm() -> None:
+    sk = SK(64).train()
+    u, r = torch.randn(1, 64, 4, 4), torch.randn(1, 64, 4, 4)
+    out = sk(u, r)  # BN over one value per channel would raise in training mode
+    assert out.shape == u.shape
+    assert sk(torch.randn(2, 64, 4, 4), torch.randn(2, 64, 4, 4)).shape == (2, 64, 4, 4)
+
+
+# --------------------------------------------------------------------------------------------- collab (BSD)
+def _two_students() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """1 x 2 classes x 1 x 5 pixels. Labels 0,0,1,0,void. a right / b wrong; b right / a wrong; both wrong;
+    both right (a more confident); void."""
+    za = torch.tensor([[3.0, 0.0, 2.0, 4.0, 1.0], [0.0, 1.0, 0.0, 0.0, 0.0]]).reshape(1, 2, 1, 5)
+    zb = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0], [2.0, -1.0, 0.0, 0.0, 3.0]]).reshape(1, 2, 1, 5)
+    labels = torch.tensor([[[0, 0, 1, 0, 255]]])
+    return za, zb, labels
+
+
+def test_pixel_bsd_direction() -> None:
+    za, zb, labels = _two_students()
+    a_t, b_t, valid = pbsd_masks(za, zb, labels, 255)
+    assert a_t[0, 0].tolist() == [True, False, False, True, False]
+    assert b_t[0, 0].tolist() == [False, True, False, False, False]
+    a_t, b_t, _ = pbsd_masks(za, zb, labels, 255, ties="none")
+    assert a_t[0, 0].tolist() == [True, False, False, False, False]
+    za, zb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    loss = pbsd_loss(za, zb, labels)
+    loss.backward()
+    # a learns only where b teaches (pixel 1), b only where a teaches (pixels 0 and 3)
+    assert (za.grad[0, :, 0].abs().sum(0) > 0).tolist() == [False, True, False, False, False]
+    assert (zb.grad[0, :, 0].abs().sum(0) > 0).tolist() == [True, False, False, True, False]
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+        p, q = p.detach().softmax(0), q.detach().softmax(0)
+        return float((p * (p / q).log()).sum())
+
+    expected = (kl(za[0, :, 0, 0], zb[0, :, 0, 0]) + kl(za[0, :, 0, 3], zb[0, :, 0, 3])
+                + kl(zb[0, :, 0, 1], za[0, :, 0, 1])) / 4  # divided by the 4 labelled pixels
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_region_bsd_direction_and_reverse() -> None:
+    # 2 regions (left / right halves of a 1 x 4 label map); a is right on the left half, b on the right half
+    labels = torch.tensor([[[0, 0, 1, 1]]])
+    za = torch.tensor([[5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 0.0]]).reshape(1, 2, 1, 4)
+    zb = -za
+    valid = labels != 255
+    grid = (1, 2)
+    ce_a = F.cross_entropy(za, labels, reduction="none")
+    ce_b = F.cross_entropy(zb, labels, reduction="none")
+    for rule in ("lower-ce", "correct-ratio"):
+        sa, has = region_scores(ce_a, za.argmax(1) == labels, valid, grid, rule)
+        sb, _ = region_scores(ce_b, zb.argmax(1) == labels, valid, grid, rule)
+        fa = torch.randn(1, 3, 2, 4, requires_grad=True)
+        fb = torch.randn(1, 5, 2, 4, requires_grad=True)
+        q_ab, q_ba = nn.Conv2d(3, 5, 1, bias=False), nn.Conv2d(5, 3, 1, bias=False)
+        loss, a_t, b_t = rbsd_loss(fa, fb, q_ab, q_ba, sa, sb, has)
+        assert a_t[0, 0].tolist() == [True, False] and b_t[0, 0].tolist() == [False, True]
+        loss.backward()
+        # b learns (in its left region only), a learns in its right region only
+        assert fb.grad[..., :2].abs().sum() > 0 and fb.grad[..., 2:].abs().sum() == 0
+        assert fa.grad[..., 2:].abs().sum() > 0 and fa.grad[..., :2].abs().sum() == 0
+        pa = F.adaptive_avg_pool2d(fa, grid).detach()
+        pb = F.adaptive_avg_pool2d(fb, grid).detach()
+        d_b = (q_ba(pb)[..., 0] - pa[..., 0]).pow(2).mean()
+        d_a = (q_ab(pa)[..., 1] - pb[..., 1]).pow(2).mean()
+        assert loss.item() == pytest.approx(((d_b + d_a) / 2).item(), rel=1e-5)
+    # the reverse case: swap the students, the directions swap
+    sa, has = region_scores(ce_b, zb.argmax(1) == labels, valid, grid, "lower-ce")
+    sb, _ = region_scores(ce_a, za.argmax(1) == labels, valid, grid, "lower-ce")
+    _, a_t, b_t = rbsd_loss(torch.randn(1, 3, 2, 4), torch.randn(1, 5, 2, 4), nn.Conv2d(3, 5, 1), nn.Conv2d(5, 3, 1),
+                            sa, sb, has)
+    assert a_t[0, 0].tolist() == [False, True] and b_t[0, 0].tolist() == [True, False]
+
+
+# ------------------------------------------------------------------------------------ tasks and end to end
+class Tiny(Dataset):
+    def __init__(self, n: int = 2, k: int = 3, hw: int = 64, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, hw, hw, generator=g)
+        self.y = torch.randint(0, k, (n, hw, hw), generator=g)
+        self.y[:, :4] = 255
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+def bundle() -> DataBundle:
+    return DataBundle(Tiny(), Tiny(1, seed=1), 3, ["a", "b", "c"], [[0, 0, 0], [9, 9, 9], [99, 99, 99]])
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("teachers")
+    out = {}
+    torch.manual_seed(0)
+    for name in ("deeplabv3-resnet18", "segformer-b1"):
+        path = root / f"{name}.safetensors"
+        save_checkpoint(path, create_model(name, num_classes=3), CheckpointMeta(model=name, num_classes=3))
+        out[name] = str(path)
+    return out
+
+
+def _cfg(method: str, tmp: Path, teachers: dict[str, str], teacher: str | None = None, peer: str | None = None,
+         **opts: str) -> DistillConfig:
+    return DistillConfig(method=method, model="segformer-b0", teacher=teacher,
+                         teacher_weights=teachers[teacher] if teacher else None, peer=peer, method_opts=opts,
+                         out=str(tmp / method), iters=1, batch=2, val_every=1, workers=0, progress=False,
+                         device="cpu", scale="1", crop=None)
+
+
+@pytest.mark.parametrize(("method", "teacher", "opts"), [
+    ("c2vkd", "deeplabv3-resnet18", {}), ("transkd", "segformer-b1", {"variant": "ea"}),
+    ("cwd", "deeplabv3-resnet18", {"feature": "true"})])
+def test_gradients_reach_student_and_adapters_never_teacher(method: str, teacher: str, opts: dict,
+                                                            tmp_path: Path, teachers: dict[str, str]) -> None:
+    cfg = _cfg(method, tmp_path, teachers, teacher=teacher, **opts)
+    torch.manual_seed(0)
+    task = make_distill_task(cfg, bundle())
+    before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+    frozen = {k: v.clone() for k, v in task.method.state_dict().items() if "pool" in k}
+    opt = build_optimizer(task.parts()["student"])
+    task.train(True)
+    x, y = Tiny()[0]
+    terms = task.losses(torch.stack([x, Tiny()[1][0]]), torch.stack([y, Tiny()[1][1]]))
+    terms["loss"].backward()
+    assert all(p.grad is None for p in task.teacher.parameters())
+    assert all(not p.requires_grad for p in task.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.student.parameters())
+    trainable = [p for p in task.method.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+    assert all(p.grad is None for p in task.method.parameters() if not p.requires_grad)
+    opt.step()
+    after = task.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats too: the teacher stays in eval
+    assert all(torch.equal(v, task.method.state_dict()[k]) for k, v in frozen.items())
+    assert {f"raw_{k}" for k in task.method.last_raw} <= set(terms)
+
+
+def test_collab_updates_both_students(tmp_path: Path, teachers: dict[str, str]) -> None:
+    cfg = _cfg("collab", tmp_path, teachers, peer="deeplabv3-resnet18")
+    torch.manual_seed(0)
+    task = make_distill_task(cfg, bundle())
+    parts = task.parts()
+    assert set(parts) == {"student", "peer"}
+    opts = {n: build_optimizer(p) for n, p in parts.items()}
+    snap = {n: [p.detach().clone() for p in m.parameters()] for n, m in task.deploy_models().items()}
+    task.train(True)
+    ds = Tiny()
+    terms = task.losses(torch.stack([ds[0][0], ds[1][0]]), torch.stack([ds[0][1], ds[1][1]]))
+    assert {"loss_hfd", "loss_rbsd", "loss_pbsd", "loss_ce", "loss_peer_ce"} <= set(terms)
+    terms["loss"].backward()
+    for o in opts.values():
+        o.step()
+    for name, model in task.deploy_models().items():
+        changed = sum(not torch.equal(a, b) for a, b in zip(snap[name], model.parameters(), strict=True))
+        assert changed > 0, name
+    # the projections are split: a->b trains with the student, b->a with the peer
+    ids_a = {id(p) for p in parts["student"].module.parameters()}
+    ids_b = {id(p) for p in parts["peer"].module.parameters()}
+    assert not ids_a & ids_b
+    assert {id(p) for p in task.method.a.parameters()} <= ids_a and {id(p) for p in task.method.b.parameters()} <= ids_b
+
+
+@pytest.mark.parametrize(("method", "teacher", "peer", "opts"), [
+    ("kd", "deeplabv3-resnet18", None, {}),
+    ("cwd", "deeplabv3-resnet18", None, {}),
+    ("dkd", "segformer-b1", None, {}),
+    ("c2vkd", "deeplabv3-resnet18", None, {"pdd_mode": "dkd", "gram_chunk": "100"}),
+    ("transkd", "segformer-b1", None, {"variant": "gl"}),
+    ("collab", None, "deeplabv3-resnet18", {}),
+    ("dml", None, "deeplabv3-resnet18", {}),
+])
+def test_end_to_end(method: str, teacher: str | None, peer: str | None, opts: dict, tmp_path: Path,
+                    teachers: dict[str, str]) -> None:
+    cfg = _cfg(method, tmp_path, teachers, teacher=teacher, peer=peer, **opts)
+    summary = run_distill(cfg, data=bundle())
+    out = Path(cfg.out)
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["type"] == "train"][0]
+    terms = [k[4:] for k in train if k.startswith("raw_")]
+    assert terms and all(f"loss_{t}" in train for t in terms) and math.isfinite(train["loss"])
+    assert train["loss"] == pytest.approx(sum(train[f"loss_{t}"] for t in terms), rel=1e-5)
+    report = json.loads((out / "distill.json").read_text())
+    student = create_model("segformer-b0", num_classes=3)
+    with safe_open(str(out / "last.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+    assert keys == set(student.state_dict())  # the student alone, no adapter
+    assert report["deploy_params"]["student"] == sum(p.numel() for p in student.parameters())
+    if method in ("cwd", "kd", "dkd", "dml"):
+        assert report["adapter_params"]["student"] == 0
+    else:
+        assert report["adapter_params"]["student"] > 0
+    if peer:
+        assert (out / "peer_last.safetensors").exists() and "peer" in summary["final"]
+    assert report["deploy_gmacs"]["student"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_pairs_fail_before_training(tmp_path: Path, teachers: dict[str, str]) -> None:
+    from segkd.methods.task import precheck
+
+    with pytest.raises(SegkdError, match="c2vkd needs a cnn teacher; segformer-b1 is a transformer"):
+        precheck(_cfg("c2vkd", tmp_path, teachers, teacher="segformer-b1"))
+    with pytest.raises(SegkdError, match="transkd needs transformer stages with patch embeddings on both sides; "
+                                         "deeplabv3-resnet18"):
+        precheck(_cfg("transkd", tmp_path, teachers, teacher="deeplabv3-resnet18"))
+    cfg = _cfg("c2vkd", tmp_path, teachers, teacher="deeplabv3-resnet18")
+    cfg.model = "deeplabv3-resnet18"
+    with pytest.raises(SegkdError, match="c2vkd needs a transformer student; deeplabv3-resnet18 is a cnn"):
+        precheck(cfg)
+    with pytest.raises(SegkdError, match="collab needs --peer"):
+        precheck(_cfg("collab", tmp_path, teachers))
+    with pytest.raises(SegkdError, match="online method"):
+        precheck(_cfg("dml", tmp_path, teachers, teacher="segformer-b1", peer="segformer-b0"))
+    with pytest.raises(SegkdError, match="needs --teacher-weights"):
+        precheck(DistillConfig(method="kd", model="segformer-b0", teacher="segformer-b1"))
+    with pytest.raises(SegkdError, match="has no option 'temprature'; did you mean temperature"):
+        precheck(_cfg("kd", tmp_path, teachers, teacher="segformer-b1", temprature="2"))
+    with pytest.raises(SegkdError, match="variant must be one of base, gl, ea"):
+        make_options(METHODS.get("transkd"), {"variant": "xl"})
+    with pytest.raises(SegkdError, match="unknown method 'kdd'"):
+        METHODS.get("kdd")
+    s3, s5 = create_model("segformer-b0", num_classes=3), create_model("deeplabv3-resnet18", num_classes=5)
+    with pytest.raises(SegkdError, match="student has 3 classes but the teacher deeplabv3-resnet18 has 5"):
+        check_pair(METHODS.get("kd"), s3, s5)
+    # no training ran: no run directory was created
+    assert not (tmp_path / "c2vkd").exists()
+
+
+def test_teacher_weights_are_loaded_completely_or_refused(tmp_path: Path, teachers: dict[str, str]) -> None:
+    t = load_teacher("segformer-b1", teachers["segformer-b1"], 3)
+    assert not t.training and not any(p.requires_grad for p in t.parameters())
+    with pytest.raises(SegkdError, match="a segformer-b1 checkpoint, but --teacher is segformer-b2"):
+        load_teacher("segformer-b2", teachers["segformer-b1"], 3)
+    with pytest.raises(SegkdError, match="the teacher predicts 3 classes, the dataset has 4"):
+        load_teacher("segformer-b1", teachers["segformer-b1"], 4)
+    state = create_model("segformer-b1", num_classes=3).state_dict()
+    state.pop("decode_head.classifier.weight")
+    path = tmp_path / "partial.safetensors"
+    save_checkpoint(path, state, CheckpointMeta(model="segformer-b1", num_classes=3))
+    with pytest.raises(SegkdError, match="missing key 'decode_head.classifier.weight'"):
+        load_teacher("segformer-b1", path, 3)
+    foreign = tmp_path / "foreign.pth"
+    full = create_model("deeplabv3-resnet18", num_classes=3).state_dict()
+    torch.save(full, foreign)
+    assert load_teacher("deeplabv3-resnet18", foreign, 3).num_classes == 3  # convertible torchvision layout
+    full.pop("classifier.4.bias")
+    torch.save(full, foreign)
+    with pytest.raises(SegkdError, match="missing key"):
+        load_teacher("deeplabv3-resnet18", foreign, 3)
