@@ -6,10 +6,11 @@ Exit codes: 0 success, 1 bad input or a failed run (one ``error:`` line on stder
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -299,6 +300,12 @@ def bench_cmd(
                         ] = None,
     max_regression: Annotated[str, typer.Option(help="Gate with --baseline: allowed increase of p50 latency, GMACs "
                                                 "and params, e.g. 10%.")] = "10%",
+    train_step: Annotated[bool, typer.Option("--train-step", help="Time one distillation step of --method against "
+                                             "its lower bound (batch 2 unless --batch).")] = False,
+    method: Annotated[str | None, typer.Option(help="With --train-step: the distillation method, e.g. kd.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="With --train-step: teacher zoo model (the peer for online "
+                                                "methods such as dml).")] = None,
+    student: Annotated[str | None, typer.Option(help="With --train-step: student zoo model.")] = None,
 ) -> None:
     """Parameters, FLOPs (GMACs), latency percentiles, throughput and memory; JSON report and CI gates (exit 3)."""
     from segkd.bench.gates import Gates, enforce, parse_count
@@ -309,7 +316,8 @@ def bench_cmd(
     cfg = BenchConfig(models=list(models or []), inputs=list(inputs or ["1x3x512x1024"]), batch=batch,
                       device=device, threads=threads, backends=list(backend or ["torch"]), providers=providers,
                       warmup=warmup, iters=iters, min_time=min_time, num_classes=num_classes, detail=detail,
-                      channels_last=channels_last, flops=flops, latency=latency)
+                      channels_last=channels_last, flops=flops, latency=latency, train_step=train_step,
+                      method=method, teacher=teacher, student=student)
     gates = Gates(max_latency_ms=max_latency_ms, max_gflops=max_gflops,
                   max_params=None if max_params is None else parse_count(max_params), baseline=baseline,
                   max_regression=parse_percent(max_regression))
@@ -321,6 +329,130 @@ def bench_cmd(
     if json_path is not None:
         _emit_json(report, None if to_stdout else Path(json_path))
     enforce(report)
+
+
+# ---------------------------------------------------------------------------------------------------- distill
+def _distill_options(
+    method: Annotated[str | None, typer.Option(help="Method: kd, cwd, dkd, c2vkd, transkd, collab, dml.")] = None,
+    student: Annotated[str | None, typer.Option(help="Student zoo model (what is trained and saved).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher zoo model (teacher methods).")] = None,
+    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights: a segkd checkpoint, or a foreign one "
+                                                        "`segkd convert` reads; must load with no key missing.")
+                               ] = None,
+    peer: Annotated[str | None, typer.Option(help="Second student of online methods (collab, dml).")] = None,
+    peer_pretrained: Annotated[str | None, typer.Option(help="Local backbone weights for the peer.")] = None,
+    peer_optimizer: Annotated[str | None, typer.Option(help="Peer optimiser, adamw or sgd (default: --optimizer).")
+                              ] = None,
+    peer_lr: Annotated[float | None, typer.Option(help="Peer peak LR (default: the student's, or the peer "
+                                                  "optimiser's default).")] = None,
+    peer_wd: Annotated[float | None, typer.Option(help="Peer weight decay.")] = None,
+    peer_head_lr_mult: Annotated[float | None, typer.Option(help="Peer decode-head LR multiplier.")] = None,
+    variant: Annotated[str | None, typer.Option(help="transkd: base, gl (GL-Mixer) or ea (Embedding Assistant).")
+                       ] = None,
+    c2vkd_add_ce: Annotated[bool, typer.Option("--c2vkd-add-ce", help="c2vkd: add the student's CE (the "
+                                               "published objective has none).")] = False,
+    c2vkd_pool_weights: Annotated[str | None, typer.Option(help="c2vkd: attention-pool weights (CLIP RN101 "
+                                                           "visual.attnpool.* or plain keys); default: seeded "
+                                                           "frozen random pool.")] = None,
+    no_vlfd_global: Annotated[bool, typer.Option("--no-vlfd-global", help="c2vkd: drop the global term.")] = False,
+    no_vlfd_patch: Annotated[bool, typer.Option("--no-vlfd-patch", help="c2vkd: drop the patch term.")] = False,
+    no_vlfd_ling: Annotated[bool, typer.Option("--no-vlfd-ling", help="c2vkd: drop the linguistic term.")] = False,
+    pdd_mode: Annotated[str | None, typer.Option(help="c2vkd: PDD form, paper or dkd.")] = None,
+    method_opt: Annotated[list[str] | None, typer.Option(help="Any method option as KEY=VALUE (repeatable), e.g. "
+                                                         "temperature=2; see docs/methods.md.")] = None,
+) -> None:
+    """(signature only: the distill options added to train's)"""
+
+
+def _distill_signature() -> inspect.Signature:
+    """distill's options = its own plus every `train` option except --model/--aux-weight (reused, not copied)."""
+    own = list(inspect.signature(_distill_options, eval_str=True).parameters.values())
+    reused = [p for n, p in inspect.signature(train_cmd, eval_str=True).parameters.items()
+              if n not in ("model", "aux_weight")]
+    reused = [p.replace(default=Path("runs/distill")) if p.name == "out_dir" else p for p in reused]
+    return inspect.Signature(own + reused)
+
+
+def distill_cmd(**values: Any) -> None:
+    """Distil a teacher into a student (kd, cwd, dkd, c2vkd, transkd) or train two students together (collab,
+    dml) on the shared engine; the checkpoints hold the students alone."""
+    from segkd.methods.task import distill_config_from_cli, method_options_from_flags, run_distill
+
+    if values["resume"] is None:
+        if not values["method"] or not values["student"]:
+            raise SegkdError("--method and --student are required (or --resume RUN_DIR to continue a run)")
+        flags = {"--variant": values["variant"], "--c2vkd-add-ce": values["c2vkd_add_ce"],
+                 "--c2vkd-pool-weights": values["c2vkd_pool_weights"], "--no-vlfd-global": values["no_vlfd_global"],
+                 "--no-vlfd-patch": values["no_vlfd_patch"], "--no-vlfd-ling": values["no_vlfd_ling"],
+                 "--pdd-mode": values["pdd_mode"]}
+        values["method_opts"] = method_options_from_flags(values["method"], flags, values["method_opt"])
+    else:
+        values["method"] = values["method"] or "kd"
+    cfg = distill_config_from_cli(values)
+    summary = run_distill(cfg, resume=values["resume"])
+    if summary.get("rank", 0) != 0:
+        return
+    if values["as_json"]:
+        _emit_json(summary, None)
+        return
+    rep = summary["distill"]
+    for name, best in summary["best"].items():
+        out.print(f"{name}: best val mIoU {100 * best['miou']:.2f} at iteration {best['iteration']}; deploy "
+                  f"{rep['deploy_params'][name] / 1e6:.2f} M params, {rep['deploy_gmacs'][name]:.2f} GMACs "
+                  f"({rep['gmacs_input']}); training-only adapters {rep['adapter_params'][name] / 1e6:.3f} M")
+    out.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
+    for name, paths in summary["checkpoints"].items():
+        out.print(f"wrote {paths['last']} and {paths['best']} ({name})")
+    out.print(f"wrote {summary['metrics_log']}, {summary['out']}/run.json, {summary['out']}/distill.json")
+
+
+distill_cmd.__signature__ = _distill_signature()  # type: ignore[attr-defined]
+distill_cmd.__annotations__ = {p.name: p.annotation for p in distill_cmd.__signature__.parameters.values()}
+app.command("distill")(distill_cmd)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+data_app = typer.Typer(help="Datasets: generate the synthetic set, inspect a dataset folder.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (folder layout + classes.json).")],
+    train: Annotated[int, typer.Option(help="Training images.")] = 160,
+    val: Annotated[int, typer.Option(help="Validation images.")] = 40,
+    size: Annotated[str, typer.Option(help="Image size HxW.")] = "96x128",
+    classes: Annotated[int, typer.Option(help="Classes, background included (2-11).")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
+) -> None:
+    """Write the procedural dataset (textured shapes on noisy backgrounds) in seconds."""
+    from segkd.data import synthesize
+    from segkd.models.zoo_info import parse_hw
+
+    root = synthesize(out_dir, n_train=train, n_val=val, size=parse_hw(size), num_classes=classes, seed=seed)
+    out.print(f"wrote {train} train + {val} val images ({size}, {classes} classes) to {root}")
+
+
+@data_app.command("inspect")
+def data_inspect_cmd(
+    root: Annotated[str, typer.Argument(help="Dataset root folder (or 'synth').")],
+    data_format: Annotated[str | None, typer.Option(help="folder|camvid|cityscapes|ade20k|voc; auto when omitted.")]
+    = None,
+    num_classes: Annotated[int | None, typer.Option(help="Classes of a folder dataset without a class file.")] = None,
+    ignore_index: Annotated[int, typer.Option(help="Label value that marks void pixels.")] = 255,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Splits, image sizes, class pixel frequencies and every unreadable or inconsistent file (exit 1 if any)."""
+    from segkd.data import inspect_dataset, resolve_data_root
+    from segkd.data.report import render_inspect
+
+    report = inspect_dataset(resolve_data_root(root), data_format, num_classes, ignore_index)
+    if as_json:
+        _emit_json(report, None)
+    else:
+        render_inspect(report, out)
+    if report["problems"]:
+        raise SegkdError(f"{root}: {len(report['problems'])} problem(s) found, first: {report['problems'][0]}")
 
 
 def main() -> None:

@@ -329,3 +329,47 @@ def run_distill(cfg: DistillConfig, resume: str | Path | None = None, callbacks:
 
         atomic_write_text(Path(c.out) / "distill.json", json.dumps(report, indent=2, default=str) + "\n")
     return summary
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+# method-specific flags of `segkd distill`: flag -> (method, option field, value transform)
+_FLAG_OPTIONS: dict[str, tuple[str, str]] = {
+    "--variant": ("transkd", "variant"),
+    "--c2vkd-add-ce": ("c2vkd", "add_ce"),
+    "--c2vkd-pool-weights": ("c2vkd", "pool_weights"),
+    "--no-vlfd-global": ("c2vkd", "vlfd_global"),
+    "--no-vlfd-patch": ("c2vkd", "vlfd_patch"),
+    "--no-vlfd-ling": ("c2vkd", "vlfd_ling"),
+    "--pdd-mode": ("c2vkd", "pdd_mode"),
+}
+
+
+def method_options_from_flags(method: str, flags: dict[str, Any], method_opt: list[str] | None) -> dict[str, Any]:
+    """The ``method_opts`` dict of a ``segkd distill`` command line: the named flags (each refused with one line
+    when it belongs to another method) plus the generic ``--method-opt KEY=VALUE`` items."""
+    from segkd.methods.base import parse_method_opts
+
+    name = METHODS.canonical(method)
+    opts: dict[str, Any] = {}
+    for flag, value in flags.items():
+        if value is None or value is False:
+            continue
+        owner, field_name = _FLAG_OPTIONS[flag]
+        if owner != name:
+            raise SegkdError(f"{flag} is a {owner} option; --method is {name}")
+        opts[field_name] = False if flag.startswith("--no-") else (True if value is True else str(value))
+    opts.update(parse_method_opts(method_opt))
+    return opts
+
+
+def distill_config_from_cli(values: dict[str, Any]) -> DistillConfig:
+    """A :class:`DistillConfig` from the command's keyword arguments (train's options keep their names;
+    ``--out`` is ``out_dir``, ``--no-progress`` is ``no_progress``, ``--student`` is the trained ``model``)."""
+    from dataclasses import fields as dc_fields
+
+    names = {f.name for f in dc_fields(DistillConfig)}
+    kw = {k: v for k, v in values.items() if k in names and v is not None}
+    kw["model"] = values.get("student") or ""
+    kw["out"] = str(values.get("out_dir") or "runs/distill")
+    kw["progress"] = not values.get("no_progress", False)
+    return DistillConfig(**kw)
