@@ -321,3 +321,53 @@ def test_run_bench_command_rejects_bad_baseline_before_timing(tmp_path: Path) ->
     bad.write_text(json.dumps({"kind": "other"}))
     with pytest.raises(SegkdError, match="not a segkd bench report"):
         run_bench_command(BenchConfig(models=["segformer-b0"]), Gates(baseline=bad))
+
+
+# ------------------------------------------------------------------------------------------------ train step
+def test_train_step_report(monkeypatch, capsys, tmp_path: Path) -> None:
+    import jsonschema
+
+    out = tmp_path / "ts.json"
+    code, stdout, _ = _cli(monkeypatch, capsys, "bench", "--train-step", "--method", "kd", "--teacher",
+                           "segformer-b0", "--student", "segformer-b0", "--input", TINY, "--iters", "1",
+                           "--warmup", "0", "--threads", "1", "--num-classes", "5", "--json", str(out))
+    assert code == 0 and "overhead" in stdout
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, load_schema())
+    (entry,) = data["train_step"]
+    assert entry["input"] == [2, 3, 64, 64] and entry["method"] == "kd" and entry["adapter_params"] == 0
+    ratio = entry["method_step"]["latency_ms"]["p50"] / entry["lower_bound"]["latency_ms"]["p50"]
+    assert entry["overhead_ratio"] == pytest.approx(ratio) and data["models"] == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "kd", "--student", "segformer-b0"], "--train-step needs --teacher"),
+        (["--method", "kd", "--teacher", "segformer-b0", "--student", "segformer-b0", "--batch", "1"],
+         "batch 1 is too small"),
+        (["--method", "c2vkd", "--teacher", "segformer-b0", "--student", "segformer-b0", "--input", TINY],
+         "c2vkd needs a cnn teacher"),
+        (["--method", "kdd", "--teacher", "segformer-b0", "--student", "segformer-b0"], "unknown method 'kdd'"),
+    ],
+)
+def test_train_step_bad_input(monkeypatch, capsys, args: list[str], message: str) -> None:
+    code, _, err = _cli(monkeypatch, capsys, "bench", "--train-step", *args)
+    assert code == 1 and message in " ".join(err.split())
+
+
+def test_checkpoint_and_its_onnx_export_share_flops(tmp_path: Path) -> None:
+    from segkd.checkpoint import CheckpointMeta, save_checkpoint
+    from segkd.export import ExportConfig, export_checkpoint
+
+    ckpt = tmp_path / "student.safetensors"
+    save_checkpoint(ckpt, create_model("segformer-b0", num_classes=5), CheckpointMeta(model="segformer-b0",
+                                                                                       num_classes=5))
+    onnx_path = tmp_path / "student.onnx"
+    export_checkpoint(ckpt, onnx_path, ExportConfig(size="64x64", verify=False))
+    rep = bench_models(BenchConfig(models=[str(ckpt), str(onnx_path)], inputs=[TINY], latency=False))
+    a, b = rep["models"]
+    assert (a["source"], b["source"]) == ("checkpoint", "onnx") and a["num_classes"] == b["num_classes"] == 5
+    assert b["complexity"][0]["gmacs"] == a["complexity"][0]["gmacs"] > 0
+    assert "ONNX metadata" in b["complexity"][0]["flops_source"]
+    assert abs(b["params"] - a["params"]) / a["params"] < 0.01  # BN folded: a few hundred fewer numbers

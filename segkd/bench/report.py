@@ -8,6 +8,19 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _print_wide(console: Console, renderable: Any, width: int) -> None:
+    """Print without squeezing columns when the output is a file or pipe (rich assumes 80 columns there)."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    old = console.width
+    console.width = max(old, width)
+    try:
+        console.print(renderable)
+    finally:
+        console.width = old
+
+
 def _shape(s: list[int]) -> str:
     return "x".join(str(v) for v in s)
 
@@ -59,6 +72,10 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render(report: dict[str, Any], console: Console) -> None:
     """The summary table, the conventions line, and ``--detail`` tables when present."""
+    if report.get("train_step"):
+        render_train_step(report["train_step"], console)
+    if not report["models"]:
+        return
     env = report["environment"]
     title = (f"segkd bench on {env['device']} ({env['cpu_model'] if env['device'] == 'cpu' else env['gpu_name']}, "
              f"{env['threads']} threads)")
@@ -83,7 +100,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         if several:
             cells += [r["vs_params"], r["vs_gmacs"], r["vs_speed"]]
         table.add_row(*cells)
-    console.print(table, width=None if console.is_terminal else 200)
+    _print_wide(console, table, 200)
     console.print("GMACs = multiply-adds per image (the SegFormer/mmseg papers' 'FLOPs'); GFLOPs = 2 x GMACs. "
                   "Attention counted; elementwise ops and interpolation not. Latency excludes preprocessing and "
                   "host-to-device copies (torch); peak MB on CPU is the process-wide peak RSS.", highlight=False)
@@ -110,9 +127,30 @@ def _render_detail(name: str, c: dict[str, Any], console: Console) -> None:
         label = "  " * row["depth"] + row["module"].split(".")[-1] if row["depth"] else row["module"]
         share = f"{100 * row['gflops'] / total:.1f}%" if total else "-"
         t.add_row(label, f"{row['gflops'] / 2:.3f}", f"{row['gflops']:.3f}", share)
-    console.print(t, width=None if console.is_terminal else 120)
+    _print_wide(console, t, 120)
     by_op = ", ".join(f"{k.replace('aten.', '')} {v:.3f}" for k, v in c.get("flops_by_op", {}).items())
     console.print(f"GFLOPs by op: {by_op}", highlight=False)
     unc = c.get("uncounted_ops") or {}
     text = ", ".join(f"{k.replace('aten.', '')} x{n}" for k, n in unc.items()) or "none"
     console.print(f"ops seen with no FLOP formula (contributed 0; views omitted): {text}", highlight=False)
+
+
+def render_train_step(entries: list[dict[str, Any]], console: Console) -> None:
+    """One row per input: the method's step, its lower bound and their ratio."""
+    t = Table(title="distillation train step vs its lower bound")
+    for col in ("method", "student", "teacher/peer", "input", "adapter params (M)", "step p50 ms", "bound p50 ms",
+                "overhead", "peak MB", "CPU util"):
+        t.add_column(col, justify="left" if col in ("method", "student", "teacher/peer", "input") else "right")
+    for e in entries:
+        step, bound = e["method_step"], e["lower_bound"]
+        util = f"{step['cpu_util']:.2f}/{bound['cpu_util']:.2f}"
+        if step.get("contended") or bound.get("contended"):
+            util += " [red]contended[/]"
+        t.add_row(e["method"], e["student"], e.get("teacher") or e.get("peer") or "-", _shape(e["input"]),
+                  f"{e['adapter_params'] / 1e6:.3f}", f"{step['latency_ms']['p50']:.1f}",
+                  f"{bound['latency_ms']['p50']:.1f}", f"{e['overhead_ratio']:.2f}x",
+                  f"{max(step['peak_mem_mb'], bound['peak_mem_mb']):.0f}", util)
+    _print_wide(console, t, 160)
+    if entries:
+        console.print(f"lower bound: {entries[0]['bound_definition']}; optimiser {entries[0]['optimizer']} on both; "
+                      "the step includes the method's adapters, taps and loss terms.", highlight=False)

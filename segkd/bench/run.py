@@ -68,6 +68,10 @@ class BenchConfig:
     channels_last: bool = False
     flops: bool = True
     latency: bool = True
+    train_step: bool = False
+    method: str | None = None
+    teacher: str | None = None
+    student: str | None = None
 
 
 def cpu_model() -> str:
@@ -198,15 +202,20 @@ def _run_entry(backend: str, shape: tuple[int, ...], device: str, providers: str
 
 def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
     """Measure every model; returns the schema-shaped report (gates are applied by :func:`segkd.bench.gates`)."""
-    if not cfg.models:
+    if cfg.train_step:
+        _check_train_step(cfg)
+    elif not cfg.models:
         raise SegkdError("give at least one MODEL (a zoo name, a .safetensors checkpoint or an .onnx file)")
+    elif cfg.method or cfg.teacher or cfg.student:
+        raise SegkdError("--method/--teacher/--student belong to --train-step")
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
         if cfg.threads < 1:
             raise SegkdError(f"--threads {cfg.threads}: must be >= 1")
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()
-    shapes = expand_inputs(cfg.inputs, parse_batches(cfg.batch))
+    batches = parse_batches(cfg.batch)
+    shapes = expand_inputs(cfg.inputs, batches if batches or not cfg.train_step else [2])
     backends = parse_backends(cfg.backends)
     providers = cfg.providers or ("cpu" if device.type == "cpu" else "cuda")
     if "onnxruntime" in backends or any(m.lower().endswith(".onnx") for m in cfg.models):
@@ -237,11 +246,42 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         "conventions": CONVENTIONS,
         "models": [],
     }
+    if cfg.train_step:
+        report["train_step"] = _train_steps(cfg, shapes, device, threads, progress)
+        return report
     with tempfile.TemporaryDirectory(prefix="segkd-bench-") as tmp:
         for spec in specs:
             entry = _bench_one(spec, shapes, hw_list, backends, device, providers, threads, cfg, Path(tmp), progress)
             report["models"].append(entry)
     return report
+
+
+def _check_train_step(cfg: BenchConfig) -> None:
+    from segkd.methods import METHODS
+    from segkd.models import MODELS
+
+    if cfg.models:
+        raise SegkdError("--train-step measures --method/--teacher/--student; drop the MODEL arguments")
+    missing = [o for o, v in (("--method", cfg.method), ("--teacher", cfg.teacher), ("--student", cfg.student))
+               if not v]
+    if missing:
+        raise SegkdError(f"--train-step needs {', '.join(missing)}")
+    METHODS.canonical(cfg.method or "")
+    MODELS.canonical(cfg.teacher or "")
+    MODELS.canonical(cfg.student or "")
+
+
+def _train_steps(cfg: BenchConfig, shapes: list[tuple[int, int, int, int]], device: torch.device, threads: int,
+                 progress: Any) -> list[dict[str, Any]]:
+    from segkd.bench.trainstep import bench_train_step
+
+    out = []
+    for shape in shapes:
+        if progress is not None:
+            progress(f"{cfg.method} train step {'x'.join(map(str, shape))}")
+        out.append(bench_train_step(cfg.method or "", cfg.teacher or "", cfg.student or "", shape, device,
+                                    cfg.num_classes or 19, cfg.warmup, cfg.iters, cfg.min_time, threads))
+    return out
 
 
 def _bench_one(spec: ModelSpec, shapes: list[tuple[int, int, int, int]], hw_list: list[tuple[int, int]],
