@@ -91,8 +91,8 @@ def create_session(
     used = sess.get_providers()
     missing = [PROVIDER_NAMES[p] for p in short if PROVIDER_NAMES[p] not in used]
     if missing:
-        hint = _first_line(captured.getvalue().replace("*", "").replace("EP Error", "").strip())
-        hint = re.sub(r"^/\S+:\d+ .*?\) (?=[A-Z])", "", hint)  # drop ORT's C++ source location
+        text = captured.getvalue().replace("*", "").replace("EP Error", "").strip()
+        hint = _first_line(re.sub(r"^/\S+:\d+ .*?\) (?=[A-Z])", "", text))  # drop ORT's C++ source location
         raise SegkdError(
             f"--providers {','.join(short)}: ONNX Runtime could not use {', '.join(missing)} on this machine "
             f"(the session fell back to {', '.join(used)}; no silent CPU fallback)" + (f": {hint}" if hint else "")
