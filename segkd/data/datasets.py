@@ -1,0 +1,352 @@
+"""Dataset formats behind one registry, and the dataset class they all produce.
+
+A format knows how to recognise its root folder, list (image, label) pairs of a split, name its classes and map
+raw label values to train ids (a 256-entry lookup table). Adding a format is one ``Format`` plus one
+``DATASETS.add`` call. Pair listing never raises: it returns problems too, so ``segkd data inspect`` can report
+every bad file at once while ``build_dataset`` fails on the first with one line naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from segkd.checkpoint import default_palette
+from segkd.data import classes as C
+from segkd.errors import SegkdError
+from segkd.registry import Registry
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class DatasetInfo:
+    format: str
+    num_classes: int
+    class_names: list[str]
+    palette: list[list[int]]
+    ignore_index: int = 255
+
+
+@dataclass
+class Listing:
+    """Pairs of a split plus the problems met while pairing (missing labels, orphan labels)."""
+
+    pairs: list[tuple[Path, Path]]
+    problems: list[str]
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    detect: Callable[[Path], bool]
+    list_split: Callable[[Path, str], Listing]
+    classes: Callable[[Path, int | None], tuple[list[str], list[list[int]]]]
+    lut: Callable[[int], np.ndarray]
+    splits: tuple[str, ...] = ("train", "val")
+
+
+DATASETS: Registry[Format] = Registry("dataset format")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+
+
+def _pair_by_stem(img_dir: Path, lab_dir: Path, img_suffix: str = "", lab_suffix: str = "") -> Listing:
+    """Pair ``img_dir/NAME{img_suffix}.*`` with ``lab_dir/NAME{lab_suffix}.png``."""
+    problems: list[str] = []
+    if not img_dir.is_dir():
+        return Listing([], [f"{img_dir}: image folder not found"])
+    if not lab_dir.is_dir():
+        return Listing([], [f"{lab_dir}: label folder not found"])
+    labels = {p.stem.removesuffix(lab_suffix): p for p in _images_in(lab_dir) if p.stem.endswith(lab_suffix)}
+    pairs = []
+    seen = set()
+    for img in _images_in(img_dir):
+        stem = img.stem.removesuffix(img_suffix)
+        lab = labels.get(stem)
+        if lab is None:
+            problems.append(f"{img}: missing label {lab_dir / (stem + lab_suffix + '.png')}")
+        else:
+            pairs.append((img, lab))
+            seen.add(stem)
+    problems += [f"{p}: label without an image in {img_dir}" for s, p in sorted(labels.items()) if s not in seen]
+    return Listing(pairs, problems)
+
+
+def _read_classes_file(root: Path) -> dict | None:
+    for name in ("classes.json", "stats.json"):
+        p = root / name
+        if p.is_file():
+            try:
+                data = json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise SegkdError(f"{p}: not valid JSON ({e.msg})") from None
+            if isinstance(data, dict) and "classes" in data:
+                return data
+    p = root / "classes.txt"
+    if p.is_file():
+        return {"classes": [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]}
+    return None
+
+
+def _folder_classes(root: Path, num_classes: int | None) -> tuple[list[str], list[list[int]]]:
+    data = _read_classes_file(root)
+    if data is not None:
+        names = [c if isinstance(c, str) else c["name"] for c in data["classes"]]
+        if num_classes is not None and num_classes != len(names):
+            raise SegkdError(f"{root}: its class file names {len(names)} classes but {num_classes} were asked for")
+        palette = data.get("palette") or default_palette(len(names))
+        return names, [list(map(int, c)) for c in palette][: len(names)]
+    if num_classes is None:
+        raise SegkdError(f"{root}: folder dataset without classes.json/stats.json/classes.txt; pass --num-classes")
+    return [f"class{i}" for i in range(num_classes)], default_palette(num_classes)
+
+
+def _fixed(names: list[str], palette: list[list[int]] | None = None):
+    def classes(root: Path, num_classes: int | None) -> tuple[list[str], list[list[int]]]:
+        if num_classes is not None and num_classes != len(names):
+            raise SegkdError(f"{root}: this format has {len(names)} classes, not {num_classes}")
+        return list(names), palette or default_palette(len(names))
+
+    return classes
+
+
+# ----------------------------------------------------------------------------------------------- the formats
+DATASETS.add("folder", Format(
+    "folder",
+    detect=lambda r: (r / "images").is_dir() and (r / "labels").is_dir(),
+    list_split=lambda r, s: _pair_by_stem(r / "images" / s, r / "labels" / s),
+    classes=_folder_classes,
+    lut=C.identity_lut,
+))
+
+DATASETS.add("camvid", Format(
+    "camvid",
+    detect=lambda r: (r / "train").is_dir() and (r / "trainannot").is_dir(),
+    list_split=lambda r, s: _pair_by_stem(r / s, r / f"{s}annot"),
+    classes=_fixed(C.CAMVID_CLASSES, C.CAMVID_PALETTE),
+    lut=partial(C.void_lut, 11),
+    splits=("train", "val", "test"),
+))
+
+
+def _cityscapes_split(root: Path, split: str) -> Listing:
+    img_root, gt_root = root / "leftImg8bit" / split, root / "gtFine" / split
+    if not img_root.is_dir():
+        return Listing([], [f"{img_root}: image folder not found"])
+    pairs, problems = [], []
+    for city in sorted(p for p in img_root.iterdir() if p.is_dir()):
+        for img in sorted(city.glob("*_leftImg8bit.png")):
+            stem = img.name.removesuffix("_leftImg8bit.png")
+            lab = gt_root / city.name / f"{stem}_gtFine_labelTrainIds.png"
+            if not lab.is_file():
+                lab = gt_root / city.name / f"{stem}_gtFine_labelIds.png"
+            if lab.is_file():
+                pairs.append((img, lab))
+            else:
+                problems.append(f"{img}: missing label {gt_root / city.name / (stem + '_gtFine_labelTrainIds.png')}")
+    return Listing(pairs, problems)
+
+
+def _cityscapes_lut_for(label: Path, ignore_index: int) -> np.ndarray:
+    return C.cityscapes_id_lut(ignore_index) if label.name.endswith("_labelIds.png") else C.identity_lut(ignore_index)
+
+
+DATASETS.add("cityscapes", Format(
+    "cityscapes",
+    detect=lambda r: (r / "leftImg8bit").is_dir() and (r / "gtFine").is_dir(),
+    list_split=_cityscapes_split,
+    classes=_fixed(C.CITYSCAPES_CLASSES, C.CITYSCAPES_PALETTE),
+    lut=C.identity_lut,  # per file: *_labelIds.png goes through the id -> train id table (see SegDataset)
+))
+
+
+def _ade_root(root: Path) -> Path:
+    return root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+
+
+DATASETS.add("ade20k", Format(
+    "ade20k",
+    detect=lambda r: (_ade_root(r) / "images").is_dir() and (_ade_root(r) / "annotations").is_dir(),
+    list_split=lambda r, s: _pair_by_stem(
+        _ade_root(r) / "images" / {"train": "training", "val": "validation"}.get(s, s),
+        _ade_root(r) / "annotations" / {"train": "training", "val": "validation"}.get(s, s),
+    ),
+    classes=_fixed(C.ADE20K_CLASSES),
+    lut=C.reduce_zero_label_lut,
+))
+
+
+def _voc_root(root: Path) -> Path:
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir() and (cand / "SegmentationClass").is_dir():
+            return cand
+    return root
+
+
+def _voc_split(root: Path, split: str) -> Listing:
+    base = _voc_root(root)
+    lst = base / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not lst.is_file():
+        return Listing([], [f"{lst}: split list not found"])
+    pairs, problems = [], []
+    for name in (ln.strip() for ln in lst.read_text().splitlines()):
+        if not name:
+            continue
+        img, lab = base / "JPEGImages" / f"{name}.jpg", base / "SegmentationClass" / f"{name}.png"
+        if not img.is_file():
+            problems.append(f"{img}: image listed in {lst.name} not found")
+        elif not lab.is_file():
+            problems.append(f"{img}: missing label {lab}")
+        else:
+            pairs.append((img, lab))
+    return Listing(pairs, problems)
+
+
+DATASETS.add("voc", Format(
+    "voc",
+    detect=lambda r: (_voc_root(r) / "SegmentationClass").is_dir(),
+    list_split=_voc_split,
+    classes=_fixed(C.VOC_CLASSES, default_palette(21)),
+    lut=C.identity_lut,  # palettised PNGs hold class indices; 255 (object borders) is the ignore index
+))
+
+DETECT_ORDER = ("cityscapes", "ade20k", "voc", "camvid", "folder")
+
+
+def detect_format(root: str | Path) -> str:
+    """The format of a dataset root folder, or a one-line error listing what was looked for."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SegkdError(f"{root}: dataset folder not found")
+    for name in DETECT_ORDER:
+        if DATASETS.get(name).detect(root):
+            return name
+    raise SegkdError(f"{root}: no known dataset layout (folder: images/ + labels/; camvid: train/ + trainannot/; "
+                     "cityscapes: leftImg8bit/ + gtFine/; ade20k: ADEChallengeData2016/; voc: SegmentationClass/)")
+
+
+# ----------------------------------------------------------------------------------------------- the dataset
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 H x W x 3, or a one-line error naming the file."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except Exception as e:  # PIL raises several types for broken files
+        raise SegkdError(f"{path}: unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def read_label(path: Path) -> np.ndarray:
+    """Raw label values H x W (palettised PNGs give their indices), or a one-line error naming the file."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise SegkdError(f"{path}: label image has mode {im.mode}; expected one channel of class indices")
+            return np.array(im)
+    except SegkdError:
+        raise
+    except Exception as e:
+        raise SegkdError(f"{path}: unreadable label ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def map_label(raw: np.ndarray, lut: np.ndarray, path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
+    """Apply the format's lookup table and check every value is a class or the ignore index."""
+    if raw.size and (raw.min() < 0 or raw.max() > 255):
+        raise SegkdError(f"{path}: label value {int(raw.max())} outside 0..255")
+    lab = lut[raw.astype(np.int64)]
+    bad = (lab != ignore_index) & ((lab < 0) | (lab >= num_classes))
+    if bad.any():
+        v = int(raw[bad][0])
+        raise SegkdError(f"{path}: label value {v} is neither a class (0..{num_classes - 1}) "
+                         f"nor the ignore index {ignore_index}")
+    return lab
+
+
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+class SegDataset(Dataset):
+    """(image, label) pairs of one split. Items are ``(float 3 x H x W normalised, int64 H x W)``.
+
+    Augmentation randomness is a function of ``(seed, epoch, index)`` only (``set_epoch``), so a run reproduces with
+    any number of workers and after a resume.
+    """
+
+    def __init__(self, pairs: list[tuple[Path, Path]], info: DatasetInfo, lut: np.ndarray,
+                 transform: Transform | None, seed: int = 0, split: str = "train") -> None:
+        self.pairs = pairs
+        self.info = info
+        self.lut = lut
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.split = split
+
+    @property
+    def names(self) -> list[str]:
+        return [img.stem for img, _ in self.pairs]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw image (uint8 H x W x 3) and mapped label (int64 H x W), checked."""
+        img_path, lab_path = self.pairs[index]
+        img = read_image(img_path)
+        raw = read_label(lab_path)
+        if raw.shape[:2] != img.shape[:2]:
+            raise SegkdError(f"{lab_path}: label is {raw.shape[1]}x{raw.shape[0]} but its image {img_path.name} "
+                             f"is {img.shape[1]}x{img.shape[0]} (W x H)")
+        lut = self.lut
+        if self.info.format == "cityscapes":
+            lut = _cityscapes_lut_for(lab_path, self.info.ignore_index)
+        return img, map_label(raw, lut, lab_path, self.info.num_classes, self.info.ignore_index)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img, lab = self.load(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.transform is None:
+            from segkd.data.transforms import to_tensors
+
+            return to_tensors(img, lab)
+        return self.transform(img, lab, rng)
+
+
+def list_split(root: str | Path, split: str, fmt: str | None = None) -> tuple[str, Listing]:
+    root = Path(root)
+    name = DATASETS.canonical(fmt) if fmt else detect_format(root)
+    return name, DATASETS.get(name).list_split(root, split)
+
+
+def dataset_info(root: str | Path, fmt: str, num_classes: int | None = None, ignore_index: int = 255) -> DatasetInfo:
+    names, palette = DATASETS.get(fmt).classes(Path(root), num_classes)
+    return DatasetInfo(fmt, len(names), names, palette, ignore_index)
+
+
+def build_dataset(root: str | Path, split: str = "train", fmt: str | None = None, transform: Transform | None = None,
+                  num_classes: int | None = None, ignore_index: int = 255, seed: int = 0) -> SegDataset:
+    """A split of a dataset root, its format detected unless ``fmt`` names it. Fails on the first bad pairing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SegkdError(f"{root}: dataset folder not found")
+    name, listing = list_split(root, split, fmt)
+    if listing.problems:
+        raise SegkdError(listing.problems[0] + (f" (+{len(listing.problems) - 1} more problems; run `segkd data "
+                                                  "inspect`)" if len(listing.problems) > 1 else ""))
+    if not listing.pairs:
+        raise SegkdError(f"{root}: split {split!r} of this {name} dataset has no images")
+    info = dataset_info(root, name, num_classes, ignore_index)
+    return SegDataset(listing.pairs, info, DATASETS.get(name).lut(ignore_index), transform, seed, split)
