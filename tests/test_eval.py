@@ -7,7 +7,6 @@ import json
 import math
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -371,3 +370,49 @@ def test_cli_bad_inputs_are_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert code == 1, err
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+
+
+def _write_folder_dataset(root: Path, names: list[str], n: int = 3, size: tuple[int, int] = (24, 32)) -> Path:
+    """A tiny dataset in the ``folder`` layout (images/val, labels/val, classes.json)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("images/val", "labels/val"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "images/val" / f"im{i}.png")
+        lab = rng.integers(0, len(names), size, dtype=np.uint8)
+        lab[:2] = 255
+        Image.fromarray(lab).save(root / "labels/val" / f"im{i}.png")
+    (root / "classes.json").write_text(json.dumps({"classes": names}))
+    return root
+
+
+def test_cli_eval_json_and_predictions(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    data = _write_folder_dataset(tmp_path / "ds", ["sky", "road", "car"])
+    preds = tmp_path / "preds"
+    code, out, err = _cli(monkeypatch, capsys, "eval", str(tiny_ckpt), "--data", str(data), "--split", "val",
+                          "--device", "cpu", "--batch", "2", "--json", "--save-preds", str(preds), "--no-progress")
+    assert code == 0, err
+    d = json.loads(out)
+    for key in ("miou", "aacc", "macc", "fwiou", "mdice", "per_class", "per_class_iou", "per_class_acc",
+                "confusion", "n_images", "n_pixels", "convention", "class_names", "mode", "scales", "source"):
+        assert key in d, key
+    assert d["n_images"] == 3 and d["n_pixels"] == 3 * (24 - 2) * 32 and list(d["per_class"]) == ["sky", "road", "car"]
+    assert sum(map(sum, d["confusion"])) == d["n_pixels"] and 0.0 <= d["miou"] <= 1.0
+    assert sorted(p.name for p in preds.iterdir()) == sorted(f"im{i}_{k}.png" for i in range(3)
+                                                            for k in ("pred", "overlay"))
+    # the table for people, and --json-out writes the same document
+    code, out, err = _cli(monkeypatch, capsys, "eval", str(tiny_ckpt), "--data", str(data), "--device", "cpu",
+                          "--mode", "slide", "--crop", "16x16", "--stride", "12x12", "--flip",
+                          "--json-out", str(tmp_path / "m.json"), "--no-progress")
+    assert code == 0, err
+    assert "mIoU" in out and "car" in out and "fwIoU" in out
+    assert json.loads((tmp_path / "m.json").read_text())["crop"] == [16, 16]
+
+
+def test_cli_eval_class_count_mismatch(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    data = _write_folder_dataset(tmp_path / "ds4", ["a", "b", "c", "d"])
+    code, _, err = _cli(monkeypatch, capsys, "eval", str(tiny_ckpt), "--data", str(data), "--device", "cpu")
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1 and "predicts 3 classes" in lines[0] and "has 4" in lines[0], err

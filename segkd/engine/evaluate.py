@@ -204,10 +204,9 @@ def load_predictor_source(path: str | Path, device: torch.device) -> tuple[Calla
 
 def _sample_stem(dataset: Any, index: int) -> str:
     """A file stem for sample ``index`` when the dataset knows its files, else the zero-padded index."""
-    for attr in ("sample_name", "name_of"):
-        fn = getattr(dataset, attr, None)
-        if callable(fn):
-            return Path(str(fn(index))).stem
+    names = getattr(dataset, "names", None)
+    if isinstance(names, Sequence) and index < len(names):
+        return Path(str(names[index])).stem
     samples = getattr(dataset, "samples", None)
     if isinstance(samples, Sequence) and index < len(samples):
         item = samples[index]
@@ -314,8 +313,11 @@ def build_eval_dataset(data: str | Path, data_format: str | None, split: str, re
 
     root = resolve_data_root(str(data))
     transform = build_eval_transform(resize=resize, mean=list(meta.mean), std=list(meta.std))
-    return build_dataset(root, split, transform=transform, fmt=data_format, num_classes=meta.num_classes,
-                         ignore_index=meta.ignore_index)
+    try:  # the dataset's own class list first, so a mismatch with the checkpoint is reported as such
+        return build_dataset(root, split, fmt=data_format, transform=transform, ignore_index=meta.ignore_index)
+    except SegkdError:  # e.g. a folder dataset without a class file: the checkpoint's class count applies
+        return build_dataset(root, split, fmt=data_format, transform=transform, num_classes=meta.num_classes,
+                             ignore_index=meta.ignore_index)
 
 
 def _dataset_classes(dataset: Any) -> tuple[int | None, int | None]:
@@ -347,4 +349,5 @@ def render_eval(result: EvalResult, console: Any) -> None:
     console.print(table)
     console.print(f"mIoU {pct(result.miou)}  aAcc {pct(result.aacc)}  mAcc {pct(result.macc)}  "
                   f"fwIoU {pct(result.fwiou)}  mDice {pct(result.mdice)}  ({result.seconds:.1f} s)")
-    console.print("[dim]- = class absent from both ground truth and prediction (excluded from the means)[/]")
+    if any(v != v for v in result.per_class_iou):
+        console.print("[dim]- = class absent from both ground truth and prediction (excluded from the means)[/]")
