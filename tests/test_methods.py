@@ -444,3 +444,46 @@ def test_teacher_weights_are_loaded_completely_or_refused(tmp_path: Path, teache
     torch.save(full, foreign)
     with pytest.raises(SegkdError, match="missing key"):
         load_teacher("deeplabv3-resnet18", foreign, 3)
+
+
+def test_distill_resume_keeps_the_method_options(tmp_path: Path, teachers: dict[str, str]) -> None:
+    from segkd.engine.trainer import TrainingInterrupted
+
+    cfg = _cfg("c2vkd", tmp_path, teachers, teacher="deeplabv3-resnet18", pdd_mode="dkd", gram_chunk="64")
+    cfg.iters, cfg.val_every = 2, 1
+
+    def stop(trainer, it: int) -> None:  # noqa: ANN001 - the trainer's callback signature
+        if it == 1:
+            trainer._stop_requested = True
+
+    with pytest.raises(TrainingInterrupted):
+        run_distill(cfg, callbacks=[stop], data=bundle())
+    machine = DistillConfig(workers=0, progress=False, device="cpu")
+    summary = run_distill(machine, resume=cfg.out, data=bundle())
+    assert summary["iterations"] == 2
+    report = json.loads((Path(cfg.out) / "distill.json").read_text())
+    assert report["options"]["pdd_mode"] == "dkd" and report["options"]["gram_chunk"] == 64
+    assert report["teacher"]["name"] == "deeplabv3-resnet18"
+
+
+def test_cli_distill_on_synth(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from segkd.cli import app
+
+    teacher = tmp_path / "t.safetensors"
+    save_checkpoint(teacher, create_model("segformer-b0", num_classes=6), CheckpointMeta(model="segformer-b0",
+                                                                                          num_classes=6))
+    out = tmp_path / "run"
+    args = ["distill", "--method", "kd", "--student", "segformer-b0", "--teacher", "segformer-b0",
+            "--teacher-weights", str(teacher), "--data", "synth", "--resize", "32x32", "--crop", "32x32", "--iters",
+            "1", "--batch", "2", "--val-every", "1", "--workers", "0", "--no-progress", "--out", str(out),
+            "--method-opt", "temperature=2"]
+    res = CliRunner().invoke(app, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["distill"]["options"]["temperature"] == 2.0 and (out / "best.safetensors").exists()
+    res = CliRunner().invoke(app, ["distill", "--method", "kd", "--student", "segformer-b0", "--teacher",
+                                   "segformer-b0", "--teacher-weights", str(teacher), "--pdd-mode", "dkd"])
+    assert isinstance(res.exception, SegkdError)
+    assert str(res.exception) == "--pdd-mode is a c2vkd option; --method is kd"
