@@ -487,3 +487,15 @@ def test_cli_distill_on_synth(tmp_path: Path) -> None:
                                    "segformer-b0", "--teacher-weights", str(teacher), "--pdd-mode", "dkd"])
     assert isinstance(res.exception, SegkdError)
     assert str(res.exception) == "--pdd-mode is a c2vkd option; --method is kd"
+
+
+def test_chunked_gram_stays_fp32_under_autocast() -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 8, 4, 4, generator=g, requires_grad=True)
+    b = torch.randn(2, 8, 4, 4, generator=g)
+    ref = vlfd_patch_loss(a, b, chunk=None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        val = vlfd_patch_loss(a, b, chunk=5)
+    assert val.dtype == torch.float32 and val.item() == pytest.approx(ref.item(), rel=1e-5)
+    val.backward()
+    assert a.grad is not None and a.grad.dtype == torch.float32

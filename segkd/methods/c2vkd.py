@@ -82,9 +82,10 @@ class _ChunkedGramMSE(torch.autograd.Function):
         n, c = xs.shape
         scale = 1.0 / (c - 1)
         total = xs.new_zeros((), dtype=torch.float64)
-        for i in range(0, n, chunk):
-            d = (xs[i:i + chunk] @ xs.T - xt[i:i + chunk] @ xt.T) * scale
-            total += d.double().pow(2).sum()
+        with torch.autocast(xs.device.type, enabled=False):  # the differences are small: no bf16/fp16 matmuls
+            for i in range(0, n, chunk):
+                d = (xs[i:i + chunk] @ xs.T - xt[i:i + chunk] @ xt.T) * scale
+                total += d.double().pow(2).sum()
         ctx.save_for_backward(xs, xt)
         ctx.chunk = chunk
         return (total / (n * n)).to(xs.dtype)
@@ -96,9 +97,10 @@ class _ChunkedGramMSE(torch.autograd.Function):
         scale = 1.0 / (c - 1)
         gx = torch.empty_like(xs)
         # L = sum(D^2)/n^2 with D = (Xs Xs^T - Xt Xt^T)/(c-1) symmetric  =>  dL/dXs = 4/(n^2 (c-1)) D Xs
-        for i in range(0, n, ctx.chunk):
-            d = (xs[i:i + ctx.chunk] @ xs.T - xt[i:i + ctx.chunk] @ xt.T) * scale
-            gx[i:i + ctx.chunk] = d @ xs
+        with torch.autocast(xs.device.type, enabled=False):
+            for i in range(0, n, ctx.chunk):
+                d = (xs[i:i + ctx.chunk] @ xs.T - xt[i:i + ctx.chunk] @ xt.T) * scale
+                gx[i:i + ctx.chunk] = d @ xs
         return gx * (4.0 * scale / (n * n)) * grad, None, None
 
 
