@@ -81,41 +81,45 @@ def render(report: dict[str, Any], console: Console) -> None:
              f"{env['threads']} threads)")
     table = Table(title=title)
     several = len(report["models"]) > 1
-    cols = ["model", "backend", "input", "params (M)", "GMACs", "GFLOPs", "p50 ms", "p90 ms", "mean±std ms",
-            "img/s", "peak MB", "CPU util"]
+    timed = any(m["runs"] for m in report["models"])
+    cols = ["model", "backend", "input", "params (M)", "GMACs", "GFLOPs"]
+    if timed:
+        cols += ["p50 ms", "p90 ms", "mean±std ms", "img/s", "peak MB", "CPU util"]
     if several:
-        cols += ["params vs 1st", "GMACs vs 1st", "speed-up vs 1st"]
+        cols += ["params vs 1st", "GMACs vs 1st"] + (["speed-up vs 1st"] if timed else [])
     for c in cols:
-        table.add_column(c, justify="left" if c in ("model", "backend", "input") else "right")
+        left = c in ("model", "backend", "input")
+        table.add_column(c, justify="left" if left else "right", no_wrap=left)
     for r in rows(report):
         lat = r["lat"]
         backend = r["backend"] + (f" ({r['providers']})" if r["backend"] == "onnxruntime" else "")
         util = "-" if r["util"] is None else f"{r['util']:.2f}" + (" [red]contended[/]" if r["contended"] else "")
-        cells = [
-            r["model"], backend, r["input"], f"{r['params_m']:.2f}", _fmt(r["gmacs"]), _fmt(r["gflops"]),
-            _fmt(lat and lat["p50"], ".1f"), _fmt(lat and lat["p90"], ".1f"),
-            "-" if not lat else f"{lat['mean']:.1f}±{lat['std']:.1f}", _fmt(r["ips"], ".2f"), _fmt(r["mem"], ".0f"),
-            util,
-        ]
+        cells = [r["model"], backend, r["input"], f"{r['params_m']:.2f}", _fmt(r["gmacs"]), _fmt(r["gflops"])]
+        if timed:
+            cells += [_fmt(lat and lat["p50"], ".1f"), _fmt(lat and lat["p90"], ".1f"),
+                      "-" if not lat else f"{lat['mean']:.1f}±{lat['std']:.1f}", _fmt(r["ips"], ".2f"),
+                      _fmt(r["mem"], ".0f"), util]
         if several:
-            cells += [r["vs_params"], r["vs_gmacs"], r["vs_speed"]]
+            cells += [r["vs_params"], r["vs_gmacs"]] + ([r["vs_speed"]] if timed else [])
         table.add_row(*cells)
     _print_wide(console, table, 200)
     console.print("GMACs = multiply-adds per image (the SegFormer/mmseg papers' 'FLOPs'); GFLOPs = 2 x GMACs. "
                   "Attention counted; elementwise ops and interpolation not. Latency excludes preprocessing and "
-                  "host-to-device copies (torch); peak MB on CPU is the process-wide peak RSS.", highlight=False)
+                  "host-to-device copies (torch); peak MB on CPU is the process-wide peak RSS.", highlight=False,
+                  soft_wrap=True)
     if any(r.get("contended") for m in report["models"] for r in m["runs"]):
         console.print("[yellow]warning:[/] some runs were contended (process CPU time / wall time < 0.9 x threads): "
-                      "another process shared the cores, so those latencies are too high.", highlight=False)
+                      "another process shared the cores, so those latencies are too high.", highlight=False,
+                      soft_wrap=True)
     for m in report["models"]:
         for note in m.get("notes", []):
-            console.print(f"note ({m['name']}): {note}", highlight=False)
+            console.print(f"note ({m['name']}): {note}", highlight=False, soft_wrap=True)
         for c in m["complexity"]:
             if "modules" in c:
                 _render_detail(m["name"], c, console)
     for g in report.get("gates", []):
         mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]skip[/]"}[g["passed"]]
-        console.print(f"{mark} {g['message']}", highlight=False)
+        console.print(f"{mark} {g['message']}", highlight=False, soft_wrap=True)
 
 
 def _render_detail(name: str, c: dict[str, Any], console: Console) -> None:
@@ -129,10 +133,11 @@ def _render_detail(name: str, c: dict[str, Any], console: Console) -> None:
         t.add_row(label, f"{row['gflops'] / 2:.3f}", f"{row['gflops']:.3f}", share)
     _print_wide(console, t, 120)
     by_op = ", ".join(f"{k.replace('aten.', '')} {v:.3f}" for k, v in c.get("flops_by_op", {}).items())
-    console.print(f"GFLOPs by op: {by_op}", highlight=False)
+    console.print(f"GFLOPs by op: {by_op}", highlight=False, soft_wrap=True)
     unc = c.get("uncounted_ops") or {}
     text = ", ".join(f"{k.replace('aten.', '')} x{n}" for k, n in unc.items()) or "none"
-    console.print(f"ops seen with no FLOP formula (contributed 0; views omitted): {text}", highlight=False)
+    console.print(f"ops seen with no FLOP formula (contributed 0; views omitted): {text}", highlight=False,
+                  soft_wrap=True)
 
 
 def render_train_step(entries: list[dict[str, Any]], console: Console) -> None:
