@@ -31,9 +31,9 @@ def _hf_v4_name(key: str) -> str:
         (r"segformer\.stages\.(\d)\.patch_embeddings\.", r"segformer.encoder.patch_embeddings.\1."),
         (r"segformer\.stages\.(\d)\.blocks\.(\d+)\.layernorm_before", r"segformer.encoder.block.\1.\2.layer_norm_1"),
         (r"segformer\.stages\.(\d)\.blocks\.(\d+)\.layernorm_after", r"segformer.encoder.block.\1.\2.layer_norm_2"),
-        (r"segformer\.stages\.(\d)\.blocks\.(\d+)\.attention\.q_proj", r"segformer.encoder.block.\1.\2.attention.self.query"),
-        (r"segformer\.stages\.(\d)\.blocks\.(\d+)\.attention\.k_proj", r"segformer.encoder.block.\1.\2.attention.self.key"),
-        (r"segformer\.stages\.(\d)\.blocks\.(\d+)\.attention\.v_proj", r"segformer.encoder.block.\1.\2.attention.self.value"),
+        *[(rf"segformer\.stages\.(\d)\.blocks\.(\d+)\.attention\.{a}_proj",
+           rf"segformer.encoder.block.\1.\2.attention.self.{b}")
+          for a, b in (("q", "query"), ("k", "key"), ("v", "value"))],
         (r"segformer\.stages\.(\d)\.blocks\.(\d+)\.attention\.o_proj",
          r"segformer.encoder.block.\1.\2.attention.output.dense"),
         (r"segformer\.stages\.(\d)\.blocks\.(\d+)\.attention\.sequence_reduction\.sequence_reduction",

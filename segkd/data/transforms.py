@@ -59,20 +59,21 @@ class TrainTransform:
     def __call__(self, img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self.resize:
             img, lab = resize_pair(img, lab, self.resize)
+        crop = self.crop or img.shape[:2]  # without --crop, a rescaled image is cropped/padded back to its size
         s = rng.uniform(*self.scale)
         if s != 1.0:
             h, w = img.shape[:2]
             img, lab = resize_pair(img, lab, (max(1, round(h * s)), max(1, round(w * s))))
-        if self.crop:
-            img, lab = self._random_crop(img, lab, rng)
+        if tuple(img.shape[:2]) != tuple(crop):
+            img, lab = self._random_crop(img, lab, crop, rng)
         if self.flip and rng.random() < 0.5:
             img, lab = img[:, ::-1], lab[:, ::-1]
         if self.jitter:
             img = _jitter(img, rng)
         return to_tensors(img, lab, self.mean, self.std)
 
-    def _random_crop(self, img: np.ndarray, lab: np.ndarray, rng: np.random.Generator):
-        ch, cw = self.crop
+    def _random_crop(self, img: np.ndarray, lab: np.ndarray, crop: tuple[int, int], rng: np.random.Generator):
+        ch, cw = crop
         h, w = img.shape[:2]
         ph, pw = max(ch - h, 0), max(cw - w, 0)
         if ph or pw:
@@ -107,3 +108,14 @@ def build_train_transform(crop: tuple[int, int] | None = None, scale: tuple[floa
 def build_eval_transform(resize: tuple[int, int] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
                          std: Sequence[float] = IMAGENET_STD) -> EvalTransform:
     return EvalTransform(resize, mean, std)
+
+
+def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (image, label) pairs; images of different sizes get a one-line hint instead of a stack error."""
+    shapes = {tuple(img.shape) for img, _ in batch}
+    if len(shapes) > 1:
+        from segkd.errors import SegkdError
+
+        sizes = ", ".join(f"{s[1]}x{s[2]}" for s in sorted(shapes)[:3])
+        raise SegkdError(f"images of different sizes in one batch ({sizes}); pass --crop HxW or --resize HxW")
+    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])

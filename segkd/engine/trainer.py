@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from segkd.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointMeta, atomic_write_text, save_checkpoint
+from segkd.data.transforms import collate_pairs
 from segkd.engine.distributed import (
     DistInfo,
     ShardSampler,
@@ -380,7 +381,8 @@ class Trainer:
             if hasattr(self.data.train, "set_epoch"):
                 self.data.train.set_epoch(self.epoch)  # type: ignore[attr-defined]
             loader = DataLoader(self.data.train, batch_size=sampler.local_batch, sampler=sampler,
-                                num_workers=cfg.workers, drop_last=True, pin_memory=self.device.type == "cuda",
+                                collate_fn=collate_pairs, num_workers=cfg.workers, drop_last=True,
+                                pin_memory=self.device.type == "cuda",
                                 generator=torch.Generator().manual_seed(cfg.seed + self.epoch),
                                 worker_init_fn=_ignore_sigint_in_worker if cfg.workers > 0 else None)
             for batch in loader:

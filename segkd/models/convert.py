@@ -283,7 +283,8 @@ def convert_checkpoint(
     expected = ("hf", "nvlabs", "mmseg") if family == "transformer" else ("torchvision",)
     if fmt not in expected:
         kind = "a SegFormer/MiT" if family == "transformer" else "a torchvision DeepLab"
-        raise SegkdError(f"{src_path}: keys look like a {fmt} checkpoint, not {kind} one (first key {next(iter(src))!r})")
+        first = next(iter(src))
+        raise SegkdError(f"{src_path}: keys look like a {fmt} checkpoint, not {kind} one (first key {first!r})")
     found = infer_num_classes(src)
     if num_classes is None:
         num_classes = len(class_names) if class_names else found

@@ -1,0 +1,107 @@
+"""The whole segkd chain on generated data, as a new user runs it (``make quickstart``).
+
+1. ``segkd data synth``      a procedural dataset (folder layout)
+2. ``segkd train``           a small CNN teacher (DeepLabV3-ResNet18) from scratch
+3. ``segkd distill``         a SegFormer-B0 student with C2VKD (CNN teacher -> ViT student)
+4. ``segkd eval``            teacher and student on the validation split
+5. ``segkd export``          the student to ONNX, verified against PyTorch with ONNX Runtime
+6. ``segkd bench``           teacher vs student (FLOPs, params, latency) with a CI gate on the student
+
+Every step is the CLI command a user would type (printed before it runs); the script only strings them together and
+prints one summary table at the end. Nothing asks for input; run it again to redo everything from scratch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def segkd(*args: str, capture: bool = False) -> str:
+    cmd = [sys.executable, "-m", "segkd", *args]
+    console.print(f"\n[bold cyan]$ segkd {shlex.join(args)}[/]")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True)
+    if proc.returncode != 0:
+        console.print(f"[red]step failed with exit code {proc.returncode}[/]")
+        sys.exit(proc.returncode)
+    return proc.stdout if capture else ""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="quickstart-out", help="folder for every artefact (recreated)")
+    ap.add_argument("--teacher-iters", type=int, default=300, help="teacher training iterations")
+    ap.add_argument("--student-iters", type=int, default=300, help="student distillation iterations")
+    ap.add_argument("--batch", type=int, default=8, help="batch size of both runs")
+    ap.add_argument("--max-latency-ms", type=float, default=2000.0, help="bench gate on the student's p50 latency")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    start = time.time()
+    data, teacher_dir, student_dir = out / "data", out / "teacher", out / "student"
+    onnx_path, bench_json = out / "student.onnx", out / "bench.json"
+    common = ["--data", str(data), "--batch", str(args.batch), "--workers", "0", "--crop", "96x128",
+              "--scale", "0.75,1.25"]
+
+    segkd("data", "synth", "--out", str(data))
+    segkd("train", "--model", "deeplabv3-resnet18", "--out", str(teacher_dir), "--iters", str(args.teacher_iters),
+          "--lr", "1e-3", "--warmup", "30", "--val-every", str(args.teacher_iters), *common)
+    teacher = teacher_dir / "best.safetensors"
+    segkd("distill", "--method", "c2vkd", "--teacher", "deeplabv3-resnet18", "--teacher-weights", str(teacher),
+          "--student", "segformer-b0", "--out", str(student_dir), "--iters", str(args.student_iters),
+          "--lr", "1e-3", "--warmup", "30", "--val-every", str(args.student_iters), *common)
+    student = student_dir / "best.safetensors"
+
+    metrics = {}
+    for name, ckpt in (("teacher", teacher), ("student", student)):
+        metrics[name] = json.loads(segkd("eval", str(ckpt), "--data", str(data), "--batch", "8", "--json",
+                                         capture=True))
+    export = json.loads(segkd("export", str(student), "--out", str(onnx_path), "--size", "96x128",
+                              "--data", str(data), "--json", capture=True))
+    segkd("bench", str(teacher), str(student), "--input", "1x3x96x128", "--threads", "2", "--iters", "10",
+          "--json", str(bench_json))
+    segkd("bench", str(student), "--input", "1x3x96x128", "--threads", "2", "--iters", "10", "--no-flops",
+          "--max-latency-ms", str(args.max_latency_ms))
+    bench = json.loads(bench_json.read_text())
+
+    summary(metrics, export, bench, teacher, student, onnx_path, bench_json, out, time.time() - start)
+
+
+def _bench_row(bench: dict, index: int) -> tuple[float, float, float]:
+    model = bench["models"][index]
+    run = model["runs"][0]
+    return model["params"] / 1e6, run["gmacs"], run["latency_ms"]["p50"]
+
+
+def summary(metrics: dict, export: dict, bench: dict, teacher: Path, student: Path, onnx_path: Path,
+            bench_json: Path, out: Path, seconds: float) -> None:
+    table = Table(title="segkd quickstart: teacher vs distilled student (synthetic data, 96x128)")
+    for col in ("model", "val mIoU %", "params (M)", "GMACs", "p50 latency (ms)", "ONNX label agreement"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    agreement = export["verification"]["min_agreement"]
+    for i, (role, name) in enumerate((("teacher", "deeplabv3-resnet18"), ("student", "segformer-b0 + c2vkd"))):
+        params, gmacs, p50 = _bench_row(bench, i)
+        agree = f"{100 * agreement:.2f} %" if role == "student" else "-"
+        table.add_row(name, f"{100 * metrics[role]['miou']:.2f}", f"{params:.2f}", f"{gmacs:.2f}", f"{p50:.1f}", agree)
+    console.print()
+    console.print(table)
+    console.print(f"teacher checkpoint  {teacher}\nstudent checkpoint  {student}\nstudent ONNX        {onnx_path}\n"
+                  f"bench report        {bench_json}\nall artefacts       {out}/  ({seconds / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
