@@ -314,6 +314,8 @@ def test_cli_json_and_gate_exit_codes(monkeypatch, capsys, tmp_path: Path) -> No
     assert "error: max-params: segformer-b0 deploy" in err
     code, stdout, _ = _cli(monkeypatch, capsys, *base, "--no-latency", "--json", "-")
     assert code == 0 and json.loads(stdout)["models"][0]["runs"] == []
+    code, _, err = _cli(monkeypatch, capsys, *base, "--no-latency", "--max-latency-ms", "1e9")
+    assert code == 3 and "no timed run" in err  # a latency gate with nothing timed fails, never passes
 
 
 def test_run_bench_command_rejects_bad_baseline_before_timing(tmp_path: Path) -> None:
@@ -371,3 +373,15 @@ def test_checkpoint_and_its_onnx_export_share_flops(tmp_path: Path) -> None:
     assert b["complexity"][0]["gmacs"] == a["complexity"][0]["gmacs"] > 0
     assert "ONNX metadata" in b["complexity"][0]["flops_source"]
     assert abs(b["params"] - a["params"]) / a["params"] < 0.01  # BN folded: a few hundred fewer numbers
+
+
+def test_torch_compile_failure_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from segkd.bench.latency import bench_torch
+
+    def broken(model: nn.Module, **_: object) -> nn.Module:
+        raise RuntimeError("InductorError: C++ compile error\nlong traceback ...")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(SegkdError, match=r"^--backend torch-compile: torch.compile failed on this machine "
+                                         r"\(InductorError: C\+\+ compile error\)$"):
+        bench_torch(nn.Conv2d(3, 4, 1), (1, 3, 8, 8), torch.device("cpu"), 0, 1, 0.0, 1, compile=True)

@@ -89,6 +89,8 @@ def apply_gates(report: dict[str, Any], gates: Gates) -> list[dict[str, Any]]:
             for c in m["complexity"]:
                 _check(results, "max-gflops", name, f"@{_shape(c['input'])}", c.get("gflops"), gates.max_gflops, " G")
         if gates.max_latency_ms is not None:
+            if not m["runs"]:  # nothing was timed (--no-latency): the gate cannot pass
+                _check(results, "max-latency-ms", name, "no timed run", None, gates.max_latency_ms, " ms")
             for r in m["runs"]:
                 extra = f" (contended run: CPU util {r['cpu_util']:.2f})" if r.get("contended") else ""
                 _check(results, "max-latency-ms", name, f"{r['backend']} {_shape(r['input'])} p50",
