@@ -43,7 +43,8 @@ from segkd.engine.trainer import TrainConfig, parse_hw, prepare_data, run_train
 from segkd.methods.task import DistillConfig, deploy_gmacs, load_teacher, run_distill
 from segkd.models import count_params, create_model
 
-SHARED_TEACHER = "/work/shared/checkpoints/camvid-deeplabv3-resnet18-torchvision.pth"
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository
+SHARED_TEACHER = str(SHARED / "checkpoints" / "camvid-deeplabv3-resnet18-torchvision.pth")
 EVAL_SIZE = (180, 240)
 
 
@@ -222,7 +223,7 @@ def render(results: dict[str, Any], table: list[Row], args: argparse.Namespace) 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="/work/shared/data/camvid", help="CamVid root (images/, labels/).")
+    p.add_argument("--data", default=str(SHARED / "data" / "camvid"), help="CamVid root (images/, labels/).")
     p.add_argument("--teacher-cnn", default=SHARED_TEACHER, help="DeepLabV3-ResNet18 CamVid weights.")
     p.add_argument("--out", default="runs/camvid", help="Run directories (one per row).")
     p.add_argument("--docs", default="docs/results.md", help="Markdown table to write.")
