@@ -427,9 +427,9 @@ def data_synth_cmd(
 ) -> None:
     """Write the procedural dataset (textured shapes on noisy backgrounds) in seconds."""
     from segkd.data import synthesize
-    from segkd.models.zoo_info import parse_hw
+    from segkd.shapes import parse_hw
 
-    root = synthesize(out_dir, n_train=train, n_val=val, size=parse_hw(size), num_classes=classes, seed=seed)
+    root = synthesize(out_dir, n_train=train, n_val=val, size=parse_hw(size, "--size"), num_classes=classes, seed=seed)
     out.print(f"wrote {train} train + {val} val images ({size}, {classes} classes) to {root}")
 
 

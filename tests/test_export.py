@@ -225,7 +225,7 @@ def test_bad_inputs_give_one_line_errors(dl, work):
         (plain, ExportConfig(size="64x96"), "without segkd metadata"),
         (ckpt, ExportConfig(opset=16), "--opset 16"),
         (ckpt, ExportConfig(static="1x3x64"), "expected BxCxHxW"),
-        (ckpt, ExportConfig(static="1x1x64x96"), "3 \\(RGB\\) channels"),
+        (ckpt, ExportConfig(static="1x1x64x96"), "3-channel RGB"),
         (ckpt, ExportConfig(static="1x3x60x96"), "multiples of 8"),
         (ckpt, ExportConfig(size="64x96", providers="cuda"), "could not use CUDAExecutionProvider"),
         (ckpt, ExportConfig(size="64x96", providers="gpu"), "unknown provider"),

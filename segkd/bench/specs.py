@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from segkd import shapes
 from segkd.errors import SegkdError
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime")
-_SHAPE_RE = re.compile(r"^\d+(x\d+){1,3}$")
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """``"1x3x512x1024"`` (B x C x H x W) or ``"512x1024"`` (H x W, batch 1, RGB) -> a 4-tuple, else one line."""
-    raw = text.strip().lower().replace(" ", "")
-    if not _SHAPE_RE.match(raw):
-        raise SegkdError(f"--input {text!r}: expected BxCxHxW (e.g. 1x3x512x1024) or HxW (e.g. 512x1024)")
-    dims = [int(p) for p in raw.split("x")]
-    if len(dims) == 3:
-        raise SegkdError(f"--input {text!r}: give 4 dimensions BxCxHxW or 2 dimensions HxW, not 3")
-    if len(dims) == 2:
-        dims = [1, 3, *dims]
-    if any(d <= 0 for d in dims):
-        raise SegkdError(f"--input {text!r}: every dimension must be a positive integer")
-    if dims[1] != 3:
-        raise SegkdError(f"--input {text!r}: segkd models take 3-channel RGB images (C must be 3, got {dims[1]})")
-    return dims[0], dims[1], dims[2], dims[3]
+    """``--input``: ``1x3x512x1024`` (B x C x H x W) or ``512x1024`` (batch 1, RGB)."""
+    return shapes.parse_shape(text, "--input", allow_hw=True)
 
 
 def parse_batches(text: str | None) -> list[int] | None:

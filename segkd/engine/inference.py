@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segkd import shapes
 from segkd.errors import SegkdError
 from segkd.models.base import upsample_logits
 
@@ -37,22 +38,8 @@ Predictor = Callable[[Tensor], Tensor]
 
 
 def parse_hw(text: str | Sequence[int] | None, option: str = "--crop") -> tuple[int, int] | None:
-    """``"512x1024"`` / ``"512"`` / ``(512, 1024)`` -> ``(512, 1024)``; a one-line error naming ``option``."""
-    if text is None:
-        return None
-    if not isinstance(text, str):
-        vals = tuple(int(v) for v in text)
-    else:
-        parts = text.lower().replace("*", "x").replace(",", "x").split("x")
-        try:
-            vals = tuple(int(p) for p in parts)
-        except ValueError:
-            raise SegkdError(f"{option} {text!r}: expected HxW, e.g. 512x1024") from None
-    if len(vals) == 1:
-        vals = (vals[0], vals[0])
-    if len(vals) != 2 or min(vals) < 1:
-        raise SegkdError(f"{option} {text!r}: expected two positive integers HxW, e.g. 512x1024")
-    return vals[0], vals[1]
+    """:func:`segkd.shapes.parse_hw` that lets ``None`` (option not given) through."""
+    return None if text is None else shapes.parse_hw(text, option)
 
 
 def parse_scales(text: str | Sequence[float] | None) -> tuple[float, ...]:

@@ -57,6 +57,7 @@ from segkd.engine.schedule import apply_lr, lr_factor
 from segkd.engine.state import RESUME_FILE, capture_rng, load_resume, resolve_resume_path, restore_rng, save_resume
 from segkd.engine.task import OptimConfig, SupervisedTask, Task, build_optimizer, supports_aux
 from segkd.errors import SegkdError
+from segkd.shapes import parse_hw
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
@@ -135,19 +136,6 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
-
-def parse_hw(text: str, option: str) -> tuple[int, int]:
-    """``"360x480"`` (or a single ``"512"``) -> ``(360, 480)``, or a one-line error naming the option."""
-    parts = str(text).lower().replace(",", "x").split("x")
-    try:
-        hw = tuple(int(p) for p in parts)
-    except ValueError:
-        raise SegkdError(f"{option} must be HxW (e.g. 360x480), got {text!r}") from None
-    if len(hw) == 1:
-        hw = (hw[0], hw[0])
-    if len(hw) != 2 or min(hw) < 1:
-        raise SegkdError(f"{option} must be HxW with positive sizes, got {text!r}")
-    return hw  # type: ignore[return-value]
 
 
 def parse_scale(text: str) -> tuple[float, float]:

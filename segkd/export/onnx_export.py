@@ -29,7 +29,6 @@ inputs/outputs (``keep_io_types``), so callers feed and read fp32 either way.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import time
 import warnings
@@ -45,6 +44,7 @@ from segkd import __version__
 from segkd.checkpoint import META_KEY, atomic_write, file_sha256, load_model
 from segkd.errors import GateFailure, SegkdError
 from segkd.export.runtime import EXPORT_KEY, parse_providers, probe_providers
+from segkd.shapes import parse_hw, parse_shape
 
 OutputKind = Literal["logits", "probs", "labels"]
 OUTPUT_KINDS = ("logits", "probs", "labels")
@@ -122,26 +122,6 @@ class DeployModel(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- option parsing
-def parse_hw(text: str, option: str) -> tuple[int, int]:
-    """``"512x1024"`` -> ``(512, 1024)``; a one-line error naming ``option`` otherwise."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise SegkdError(f"{option} {text!r}: expected HxW with positive integers, e.g. 512x1024")
-    return int(m.group(1)), int(m.group(2))
-
-
-def parse_shape(text: str, option: str) -> tuple[int, int, int, int]:
-    """A trtexec-style shape ``BxCxHxW`` (e.g. ``1x3x512x1024``) with C = 3; a one-line error otherwise."""
-    m = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)x(\d+)\s*", (text or "").lower())
-    if not m:
-        raise SegkdError(f"{option} {text!r}: expected BxCxHxW as in trtexec, e.g. 1x3x512x1024")
-    b, c, h, w = (int(g) for g in m.groups())
-    if min(b, h, w) < 1:
-        raise SegkdError(f"{option} {text!r}: batch, height and width must be positive")
-    if c != 3:
-        raise SegkdError(f"{option} {text!r}: segkd models take 3 (RGB) channels, got {c}")
-    return b, c, h, w
-
 
 def required_stride(model: nn.Module) -> int:
     """The coarsest feature stride (32 SegFormer, 16 DeepLabV3+, 8 DeepLabV3).

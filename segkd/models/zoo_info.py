@@ -5,22 +5,14 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from segkd.errors import SegkdError
 from segkd.models import MODELS, count_params, create_model
-
-
-def parse_hw(text: str) -> tuple[int, int]:
-    """``"512x1024"`` -> (512, 1024), with a one-line error for anything else."""
-    parts = text.lower().replace(" ", "").split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise SegkdError(f"size {text!r} is not HxW with positive integers (e.g. 512x1024)")
-    return int(parts[0]), int(parts[1])
+from segkd.shapes import parse_hw
 
 
 def describe_models(name: str | None, num_classes: int, size: str, flops: bool = True) -> list[dict]:
     from segkd.bench.flops import count_flops
 
-    h, w = parse_hw(size)
+    h, w = parse_hw(size, "--size")
     names = [MODELS.canonical(name)] if name else MODELS.names()
     rows = []
     for n in names:

@@ -1,0 +1,43 @@
+"""Parsing of the size and shape strings every command takes (``512x1024``, trtexec's ``1x3x512x1024``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from segkd.errors import SegkdError
+
+
+def parse_hw(text: str | Sequence[int], option: str = "size") -> tuple[int, int]:
+    """``"512x1024"``, ``"512"`` (square) or ``(512, 1024)`` -> ``(512, 1024)``; a one-line error naming ``option``."""
+    if isinstance(text, str):
+        parts = text.strip().lower().replace("*", "x").replace(",", "x").split("x")
+        try:
+            vals = tuple(int(p) for p in parts)
+        except ValueError:
+            raise SegkdError(f"{option} {text!r}: expected HxW with positive integers, e.g. 512x1024") from None
+    else:
+        vals = tuple(int(v) for v in text)
+    if len(vals) == 1:
+        vals = (vals[0], vals[0])
+    if len(vals) != 2 or min(vals) < 1:
+        raise SegkdError(f"{option} {text!r}: expected HxW with positive integers, e.g. 512x1024")
+    return vals[0], vals[1]
+
+
+def parse_shape(text: str, option: str = "--input", allow_hw: bool = False) -> tuple[int, int, int, int]:
+    """A trtexec-style ``BxCxHxW`` (C must be 3), or with ``allow_hw`` an ``HxW`` meaning ``1x3xHxW``."""
+    raw = (text or "").strip().lower().replace(" ", "")
+    expected = "BxCxHxW (e.g. 1x3x512x1024)" + (" or HxW (e.g. 512x1024)" if allow_hw else ", as in trtexec")
+    if not re.fullmatch(r"\d+(x\d+){1,3}", raw):
+        raise SegkdError(f"{option} {text!r}: expected {expected}")
+    dims = [int(p) for p in raw.split("x")]
+    if len(dims) == 2 and allow_hw:
+        dims = [1, 3, *dims]
+    if len(dims) != 4:
+        raise SegkdError(f"{option} {text!r}: expected {expected}")
+    if min(dims[0], dims[2], dims[3]) < 1:
+        raise SegkdError(f"{option} {text!r}: batch, height and width must be positive integers")
+    if dims[1] != 3:
+        raise SegkdError(f"{option} {text!r}: segkd models take 3-channel RGB images (C must be 3, got {dims[1]})")
+    return dims[0], dims[1], dims[2], dims[3]
