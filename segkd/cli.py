@@ -82,7 +82,9 @@ def convert_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model to build, e.g. segformer-b0.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="segkd checkpoint to write (.safetensors).")],
     num_classes: Annotated[int | None, typer.Option(help="Classes (default: read from the source head).")] = None,
-    classes: Annotated[Path | None, typer.Option(help="Text file with one class name per line.")] = None,
+    classes: Annotated[Path | None, typer.Option(help="Class names: a text file (one per line) or a JSON file with "
+                                                 "'classes' and optional 'palette' (e.g. a dataset's stats.json).")]
+    = None,
     ignore_index: Annotated[int, typer.Option(help="Label value ignored by losses and metrics.")] = 255,
     as_json: Annotated[bool, typer.Option("--json", help="Print the conversion report as JSON.")] = False,
 ) -> None:

@@ -310,6 +310,26 @@ def convert_checkpoint(
     return model, kwargs, report
 
 
+def read_class_file(path: str | Path) -> tuple[list[str], list[list[int]] | None]:
+    """Class names from a text file (one per line) or a JSON file with ``classes`` (and optional ``palette``)."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise SegkdError(f"{p}: class-name file not found")
+    if p.suffix == ".json":
+        try:
+            data = json.loads(p.read_text())
+            names = [c if isinstance(c, str) else c["name"] for c in data["classes"]]
+            palette = [[int(v) for v in rgb] for rgb in data["palette"]] if data.get("palette") else None
+        except (ValueError, KeyError, TypeError) as e:
+            raise SegkdError(f"{p}: expected JSON with a 'classes' list (and optional 'palette'): {e}") from None
+        if palette is not None and len(palette) != len(names):
+            raise SegkdError(f"{p}: {len(palette)} palette colours for {len(names)} classes")
+        return names, palette
+    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()], None
+
+
 def run_convert(
     src: str | Path,
     model_name: str,
@@ -323,19 +343,17 @@ def run_convert(
 
     from segkd.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
 
-    class_names = None
+    class_names, palette = None, None
     if classes_file is not None:
-        p = Path(classes_file)
-        if not p.is_file():
-            raise SegkdError(f"{p}: class-name file not found")
-        class_names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        class_names, palette = read_class_file(classes_file)
         if num_classes is not None and len(class_names) != num_classes:
-            raise SegkdError(f"{p}: {len(class_names)} class names but --num-classes {num_classes}")
+            raise SegkdError(f"{classes_file}: {len(class_names)} class names but --num-classes {num_classes}")
     model, kwargs, report = convert_checkpoint(src, model_name, num_classes, class_names)
     meta = CheckpointMeta(
         model=model.zoo_name,
         num_classes=model.num_classes,
         class_names=class_names or [],
+        palette=palette or [],
         ignore_index=ignore_index,
         model_kwargs=kwargs,
         args={"command": "convert", "src": str(src), "src_sha256": file_sha256(src)},
