@@ -424,14 +424,15 @@ def data_synth_cmd(
     train: Annotated[int, typer.Option(help="Training images.")] = 160,
     val: Annotated[int, typer.Option(help="Validation images.")] = 40,
     size: Annotated[str, typer.Option(help="Image size HxW.")] = "96x128",
-    classes: Annotated[int, typer.Option(help="Classes, background included (2-11).")] = 6,
+    classes: Annotated[int, typer.Option("--classes", help="Classes, background included (2-11).")] = 6,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
 ) -> None:
     """Write the procedural dataset (textured shapes on noisy backgrounds) in seconds."""
     from segkd.data import synthesize
     from segkd.shapes import parse_hw
 
-    root = synthesize(out_dir, n_train=train, n_val=val, size=parse_hw(size, "--size"), num_classes=classes, seed=seed)
+    root = synthesize(out_dir, n_train=train, n_val=val, size=parse_hw(size, "--size"), num_classes=classes,
+                      seed=seed, progress=True)
     out.print(f"wrote {train} train + {val} val images ({size}, {classes} classes) to {root}")
 
 
@@ -448,7 +449,7 @@ def data_inspect_cmd(
     from segkd.data import inspect_dataset, resolve_data_root
     from segkd.data.report import render_inspect
 
-    report = inspect_dataset(resolve_data_root(root), data_format, num_classes, ignore_index)
+    report = inspect_dataset(resolve_data_root(root), data_format, num_classes, ignore_index, progress=True)
     if as_json:
         _emit_json(report, None)
     else:

@@ -44,14 +44,31 @@ class Listing:
     problems: list[str]
 
 
+def _no_suffix_luts(ignore_index: int) -> dict[str, np.ndarray]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Format:
+    """How one dataset layout is recognised, paired, named and mapped to train ids.
+
+    ``lut(ignore)`` maps raw label values of every file; ``suffix_luts(ignore)`` overrides it for label files whose
+    name ends with a given suffix (Cityscapes ``*_labelIds.png`` next to ``*_labelTrainIds.png``).
+    """
+
     name: str
     detect: Callable[[Path], bool]
     list_split: Callable[[Path, str], Listing]
     classes: Callable[[Path, int | None], tuple[list[str], list[list[int]]]]
     lut: Callable[[int], np.ndarray]
     splits: tuple[str, ...] = ("train", "val")
+    suffix_luts: Callable[[int], dict[str, np.ndarray]] = _no_suffix_luts
+    find_splits: Callable[[Path], tuple[str, ...]] | None = None  # splits present on disk (default: ``splits``)
+
+    def splits_in(self, root: Path) -> tuple[str, ...]:
+        """The splits ``inspect`` looks at: those found on disk when the format can tell, else the usual ones."""
+        found = self.find_splits(root) if self.find_splits else ()
+        return found or self.splits
 
 
 DATASETS: Registry[Format] = Registry("dataset format")
@@ -68,13 +85,21 @@ def _pair_by_stem(img_dir: Path, lab_dir: Path, img_suffix: str = "", lab_suffix
         return Listing([], [f"{img_dir}: image folder not found"])
     if not lab_dir.is_dir():
         return Listing([], [f"{lab_dir}: label folder not found"])
-    labels = {p.stem.removesuffix(lab_suffix): p for p in _images_in(lab_dir) if p.stem.endswith(lab_suffix)}
+    labels: dict[str, Path] = {}
+    for lab in _images_in(lab_dir):
+        if lab.suffix.lower() != ".png":
+            problems.append(f"{lab}: labels must be PNG files (class indices, losslessly stored)")
+            continue
+        if lab.stem.endswith(lab_suffix):
+            labels[lab.stem.removesuffix(lab_suffix)] = lab
     pairs = []
-    seen = set()
+    seen: set[str] = set()
     for img in _images_in(img_dir):
         stem = img.stem.removesuffix(img_suffix)
         lab = labels.get(stem)
-        if lab is None:
+        if stem in seen:
+            problems.append(f"{img}: another image in {img_dir} has the same name stem {stem!r}")
+        elif lab is None:
             problems.append(f"{img}: missing label {lab_dir / (stem + lab_suffix + '.png')}")
         else:
             pairs.append((img, lab))
@@ -89,24 +114,38 @@ def _read_classes_file(root: Path) -> dict | None:
         if p.is_file():
             try:
                 data = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise SegkdError(f"{p}: not valid JSON ({e.msg})") from None
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                raise SegkdError(f"{p}: not a valid JSON class file ({str(e).splitlines()[0][:80]})") from None
             if isinstance(data, dict) and "classes" in data:
-                return data
+                return {**data, "_path": p}
     p = root / "classes.txt"
     if p.is_file():
-        return {"classes": [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]}
+        return {"classes": [ln.strip() for ln in p.read_text().splitlines() if ln.strip()], "_path": p}
     return None
 
 
 def _folder_classes(root: Path, num_classes: int | None) -> tuple[list[str], list[list[int]]]:
     data = _read_classes_file(root)
     if data is not None:
-        names = [c if isinstance(c, str) else c["name"] for c in data["classes"]]
+        src = data.get("_path", root)
+        raw = data["classes"]
+        if not isinstance(raw, list) or not raw:
+            raise SegkdError(f"{src}: 'classes' must be a non-empty list of names")
+        names = []
+        for c in raw:
+            name = c if isinstance(c, str) else c.get("name") if isinstance(c, dict) else None
+            if not isinstance(name, str):
+                raise SegkdError(f"{src}: class entry {c!r} is neither a name nor an object with a 'name'")
+            names.append(name)
         if num_classes is not None and num_classes != len(names):
-            raise SegkdError(f"{root}: its class file names {len(names)} classes but {num_classes} were asked for")
+            raise SegkdError(f"{src}: names {len(names)} classes but --num-classes is {num_classes}")
         palette = data.get("palette") or default_palette(len(names))
-        return names, [list(map(int, c)) for c in palette][: len(names)]
+        ok = isinstance(palette, list) and len(palette) >= len(names) and all(
+            isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+            for c in palette[: len(names)])
+        if not ok:
+            raise SegkdError(f"{src}: 'palette' must hold one [r, g, b] (0..255) per class ({len(names)})")
+        return names, [list(c) for c in palette[: len(names)]]
     if num_classes is None:
         raise SegkdError(f"{root}: folder dataset without classes.json/stats.json/classes.txt; pass --num-classes")
     return [f"class{i}" for i in range(num_classes)], default_palette(num_classes)
@@ -121,6 +160,14 @@ def _fixed(names: list[str], palette: list[list[int]] | None = None):
     return classes
 
 
+def _subfolders(folder: Path) -> tuple[str, ...]:
+    """Names of the sub-folders of ``folder``: train, val, test first, then the rest alphabetically."""
+    if not folder.is_dir():
+        return ()
+    order = {"train": 0, "val": 1, "test": 2}
+    return tuple(sorted((p.name for p in folder.iterdir() if p.is_dir()), key=lambda n: (order.get(n, 3), n)))
+
+
 # ----------------------------------------------------------------------------------------------- the formats
 DATASETS.add("folder", Format(
     "folder",
@@ -128,6 +175,7 @@ DATASETS.add("folder", Format(
     list_split=lambda r, s: _pair_by_stem(r / "images" / s, r / "labels" / s),
     classes=_folder_classes,
     lut=C.identity_lut,
+    find_splits=lambda r: _subfolders(r / "images"),
 ))
 
 DATASETS.add("camvid", Format(
@@ -135,7 +183,7 @@ DATASETS.add("camvid", Format(
     detect=lambda r: (r / "train").is_dir() and (r / "trainannot").is_dir(),
     list_split=lambda r, s: _pair_by_stem(r / s, r / f"{s}annot"),
     classes=_fixed(C.CAMVID_CLASSES, C.CAMVID_PALETTE),
-    lut=partial(C.void_lut, 11),
+    lut=partial(C.void_lut, C.CAMVID_VOID),
     splits=("train", "val", "test"),
 ))
 
@@ -158,16 +206,13 @@ def _cityscapes_split(root: Path, split: str) -> Listing:
     return Listing(pairs, problems)
 
 
-def _cityscapes_lut_for(label: Path, ignore_index: int) -> np.ndarray:
-    return C.cityscapes_id_lut(ignore_index) if label.name.endswith("_labelIds.png") else C.identity_lut(ignore_index)
-
-
 DATASETS.add("cityscapes", Format(
     "cityscapes",
     detect=lambda r: (r / "leftImg8bit").is_dir() and (r / "gtFine").is_dir(),
     list_split=_cityscapes_split,
     classes=_fixed(C.CITYSCAPES_CLASSES, C.CITYSCAPES_PALETTE),
-    lut=C.identity_lut,  # per file: *_labelIds.png goes through the id -> train id table (see SegDataset)
+    lut=C.identity_lut,  # *_labelTrainIds.png already hold train ids
+    suffix_luts=lambda ignore: {"_labelIds.png": C.cityscapes_id_lut(ignore)},
 ))
 
 
@@ -182,7 +227,7 @@ DATASETS.add("ade20k", Format(
         _ade_root(r) / "images" / {"train": "training", "val": "validation"}.get(s, s),
         _ade_root(r) / "annotations" / {"train": "training", "val": "validation"}.get(s, s),
     ),
-    classes=_fixed(C.ADE20K_CLASSES),
+    classes=_fixed(C.ADE20K_CLASSES, C.ADE20K_PALETTE),
     lut=C.reduce_zero_label_lut,
 ))
 
@@ -217,7 +262,7 @@ DATASETS.add("voc", Format(
     "voc",
     detect=lambda r: (_voc_root(r) / "SegmentationClass").is_dir(),
     list_split=_voc_split,
-    classes=_fixed(C.VOC_CLASSES, default_palette(21)),
+    classes=_fixed(C.VOC_CLASSES, C.VOC_PALETTE),
     lut=C.identity_lut,  # palettised PNGs hold class indices; 255 (object borders) is the ignore index
 ))
 
@@ -237,32 +282,48 @@ def detect_format(root: str | Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- the dataset
+def short_reason(e: Exception) -> str:
+    """An exception as a short single-line reason."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:80]}" if text else type(e).__name__
+
+
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 H x W x 3, or a one-line error naming the file."""
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))
     except Exception as e:  # PIL raises several types for broken files
-        raise SegkdError(f"{path}: unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
+        raise SegkdError(f"{path}: unreadable image ({short_reason(e)})") from None
+
+
+LABEL_MODES = ("L", "P", "I", "I;16", "1")
+
+
+def check_label_mode(path: Path, mode: str) -> None:
+    if mode not in LABEL_MODES:
+        raise SegkdError(f"{path}: label image has mode {mode}; expected one channel of class indices "
+                         "(convert colour-coded masks to indices first)")
 
 
 def read_label(path: Path) -> np.ndarray:
     """Raw label values H x W (palettised PNGs give their indices), or a one-line error naming the file."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise SegkdError(f"{path}: label image has mode {im.mode}; expected one channel of class indices")
-            return np.array(im)
+            check_label_mode(path, im.mode)
+            arr = np.array(im)
     except SegkdError:
         raise
     except Exception as e:
-        raise SegkdError(f"{path}: unreadable label ({type(e).__name__}: {str(e)[:80]})") from None
+        raise SegkdError(f"{path}: unreadable label ({short_reason(e)})") from None
+    return arr.astype(np.uint8) if arr.dtype == bool else arr
 
 
 def map_label(raw: np.ndarray, lut: np.ndarray, path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
     """Apply the format's lookup table and check every value is a class or the ignore index."""
     if raw.size and (raw.min() < 0 or raw.max() > 255):
-        raise SegkdError(f"{path}: label value {int(raw.max())} outside 0..255")
+        v = int(raw.min()) if raw.min() < 0 else int(raw.max())
+        raise SegkdError(f"{path}: label value {v} outside 0..255")
     lab = lut[raw.astype(np.int64)]
     bad = (lab != ignore_index) & ((lab < 0) | (lab >= num_classes))
     if bad.any():
@@ -283,14 +344,23 @@ class SegDataset(Dataset):
     """
 
     def __init__(self, pairs: list[tuple[Path, Path]], info: DatasetInfo, lut: np.ndarray,
-                 transform: Transform | None, seed: int = 0, split: str = "train") -> None:
+                 transform: Transform | None, seed: int = 0, split: str = "train",
+                 suffix_luts: dict[str, np.ndarray] | None = None) -> None:
         self.pairs = pairs
         self.info = info
         self.lut = lut
+        self.suffix_luts = dict(suffix_luts or {})
         self.transform = transform
         self.seed = seed
         self.epoch = 0
         self.split = split
+
+    def lut_for(self, label: Path) -> np.ndarray:
+        """The raw value -> train id table of one label file."""
+        for suffix, lut in self.suffix_luts.items():
+            if label.name.endswith(suffix):
+                return lut
+        return self.lut
 
     @property
     def names(self) -> list[str]:
@@ -310,14 +380,12 @@ class SegDataset(Dataset):
         if raw.shape[:2] != img.shape[:2]:
             raise SegkdError(f"{lab_path}: label is {raw.shape[1]}x{raw.shape[0]} but its image {img_path.name} "
                              f"is {img.shape[1]}x{img.shape[0]} (W x H)")
-        lut = self.lut
-        if self.info.format == "cityscapes":
-            lut = _cityscapes_lut_for(lab_path, self.info.ignore_index)
-        return img, map_label(raw, lut, lab_path, self.info.num_classes, self.info.ignore_index)
+        return img, map_label(raw, self.lut_for(lab_path), lab_path, self.info.num_classes, self.info.ignore_index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         img, lab = self.load(index)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        # SeedSequence entropy must be non-negative: a negative --seed is folded into 64 bits
+        rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, index])
         if self.transform is None:
             from segkd.data.transforms import to_tensors
 
@@ -349,4 +417,6 @@ def build_dataset(root: str | Path, split: str = "train", fmt: str | None = None
     if not listing.pairs:
         raise SegkdError(f"{root}: split {split!r} of this {name} dataset has no images")
     info = dataset_info(root, name, num_classes, ignore_index)
-    return SegDataset(listing.pairs, info, DATASETS.get(name).lut(ignore_index), transform, seed, split)
+    spec = DATASETS.get(name)
+    return SegDataset(listing.pairs, info, spec.lut(ignore_index), transform, seed, split,
+                      spec.suffix_luts(ignore_index))

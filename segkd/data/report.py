@@ -7,22 +7,28 @@ from rich.table import Table
 
 
 def render_inspect(report: dict, console: Console) -> None:
+    """Header line, one table of class pixel shares per split, image sizes, then every problem."""
     console.print(f"[bold]{report['root']}[/]: {report['format']} dataset, {report['num_classes']} classes, "
-                  f"ignore {report['ignore_index']}")
+                  f"ignore index {report['ignore_index']}", highlight=False)
     splits = report["splits"]
-    table = Table(title="class pixel share (%)")
-    table.add_column("class")
+    if splits:
+        table = Table(title="class pixel share (% of all pixels)")
+        table.add_column("id", justify="right")
+        table.add_column("class")
+        for split, s in splits.items():
+            table.add_column(f"{split} ({s['pairs']} images)", justify="right")
+        for i, name in enumerate(report["class_names"]):
+            table.add_row(str(i), name, *(f"{s['class_share_pct'][name]:.2f}" for s in splits.values()))
+        table.add_row(str(report["ignore_index"]), "(ignore)",
+                      *(f"{s['ignore_share_pct']:.2f}" for s in splits.values()), style="dim")
+        console.print(table)
     for split, s in splits.items():
-        table.add_column(f"{split} ({s['pairs']} images)", justify="right")
-    for name in report["class_names"]:
-        table.add_row(name, *(f"{s['class_share_pct'][name]:.2f}" for s in splits.values()))
-    console.print(table)
-    for split, s in splits.items():
-        sizes = ", ".join(f"{k} x{v}" for k, v in list(s["sizes_hxw"].items())[:5])
-        console.print(f"{split}: image sizes (HxW) {sizes}; ignore pixels {s['ignore_pixels']:,}")
+        shown = list(s["sizes_hxw"].items())
+        sizes = ", ".join(f"{k} ({v})" for k, v in shown[:5]) + (f", +{len(shown) - 5} more" if len(shown) > 5 else "")
+        console.print(f"{split}: {s['pairs']} pairs, image sizes HxW (count): {sizes or '-'}", highlight=False)
     if report["problems"]:
         console.print(f"[red]{len(report['problems'])} problem(s):[/]")
         for p in report["problems"]:
-            console.print(f"  {p}", highlight=False, soft_wrap=True)
+            console.print(f"  {p}", highlight=False, soft_wrap=True, markup=False)
     else:
         console.print("no problems found")

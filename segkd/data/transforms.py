@@ -1,9 +1,12 @@
 """Segmentation augmentation: one geometric transform applied identically to image and label.
 
-Order (mmseg's): optional fixed resize (``--resize``), random rescale, random crop padded with 0 (image) and the
-ignore index (label), horizontal flip, photometric jitter (brightness, contrast, saturation; hue is not jittered:
-it costs an HSV round trip per image and matters little for driving scenes), normalisation. All randomness comes
-from the ``rng`` passed in, which the dataset seeds from ``(seed, epoch, index)``.
+Order (mmseg's): optional fixed resize (``--resize``), random rescale, random crop, horizontal flip, photometric
+jitter, padding to the crop size (image 0, label the ignore index), normalisation. Jitter runs before the padding
+so padded pixels stay exactly 0 (black) whatever the jitter draws. Padding goes to the bottom/right as in mmseg.
+All randomness comes from the ``rng`` passed in, which the dataset seeds from ``(seed, epoch, index)``.
+
+Jitter ranges are mmseg's PhotoMetricDistortion (brightness +-32, contrast and saturation x0.5..1.5) with a light
+hue rotation (+-18 degrees about the grey axis, done as a 3x3 colour matrix so it needs no HSV round trip).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from PIL import Image
 
 from segkd.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from segkd.errors import SegkdError
 
 
 def to_tensors(img: np.ndarray, lab: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
@@ -36,6 +40,16 @@ def resize_pair(img: np.ndarray, lab: np.ndarray, size: tuple[int, int]) -> tupl
     return img, lab
 
 
+HUE_DEGREES = 18.0
+
+
+def hue_matrix(degrees: float) -> np.ndarray:
+    """3x3 RGB matrix rotating colours by ``degrees`` about the grey axis (greys are unchanged)."""
+    a = np.deg2rad(degrees)
+    k = np.array([[0, -1, 1], [1, 0, -1], [-1, 1, 0]], np.float32) / np.sqrt(3)
+    return (np.cos(a) * np.eye(3) + (1 - np.cos(a)) / 3 * np.ones((3, 3)) + np.sin(a) * k).astype(np.float32)
+
+
 def _jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     x = img.astype(np.float32)
     x += rng.uniform(-32, 32)  # brightness
@@ -43,46 +57,49 @@ def _jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     x = (x - mean) * rng.uniform(0.5, 1.5) + mean  # contrast
     grey = x.mean(axis=2, keepdims=True)
     x = (x - grey) * rng.uniform(0.5, 1.5) + grey  # saturation
+    x = x @ hue_matrix(rng.uniform(-HUE_DEGREES, HUE_DEGREES)).T  # hue
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
 class TrainTransform:
-    """Random rescale, crop, flip, jitter, normalise (a picklable callable for DataLoader workers)."""
+    """Random rescale, crop, flip, jitter, pad, normalise (a picklable callable for DataLoader workers).
+
+    Without ``crop`` the output keeps the (resized) input size: a rescaled image is cropped or padded back to it,
+    so batches stack.
+    """
 
     def __init__(self, crop: tuple[int, int] | None = None, scale: tuple[float, float] = (0.5, 2.0),
                  flip: bool = True, jitter: bool = True, resize: tuple[int, int] | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  ignore_index: int = 255) -> None:
+        if crop is not None and min(crop) < 1:
+            raise SegkdError(f"--crop {crop[0]}x{crop[1]}: both sides must be at least 1")
+        if not 0 < scale[0] <= scale[1]:
+            raise SegkdError(f"--scale {scale[0]},{scale[1]}: needs 0 < min <= max")
         self.crop, self.scale, self.flip, self.jitter, self.resize = crop, scale, flip, jitter, resize
         self.mean, self.std, self.ignore_index = list(mean), list(std), ignore_index
 
     def __call__(self, img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self.resize:
             img, lab = resize_pair(img, lab, self.resize)
-        crop = self.crop or img.shape[:2]  # without --crop, a rescaled image is cropped/padded back to its size
+        ch, cw = self.crop or img.shape[:2]
         s = rng.uniform(*self.scale)
         if s != 1.0:
             h, w = img.shape[:2]
             img, lab = resize_pair(img, lab, (max(1, round(h * s)), max(1, round(w * s))))
-        if tuple(img.shape[:2]) != tuple(crop):
-            img, lab = self._random_crop(img, lab, crop, rng)
+        h, w = img.shape[:2]
+        top = int(rng.integers(0, max(h - ch, 0) + 1))
+        left = int(rng.integers(0, max(w - cw, 0) + 1))
+        img, lab = img[top:top + ch, left:left + cw], lab[top:top + ch, left:left + cw]
         if self.flip and rng.random() < 0.5:
             img, lab = img[:, ::-1], lab[:, ::-1]
         if self.jitter:
             img = _jitter(img, rng)
-        return to_tensors(img, lab, self.mean, self.std)
-
-    def _random_crop(self, img: np.ndarray, lab: np.ndarray, crop: tuple[int, int], rng: np.random.Generator):
-        ch, cw = crop
-        h, w = img.shape[:2]
-        ph, pw = max(ch - h, 0), max(cw - w, 0)
+        ph, pw = ch - img.shape[0], cw - img.shape[1]
         if ph or pw:
             img = np.pad(img, ((0, ph), (0, pw), (0, 0)), constant_values=0)
-            lab = np.pad(lab, ((0, ph), (0, pw)), constant_values=self.ignore_index)
-            h, w = img.shape[:2]
-        top = int(rng.integers(0, h - ch + 1))
-        left = int(rng.integers(0, w - cw + 1))
-        return img[top:top + ch, left:left + cw], lab[top:top + ch, left:left + cw]
+            lab = np.pad(lab.astype(np.int64), ((0, ph), (0, pw)), constant_values=self.ignore_index)
+        return to_tensors(img, lab, self.mean, self.std)
 
 
 class EvalTransform:
@@ -102,20 +119,27 @@ def build_train_transform(crop: tuple[int, int] | None = None, scale: tuple[floa
                           flip: bool = True, jitter: bool = True, resize: tuple[int, int] | None = None,
                           mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                           ignore_index: int = 255) -> TrainTransform:
+    """The training augmentation: ``(uint8 HxWx3, int HxW, rng) -> (normalised 3xHxW, int64 HxW)``."""
+    _check_resize(resize)
     return TrainTransform(crop, scale, flip, jitter, resize, mean, std, ignore_index)
 
 
 def build_eval_transform(resize: tuple[int, int] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
                          std: Sequence[float] = IMAGENET_STD) -> EvalTransform:
+    """Deterministic evaluation transform: optional resize (image bilinear, label nearest), normalisation."""
+    _check_resize(resize)
     return EvalTransform(resize, mean, std)
+
+
+def _check_resize(resize: tuple[int, int] | None) -> None:
+    if resize is not None and min(resize) < 1:
+        raise SegkdError(f"--resize {resize[0]}x{resize[1]}: both sides must be at least 1")
 
 
 def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack (image, label) pairs; images of different sizes get a one-line hint instead of a stack error."""
     shapes = {tuple(img.shape) for img, _ in batch}
     if len(shapes) > 1:
-        from segkd.errors import SegkdError
-
         sizes = ", ".join(f"{s[1]}x{s[2]}" for s in sorted(shapes)[:3])
         raise SegkdError(f"images of different sizes in one batch ({sizes}); pass --crop HxW or --resize HxW")
     return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
