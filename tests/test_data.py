@@ -195,3 +195,184 @@ def test_cli_synth_and_inspect(tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     assert rep["splits"]["train"]["pairs"] == 3 and rep["problems"] == []
+
+
+# ------------------------------------------------------------------------------------------- further behaviour
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.strip() == msg
+    return msg
+
+
+def _folder(root: Path, n: int = 2, h: int = 8, w: int = 10, k: int = 3) -> Path:
+    for i in range(n):
+        _png(root / f"images/train/im{i}.png", _img(h, w, 20 * i))
+        _png(root / f"labels/train/im{i}.png", np.arange(h * w).reshape(h, w) % k, "L")
+    return root
+
+
+def test_validate_cheap_reads_headers_full_reads_values(tmp_path):
+    _folder(tmp_path)
+    _png(tmp_path / "labels/train/im1.png", np.full((8, 10), 9), "L")  # 9 is no class of 3
+    ds = build_dataset(tmp_path, "train", num_classes=3)
+    validate_dataset(ds, full=False)  # headers are fine: the cheap check passes
+    with pytest.raises(SegkdError, match=r"im1\.png: label value 9 is neither a class \(0\.\.2\) nor the ignore") as e:
+        validate_dataset(ds, full=True)
+    _one_line(e)
+    _png(tmp_path / "labels/train/im0.png", np.zeros((8, 10, 3)))  # a colour-coded (RGB) label
+    with pytest.raises(SegkdError, match=r"im0\.png: label image has mode RGB") as e:
+        validate_dataset(ds, full=False)
+    _one_line(e)
+    (tmp_path / "images/train/im0.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(SegkdError, match=r"images/train/im0\.png: unreadable image") as e:
+        validate_dataset(ds, full=False)
+    _one_line(e)
+
+
+def test_every_bad_input_is_one_line(tmp_path):
+    _folder(tmp_path)
+    _png(tmp_path / "images/train/extra.png", _img(8, 10))
+    with pytest.raises(SegkdError, match=r"extra\.png: missing label .*labels/train/extra\.png") as e:
+        build_dataset(tmp_path, "train", num_classes=3)
+    _one_line(e)
+    (tmp_path / "images/train/extra.png").unlink()
+    (tmp_path / "classes.json").write_text('{"classes": ["a", "b", "c"], "palette": [[1, 2]]}')
+    with pytest.raises(SegkdError, match=r"classes\.json: 'palette' must hold one \[r, g, b\]") as e:
+        build_dataset(tmp_path, "train")
+    _one_line(e)
+    (tmp_path / "classes.json").write_text('{"classes": ["a", "b", "c"]}')
+    with pytest.raises(SegkdError, match=r"classes\.json: names 3 classes but --num-classes is 5") as e:
+        build_dataset(tmp_path, "train", num_classes=5)
+    _one_line(e)
+    (tmp_path / "classes.json").write_text("{not json")
+    with pytest.raises(SegkdError, match=r"classes\.json: not a valid JSON class file") as e:
+        build_dataset(tmp_path, "train")
+    _one_line(e)
+    with pytest.raises(SegkdError, match="no known dataset layout") as e:
+        detect_format(tmp_path / "images")
+    _one_line(e)
+    with pytest.raises(SegkdError, match=r"--resize 0x4"):
+        build_eval_transform(resize=(0, 4))
+
+
+def test_inspect_lists_all_problems_and_cli_exits_nonzero(tmp_path):
+    _folder(tmp_path, n=3)
+    (tmp_path / "classes.json").write_text('{"classes": ["a", "b", "c"]}')
+    _png(tmp_path / "labels/train/im0.png", np.full((8, 10), 7), "L")  # bad value
+    _png(tmp_path / "labels/train/im1.png", np.zeros((9, 10)), "L")  # size mismatch
+    (tmp_path / "images/train/im2.png").write_bytes(b"broken")  # unreadable image
+    _png(tmp_path / "images/train/lonely.jpg", _img(8, 10))  # missing label
+    _png(tmp_path / "labels/train/orphan.png", np.zeros((8, 10)), "L")  # label without image
+    _png(tmp_path / "labels/train/lossy.jpg", _img(8, 10))  # a JPEG label
+    _png(tmp_path / "images/test/t.png", _img(8, 10))  # a third split, found on disk
+    _png(tmp_path / "labels/test/t.png", np.ones((8, 10)), "L")
+    rep = inspect_dataset(tmp_path)
+    joined = "\n".join(rep["problems"])
+    for needle in ("im0.png: label value 7", "im1.png: label is 10x9 but its image im1.png is 10x8",
+                   "im2.png: unreadable image", "lonely.jpg: missing label", "orphan.png: label without an image",
+                   "lossy.jpg: labels must be PNG"):
+        assert needle in joined, needle
+    assert len(rep["problems"]) == 6 and rep["splits"]["train"]["bad_pairs"] == 3
+    assert rep["splits"]["test"]["class_pixels"] == {"a": 0, "b": 80, "c": 0}
+    r = CliRunner().invoke(app, ["data", "inspect", str(tmp_path)])
+    assert r.exit_code == 1 and isinstance(r.exception, SegkdError) and "6 problem(s) found" in str(r.exception)
+    assert "lonely.jpg: missing label" in r.output
+
+
+def test_inspect_class_frequencies_by_hand(tmp_path):
+    _png(tmp_path / "images/val/a.png", _img(2, 3))
+    _png(tmp_path / "labels/val/a.png", np.array([[0, 1, 1], [255, 1, 0]]), "L")
+    rep = inspect_dataset(tmp_path, num_classes=2)
+    s = rep["splits"]["val"]
+    assert s["class_pixels"] == {"class0": 2, "class1": 3} and s["ignore_pixels"] == 1
+    assert s["class_share_pct"]["class1"] == 50.0 and s["sizes_hxw"] == {"2x3": 1} and rep["problems"] == []
+
+
+def test_standard_palettes_and_cityscapes_unlabelled_ids(tmp_path):
+    from segkd.data.classes import ADE20K_PALETTE, VOC_PALETTE, class_table
+
+    assert ADE20K_PALETTE[0] == [120, 120, 120] and len(ADE20K_PALETTE) == 150
+    assert VOC_PALETTE[15] == [192, 128, 128] and VOC_PALETTE[1] == [128, 0, 0]  # person, aeroplane
+    assert class_table("cityscapes")[1][0] == [128, 64, 128]
+    _png(tmp_path / "leftImg8bit/train/aachen/a_1_leftImg8bit.png", _img(1, 4))
+    _png(tmp_path / "gtFine/train/aachen/a_1_gtFine_labelIds.png", np.array([[1, 255, 34, 24]]), "L")
+    ds = build_dataset(tmp_path, "train", transform=RAW)
+    assert ds[0][1].tolist() == [[255, 255, 255, 11]]  # ego vehicle, -1 (255) and id 34 ignored; 24 = person
+    assert ds.names == ["a_1_leftImg8bit"] and ds.info.palette[11] == [220, 20, 60]
+
+
+def test_dataset_pickles_and_workers_reproduce(tmp_path):
+    import pickle
+
+    root = synthesize(tmp_path / "s", n_train=4, n_val=1, size=(24, 32), num_classes=3)
+    ds = build_dataset(root, "train", transform=build_train_transform(crop=(16, 16)), seed=-5)
+    ds.set_epoch(3)
+    again = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(again[2][0], ds[2][0])
+    from torch.utils.data import DataLoader
+
+    one = [b for b in DataLoader(ds, batch_size=2, num_workers=0)]
+    two = [b for b in DataLoader(ds, batch_size=2, num_workers=2)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(one, two))
+
+
+def test_jitter_keeps_padding_black_and_hue_rotation():
+    from segkd.data.transforms import hue_matrix
+
+    m = hue_matrix(120.0)
+    assert np.allclose(m @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], atol=1e-6)  # red -> green
+    assert np.allclose(hue_matrix(13.0) @ [0.3, 0.3, 0.3], [0.3, 0.3, 0.3], atol=1e-6)  # greys unchanged
+    img = np.full((10, 12, 3), 200, np.uint8)
+    lab = np.ones((10, 12), np.int64)
+    tf = build_train_transform(crop=(20, 20), scale=(1.0, 1.0), jitter=True, mean=(0.0, 0.0, 0.0),
+                               std=(1 / 255, 1 / 255, 1 / 255))
+    for seed in range(4):
+        x, y = tf(img, lab, np.random.default_rng(seed))
+        assert x.shape == (3, 20, 20) and (y == 1).sum() == 120 and (y == 255).sum() == 280
+        assert torch.all(x[:, y == 255] == 0) and torch.all(x[:, y == 1] > 0)
+
+
+def test_eval_resize_is_nearest_for_labels(tmp_path):
+    lab = np.kron(np.array([[0, 1], [2, 255]]), np.ones((4, 4), np.int64))
+    _png(tmp_path / "images/val/a.png", _img(8, 8))
+    _png(tmp_path / "labels/val/a.png", lab, "L")
+    ds = build_dataset(tmp_path, "val", num_classes=3, transform=build_eval_transform(resize=(6, 10)))
+    x, y = ds[0]
+    assert x.shape == (3, 6, 10) and y.shape == (6, 10) and set(y.unique().tolist()) == {0, 1, 2, 255}
+    assert y[0, 0] == 0 and y[0, -1] == 1 and y[-1, 0] == 2 and y[-1, -1] == 255
+
+
+def test_synth_seed_layout_and_cache(tmp_path, monkeypatch):
+    from segkd.data import resolve_data_root
+    from segkd.data.synth import default_synth_root
+
+    a = synthesize(tmp_path / "a", n_train=2, n_val=1, size=(24, 32), num_classes=3, seed=0)
+    b = synthesize(tmp_path / "b", n_train=2, n_val=1, size=(24, 32), num_classes=3, seed=1)
+    assert (a / "images/train/train_00000.png").read_bytes() != (b / "images/train/train_00000.png").read_bytes()
+    meta = json.loads((a / "classes.json").read_text())
+    assert meta["classes"] == ["background", "alpha", "beta"] and len(meta["palette"]) == 3
+    synthesize(a, n_train=1, n_val=1, size=(24, 32), num_classes=3)  # an earlier synthetic set is replaced
+    assert len(list((a / "images/train").iterdir())) == 1
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("x")
+    with pytest.raises(SegkdError, match="not empty"):
+        synthesize(tmp_path / "mine", n_train=1, n_val=1)
+    monkeypatch.setenv("SEGKD_CACHE", str(tmp_path / "cache"))
+    kw = {"n_train": 2, "n_val": 1, "size": (16, 16), "num_classes": 3}
+    first = default_synth_root(**kw)
+    stamp = (first / "classes.json").stat().st_mtime_ns
+    assert default_synth_root(**kw) == first and (first / "classes.json").stat().st_mtime_ns == stamp
+    assert first.parent == tmp_path / "cache" and build_dataset(first, "val").info.num_classes == 3
+    assert resolve_data_root(str(first)) == first
+    with pytest.raises(SegkdError, match="dataset folder not found"):
+        resolve_data_root(str(tmp_path / "absent"))
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="shared CamVid not present")
+def test_real_camvid_train_classes():
+    ds = build_dataset(CAMVID, "train", transform=RAW)
+    assert len(ds) == 367 and ds.info.class_names == json.loads((CAMVID / "stats.json").read_text())["classes"]
+    for i in (0, 100, 366):
+        x, y = ds[i]
+        assert x.shape == (3, 180, 240) and int(y[y != 255].max()) <= 10  # void (11) became the ignore index
+    validate_dataset(ds, full=False)
