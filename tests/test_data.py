@@ -349,6 +349,8 @@ def test_synth_seed_layout_and_cache(tmp_path, monkeypatch):
     a = synthesize(tmp_path / "a", n_train=2, n_val=1, size=(24, 32), num_classes=3, seed=0)
     b = synthesize(tmp_path / "b", n_train=2, n_val=1, size=(24, 32), num_classes=3, seed=1)
     assert (a / "images/train/train_00000.png").read_bytes() != (b / "images/train/train_00000.png").read_bytes()
+    c = synthesize(tmp_path / "c", n_train=3, n_val=1, size=(24, 32), num_classes=3, seed=0)  # more images
+    assert (a / "labels/val/val_00000.png").read_bytes() == (c / "labels/val/val_00000.png").read_bytes()
     meta = json.loads((a / "classes.json").read_text())
     assert meta["classes"] == ["background", "alpha", "beta"] and len(meta["palette"]) == 3
     synthesize(a, n_train=1, n_val=1, size=(24, 32), num_classes=3)  # an earlier synthetic set is replaced

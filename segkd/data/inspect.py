@@ -99,10 +99,12 @@ def inspect_dataset(root: str | Path, fmt: str | None = None, num_classes: int |
     report: dict = {"root": str(root), "format": name, "num_classes": info.num_classes,
                     "class_names": info.class_names, "ignore_index": ignore_index, "splits": {}, "problems": []}
     wanted = splits or spec.splits_in(root)
+    missing: list[str] = []
     for split in wanted:
         _, listing = list_split(root, split, name)
         if not listing.pairs and all("not found" in p for p in listing.problems):
-            continue  # the split does not exist
+            missing += listing.problems  # the split does not exist; said only if no split does
+            continue
         report["problems"] += listing.problems
         ds = SegDataset(listing.pairs, info, spec.lut(ignore_index), None, split=split,
                         suffix_luts=spec.suffix_luts(ignore_index))
@@ -134,4 +136,5 @@ def inspect_dataset(root: str | Path, fmt: str | None = None, num_classes: int |
         }
     if not report["splits"]:
         report["problems"].append(f"{root}: no split with images found (looked for {', '.join(wanted)})")
+        report["problems"] += missing
     return report

@@ -7,7 +7,7 @@ and a random illumination, so a small model reaches a meaningful, not perfect, m
 
 Defaults: 96x128 images (HxW), 160 train / 40 val, 6 classes, written in about 3 s on one core. The size is chosen
 for a 2-core CPU quickstart: a DeepLabV3-ResNet18 or SegFormer-B0 step at batch 8 stays well under a second.
-Image ``i`` depends only on ``(seed, i)`` and class styles only on ``(seed, class)``, so a set is identical whatever
+Image ``i`` depends only on the seed, ``i``, the size and the class count, so a set is identical whatever
 the counts asked for.
 """
 
