@@ -364,6 +364,7 @@ class SegDataset(Dataset):
 
     @property
     def names(self) -> list[str]:
+        """File stems of the images, in item order (prediction files are named after them)."""
         return [img.stem for img, _ in self.pairs]
 
     def set_epoch(self, epoch: int) -> None:
@@ -394,12 +395,14 @@ class SegDataset(Dataset):
 
 
 def list_split(root: str | Path, split: str, fmt: str | None = None) -> tuple[str, Listing]:
+    """``(format name, pairs + pairing problems)`` of one split; detects the format unless ``fmt`` names it."""
     root = Path(root)
     name = DATASETS.canonical(fmt) if fmt else detect_format(root)
     return name, DATASETS.get(name).list_split(root, split)
 
 
 def dataset_info(root: str | Path, fmt: str, num_classes: int | None = None, ignore_index: int = 255) -> DatasetInfo:
+    """Class names and palette of a dataset root in format ``fmt`` (a folder's class file, or the standard table)."""
     names, palette = DATASETS.get(fmt).classes(Path(root), num_classes)
     return DatasetInfo(fmt, len(names), names, palette, ignore_index)
 
