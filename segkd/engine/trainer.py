@@ -188,8 +188,8 @@ def prepare_data(cfg: TrainConfig, info: DistInfo | None = None) -> DataBundle:
     error: SegkdError | None = None
     if info is None or info.is_main:  # one scan is enough; the other ranks learn the outcome below
         try:
-            validate_dataset(train, full=True)
-            validate_dataset(val, full=True)
+            validate_dataset(train, full=True, progress=cfg.progress)
+            validate_dataset(val, full=True, progress=cfg.progress)
         except SegkdError as e:
             error = e
     if info is not None and any_rank(error is not None, info):
