@@ -41,8 +41,8 @@ def segkd(*args: str, capture: bool = False) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="quickstart-out", help="folder for every artefact (recreated)")
-    ap.add_argument("--teacher-iters", type=int, default=300, help="teacher training iterations")
-    ap.add_argument("--student-iters", type=int, default=300, help="student distillation iterations")
+    ap.add_argument("--teacher-iters", type=int, default=200, help="teacher training iterations")
+    ap.add_argument("--student-iters", type=int, default=200, help="student distillation iterations")
     ap.add_argument("--batch", type=int, default=8, help="batch size of both runs")
     ap.add_argument("--max-latency-ms", type=float, default=2000.0, help="bench gate on the student's p50 latency")
     args = ap.parse_args()
