@@ -179,8 +179,13 @@ def render(results: dict[str, Any], table: list[Row], args: argparse.Namespace) 
     for row in table:
         r = results.get(row.name)
         if r is None:
+            prog = getattr(args, "partial", {}).get(row.name)
+            iters = args.teacher_iters if row.name == "teacher-vit" else args.iters
+            state = "not run" if prog is None else (
+                f"unfinished: {pct(prog['miou'])} at iteration {prog['iter']}/{iters}" if prog["miou"] is not None
+                else "started, no validation yet")
             lines.append(f"| {row.name} | {row.model} | {row.method or '—'} | {row.teacher or row.peer or '—'} "
-                         "| not run | | | | | |")
+                         f"| {state} | | | | | |")
             continue
         base = results.get(row.baseline or "", {})
         delta = "" if not base else f"{100 * (r['final_miou'] - base['final_miou']):+.2f}"
@@ -211,7 +216,16 @@ def render(results: dict[str, Any], table: list[Row], args: argparse.Namespace) 
         "## How to reproduce",
         "",
         "```",
-        " ".join(["python examples/reproduce_camvid.py"] + sys.argv[1:]),
+        f"python examples/reproduce_camvid.py --out {args.out} --iters {args.iters} --teacher-iters "
+        f"{args.teacher_iters} --batch {args.batch} --crop {args.crop} --scale {args.scale} --warmup {args.warmup} "
+        f"--val-every {args.val_every} --threads {args.threads} --seed {args.seed}",
+        "```",
+        "",
+        "Rows can run in parallel processes (`--only ROWS --json PART.json`) and be merged with "
+        "`--report-only --merge PART.json ...`; an interrupted row continues from its `resume.pt` when the same "
+        "command is run again.",
+        "",
+        "```",
         "```",
         "",
         f"Environment: Python {platform.python_version()}, torch {torch.__version__}, "
@@ -219,6 +233,34 @@ def render(results: dict[str, Any], table: list[Row], args: argparse.Namespace) 
         "",
     ]
     return "\n".join(lines)
+
+
+def progress_of(out: Path) -> dict[str, Any] | None:
+    """The last validation of an unfinished row (from its metrics.jsonl), for the report."""
+    log = out / "metrics.jsonl"
+    if not log.exists():
+        return None
+    vals = [json.loads(ln) for ln in log.read_text().splitlines() if '"type": "val"' in ln]
+    vals = [v for v in vals if v.get("model") == "student"]
+    return {"iter": vals[-1]["iter"], "miou": vals[-1]["miou"]} if vals else {"iter": 0, "miou": None}
+
+
+def report_only(results: dict[str, Any], table: list[Row], args: argparse.Namespace, json_path: Path) -> int:
+    partial: dict[str, Any] = {}
+    for row in table:
+        out = Path(args.out) / row.name.replace("+", "_")
+        if row.name in results or row.kind == "eval":
+            continue
+        if finished(out) is not None:
+            results[row.name] = run_row(row, args, results)
+        elif (prog := progress_of(out)) is not None:
+            partial[row.name] = prog
+    args.partial = partial
+    doc = {"settings": {k: v for k, v in vars(args).items()}, "rows": results, "unfinished": partial}
+    atomic_write_text(json_path, json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write_text(Path(args.docs), render(results, table, args))
+    print(f"wrote {args.docs} and {json_path}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", action="store_true", help="Also run C2VKD + CE (a diagnostic row, ~+10%% time).")
     p.add_argument("--only", default=None, help="Comma-separated row names to run (others are read if done).")
     p.add_argument("--no-progress", action="store_true", help="Plain log lines instead of progress bars.")
+    p.add_argument("--merge", nargs="*", default=[], help="Results JSON files of parallel runs to read rows from.")
+    p.add_argument("--report-only", action="store_true", help="Train nothing: write the docs from finished rows "
+                   "(and the last validation of unfinished ones).")
     args = p.parse_args(argv)
     args.teacher_iters = args.teacher_iters or 2 * args.iters
     parse_hw(args.crop, "--crop")
@@ -251,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     only = None if args.only is None else {s.strip() for s in args.only.split(",")}
     json_path = Path(args.json)
     results: dict[str, Any] = json.loads(json_path.read_text())["rows"] if json_path.exists() else {}
+    for extra in args.merge:
+        results.update(json.loads(Path(extra).read_text())["rows"])
+    if args.report_only:
+        return report_only(results, table, args, json_path)
     for row in table:
         if only is not None and row.name not in only:
             continue
