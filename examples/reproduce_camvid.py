@@ -225,9 +225,6 @@ def render(results: dict[str, Any], table: list[Row], args: argparse.Namespace) 
         "`--report-only --merge PART.json ...`; an interrupted row continues from its `resume.pt` when the same "
         "command is run again.",
         "",
-        "```",
-        "```",
-        "",
         f"Environment: Python {platform.python_version()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.",
         "",
