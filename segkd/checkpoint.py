@@ -131,8 +131,8 @@ def save_checkpoint(path: str | Path, model: nn.Module | Mapping[str, Tensor], m
     return atomic_write_bytes(path, data)
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and raw header metadata of a safetensors file, or a one-line error."""
+def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors (unless ``tensors=False``: header only) and raw metadata of a safetensors file, or a one-line error."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -141,38 +141,28 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            data = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}
     except Exception as e:  # safetensors raises its own error types for truncated/garbage files
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise SegkdError(f"{path}: not a readable safetensors file ({reason})") from None
-    return tensors, meta
+    return data, meta
+
+
+def _segkd_meta(raw: dict[str, str], path: str | Path) -> CheckpointMeta:
+    if META_KEY not in raw:
+        raise SegkdError(f"{path}: a safetensors file without segkd metadata; import it first with `segkd convert`")
+    return CheckpointMeta.from_json(raw[META_KEY], source=str(path))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta]:
     """Weights and metadata of a segkd checkpoint."""
     tensors, raw = read_safetensors(path)
-    if META_KEY not in raw:
-        raise SegkdError(
-            f"{path}: a safetensors file without segkd metadata; import it first with `segkd convert`"
-        )
-    return tensors, CheckpointMeta.from_json(raw[META_KEY], source=str(path))
+    return tensors, _segkd_meta(raw, path)
 
 
 def read_meta(path: str | Path) -> CheckpointMeta:
     """Only the metadata (reads the header, not the tensors)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise SegkdError(f"{path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            raw = fh.metadata() or {}
-    except Exception as e:
-        raise SegkdError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
-    if META_KEY not in raw:
-        raise SegkdError(f"{path}: a safetensors file without segkd metadata; import it with `segkd convert`")
-    return CheckpointMeta.from_json(raw[META_KEY], source=str(path))
+    return _segkd_meta(read_safetensors(path, tensors=False)[1], path)
 
 
 def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: str, strict: bool = True) -> None:
