@@ -3,6 +3,7 @@ reduction, the ``segkd eval`` command and its one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -229,8 +230,7 @@ def test_evaluate_rejects_wrong_class_count():
 def test_to_dict_has_nulls_for_undefined():
     conf = torch.tensor([[3, 0, 0], [0, 0, 0], [0, 0, 0]])
     s = scores_from_confusion(conf)
-    r = EvalResult(s.miou, s.aacc, s.macc, s.fwiou, s.mdice, s.per_class_iou, s.per_class_acc, s.per_class_dice,
-                   conf, n_images=1)
+    r = EvalResult(**dataclasses.asdict(s), confusion=conf, n_images=1)
     d = json.loads(json.dumps(r.to_dict()))
     assert d["per_class_iou"] == [1.0, None, None] and d["miou"] == 1.0
 

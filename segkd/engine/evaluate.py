@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from segkd.engine.metrics import CONVENTION, ConfusionMeter, all_reduce_sum, nan_to_none, scores_from_confusion
+from segkd.engine.metrics import (
+    CONVENTION,
+    ConfusionMeter,
+    Scores,
+    all_reduce_sum,
+    nan_to_none,
+    scores_from_confusion,
+)
 from segkd.errors import SegkdError
 from segkd.models.base import upsample_logits
 
@@ -30,17 +37,10 @@ BatchHook = Callable[[int, Tensor, Tensor, Tensor], None]
 
 
 @dataclass
-class EvalResult:
-    """Dataset-level metrics (fractions in [0, 1]; NaN where undefined, see :mod:`segkd.engine.metrics`)."""
+class EvalResult(Scores):
+    """Dataset-level metrics (fractions in [0, 1]; NaN where undefined, see :mod:`segkd.engine.metrics`), plus the
+    confusion matrix and run facts they came from."""
 
-    miou: float
-    aacc: float
-    macc: float
-    fwiou: float
-    mdice: float
-    per_class_iou: list[float]
-    per_class_acc: list[float]
-    per_class_dice: list[float]
     confusion: Tensor
     n_images: int
     ignore_index: int | None = 255
@@ -60,15 +60,13 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: summary metrics, a per-class block keyed by class name, the raw confusion matrix."""
-        gt = self.confusion.sum(1).tolist()
-        pred = self.confusion.sum(0).tolist()
         per_class = {
             name: {
                 "iou": nan_to_none(self.per_class_iou[i]),
                 "acc": nan_to_none(self.per_class_acc[i]),
                 "dice": nan_to_none(self.per_class_dice[i]),
-                "gt_pixels": int(gt[i]),
-                "pred_pixels": int(pred[i]),
+                "gt_pixels": self.gt_pixels[i],
+                "pred_pixels": self.pred_pixels[i],
             }
             for i, name in enumerate(self.names())
         }
@@ -175,9 +173,7 @@ def evaluate(
         n_images = int(all_reduce_sum(torch.tensor([n_images], dtype=torch.int64, device=device)).item())
     s = scores_from_confusion(meter.matrix)
     return EvalResult(
-        miou=s.miou, aacc=s.aacc, macc=s.macc, fwiou=s.fwiou, mdice=s.mdice,
-        per_class_iou=s.per_class_iou, per_class_acc=s.per_class_acc, per_class_dice=s.per_class_dice,
-        confusion=meter.matrix.cpu(), n_images=n_images, ignore_index=ignore_index,
+        **asdict(s), confusion=meter.matrix.cpu(), n_images=n_images, ignore_index=ignore_index,
         class_names=list(class_names) if class_names else None, seconds=time.perf_counter() - start, rank=rank,
     )
 
