@@ -230,8 +230,9 @@ def valid_mask(labels: Tensor, ignore_index: int) -> Tensor:
 class Method(nn.Module):
     """Small shared base: keeps ``last_raw`` and the role names. Subclasses implement ``terms``."""
 
-    def __init__(self, ignore_index: int = 255) -> None:
+    def __init__(self, opts: Any, ignore_index: int = 255) -> None:
         super().__init__()
+        self.opts = opts
         self.ignore_index = ignore_index
         self.last_raw: dict[str, Tensor] = {}
 

@@ -268,8 +268,7 @@ class C2VKDOptions:
 
 class C2VKD(Method):
     def __init__(self, opts: C2VKDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> None:
-        super().__init__(ignore_index)
-        self.opts = opts
+        super().__init__(opts, ignore_index)
         self.s_tap, self.t_tap = resolve_tap(student, "deep"), "layer4"
         cs, ct = student.feature_spec(self.s_tap).channels, teacher.feature_spec(self.t_tap).channels
         self.vis_head = nn.Conv2d(cs, ct, 1, bias=False)

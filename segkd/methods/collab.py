@@ -168,8 +168,7 @@ class CollabOptions:
 
 class Collab(Method):
     def __init__(self, opts: CollabOptions, student: SegModel, peer: SegModel, ignore_index: int = 255) -> None:
-        super().__init__(ignore_index)
-        self.opts = opts
+        super().__init__(opts, ignore_index)
         self.hfd_taps = [(stage_tap(student, k), stage_tap(peer, k)) for k in opts.hfd_stages]
         self.deep = (resolve_tap(student, "deep"), resolve_tap(peer, "deep"))
 

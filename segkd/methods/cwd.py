@@ -49,8 +49,7 @@ class CWDOptions:
 
 class CWD(Method):
     def __init__(self, opts: CWDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> None:
-        super().__init__(ignore_index)
-        self.opts = opts
+        super().__init__(opts, ignore_index)
         self.s_tap, self.t_tap = resolve_tap(student, "deep"), resolve_tap(teacher, "deep")
         if opts.feature:
             cs, ct = student.feature_spec(self.s_tap).channels, teacher.feature_spec(self.t_tap).channels

@@ -85,9 +85,6 @@ class DKDOptions:
 
 
 class DKD(Method):
-    def __init__(self, opts: DKDOptions, ignore_index: int = 255) -> None:
-        super().__init__(ignore_index)
-        self.opts = opts
 
     def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput]) -> dict[str, Tensor]:
         o = self.opts

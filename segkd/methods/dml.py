@@ -31,9 +31,6 @@ class DMLOptions:
 
 
 class DML(Method):
-    def __init__(self, opts: DMLOptions, ignore_index: int = 255) -> None:
-        super().__init__(ignore_index)
-        self.opts = opts
 
     def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput]) -> dict[str, Tensor]:
         o = self.opts

@@ -50,9 +50,6 @@ class KDOptions:
 
 
 class KD(Method):
-    def __init__(self, opts: KDOptions, ignore_index: int = 255) -> None:
-        super().__init__(ignore_index)
-        self.opts = opts
 
     def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput]) -> dict[str, Tensor]:
         o = self.opts

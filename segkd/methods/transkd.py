@@ -214,8 +214,7 @@ def _pair_check(student: SegModel, teacher: SegModel) -> str | None:
 
 class TransKD(Method):
     def __init__(self, opts: TransKDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> None:
-        super().__init__(ignore_index)
-        self.opts = opts
+        super().__init__(opts, ignore_index)
         cs, ct = _stage_channels(student, "stage"), _stage_channels(teacher, "stage")
         es, et = _stage_channels(student, "embed"), _stage_channels(teacher, "embed")
         self.csf = CSF(cs, ct, opts.csf_mid)
