@@ -138,9 +138,24 @@ def supports_aux(model_name: str) -> bool:
     return "aux" in inspect.signature(build).parameters
 
 
-class SupervisedTask:
+class NoExtraState:
+    """For tasks whose whole state lives in their trainable parts (adapters included): nothing extra to save."""
+
+    kind = "this task"
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise SegkdError(f"unexpected task state keys for {self.kind}: {sorted(state)}")
+
+
+class SupervisedTask(NoExtraState):
     """Plain supervised training: pixel cross-entropy, plus ``aux_weight`` x CE of the auxiliary head when the
     model has one (DeepLabV3 built with ``aux=True``; torchvision and mmseg weight it 0.5 and 0.4)."""
+
+    kind = "supervised training"
 
     find_unused_parameters = False
 
@@ -171,9 +186,3 @@ class SupervisedTask:
         self.model.train(mode)
         return self
 
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        if state:
-            raise SegkdError(f"unexpected task state keys for supervised training: {sorted(state)}")

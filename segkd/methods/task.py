@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from segkd.checkpoint import META_KEY, CheckpointMeta, atomic_write_text, load_state_checked, read_safetensors
-from segkd.engine.task import OptimConfig, Part
+from segkd.engine.task import NoExtraState, OptimConfig, Part
 from segkd.engine.trainer import Callback, DataBundle, TrainConfig, parse_hw, run_task
 from segkd.errors import SegkdError
 from segkd.methods.base import METHODS, Method, MethodSpec, check_pair, make_options
@@ -45,8 +45,10 @@ def _assemble(terms: dict[str, Tensor], raw: dict[str, Tensor]) -> dict[str, Ten
     return out
 
 
-class DistillTask:
+class DistillTask(NoExtraState):
     """A frozen teacher distilled into a student by ``method`` (see the module docstring)."""
+
+    kind = "distillation"
 
     find_unused_parameters = True  # e.g. TransKD's SK BN is skipped at batch 1; some adapters idle in ablations
 
@@ -93,13 +95,6 @@ class DistillTask:
         self.teacher.eval()
         return self
 
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        if state:
-            raise SegkdError(f"unexpected task state keys for distillation: {sorted(state)}")
-
     def param_report(self) -> dict[str, Any]:
         return {"deploy_params": {"student": count_params(self.student)},
                 "adapter_params": {"student": self.method.trainable_parameter_count()},
@@ -112,8 +107,10 @@ class DistillTask:
                                         "adapter_params": rep["adapter_params"]["student"]}}}
 
 
-class OnlineTask:
+class OnlineTask(NoExtraState):
     """Two students trained together by an online method; each part has its own adapters and optimiser."""
+
+    kind = "online distillation"
 
     find_unused_parameters = True  # region/pixel masks can leave a projection without a gradient
 
@@ -147,13 +144,6 @@ class OnlineTask:
         self.peer.train(mode)
         self.method.train(mode)
         return self
-
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        if state:
-            raise SegkdError(f"unexpected task state keys for online distillation: {sorted(state)}")
 
     def param_report(self) -> dict[str, Any]:
         peer_mods = self.method.peer_modules()
