@@ -81,9 +81,21 @@ def rows(teacher_cnn: str, extra: bool = False) -> list[Row]:
     ]
 
 
-def common(args: argparse.Namespace, out: Path, iters: int) -> dict[str, Any]:
-    return dict(data=args.data, out=str(out), iters=iters, batch=args.batch, crop=args.crop, scale=args.scale,
-                warmup=args.warmup, val_every=args.val_every, workers=args.workers, seed=args.seed,
+SEEDLESS = ("teacher-cnn", "teacher-vit")  # run once (seed 0); every seed's rows use the same teachers
+
+
+def key(name: str, seed: int) -> str:
+    """Results key (and, with '#' -> '_', run directory) of a row at one seed; seed 0 keeps the bare name."""
+    return name if seed == 0 or name in SEEDLESS else f"{name}#s{seed}"
+
+
+def run_dir(args: argparse.Namespace, name: str, seed: int) -> Path:
+    return Path(args.out) / key(name, seed).replace("+", "_").replace("#", "_")
+
+
+def common(args: argparse.Namespace, out: Path, iters: int, seed: int) -> dict[str, Any]:
+    return dict(data=args.data, out=str(out), iters=iters, lr=args.lr, batch=args.batch, crop=args.crop,
+                scale=args.scale, warmup=args.warmup, val_every=args.val_every, workers=args.workers, seed=seed,
                 device=args.device, progress=not args.no_progress, log_every=10)
 
 
@@ -100,8 +112,8 @@ def model_figures(model: torch.nn.Module) -> dict[str, Any]:
     return {"deploy_params": count_params(model), "gmacs": deploy_gmacs(model, EVAL_SIZE)}  # type: ignore[arg-type]
 
 
-def run_row(row: Row, args: argparse.Namespace, done: dict[str, Any]) -> dict[str, Any]:
-    out = Path(args.out) / row.name.replace("+", "_")
+def run_row(row: Row, args: argparse.Namespace, done: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    out = run_dir(args, row.name, seed)
     iters = args.teacher_iters if row.name == "teacher-vit" else args.iters
     if row.kind == "eval":
         from torch.utils.data import DataLoader
@@ -121,7 +133,7 @@ def run_row(row: Row, args: argparse.Namespace, done: dict[str, Any]) -> dict[st
     if doc is None:
         resume = out if (out / "resume.pt").exists() else None
         if row.kind == "train":
-            cfg = TrainConfig(model=row.model, aux_weight=0.0, **common(args, out, iters))
+            cfg = TrainConfig(model=row.model, aux_weight=0.0, **common(args, out, iters, seed))
             run_train(cfg, resume=resume)
         else:
             weights = row.teacher_weights
@@ -129,12 +141,12 @@ def run_row(row: Row, args: argparse.Namespace, done: dict[str, Any]) -> dict[st
                 weights = done[weights[1:]]["checkpoint"]
             cfg = DistillConfig(model=row.model, method=row.method or "kd", teacher=row.teacher,
                                 teacher_weights=weights, peer=row.peer, method_opts=dict(row.opts),
-                                **common(args, out, iters))
+                                **common(args, out, iters, seed))
             run_distill(cfg, resume=resume)
         doc = finished(out)
         assert doc is not None
     s = doc["summary"]
-    result: dict[str, Any] = {"iters": s["iterations"], "wall_s": s["wall_time_s"], "run_dir": str(out),
+    result: dict[str, Any] = {"iters": s["iterations"], "seed": seed, "wall_s": s["wall_time_s"], "run_dir": str(out),
                               "checkpoint": s["checkpoints"]["student"]["best"]}
     for role in s["final"]:
         key = "" if role == "student" else "peer_"
@@ -157,54 +169,91 @@ def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}"
 
 
+def method_label(row: Row) -> str:
+    if row.method is None:
+        return "eval only" if row.kind == "eval" else "CE alone"
+    return row.method + "".join(f" {k}={v}" for k, v in row.opts.items())
+
+
+def over_seeds(results: dict[str, Any], name: str, seeds: list[int], field: str = "final_miou"
+               ) -> list[tuple[int, float]]:
+    """(seed, value) of one row's field at every seed that has finished."""
+    return [(sd, results[key(name, sd)][field]) for sd in seeds if key(name, sd) in results]
+
+
+def miou_cell(vals: list[tuple[int, float]], spread: bool = True) -> str:
+    """The mean over seeds, and with several seeds each seed's value in brackets."""
+    xs = [v for _, v in vals]
+    if not xs:
+        return "—"
+    mean = pct(sum(xs) / len(xs))
+    return mean if len(xs) == 1 or not spread else f"{mean} ({' / '.join(pct(x) for x in xs)})"
+
+
+def delta_cell(vals: list[tuple[int, float]], base: list[tuple[int, float]]) -> str:
+    """Paired difference with the baseline row at the same seed (same data order and initial draw), mean first."""
+    b = dict(base)
+    ds = [100 * (v - b[sd]) for sd, v in vals if sd in b]
+    if not ds:
+        return ""
+    mean = f"{sum(ds) / len(ds):+.2f}"
+    return mean if len(ds) == 1 else f"{mean} ({' / '.join(f'{d:+.2f}' for d in ds)})"
+
+
 def render(results: dict[str, Any], table: list[Row], args: argparse.Namespace) -> str:
     lines = [
         "# CamVid reproduction (reduced scale)",
         "",
         "Generated by `examples/reproduce_camvid.py`; raw figures in `results.json`. CamVid 11 classes, train split "
         "(367 images) for training, val split (101 images) for reporting, whole 180x240 images, no test-time "
-        "augmentation. mIoU = final val mIoU (after the last iteration; the best periodic validation in "
-        "brackets). GMACs at 1x3x180x240; params = deployed model only (training-only adapters in their own "
+        "augmentation. val mIoU = final val mIoU after the last iteration, the mean over seeds (each seed in "
+        "brackets); best val = the best periodic validation (mean over seeds). Δ vs alone = the paired difference "
+        "with the row trained alone at the same seed (same initial draw and data order), mean first. "
+        "GMACs at 1x3x180x240; params = deployed model only (training-only adapters in their own "
         "column). Wall time on this machine (2 CPU cores, shared).",
         "",
         f"Schedule (every student row): {args.iters} iterations, batch {args.batch}, random crop {args.crop}, "
-        f"rescale {args.scale}, flip, AdamW (segkd defaults: lr 2e-4, head x10, wd 0.01), {args.warmup} warm-up "
-        f"iterations then poly decay, seed {args.seed}, random initialisation (no ImageNet weights). "
+        f"rescale {args.scale}, flip, AdamW (lr {args.lr:g}, head x10, wd 0.01), {args.warmup} warm-up "
+        f"iterations then poly decay, seeds {','.join(map(str, args.seeds))}, random initialisation "
+        "(no ImageNet weights). "
         f"SegFormer-B1 teacher: {args.teacher_iters} iterations, otherwise the same.",
         "",
-        "| row | model | method | teacher / partner | val mIoU | Δ vs alone | params (M) | GMACs | adapters (M) "
-        "| wall (min) |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| row | model | method | teacher / partner | val mIoU | best val | Δ vs alone | params (M) | GMACs "
+        "| adapters (M) | wall (min) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table:
-        r = results.get(row.name)
-        if r is None:
+        seeds = [0] if row.name in SEEDLESS else args.seeds
+        vals = over_seeds(results, row.name, seeds)
+        if not vals:
             prog = getattr(args, "partial", {}).get(row.name)
             iters = args.teacher_iters if row.name == "teacher-vit" else args.iters
             state = "not run" if prog is None else (
                 f"unfinished: {pct(prog['miou'])} at iteration {prog['iter']}/{iters}" if prog["miou"] is not None
                 else "started, no validation yet")
             lines.append(f"| {row.name} | {row.model} | {row.method or '—'} | {row.teacher or row.peer or '—'} "
-                         f"| {state} | | | | | |")
+                         f"| {state} | | | | | | |")
             continue
-        base = results.get(row.baseline or "", {})
-        delta = "" if not base else f"{100 * (r['final_miou'] - base['final_miou']):+.2f}"
+        r = results[key(row.name, vals[0][0])]
         adapters = r.get("adapter_params", {}).get("student") if isinstance(r.get("adapter_params"), dict) else None
-        wall = "—" if r.get("wall_s") is None else f"{r['wall_s'] / 60:.1f}"
+        walls = [results[key(row.name, sd)].get("wall_s") for sd, _ in vals]
+        wall = "—" if None in walls else f"{sum(walls) / len(walls) / 60:.1f}"
         lines.append(
-            f"| {row.name} | {row.model} | {row.method or ('eval only' if row.kind == 'eval' else 'CE alone')} | "
-            f"{row.teacher or row.peer or '—'} | {pct(r['final_miou'])} ({pct(r['best_miou'])}) | {delta} | "
+            f"| {row.name} | {row.model} | {method_label(row)} | "
+            f"{row.teacher or row.peer or '—'} | {miou_cell(vals)} | "
+            f"{miou_cell(over_seeds(results, row.name, seeds, 'best_miou'), spread=False)} | "
+            f"{delta_cell(vals, over_seeds(results, row.baseline or '', seeds))} | "
             f"{r['deploy_params'] / 1e6:.2f} | {r['gmacs']:.2f} | "
-            f"{'—' if adapters is None else f'{adapters / 1e6:.3f}'} | "
-            f"{wall} |")
+            f"{'—' if adapters is None else f'{adapters / 1e6:.3f}'} | {wall} |")
         if row.peer and "peer_final_miou" in r:
-            pbase = results.get(row.peer_baseline or "", {})
-            pdelta = "" if not pbase else f"{100 * (r['peer_final_miou'] - pbase['final_miou']):+.2f}"
+            pvals = over_seeds(results, row.name, seeds, "peer_final_miou")
             padapt = r.get("adapter_params", {}).get("peer")
             lines.append(
-                f"| {row.name} (peer) | {row.peer} | {row.method} | {row.model} | {pct(r['peer_final_miou'])} "
-                f"({pct(r['peer_best_miou'])}) | {pdelta} | {r['peer_deploy_params'] / 1e6:.2f} | "
-                f"{r['peer_gmacs']:.2f} | {'—' if padapt is None else f'{padapt / 1e6:.3f}'} | (same run) |")
+                f"| {row.name} (peer) | {row.peer} | {row.method} | {row.model} | {miou_cell(pvals)} | "
+                f"{miou_cell(over_seeds(results, row.name, seeds, 'peer_best_miou'), spread=False)} | "
+                f"{delta_cell(pvals, over_seeds(results, row.peer_baseline or '', seeds))} | "
+                f"{r['peer_deploy_params'] / 1e6:.2f} | {r['peer_gmacs']:.2f} | "
+                f"{'—' if padapt is None else f'{padapt / 1e6:.3f}'} | (same run) |")
     pool = next((r.get("pool_source") for r in results.values() if r.get("pool_source")), None)
     lines += [
         "",
@@ -218,7 +267,8 @@ def render(results: dict[str, Any], table: list[Row], args: argparse.Namespace) 
         "```",
         f"python examples/reproduce_camvid.py --out {args.out} --iters {args.iters} --teacher-iters "
         f"{args.teacher_iters} --batch {args.batch} --crop {args.crop} --scale {args.scale} --warmup {args.warmup} "
-        f"--val-every {args.val_every} --threads {args.threads} --seed {args.seed}",
+        f"--lr {args.lr:g} --val-every {args.val_every} --threads {args.threads} "
+        f"--seeds {','.join(map(str, args.seeds))}" + (" --extra" if args.extra else ""),
         "```",
         "",
         "Rows can run in parallel processes (`--only ROWS --json PART.json`) and be merged with "
@@ -232,6 +282,17 @@ def render(results: dict[str, Any], table: list[Row], args: argparse.Namespace) 
     return "\n".join(lines)
 
 
+FINDINGS = "<!-- findings: written by hand, kept when the table above is regenerated -->"
+
+
+def write_docs(path: Path, table_md: str) -> None:
+    """Write the generated table, keeping whatever follows the FINDINGS marker in the existing file."""
+    kept = ""
+    if path.exists() and FINDINGS in (old := path.read_text()):
+        kept = old[old.index(FINDINGS):]
+    atomic_write_text(path, table_md + ("\n" + kept if kept else ""))
+
+
 def progress_of(out: Path) -> dict[str, Any] | None:
     """The last validation of an unfinished row (from its metrics.jsonl), for the report."""
     log = out / "metrics.jsonl"
@@ -242,20 +303,25 @@ def progress_of(out: Path) -> dict[str, Any] | None:
     return {"iter": vals[-1]["iter"], "miou": vals[-1]["miou"]} if vals else {"iter": 0, "miou": None}
 
 
+def jobs(table: list[Row], seeds: list[int]) -> list[tuple[Row, int]]:
+    """(row, seed) in run order: every row at the first seed, then every student row at the next seed, ..."""
+    return [(row, sd) for i, sd in enumerate(seeds) for row in table if i == 0 or row.name not in SEEDLESS]
+
+
 def report_only(results: dict[str, Any], table: list[Row], args: argparse.Namespace, json_path: Path) -> int:
     partial: dict[str, Any] = {}
-    for row in table:
-        out = Path(args.out) / row.name.replace("+", "_")
-        if row.name in results or row.kind == "eval":
+    for row, seed in jobs(table, args.seeds):
+        out, k = run_dir(args, row.name, seed), key(row.name, seed)
+        if k in results or row.kind == "eval":
             continue
         if finished(out) is not None:
-            results[row.name] = run_row(row, args, results)
-        elif (prog := progress_of(out)) is not None:
+            results[k] = run_row(row, args, results, seed)
+        elif (prog := progress_of(out)) is not None and row.name not in partial:
             partial[row.name] = prog
     args.partial = partial
     doc = {"settings": {k: v for k, v in vars(args).items()}, "rows": results, "unfinished": partial}
     atomic_write_text(json_path, json.dumps(doc, indent=2, default=str) + "\n")
-    atomic_write_text(Path(args.docs), render(results, table, args))
+    write_docs(Path(args.docs), render(results, table, args))
     print(f"wrote {args.docs} and {json_path}", file=sys.stderr)
     return 0
 
@@ -270,13 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=800, help="Iterations of every student row.")
     p.add_argument("--teacher-iters", type=int, default=None, help="Iterations of the SegFormer-B1 teacher "
                    "(default 2x --iters).")
+    p.add_argument("--lr", type=float, default=1e-3, help="Base learning rate of every trained row (heads x10).")
     p.add_argument("--batch", type=int, default=8, help="Batch size.")
     p.add_argument("--crop", default="128x160", help="Random crop HxW.")
     p.add_argument("--scale", default="0.75,1.5", help="Random rescale range.")
     p.add_argument("--warmup", type=int, default=50, help="Warm-up iterations.")
     p.add_argument("--val-every", type=int, default=200, help="Validate (and save a resume point) every N iters.")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of every row.")
+    p.add_argument("--seeds", default="0", help="Comma-separated seeds: every student row runs once per seed "
+                   "(teachers once); the table shows the mean and each seed.")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda.")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     p.add_argument("--extra", action="store_true", help="Also run C2VKD + CE (a diagnostic row, ~+10%% time).")
@@ -287,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(and the last validation of unfinished ones).")
     args = p.parse_args(argv)
     args.teacher_iters = args.teacher_iters or 2 * args.iters
+    args.seeds = [int(x) for x in args.seeds.split(",")]
     parse_hw(args.crop, "--crop")
     torch.set_num_threads(args.threads)
     table = rows(args.teacher_cnn, args.extra)
@@ -297,21 +366,22 @@ def main(argv: list[str] | None = None) -> int:
         results.update(json.loads(Path(extra).read_text())["rows"])
     if args.report_only:
         return report_only(results, table, args, json_path)
-    for row in table:
+    for row, seed in jobs(table, args.seeds):
+        k = key(row.name, seed)
         if only is not None and row.name not in only:
             continue
-        if row.name in results and results[row.name].get("iters") in (None, args.teacher_iters
-                                                                      if row.name == "teacher-vit" else args.iters):
+        if k in results and results[k].get("iters") in (None, args.teacher_iters
+                                                        if row.name == "teacher-vit" else args.iters):
             continue
         if row.teacher_weights == "@teacher-vit" and "teacher-vit" not in results:
-            print(f"skip {row.name}: the teacher-vit row has not run", file=sys.stderr)
+            print(f"skip {k}: the teacher-vit row has not run", file=sys.stderr)
             continue
-        print(f"== {row.name}", file=sys.stderr, flush=True)
-        results[row.name] = run_row(row, args, results)
+        print(f"== {k}", file=sys.stderr, flush=True)
+        results[k] = run_row(row, args, results, seed)
         doc = {"settings": {k: v for k, v in vars(args).items()}, "rows": results}
         atomic_write_text(json_path, json.dumps(doc, indent=2, default=str) + "\n")
-        atomic_write_text(Path(args.docs), render(results, table, args))
-    atomic_write_text(Path(args.docs), render(results, table, args))
+        write_docs(Path(args.docs), render(results, table, args))
+    write_docs(Path(args.docs), render(results, table, args))
     print(f"wrote {args.docs} and {json_path}", file=sys.stderr)
     return 0
 
