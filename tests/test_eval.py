@@ -416,3 +416,16 @@ def test_cli_eval_class_count_mismatch(tiny_ckpt, tmp_path, monkeypatch, capsys)
     code, _, err = _cli(monkeypatch, capsys, "eval", str(tiny_ckpt), "--data", str(data), "--device", "cpu")
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 1 and len(lines) == 1 and "predicts 3 classes" in lines[0] and "has 4" in lines[0], err
+
+
+def test_report_names_prefer_the_dataset_over_placeholders():
+    from types import SimpleNamespace
+
+    from segkd.engine.evaluate import report_names
+
+    ds = SimpleNamespace(info=SimpleNamespace(class_names=["Sky", "Road"]))
+    assert report_names(["class0", "class1"], ds) == ["Sky", "Road"]  # a converted checkpoint names nothing
+    assert report_names(None, ds) == ["Sky", "Road"]
+    assert report_names(["sky", "road"], ds) == ["sky", "road"]  # the model's own names win
+    assert report_names(["class0", "class1", "class2"], ds) == ["class0", "class1", "class2"]  # counts differ
+    assert report_names(["class0"], SimpleNamespace()) == ["class0"]

@@ -279,7 +279,7 @@ def run_eval(
                                 mean=meta.mean, std=meta.std)
 
     result = evaluate(predict, loader, meta.num_classes, ignore_index=ignore, device=dev, distributed=distributed,
-                      progress=progress, class_names=meta.class_names, on_batch=hook)
+                      progress=progress, class_names=report_names(meta.class_names, dataset), on_batch=hook)
     result.extra = {
         "source": str(source),
         "kind": kind,
@@ -314,6 +314,16 @@ def build_eval_dataset(data: str | Path, data_format: str | None, split: str, re
     except SegkdError:  # e.g. a folder dataset without a class file: the checkpoint's class count applies
         return build_dataset(root, split, fmt=data_format, transform=transform, num_classes=meta.num_classes,
                              ignore_index=meta.ignore_index)
+
+
+def report_names(model_names: Sequence[str] | None, dataset: Any) -> list[str] | None:
+    """The model's class names, unless it only has placeholders (``class0``, ... as a converted foreign checkpoint
+    has) and the dataset names its classes: then the dataset's, so the per-class table says "Sky", not "class0"."""
+    ds_names = getattr(getattr(dataset, "info", dataset), "class_names", None)
+    generic = not model_names or all(n == f"class{i}" for i, n in enumerate(model_names))
+    if generic and ds_names and (not model_names or len(ds_names) == len(model_names)):
+        return list(ds_names)
+    return list(model_names) if model_names else None
 
 
 def _dataset_classes(dataset: Any) -> tuple[int | None, int | None]:
