@@ -332,6 +332,20 @@ def test_gradients_reach_student_and_adapters_never_teacher(method: str, teacher
     assert {f"raw_{k}" for k in task.method.last_raw} <= set(terms)
 
 
+def test_pixel_accuracy_by_hand() -> None:
+    from segkd.methods.task import pixel_accuracy
+
+    z = torch.zeros(1, 3, 2, 2)
+    z[0, 0, 0, 0] = z[0, 1, 0, 1] = z[0, 2, 1, 0] = z[0, 2, 1, 1] = 5.0  # argmax [[0, 1], [2, 2]]
+    labels = torch.tensor([[[0, 2], [2, 255]]])  # right, wrong, right, ignored -> 2 / 3
+    assert float(pixel_accuracy(z, labels, 255)) == pytest.approx(2 / 3)
+    # logits at half the label size are upsampled first: a constant class-1 map is right wherever the label is 1
+    small = torch.zeros(1, 3, 1, 1)
+    small[0, 1] = 1.0
+    assert float(pixel_accuracy(small, torch.tensor([[[1, 1], [0, 1]]]), 255)) == pytest.approx(3 / 4)
+    assert float(pixel_accuracy(z, torch.full((1, 2, 2), 255), 255)) == 0.0  # nothing labelled: 0, not NaN
+
+
 def test_collab_updates_both_students(tmp_path: Path, teachers: dict[str, str]) -> None:
     cfg = _cfg("collab", tmp_path, teachers, peer="deeplabv3-resnet18")
     torch.manual_seed(0)
@@ -376,6 +390,8 @@ def test_end_to_end(method: str, teacher: str | None, peer: str | None, opts: di
     terms = [k[4:] for k in train if k.startswith("raw_")]
     assert terms and all(f"loss_{t}" in train for t in terms) and math.isfinite(train["loss"])
     assert train["loss"] == pytest.approx(sum(train[f"loss_{t}"] for t in terms), rel=1e-5)
+    roles = ("student", "peer") if peer else ("student", "teacher")
+    assert all(0.0 <= train[f"acc_{r}"] <= 1.0 for r in roles)  # logged, never part of the loss
     report = json.loads((out / "distill.json").read_text())
     student = create_model("segformer-b0", num_classes=3)
     with safe_open(str(out / "last.safetensors"), "pt") as fh:

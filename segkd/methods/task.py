@@ -7,8 +7,10 @@
   optimiser settings (``--peer-optimizer``, ``--peer-lr``, ...).
 
 Both return, per step, ``loss`` (sum of the weighted terms), ``loss_<term>`` (weighted) and ``raw_<term>``
-(unweighted) so every term is logged. Deploy models are the bare students: checkpoints hold the student (and peer)
-alone; adapter parameter counts are reported separately (``distill.json`` and the checkpoint metrics).
+(unweighted) so every term is logged, plus ``acc_<role>``: each network's pixel accuracy on the training batch
+(is the teacher better than the student on what it distils?). Deploy models are the bare students: checkpoints
+hold the student (and peer) alone; adapter parameter counts are reported separately (``distill.json`` and the
+checkpoint metrics).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def _outputs(model: nn.Module, images: Tensor, taps: bool) -> SegOutput:
     return out if isinstance(out, SegOutput) else SegOutput(out)
 
 
-def _assemble(terms: dict[str, Tensor], raw: dict[str, Tensor]) -> dict[str, Tensor]:
+def _assemble(terms: dict[str, Tensor], raw: dict[str, Tensor], labels: Tensor, ignore_index: int,
+              **logits: Tensor) -> dict[str, Tensor]:
     if not terms:
         raise SegkdError("the method returned no loss term (every weight is 0?)")
     out: dict[str, Tensor] = {"loss": sum(terms.values())}  # type: ignore[dict-item]
@@ -42,7 +45,26 @@ def _assemble(terms: dict[str, Tensor], raw: dict[str, Tensor]) -> dict[str, Ten
         out[f"loss_{k}"] = v
         if k in raw:
             out[f"raw_{k}"] = raw[k]
+    for role, z in logits.items():
+        out[f"acc_{role}"] = pixel_accuracy(z, labels, ignore_index)
     return out
+
+
+def pixel_accuracy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """Share of labelled pixels whose argmax (logits upsampled bilinearly to the label size) is right, detached.
+
+    Logged per step as ``acc_teacher`` / ``acc_student`` / ``acc_peer``: a teacher barely better than the student
+    *on the training crops it distils from* (smaller than the images it was trained or evaluated on) has little to
+    teach. A batch with no labelled pixel counts as 0 rather than NaN (the trainer stops on a non-finite value).
+    """
+    with torch.no_grad():
+        z = logits.detach()
+        if tuple(z.shape[-2:]) != tuple(labels.shape[-2:]):
+            z = torch.nn.functional.interpolate(z.float(), size=labels.shape[-2:], mode="bilinear",
+                                                align_corners=False)
+        valid = (labels != ignore_index) & (labels >= 0)
+        right = (z.argmax(1) == labels) & valid
+        return right.sum().float() / valid.sum().clamp(min=1).float()
 
 
 class DistillTask(NoExtraState):
@@ -84,7 +106,8 @@ class DistillTask(NoExtraState):
         s_out = _outputs(self.student, images, bool(self.spec.taps.get("student")))
         t_out = self.teacher_outputs(images)
         terms = self.method(images, labels, {"student": s_out, "teacher": t_out})
-        return _assemble(terms, self.method.last_raw)
+        return _assemble(terms, self.method.last_raw, labels, self.method.ignore_index, student=s_out.logits,
+                         teacher=t_out.logits)
 
     def deploy_models(self) -> dict[str, SegModel]:
         return {"student": self.student}
@@ -134,7 +157,8 @@ class OnlineTask(NoExtraState):
     def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         outs = {"student": _outputs(self.student, images, bool(self.spec.taps.get("student"))),
                 "peer": _outputs(self.peer, images, bool(self.spec.taps.get("peer")))}
-        return _assemble(self.method(images, labels, outs), self.method.last_raw)
+        return _assemble(self.method(images, labels, outs), self.method.last_raw, labels, self.method.ignore_index,
+                         student=outs["student"].logits, peer=outs["peer"].logits)
 
     def deploy_models(self) -> dict[str, SegModel]:
         return {"student": self.student, "peer": self.peer}
