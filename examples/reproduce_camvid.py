@@ -11,11 +11,14 @@ Rows (train split for training, val split for reporting, whole 180x240 images):
 * ``collab``        B0 + R18 trained together; each is compared with its own solo row (``b0`` / ``r18``)
 * ``b0+c2vkd+ce``   only with ``--extra``: C2VKD plus the student's CE (diagnoses PDD's weak early gradient)
 
-Budget (estimated from the shared teacher's logged speed, 2 idle cores): with the defaults (800 iterations, batch
-8, crop 128x160; the B1 teacher 1600) the table takes about 2.5 hours, dominated by the rows that run a
-DeepLabV3-R18 (its OS8 trunk costs ~5 GMACs per 128x160 image, 8x SegFormer-B0). Scale ``--iters`` to fit.
+Budget (measured, one row per core, two single-thread processes merged with ``--merge``): with the defaults (600
+iterations, batch 8, random crop 96x128 from the full-resolution images, rescale 0.75-1.5; the B1 teacher 1200)
+a row takes 4.5 min (B0 alone), 7-16 min (B0 with a teacher), 26-28 min (the rows that train a DeepLabV3-R18) on
+one core: one seed of the table is about 130 core-minutes, ~66 min on the two cores, and two seeds fit in about
+2.5 hours. Crops are taken from the full-resolution images so the shared teacher sees its own training scale: at
+a 90x120 resize it falls from 57.99 to 39.95 mIoU.
 
-Every row uses the same student schedule (``--iters``, ``--batch``, ``--crop``, AdamW with segkd's defaults,
+Every row uses the same student schedule (``--iters``, ``--batch``, ``--crop``, AdamW at ``--lr``,
 poly decay, ``--warmup``), from random initialisation (no ImageNet weights exist on this machine). The script is
 resumable: a finished row is read back from its ``run.json``; an interrupted one continues from its
 ``resume.pt`` (Ctrl-C, then run the same command again). After every row it rewrites ``docs/results.md`` (the
