@@ -230,8 +230,9 @@ def render(results: dict[str, Any], table: list[Row], args: argparse.Namespace) 
         f"Schedule (every student row): {args.iters} iterations, batch {args.batch}, random crop {args.crop}, "
         f"rescale {args.scale}, flip, AdamW (lr {args.lr:g}, head x10, wd 0.01), {args.warmup} warm-up "
         f"iterations then poly decay, seeds {','.join(map(str, args.seeds))}, random initialisation "
-        "(no ImageNet weights). "
-        f"SegFormer-B1 teacher: {args.teacher_iters} iterations, otherwise the same.",
+        "(no ImageNet weights)."
+        + (f" SegFormer-B1 teacher: {args.teacher_iters} iterations, otherwise the same."
+           if any(row.name == "teacher-vit" for row in table) else ""),
         "",
         "| row | model | method | teacher / partner | val mIoU | best val | Δ vs alone | val curve | params (M) "
         "| GMACs | adapters (M) | wall (min) |",
@@ -387,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = json.loads(json_path.read_text())["rows"] if json_path.exists() else {}
     for extra in args.merge:
         results.update(json.loads(Path(extra).read_text())["rows"])
-    if args.report_only:
-        return report_only(results, table, args, json_path)
+    if args.report_only:  # with --only, a table of just those rows (e.g. a longer schedule run for a few rows)
+        return report_only(results, [r for r in table if only is None or r.name in only], args, json_path)
     for row, seed in jobs(table, args.seeds):
         k = key(row.name, seed)
         if only is not None and row.name not in only:
