@@ -27,7 +27,7 @@ from segkd.checkpoint import META_KEY, CheckpointMeta, atomic_write_text, load_s
 from segkd.engine.task import NoExtraState, OptimConfig, Part
 from segkd.engine.trainer import Callback, DataBundle, TrainConfig, parse_hw, run_task
 from segkd.errors import SegkdError
-from segkd.methods.base import METHODS, Method, MethodSpec, check_pair, make_options
+from segkd.methods.base import METHODS, Method, MethodSpec, check_pair, make_options, resize_to, valid_mask
 from segkd.models import MODELS, SegModel, SegOutput, count_params, create_model
 
 
@@ -58,12 +58,8 @@ def pixel_accuracy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     teach. A batch with no labelled pixel counts as 0 rather than NaN (the trainer stops on a non-finite value).
     """
     with torch.no_grad():
-        z = logits.detach()
-        if tuple(z.shape[-2:]) != tuple(labels.shape[-2:]):
-            z = torch.nn.functional.interpolate(z.float(), size=labels.shape[-2:], mode="bilinear",
-                                                align_corners=False)
-        valid = (labels != ignore_index) & (labels >= 0)
-        right = (z.argmax(1) == labels) & valid
+        valid = valid_mask(labels, ignore_index)
+        right = (resize_to(logits.detach().float(), labels.shape[-2:]).argmax(1) == labels) & valid
         return right.sum().float() / valid.sum().clamp(min=1).float()
 
 
