@@ -350,7 +350,7 @@ def report_only(results: dict[str, Any], table: list[Row], args: argparse.Namesp
         elif (prog := progress_of(out)) is not None and row.name not in partial:
             partial[row.name] = prog
     args.partial = partial
-    doc = {"settings": {k: v for k, v in vars(args).items()}, "rows": results, "unfinished": partial}
+    doc = {"settings": dict(vars(args)), "rows": results, "unfinished": partial}
     atomic_write_text(json_path, json.dumps(doc, indent=2, default=str) + "\n")
     write_docs(Path(args.docs), render(results, table, args))
     print(f"wrote {args.docs} and {json_path}", file=sys.stderr)
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"== {k}", file=sys.stderr, flush=True)
         results[k] = run_row(row, args, results, seed)
-        doc = {"settings": {k: v for k, v in vars(args).items()}, "rows": results}
+        doc = {"settings": dict(vars(args)), "rows": results}
         atomic_write_text(json_path, json.dumps(doc, indent=2, default=str) + "\n")
         write_docs(Path(args.docs), render(results, table, args))
     write_docs(Path(args.docs), render(results, table, args))
