@@ -17,24 +17,19 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from segkd.checkpoint import atomic_write_text, load_model
-from segkd.engine.evaluate import build_eval_dataset
-from segkd.engine.metrics import confusion_matrix, scores_from_confusion
+from segkd.engine.evaluate import build_eval_dataset, evaluate
+from segkd.engine.inference import make_predictor
 from segkd.engine.trainer import TrainConfig, prepare_data
 
 
 def score(model: torch.nn.Module, dataset: torch.utils.data.Dataset, num_classes: int, ignore: int) -> dict:
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    with torch.inference_mode():
-        for i in range(len(dataset)):  # type: ignore[arg-type]
-            img, lab = dataset[i]
-            z = model(img[None])
-            z = F.interpolate(z, size=lab.shape[-2:], mode="bilinear", align_corners=False)
-            conf += confusion_matrix(z.argmax(1), lab[None], num_classes, ignore)
-    s = scores_from_confusion(conf)
-    return {"miou": s.miou, "aacc": s.aacc, "images": len(dataset)}  # type: ignore[arg-type]
+    """mIoU and pixel accuracy over one pass of ``dataset``, through segkd's own evaluation loop."""
+    loader = DataLoader(dataset, batch_size=1, num_workers=0)
+    res = evaluate(make_predictor(model, mode="whole"), loader, num_classes, ignore, "cpu", progress=False)
+    return {"miou": res.miou, "aacc": res.aacc, "images": len(dataset)}  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
