@@ -333,6 +333,13 @@ def map_label(raw: np.ndarray, lut: np.ndarray, path: Path, num_classes: int, ig
     return lab
 
 
+def item_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Generator:
+    """The augmentation stream of one item, a function of ``(seed, epoch, index)`` only (``stream`` > 0 gives other
+    datasets of the same run, e.g. unlabelled images, their own). SeedSequence entropy must be non-negative: a
+    negative ``--seed`` is folded into 64 bits."""
+    return np.random.default_rng([seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, index] + ([stream] if stream else []))
+
+
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -385,8 +392,7 @@ class SegDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         img, lab = self.load(index)
-        # SeedSequence entropy must be non-negative: a negative --seed is folded into 64 bits
-        rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, index])
+        rng = item_rng(self.seed, self.epoch, index)
         if self.transform is None:
             from segkd.data.transforms import to_tensors
 

@@ -12,6 +12,7 @@ hue rotation (+-18 degrees about the grey axis, done as a 3x3 colour matrix so i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,6 +62,24 @@ def _jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where a training crop came from: enough to warp any map of the source image exactly like the crop.
+
+    The source image (``source`` = H0 x W0) was scaled (``--resize``, then the random rescale; bilinear with
+    ``align_corners=False`` semantics, so the two compose into one scaling) to ``scaled``, cropped at
+    ``(top, left)`` to ``cropped`` (smaller than ``out`` where the scaled image is smaller than the crop),
+    flipped horizontally when ``flipped``, then padded bottom/right to ``out``."""
+
+    source: tuple[int, int]
+    scaled: tuple[int, int]
+    top: int
+    left: int
+    cropped: tuple[int, int]
+    out: tuple[int, int]
+    flipped: bool
+
+
 class TrainTransform:
     """Random rescale, crop, flip, jitter, pad, normalise (a picklable callable for DataLoader workers).
 
@@ -80,6 +99,16 @@ class TrainTransform:
         self.mean, self.std, self.ignore_index = list(mean), list(std), ignore_index
 
     def __call__(self, img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, _, _ = self.apply(img, lab, rng)
+        return x, y
+
+    def apply(self, img: np.ndarray, lab: np.ndarray, rng: np.random.Generator, clean: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, Geometry, torch.Tensor | None]:
+        """The augmented pair, the geometry that made it, and (``clean=True``) the same crop without jitter.
+
+        The random draws are the same with or without ``clean``, so the student's crop never depends on whether a
+        teacher view or a teacher cache is attached (paired runs stay paired)."""
+        h0, w0 = img.shape[:2]
         if self.resize:
             img, lab = resize_pair(img, lab, self.resize)
         ch, cw = self.crop or img.shape[:2]
@@ -91,27 +120,43 @@ class TrainTransform:
         top = int(rng.integers(0, max(h - ch, 0) + 1))
         left = int(rng.integers(0, max(w - cw, 0) + 1))
         img, lab = img[top:top + ch, left:left + cw], lab[top:top + ch, left:left + cw]
-        if self.flip and rng.random() < 0.5:
+        flipped = bool(self.flip and rng.random() < 0.5)
+        if flipped:
             img, lab = img[:, ::-1], lab[:, ::-1]
+        geom = Geometry((h0, w0), (h, w), top, left, (img.shape[0], img.shape[1]), (ch, cw), flipped)
+        plain = img
         if self.jitter:
             img = _jitter(img, rng)
         ph, pw = ch - img.shape[0], cw - img.shape[1]
         if ph or pw:
             img = np.pad(img, ((0, ph), (0, pw), (0, 0)), constant_values=0)
             lab = np.pad(lab.astype(np.int64), ((0, ph), (0, pw)), constant_values=self.ignore_index)
-        return to_tensors(img, lab, self.mean, self.std)
+        x, y = to_tensors(img, lab, self.mean, self.std)
+        teacher_x = None
+        if clean:
+            if not self.jitter:
+                teacher_x = x
+            else:
+                if ph or pw:
+                    plain = np.pad(plain, ((0, ph), (0, pw), (0, 0)), constant_values=0)
+                teacher_x, _ = to_tensors(plain, lab, self.mean, self.std)
+        return x, y, geom, teacher_x
 
 
 class EvalTransform:
-    """Deterministic: optional resize (image bilinear, label nearest), then normalise."""
+    """Deterministic: optional resize (image bilinear, label nearest unless ``resize_labels=False``), normalise.
+
+    ``resize_labels=False`` resizes the image only: a model run at a reduced input size is then scored against the
+    labels at their stored resolution (the evaluator upsamples the scores to the label size), as mmseg does."""
 
     def __init__(self, resize: tuple[int, int] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
-        self.resize, self.mean, self.std = resize, list(mean), list(std)
+                 std: Sequence[float] = IMAGENET_STD, resize_labels: bool = True) -> None:
+        self.resize, self.mean, self.std, self.resize_labels = resize, list(mean), list(std), resize_labels
 
     def __call__(self, img: np.ndarray, lab: np.ndarray, rng: np.random.Generator | None = None):
         if self.resize:
-            img, lab = resize_pair(img, lab, self.resize)
+            resized, lab_r = resize_pair(img, lab, self.resize)
+            img, lab = resized, (lab_r if self.resize_labels else lab)
         return to_tensors(img, lab, self.mean, self.std)
 
 
@@ -125,10 +170,10 @@ def build_train_transform(crop: tuple[int, int] | None = None, scale: tuple[floa
 
 
 def build_eval_transform(resize: tuple[int, int] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-                         std: Sequence[float] = IMAGENET_STD) -> EvalTransform:
+                         std: Sequence[float] = IMAGENET_STD, resize_labels: bool = True) -> EvalTransform:
     """Deterministic evaluation transform: optional resize (image bilinear, label nearest), normalisation."""
     _check_resize(resize)
-    return EvalTransform(resize, mean, std)
+    return EvalTransform(resize, mean, std, resize_labels)
 
 
 def _check_resize(resize: tuple[int, int] | None) -> None:
@@ -136,10 +181,16 @@ def _check_resize(resize: tuple[int, int] | None) -> None:
         raise SegkdError(f"--resize {resize[0]}x{resize[1]}: both sides must be at least 1")
 
 
-def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (image, label) pairs; images of different sizes get a one-line hint instead of a stack error."""
-    shapes = {tuple(img.shape) for img, _ in batch}
+def collate_pairs(batch: list[tuple]) -> tuple:
+    """Stack (image, label) pairs; images of different sizes get a one-line hint instead of a stack error.
+
+    Items may carry a third element, a dict of per-image tensors (a distillation dataset's teacher view, cached
+    teacher maps, labelled flags); each key is stacked and the batch is ``(images, labels, extras)``."""
+    shapes = {tuple(b[0].shape) for b in batch}
     if len(shapes) > 1:
         sizes = ", ".join(f"{s[1]}x{s[2]}" for s in sorted(shapes)[:3])
         raise SegkdError(f"images of different sizes in one batch ({sizes}); pass --crop HxW or --resize HxW")
-    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+    images, labels = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+    if len(batch[0]) < 3:
+        return images, labels
+    return images, labels, {k: torch.stack([b[2][k] for b in batch]) for k in batch[0][2]}

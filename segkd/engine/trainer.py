@@ -107,6 +107,7 @@ class TrainConfig:
     aux_weight: float = 0.4
     train_split: str = "train"
     val_split: str = "val"
+    val_labels: str = "resized"
     progress: bool = True
 
     def check(self) -> None:
@@ -127,6 +128,8 @@ class TrainConfig:
             if getattr(self, opt) is not None:
                 parse_hw(getattr(self, opt), f"--{opt}")
         parse_scale(self.scale)
+        if self.val_labels not in ("resized", "native"):
+            raise SegkdError(f"--val-labels must be resized or native, got {self.val_labels!r}")
 
     def optim(self) -> OptimConfig:
         return OptimConfig.make(self.optimizer, self.lr, self.wd, self.head_lr_mult, momentum=self.momentum)
@@ -181,7 +184,7 @@ def prepare_data(cfg: TrainConfig, info: DistInfo | None = None) -> DataBundle:
     mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     train_tf = build_train_transform(crop=crop, scale=parse_scale(cfg.scale), flip=cfg.flip, jitter=cfg.jitter,
                                      resize=resize, mean=mean, std=std, ignore_index=cfg.ignore_index)
-    eval_tf = build_eval_transform(resize=resize, mean=mean, std=std)
+    eval_tf = build_eval_transform(resize=resize, mean=mean, std=std, resize_labels=cfg.val_labels == "resized")
     common = {"fmt": cfg.data_format, "num_classes": cfg.num_classes, "ignore_index": cfg.ignore_index}
     train = build_dataset(root, cfg.train_split, transform=train_tf, seed=cfg.seed, **common)
     val = build_dataset(root, cfg.val_split, transform=eval_tf, seed=cfg.seed, **common)
@@ -219,7 +222,9 @@ class _TaskModule(nn.Module):
         self.parts = nn.ModuleDict({name: p.module for name, p in task.parts().items()})
         object.__setattr__(self, "_task", task)  # not a submodule: frozen teachers stay out of DDP
 
-    def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, labels: Tensor, extras: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        if extras:
+            return self._task.losses(images, labels, extras)  # type: ignore[call-arg]
         return self._task.losses(images, labels)
 
 
@@ -360,7 +365,7 @@ class Trainer:
                        "is kept, dropout randomness is not (the result will not be bit-identical)")
 
     # ------------------------------------------------------------------------------------------------- data
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]]:
         """Micro-batches forever, epoch after epoch, starting where the (possibly resumed) state says."""
         cfg, info = self.cfg, self.info
         n = len(self.data.train)  # type: ignore[arg-type]
@@ -375,7 +380,7 @@ class Trainer:
                                 worker_init_fn=_ignore_sigint_in_worker if cfg.workers > 0 else None)
             for batch in loader:
                 self.step_in_epoch += 1
-                yield batch[0], batch[1]
+                yield batch[0], batch[1], (batch[2] if len(batch) > 2 else {})
             self.epoch += 1
             self.step_in_epoch = 0
 
@@ -571,15 +576,16 @@ class Trainer:
                     opt.zero_grad(set_to_none=True)
                 sums: dict[str, Tensor] = {}
                 for micro in range(cfg.accum):
-                    images, labels = next(batches)
+                    images, labels, extras = next(batches)
                     images = images.to(self.device, non_blocking=True)
                     labels = labels.to(self.device, non_blocking=True)
+                    extras = {k: v.to(self.device, non_blocking=True) for k, v in extras.items()}
                     if cfg.channels_last:
                         images = images.contiguous(memory_format=torch.channels_last)
                     sync = micro == cfg.accum - 1 or not info.enabled
                     with nullcontext() if sync else fwd.no_sync():  # type: ignore[operator]
                         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
-                            terms = fwd(images, labels)
+                            terms = fwd(images, labels, extras)
                         if "loss" not in terms:
                             raise SegkdError("the task returned no 'loss' term")
                         self.scaler.scale(terms["loss"] / cfg.accum).backward()
@@ -723,13 +729,15 @@ Callback = Callable[["Trainer", int], None]
 
 def run_task(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, DistInfo], Task],
              resume: str | Path | None = None, callbacks: Sequence[Callback] = (), data: DataBundle | None = None,
-             source: str = "segkd train") -> dict[str, Any]:
+             source: str = "segkd train",
+             prepare: Callable[[TrainConfig, DistInfo], DataBundle] | None = None) -> dict[str, Any]:
     """Run any task on the shared engine: the entry point of ``train`` and ``distill``.
 
     Order: config/resume checks, process group (from torchrun's env), seeding, data (validated up front),
     ``make_task(cfg, data, info)`` (builds the models under the run seed, so every rank starts identical),
     optional SyncBatchNorm, rank-specific RNG streams, restored state on ``--resume``, then :meth:`Trainer.fit`.
-    ``cfg`` may be a subclass of :class:`TrainConfig` holding a method's extra options.
+    ``cfg`` may be a subclass of :class:`TrainConfig` holding a method's extra options; ``prepare`` replaces
+    :func:`prepare_data` for tasks whose datasets carry more than (image, label) pairs (distillation extras).
     """
     cfg, state = start_run(cfg, resume)
     info = init_distributed(cfg.device)
@@ -737,7 +745,7 @@ def run_task(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, Dis
         if cfg.sync_bn and info.enabled and info.device.type != "cuda":
             raise SegkdError("--sync-bn needs CUDA: torch's SyncBatchNorm has no CPU implementation")
         seed_everything(cfg.seed)
-        bundle = data if data is not None else prepare_data(cfg, info)
+        bundle = data if data is not None else (prepare or prepare_data)(cfg, info)
         task = make_task(cfg, bundle, info)
         if cfg.sync_bn and info.enabled:
             for part in task.parts().values():
