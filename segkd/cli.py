@@ -134,6 +134,8 @@ def train_cmd(
     jitter: Annotated[bool, typer.Option("--jitter/--no-jitter", help="Photometric jitter.")] = True,
     val_every: Annotated[int, typer.Option(help="Validate and checkpoint every N iterations (and at the end).")
                          ] = 500,
+    val_labels: Annotated[str, typer.Option(help="Score validation against labels 'resized' with --resize, or at "
+                                            "their 'native' size (logits upsampled).")] = "resized",
     aux_weight: Annotated[float, typer.Option(help="Weight of DeepLabV3's auxiliary head loss (0 = no aux head).")
                           ] = 0.4,
     amp: Annotated[bool, typer.Option("--amp", help="Mixed precision: bf16 on CPU, fp16 + grad scaler on CUDA.")
@@ -160,7 +162,8 @@ def train_cmd(
         model=model or "", data=data, data_format=data_format, num_classes=num_classes, ignore_index=ignore_index,
         out=str(out_dir), iters=iters, batch=batch, accum=accum, optimizer=optimizer, lr=lr, wd=wd,
         head_lr_mult=head_lr_mult, warmup=warmup, poly_power=poly_power, crop=crop, resize=resize, scale=scale,
-        flip=flip, jitter=jitter, val_every=val_every, aux_weight=aux_weight, amp=amp, channels_last=channels_last,
+        flip=flip, jitter=jitter, val_every=val_every, val_labels=val_labels, aux_weight=aux_weight, amp=amp,
+        channels_last=channels_last,
         clip_grad=clip_grad, sync_bn=sync_bn, workers=workers, seed=seed, pretrained=pretrained, device=device,
         progress=not no_progress,
     )
@@ -362,6 +365,13 @@ def _distill_options(
     pdd_mode: Annotated[str | None, typer.Option(help="c2vkd: PDD form, paper or dkd.")] = None,
     method_opt: Annotated[list[str] | None, typer.Option(help="Any method option as KEY=VALUE (repeatable), e.g. "
                                                          "temperature=2; see docs/methods.md.")] = None,
+    teacher_view: Annotated[str, typer.Option(help="What the teacher sees: clean = the student's crop without "
+                                              "photometric jitter; same = the student's jittered input.")] = "clean",
+    teacher_cache: Annotated[str | None, typer.Option(help="Folder of cached whole-image teacher outputs, built "
+                                                      "(or continued) on first use and warped onto every crop: no "
+                                                      "teacher forward per step.")] = None,
+    unlabeled: Annotated[str | None, typer.Option(help="Folder of images without labels: they get only the "
+                                                  "distillation terms.")] = None,
 ) -> None:
     """(signature only: the distill options added to train's)"""
 

@@ -223,6 +223,13 @@ def resize_to(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def distill_labels(labels: Tensor, kd_labels: Tensor | None) -> Tensor:
+    """The labels a distillation term reads: ``kd_labels`` when the task gives them (images without ground truth
+    carry the teacher's argmax there, see :mod:`segkd.methods.distill_data`), else the ground truth.
+    Cross-entropy terms always read the ground truth (void on unlabelled images)."""
+    return labels if kd_labels is None else kd_labels
+
+
 def valid_mask(labels: Tensor, ignore_index: int) -> Tensor:
     return (labels != ignore_index) & (labels >= 0)
 

@@ -49,7 +49,16 @@ from torch import Tensor, nn
 from segkd.checkpoint import file_sha256, read_safetensors, torch_load_weights
 from segkd.engine.losses import seg_cross_entropy
 from segkd.errors import SegkdError
-from segkd.methods.base import METHODS, Method, MethodSpec, align_logits, check_positive, resize_to, resolve_tap
+from segkd.methods.base import (
+    METHODS,
+    Method,
+    MethodSpec,
+    align_logits,
+    check_positive,
+    distill_labels,
+    resize_to,
+    resolve_tap,
+)
 from segkd.methods.dkd import EPS, binary_probs, dkd_rows, nckd_rows, valid_pixels
 from segkd.models import SegModel, SegOutput
 
@@ -291,10 +300,11 @@ class C2VKD(Method):
             self.pool.eval()
         return self
 
-    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput],
+                kd_labels: Tensor | None = None) -> dict[str, Tensor]:
         o = self.opts
         s_out, t_out = outs["student"], outs["teacher"]
-        zs, zt, lab = align_logits(s_out.logits, t_out.logits, labels, o.align)
+        zs, zt, lab = align_logits(s_out.logits, t_out.logits, distill_labels(labels, kd_labels), o.align)
         terms: dict[str, tuple[float, Tensor]] = {}
         if o.add_ce:
             terms["ce"] = (o.ce_weight, seg_cross_entropy(s_out.logits, labels, self.ignore_index))

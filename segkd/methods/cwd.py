@@ -55,7 +55,8 @@ class CWD(Method):
             cs, ct = student.feature_spec(self.s_tap).channels, teacher.feature_spec(self.t_tap).channels
             self.connector = nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
 
-    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput],
+                kd_labels: Tensor | None = None) -> dict[str, Tensor]:
         o = self.opts
         zs, zt, _ = align_logits(outs["student"].logits, outs["teacher"].logits, labels, o.align)
         terms = {

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segkd.engine.losses import seg_cross_entropy
-from segkd.methods.base import METHODS, Method, MethodSpec, align_logits, check_positive, valid_mask
+from segkd.methods.base import (
+    METHODS,
+    Method,
+    MethodSpec,
+    align_logits,
+    check_positive,
+    distill_labels,
+    valid_mask,
+)
 from segkd.models import SegModel, SegOutput
 
 EPS = 1e-8
@@ -86,9 +94,11 @@ class DKDOptions:
 
 class DKD(Method):
 
-    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput],
+                kd_labels: Tensor | None = None) -> dict[str, Tensor]:
         o = self.opts
-        zs, zt, lab = align_logits(outs["student"].logits, outs["teacher"].logits, labels, o.align)
+        zs, zt, lab = align_logits(outs["student"].logits, outs["teacher"].logits, distill_labels(labels, kd_labels),
+                                   o.align)
         return self.record({
             "ce": (o.ce_weight, seg_cross_entropy(outs["student"].logits, labels, self.ignore_index)),
             "dkd": (o.weight, dkd_loss(zs, zt, lab, o.alpha, o.beta, o.temperature, self.ignore_index)),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segkd.engine.losses import seg_cross_entropy
-from segkd.methods.base import METHODS, Method, MethodSpec, align_logits, check_positive, valid_mask
+from segkd.methods.base import METHODS, Method, MethodSpec, align_logits, check_positive, distill_labels, valid_mask
 from segkd.models import SegModel, SegOutput
 
 
@@ -51,9 +51,11 @@ class KDOptions:
 
 class KD(Method):
 
-    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput],
+                kd_labels: Tensor | None = None) -> dict[str, Tensor]:
         o = self.opts
-        zs, zt, lab = align_logits(outs["student"].logits, outs["teacher"].logits, labels, o.align)
+        zs, zt, lab = align_logits(outs["student"].logits, outs["teacher"].logits, distill_labels(labels, kd_labels),
+                                   o.align)
         mask = valid_mask(lab, self.ignore_index) if o.mask_ignore else None
         return self.record({
             "ce": (o.ce_weight, seg_cross_entropy(outs["student"].logits, labels, self.ignore_index)),

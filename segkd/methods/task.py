@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from segkd.checkpoint import META_KEY, CheckpointMeta, atomic_write_text, load_state_checked, read_safetensors
+from segkd.engine.distributed import DistInfo
 from segkd.engine.task import NoExtraState, OptimConfig, Part
 from segkd.engine.trainer import Callback, DataBundle, TrainConfig, parse_hw, run_task
 from segkd.errors import SegkdError
@@ -98,10 +99,27 @@ class DistillTask(NoExtraState):
 
         return resolve_tap(self.teacher, name)
 
-    def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def teacher_targets(self, images: Tensor, extras: dict[str, Tensor]) -> SegOutput:
+        """What the teacher says about this batch: the cached, warped outputs when the dataset carries them
+        (``--teacher-cache``), else a forward on the clean teacher view (``--teacher-view clean``) or on the
+        student's own input (``same``)."""
+        if "teacher_logits" in extras:
+            need = {self.method_tap(n) for n in self.spec.taps.get("teacher", ())}
+            feats = {n: extras[f"teacher_{n}"] for n in need}
+            return SegOutput(extras["teacher_logits"], feats, {})
+        return self.teacher_outputs(extras.get("teacher_images", images))
+
+    def losses(self, images: Tensor, labels: Tensor, extras: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        extras = extras or {}
         s_out = _outputs(self.student, images, bool(self.spec.taps.get("student")))
-        t_out = self.teacher_outputs(images)
-        terms = self.method(images, labels, {"student": s_out, "teacher": t_out})
+        t_out = self.teacher_targets(images, extras)
+        kw = {}
+        if "labeled" in extras:
+            from segkd.methods.distill_data import pseudo_labels
+
+            kw["kd_labels"] = pseudo_labels(labels, t_out.logits, extras["labeled"], extras["inside"],
+                                            self.method.ignore_index)
+        terms = self.method(images, labels, {"student": s_out, "teacher": t_out}, **kw)
         return _assemble(terms, self.method.last_raw, labels, self.method.ignore_index, student=s_out.logits,
                          teacher=t_out.logits)
 
@@ -196,6 +214,9 @@ class DistillConfig(TrainConfig):
     method_opts: dict[str, Any] = field(default_factory=dict)
     out: str = "runs/distill"
     aux_weight: float = 0.0
+    teacher_view: str = "clean"
+    teacher_cache: str | None = None
+    unlabeled: str | None = None
 
     def check(self) -> None:
         super().check()
@@ -219,6 +240,20 @@ class DistillConfig(TrainConfig):
         elif self.peer:
             raise SegkdError(f"{spec.name} takes a teacher, not a --peer")
         make_options(spec, self.method_opts)
+        from segkd.methods.distill_data import TEACHER_VIEWS
+        from segkd.methods.teacher_cache import REFUSED_METHODS
+
+        if self.teacher_view not in TEACHER_VIEWS:
+            raise SegkdError(f"--teacher-view must be one of {', '.join(TEACHER_VIEWS)}, got {self.teacher_view!r}")
+        if not spec.teacher and (self.teacher_cache or self.unlabeled):
+            flag = "--teacher-cache" if self.teacher_cache else "--unlabeled"
+            raise SegkdError(f"{flag} needs a teacher method; {spec.name} trains two students online")
+        if self.teacher_cache and spec.name in REFUSED_METHODS:
+            raise SegkdError(f"--teacher-cache cannot serve {spec.name}: {REFUSED_METHODS[spec.name]}")
+        if self.teacher_cache and Path(self.teacher_cache).exists() and not Path(self.teacher_cache).is_dir():
+            raise SegkdError(f"--teacher-cache {self.teacher_cache}: exists and is not a directory")
+        if self.unlabeled and not Path(self.unlabeled).is_dir():
+            raise SegkdError(f"--unlabeled {self.unlabeled}: folder not found")
 
     def peer_optim(self) -> OptimConfig:
         return OptimConfig.make(self.peer_optimizer or self.optimizer,
@@ -302,6 +337,55 @@ def make_distill_task(cfg: DistillConfig, data: DataBundle) -> DistillTask | Onl
     return DistillTask(spec, method, student, teacher, cfg.optim())
 
 
+def cache_key(cfg: DistillConfig, teacher: SegModel, data: DataBundle) -> Any:
+    """The :class:`~segkd.methods.teacher_cache.CacheKey` of this run's teacher: model, sha256 of its weights,
+    classes, normalisation, and the taps (with strides) the method reads."""
+    from segkd.checkpoint import file_sha256
+    from segkd.methods.base import resolve_tap
+    from segkd.methods.teacher_cache import CacheKey
+
+    taps = {resolve_tap(teacher, t): teacher.feature_spec(resolve_tap(teacher, t)).stride
+            for t in METHODS.get(cfg.method).taps.get("teacher", ())}
+    return CacheKey(teacher.zoo_name, file_sha256(Path(cfg.teacher_weights)), data.num_classes,  # type: ignore[arg-type]
+                    list(data.mean), list(data.std), taps, int(teacher.output_stride))
+
+
+def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None) -> DataBundle:
+    """:func:`~segkd.engine.trainer.prepare_data`, then the distillation extras: the clean teacher view, the
+    unlabelled images and the teacher cache (built or continued here, on rank 0, before any training step)."""
+    from segkd.engine.distributed import barrier
+    from segkd.engine.trainer import prepare_data
+    from segkd.methods.distill_data import DistillDataset, UnlabeledImages
+    from segkd.methods.teacher_cache import build_cache, open_cache
+
+    bundle = prepare_data(cfg, info)
+    view = cfg.teacher_view if cfg.jitter else "same"
+    if not METHODS.get(cfg.method).teacher or not (view == "clean" or cfg.teacher_cache or cfg.unlabeled):
+        return bundle
+    main = info is None or info.is_main
+    unl = None
+    if cfg.unlabeled:
+        unl = UnlabeledImages(cfg.unlabeled, bundle.train.info, bundle.train.transform, cfg.seed)  # type: ignore
+        if main:
+            unl.validate()
+    ds = DistillDataset(bundle.train, unl, view)  # type: ignore[arg-type]
+    if cfg.teacher_cache:
+        teacher = load_teacher(cfg.teacher, cfg.teacher_weights, bundle.num_classes, bundle.mean, bundle.std)  # type: ignore[arg-type]
+        key = cache_key(cfg, teacher, bundle)
+        device = info.device if info is not None else "cpu"
+        if main:
+            ds.cache = build_cache(cfg.teacher_cache, key, ds.cache_images(), teacher, bundle.mean, bundle.std,
+                                   device, progress=cfg.progress)
+        if info is not None:
+            barrier(info)
+        if not main:
+            from segkd.methods.teacher_cache import TeacherCache
+
+            ds.cache = TeacherCache(Path(cfg.teacher_cache), open_cache(cfg.teacher_cache))
+    bundle.train = ds
+    return bundle
+
+
 def deploy_gmacs(model: SegModel, size: tuple[int, int]) -> float:
     from segkd.bench.flops import count_flops
 
@@ -321,7 +405,8 @@ def run_distill(cfg: DistillConfig, resume: str | Path | None = None, callbacks:
         holder["task"], holder["cfg"] = task, c
         return task
 
-    summary = run_task(cfg, make, resume, callbacks, data, source=f"segkd distill --method {cfg.method}")
+    summary = run_task(cfg, make, resume, callbacks, data, source=f"segkd distill --method {cfg.method}",
+                       prepare=prepare_distill_data)  # type: ignore[arg-type]
     task, c = holder["task"], holder["cfg"]
     size = parse_hw(c.crop or c.resize or "512x512", "--crop")
     report = {"method": METHODS.canonical(c.method), "options": asdict(make_options(METHODS.get(c.method),

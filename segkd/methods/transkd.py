@@ -229,7 +229,8 @@ class TransKD(Method):
             self.ea_lambda = nn.Parameter(torch.tensor(opts.ea_lambda, dtype=torch.float32))
             self.ea_mu = nn.Parameter(torch.tensor(opts.ea_mu, dtype=torch.float32))
 
-    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput],
+                kd_labels: Tensor | None = None) -> dict[str, Tensor]:
         o = self.opts
         s_out, t_out = outs["student"], outs["teacher"]
         fs = [s_out.tap(f"stage{i + 1}") for i in range(STAGES)]

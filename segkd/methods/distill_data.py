@@ -1,0 +1,163 @@
+"""The training data of a distillation run: the student's crop, plus what the teacher needs to answer for it.
+
+:class:`DistillDataset` wraps the labelled training split (and, with ``--unlabeled DIR``, a folder of images
+without labels). Items are ``(student image, labels, extras)``; the extras the task reads are
+
+* ``teacher_images`` (``--teacher-view clean``, the default, with jitter on): the student's crop with the *same*
+  geometry (rescale, crop, flip, padding) but without photometric jitter. The teacher never saw jittered images in
+  its own training; the student still gets its augmentation. ``--teacher-view same`` hands the teacher the
+  student's jittered tensor (segkd < 0.2 behaviour) and adds no extra.
+* ``teacher_logits`` / ``teacher_<tap>`` (``--teacher-cache DIR``): the cached whole-image teacher outputs
+  warped onto this crop (:mod:`segkd.methods.teacher_cache`); no teacher forward at train time.
+* ``labeled`` (bool per image) and ``inside`` (the crop's real pixels) with ``--unlabeled``: unlabelled images
+  come with void labels, so every cross-entropy term skips them, and the task fills in the teacher's argmax as
+  the class the distillation terms decouple on (DKD/PDD need one per pixel).
+
+The random draws of an item are those of the plain dataset (seeded by ``(seed, epoch, index)``), so the student's
+crops are bit-identical to a run without teacher view or cache: KD rows stay paired with the row trained alone.
+Unlabelled images draw from their own stream (``(seed, epoch, index, 1)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from segkd.data.datasets import IMAGE_EXTS, DatasetInfo, SegDataset, item_rng, read_image
+from segkd.errors import SegkdError
+from segkd.methods.teacher_cache import CacheImage, TeacherCache, cached_targets, image_sha256, inside_mask
+
+TEACHER_VIEWS = ("clean", "same")
+
+
+class UnlabeledImages(Dataset):
+    """Every image file in a folder (sorted, non-recursive); anything else in it is refused by name."""
+
+    def __init__(self, root: str | Path, info: DatasetInfo, transform: Any, seed: int = 0) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise SegkdError(f"--unlabeled {root}: folder not found")
+        self.paths: list[Path] = []
+        for p in sorted(root.iterdir()):
+            if p.name.startswith("."):
+                continue  # hidden files (.DS_Store, editor swap files) are not data
+            if p.is_dir():
+                raise SegkdError(f"--unlabeled {p}: a sub-folder; the folder must hold image files only")
+            if p.suffix.lower() not in IMAGE_EXTS:
+                raise SegkdError(f"--unlabeled {p}: not an image file (expected {', '.join(IMAGE_EXTS)})")
+            self.paths.append(p)
+        if not self.paths:
+            raise SegkdError(f"--unlabeled {root}: no image files")
+        self.info, self.transform, self.seed, self.epoch = info, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image and an all-zero label (class 0 inside the image): after augmentation, padding is the only
+        void, which tells the real pixels apart; the labels themselves are then replaced by void."""
+        img = read_image(self.paths[index])
+        return img, np.zeros(img.shape[:2], np.int64)
+
+    def validate(self) -> None:
+        """Open every image once (fails on the first unreadable file, naming it)."""
+        for p in self.paths:
+            read_image(p)
+
+
+class DistillDataset(Dataset):
+    """Labelled (+ unlabelled) training images with the extras of the module docstring."""
+
+    def __init__(self, labeled: SegDataset, unlabeled: UnlabeledImages | None = None, teacher_view: str = "clean",
+                 cache: TeacherCache | None = None) -> None:
+        if teacher_view not in TEACHER_VIEWS:
+            raise SegkdError(f"--teacher-view must be one of {', '.join(TEACHER_VIEWS)}, got {teacher_view!r}")
+        if not hasattr(labeled.transform, "apply"):
+            raise SegkdError("a distillation dataset needs segkd's training transform (random crop/flip/jitter)")
+        self.labeled, self.unlabeled, self.teacher_view, self.cache = labeled, unlabeled, teacher_view, cache
+        self.info = labeled.info
+        self.transform = labeled.transform
+        self.seed = labeled.seed
+        self._sha: dict[tuple[int, int], str] = {}
+
+    def __len__(self) -> int:
+        return len(self.labeled) + (len(self.unlabeled) if self.unlabeled is not None else 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.labeled.set_epoch(epoch)
+        if self.unlabeled is not None:
+            self.unlabeled.set_epoch(epoch)
+
+    def _source(self, index: int) -> tuple[Any, int, bool]:
+        n = len(self.labeled)
+        return (self.labeled, index, True) if index < n else (self.unlabeled, index - n, False)
+
+    def image_path(self, index: int) -> Path:
+        ds, j, is_lab = self._source(index)
+        return ds.pairs[j][0] if is_lab else ds.paths[j]
+
+    def sha(self, index: int) -> str:
+        """sha256 of the item's image file (the cache key), computed once."""
+        ds, j, is_lab = self._source(index)
+        k = (0 if is_lab else 1, j)
+        if k not in self._sha:
+            self._sha[k] = image_sha256(self.image_path(index))
+        return self._sha[k]
+
+    def cache_images(self) -> list[CacheImage]:
+        """Every image of the dataset as the teacher cache sees it (content hash, name, loader)."""
+        out = []
+        for i in range(len(self)):
+            ds, j, _ = self._source(i)
+            out.append(CacheImage(self.sha(i), self.image_path(i).name, _Loader(ds, j)))
+        return out
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        ds, j, is_lab = self._source(index)
+        img, lab = ds.load(j)
+        rng = item_rng(ds.seed, ds.epoch, j, 0 if is_lab else 1)
+        clean = self.cache is None and self.teacher_view == "clean"
+        x, y, geom, tx = self.transform.apply(img, lab, rng, clean=clean)
+        extras: dict[str, Tensor] = {}
+        if self.cache is not None:
+            extras.update(cached_targets(self.cache, self.sha(index), geom))
+            extras["teacher_inside"] = inside_mask(geom)
+        elif clean:
+            extras["teacher_images"] = tx  # type: ignore[assignment]
+        if self.unlabeled is not None:
+            extras["labeled"] = torch.tensor(is_lab)
+            extras["inside"] = inside_mask(geom)
+            if not is_lab:
+                y = torch.full_like(y, self.info.ignore_index)
+        return x, y, extras
+
+
+class _Loader:
+    """A picklable ``() -> image`` for one item (the cache build reads images through it)."""
+
+    def __init__(self, ds: Any, index: int) -> None:
+        self.ds, self.index = ds, index
+
+    def __call__(self) -> np.ndarray:
+        return self.ds.load(self.index)[0]
+
+
+def pseudo_labels(labels: Tensor, teacher_logits: Tensor, labeled: Tensor, inside: Tensor,
+                  ignore_index: int) -> Tensor:
+    """Labels for the distillation terms: the ground truth on labelled images, the teacher's argmax (at the label
+    size) on the real pixels of unlabelled ones, void on their padding."""
+    from segkd.models.base import upsample_logits
+
+    if bool(labeled.all()):
+        return labels
+    arg = upsample_logits(teacher_logits.detach().float(), labels.shape[-2:]).argmax(1)
+    arg = torch.where(inside, arg, torch.full_like(arg, ignore_index))
+    return torch.where(labeled.view(-1, 1, 1), labels, arg)

@@ -1,0 +1,293 @@
+"""An augmentation-aware teacher cache: the teacher runs once per training image, on the whole clean image.
+
+``segkd distill --teacher-cache DIR`` (or :func:`build_cache`) stores, per training image, the teacher's logits at
+its own output stride and the feature taps the method reads, as fp16 tensors in safetensors shards of
+``SHARD_SIZE`` images. At train time :func:`warp` resamples them with exactly the geometry of the student's crop
+(:class:`~segkd.data.transforms.Geometry`: resize, random rescale, crop, flip, padding), so every step gets
+full-context teacher targets without a teacher forward.
+
+Layout of ``DIR``::
+
+    cache.json               manifest: teacher (model, sha256 of the weights file), normalisation, teacher input
+                             size, taps with their strides, the image set (sha256 of every image file), shards
+    shard-00000.safetensors  ``<image sha256>.logits`` / ``<image sha256>.<tap>`` tensors, C x h x w, fp16
+
+What the key covers, and why: a cache answers "what does *this* teacher say about *this* image", so it is keyed by
+the teacher checkpoint's sha256, the normalisation, the teacher's input size (``native``: the stored image size)
+and the sha256 of every image file. It deliberately does **not** depend on crop size, rescale range or flips:
+those are applied at train time by :func:`warp`, so one cache serves any augmentation setting. A cache built for
+another teacher, other weights, another normalisation or input size, or another image set is refused with one
+line naming the mismatch; an interrupted build continues where it stopped (shards are written atomically, the
+manifest after each shard).
+
+Where the cache is approximate (also in docs/methods.md):
+
+* **Rescale and crop of a CNN.** The warped map is the teacher's output on the whole image at its stored size,
+  resampled; a teacher run on the rescaled crop would see less context and another object scale. That is the
+  point (full-context targets), but it is not the same tensor.
+* **Feature taps** are resampled bilinearly on their own grid (stride 8 for DeepLabV3's ``layer4``): sub-cell
+  offsets of the crop are interpolated, not recomputed.
+* **Padding borders.** Where the crop is padded (the rescaled image is smaller than the crop), there is no
+  teacher output: cached logits and features are 0 there (uniform probabilities), and ``teacher_inside`` marks
+  the real pixels. A teacher run on the padded crop would predict *something* for the black border; methods that
+  average over every pixel (kd without ``mask_ignore``, cwd) see uniform targets there instead.
+* **Transformer teachers** (SegFormer): attention is global, so a crop changes every token, not just the border;
+  cached logits are served (they are the teacher's best full-image answer) but ``transkd`` is refused, because
+  its patch-embedding and stage-token terms compare token maps whose meaning is tied to the crop's patch grid.
+* Online methods (``collab``, ``dml``) have no teacher to cache and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segkd.checkpoint import atomic_write_text, file_sha256
+from segkd.data.transforms import Geometry
+from segkd.errors import SegkdError
+
+MANIFEST = "cache.json"
+FORMAT = "segkd-teacher-cache"
+VERSION = 1
+SHARD_SIZE = 32
+REFUSED_METHODS = {"transkd": "its PEA/CSF terms compare the teacher's patch embeddings and stage tokens, which "
+                              "depend on the crop through global attention; run it with the teacher online"}
+
+
+@dataclass
+class CacheKey:
+    """What a cache must agree with before it is used (see the module docstring)."""
+
+    teacher: str
+    weights_sha256: str
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+    taps: dict[str, int]  # tap name -> stride
+    logit_stride: int
+    input: str = "native"
+
+    def mismatch(self, other: dict[str, Any]) -> str | None:
+        """A one-phrase reason why the manifest ``other`` does not serve this key, or None."""
+        if other.get("format") != FORMAT or other.get("version") != VERSION:
+            return f"not a {FORMAT} v{VERSION} manifest"
+        t = other.get("teacher", {})
+        if t.get("model") != self.teacher:
+            return f"built for teacher {t.get('model')}, not {self.teacher}"
+        if t.get("weights_sha256") != self.weights_sha256:
+            return (f"built for other teacher weights (sha256 {str(t.get('weights_sha256'))[:12]}…, this run's "
+                    f"{self.weights_sha256[:12]}…)")
+        if t.get("num_classes") != self.num_classes:
+            return f"built for {t.get('num_classes')} classes, not {self.num_classes}"
+        if not _close(other.get("mean"), self.mean) or not _close(other.get("std"), self.std):
+            return f"built with mean/std {other.get('mean')}/{other.get('std')}, not {self.mean}/{self.std}"
+        if other.get("input") != self.input:
+            return f"built with teacher input {other.get('input')}, not {self.input}"
+        have = other.get("taps", {})
+        missing = [t for t in self.taps if t not in have]
+        if missing:
+            return f"holds no {missing[0]!r} tap (has: {', '.join(have) or 'logits only'}); build another cache"
+        return None
+
+
+def _close(a: Sequence[float] | None, b: Sequence[float]) -> bool:
+    return a is not None and len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b, strict=True))
+
+
+@dataclass
+class CacheImage:
+    """One image to cache: its content hash (the key), a name for messages, and how to read it."""
+
+    sha256: str
+    name: str
+    load: Any  # () -> uint8 H x W x 3
+
+
+@dataclass
+class TeacherCache:
+    """A complete cache opened for reading; tensors are read lazily per process (safetensors memory maps)."""
+
+    root: Path
+    manifest: dict[str, Any]
+    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def taps(self) -> dict[str, int]:
+        return {k: int(v["stride"]) for k, v in self.manifest["taps"].items()}
+
+    @property
+    def logit_stride(self) -> int:
+        return int(self.manifest["logit_stride"])
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen their own memory maps
+        return {"root": self.root, "manifest": self.manifest, "_handles": {}}
+
+    def tensors(self, sha: str) -> dict[str, Tensor]:
+        """``{"logits": K x h x w, <tap>: C x h' x w'}`` of one image, float32."""
+        entry = self.manifest["images"].get(sha)
+        if entry is None or entry.get("shard") is None:
+            raise SegkdError(f"{self.root}: no cached teacher output for image {sha[:12]}…")
+        shard = entry["shard"]
+        handle = self._handles.get(shard)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
+        names = ["logits", *self.taps]
+        return {n: handle.get_tensor(f"{sha}.{n}").float() for n in names}
+
+
+def image_sha256(path: str | Path) -> str:
+    return file_sha256(Path(path))
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise SegkdError(f"{path}: not a valid teacher-cache manifest (JSON unreadable)") from None
+
+
+def _check_image_set(root: Path, manifest: dict[str, Any], images: Sequence[CacheImage]) -> None:
+    want = {im.sha256: im for im in images}
+    have = manifest["images"]
+    extra = [sha for sha in want if sha not in have]
+    gone = [sha for sha in have if sha not in want]
+    if extra or gone:
+        what = (f"{len(extra)} of this run's images are not in it (first: {want[extra[0]].name})" if extra
+                else f"{len(gone)} of its images are not in this run (first: {have[gone[0]]['name']})")
+        raise SegkdError(f"--teacher-cache {root}: built for another image set ({len(have)} images; {what}); "
+                         "use a new directory")
+
+
+def build_cache(root: str | Path, key: CacheKey, images: Sequence[CacheImage], teacher: torch.nn.Module,
+                mean: Sequence[float], std: Sequence[float], device: str | torch.device = "cpu",
+                progress: bool = True) -> TeacherCache:
+    """Create, continue, or just open the cache in ``root`` for ``images`` (deduplicated by content)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise SegkdError(f"--teacher-cache {root}: exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    uniq = list({im.sha256: im for im in images}.values())
+    manifest = read_manifest(root)
+    if manifest is None:
+        manifest = {"format": FORMAT, "version": VERSION,
+                    "teacher": {"model": key.teacher, "weights_sha256": key.weights_sha256,
+                                "num_classes": key.num_classes},
+                    "mean": list(key.mean), "std": list(key.std), "input": key.input,
+                    "taps": {t: {"stride": s} for t, s in key.taps.items()}, "logit_stride": key.logit_stride,
+                    "dtype": "float16", "images": {im.sha256: {"name": im.name, "shard": None} for im in uniq},
+                    "shards": []}
+        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    else:
+        why = key.mismatch(manifest)
+        if why:
+            raise SegkdError(f"--teacher-cache {root}: {why}")
+        _check_image_set(root, manifest, uniq)
+    todo = [im for im in uniq if manifest["images"][im.sha256].get("shard") is None]
+    if todo:
+        _fill(root, manifest, todo, key, teacher, mean, std, torch.device(device), progress)
+    return TeacherCache(root, manifest)
+
+
+def _fill(root: Path, manifest: dict[str, Any], todo: list[CacheImage], key: CacheKey, teacher: torch.nn.Module,
+          mean: Sequence[float], std: Sequence[float], device: torch.device, progress: bool) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from safetensors.torch import save
+
+    from segkd.checkpoint import atomic_write_bytes
+    from segkd.data.transforms import to_tensors
+    from segkd.methods.task import _outputs
+
+    teacher = teacher.to(device).eval()
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, disable=not progress or not console.is_terminal)
+    n_shards = len(manifest["shards"])
+    done = 0
+    with bar:
+        task = bar.add_task("cache", total=len(todo))
+        for start in range(0, len(todo), SHARD_SIZE):
+            chunk = todo[start:start + SHARD_SIZE]
+            tensors: dict[str, Tensor] = {}
+            for im in chunk:
+                img = im.load()
+                x, _ = to_tensors(img, img[..., 0], mean, std)
+                with torch.inference_mode():
+                    out = _outputs(teacher, x[None].to(device), bool(key.taps))
+                tensors[f"{im.sha256}.logits"] = out.logits[0].half().cpu().contiguous()
+                for tap in key.taps:
+                    tensors[f"{im.sha256}.{tap}"] = out.tap(tap)[0].half().cpu().contiguous()
+                bar.advance(task)
+            name = f"shard-{n_shards:05d}.safetensors"
+            atomic_write_bytes(root / name, save(tensors))
+            for im in chunk:
+                manifest["images"][im.sha256]["shard"] = name
+            manifest["shards"].append(name)
+            n_shards += 1
+            done += len(chunk)
+            atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            if progress and not console.is_terminal:
+                print(f"teacher cache: {done}/{len(todo)} images", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------- warping
+def warp(m: Tensor, g: Geometry, stride: int) -> Tensor:
+    """Resample a map of the whole source image (``C x h x w``, any grid covering ``g.source``) onto the crop's
+    grid of ``stride``-pixel cells, with the crop's exact scaling, offset and flip; 0 where the crop is padding.
+
+    Sampling is bilinear with ``align_corners=False`` at the cell centres: with ``stride=1``, no rescale and no
+    crop it equals :func:`segkd.models.upsample_logits` of the map to the source size."""
+    oh, ow = math.ceil(g.out[0] / stride), math.ceil(g.out[1] / stride)
+    yc = (torch.arange(oh, dtype=torch.float64) + 0.5) * stride - 0.5  # cell centres, crop pixel coordinates
+    xc = (torch.arange(ow, dtype=torch.float64) + 0.5) * stride - 0.5
+    inside_y, inside_x = yc < g.cropped[0] - 0.5 + 1e-9, xc < g.cropped[1] - 0.5 + 1e-9
+    xs = (g.cropped[1] - 1 - xc) if g.flipped else xc
+    # scaled-image coordinates -> grid_sample's [-1, 1] (align_corners=False): the map's own grid size cancels out
+    gy = ((yc + g.top + 0.5) / g.scaled[0]) * 2 - 1
+    gx = ((xs + g.left + 0.5) / g.scaled[1]) * 2 - 1
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None].to(torch.float32)
+    out = F.grid_sample(m[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    inside = (inside_y[:, None] & inside_x[None, :]).to(out.dtype)
+    return out * inside
+
+
+def inside_mask(g: Geometry) -> Tensor:
+    """``out``-sized bool map of the crop's real pixels (False on the bottom/right padding)."""
+    m = torch.zeros(g.out, dtype=torch.bool)
+    m[: g.cropped[0], : g.cropped[1]] = True
+    return m
+
+
+def cached_targets(cache: TeacherCache, sha: str, g: Geometry) -> dict[str, Tensor]:
+    """The extras a :class:`~segkd.methods.task.DistillTask` reads instead of running the teacher: warped logits
+    at the crop's pixel grid (the label grid, where the methods align logits by default) and warped taps on
+    their own stride."""
+    maps = cache.tensors(sha)
+    out = {"teacher_logits": warp(maps.pop("logits"), g, 1)}
+    strides = cache.taps
+    for tap, m in maps.items():
+        out[f"teacher_{tap}"] = warp(m, g, strides[tap])
+    return out
+
+
+def open_cache(root: str | Path) -> dict[str, Any]:
+    """The manifest of an existing cache directory (for reports); a one-line error when there is none."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise SegkdError(f"--teacher-cache {root}: no {MANIFEST} here")
+    return manifest
