@@ -1,4 +1,4 @@
-"""examples/reproduce_camvid.py: seeds, run directories and the paired table cells (no training)."""
+"""examples/reproduce_camvid_short.py: seeds, run directories and the paired table cells (no training)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce_camvid.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce_camvid_short.py"
 
 
 @pytest.fixture(scope="module")
