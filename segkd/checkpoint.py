@@ -9,10 +9,13 @@ Foreign ``.pth``/``.pt`` files are read with ``torch.load(weights_only=True)`` o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -89,11 +92,12 @@ class CheckpointMeta:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -103,9 +107,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except OSError as e:  # read-only, disk full...: name the target (not the temp file) and say what is left
+        err = OSError(e.errno, e.strerror or str(e), str(path))
+        err.add_note(f"the previous {path.name} is kept unchanged" if path.exists() else f"{path} was not written")
+        raise err from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return path
 
 
@@ -194,16 +203,30 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     return model.to(device).eval()
 
 
+def _load_refusal(e: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in one short clause (its own message is a page long)."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
+    fix = "save a state_dict of tensors (torch.save(model.state_dict(), path)) instead"
+    if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
+        return (f"refused: it pickles the Python object {m[1]}, and segkd loads weights only, never code from a "
+                f"file; {fix}")
+    if m := re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text):
+        return (f"refused: not plain tensors (the weights-only unpickler stopped at: {m[1].strip()}), e.g. a raw "
+                f"Python pickle; {fix}")
+    return text[:160] or type(e).__name__
+
+
 def torch_load_weights(path: str | Path) -> dict[str, Any]:
     """A foreign ``.pth``/``.pt``/``.bin`` loaded safely (``weights_only=True``), or a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise SegkdError(f"{path}: file not found")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of raw pickles before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise SegkdError(f"{path}: cannot be read as a PyTorch weights file ({reason})") from None
+        raise SegkdError(f"{path}: cannot be read as a PyTorch weights file ({_load_refusal(e)})") from None
     if not isinstance(obj, dict):
         raise SegkdError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return obj

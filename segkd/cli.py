@@ -8,19 +8,84 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from segkd import __version__
 from segkd.errors import SegkdError
 
+try:  # typer >= 0.20 vendors its own click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    import click.exceptions as _click_errors
+
+
+def _finite(value: Any) -> bool:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return all(math.isfinite(v) for v in items if isinstance(v, float))
+
+
+def _finite_floats(cmd: Any) -> Any:
+    """Make every option of ``cmd`` (and of its subcommands) refuse nan/inf where it parses to a float: a usage
+    error at parse time instead of an optimiser traceback at iteration 1."""
+    for param in cmd.params:
+        if getattr(param, "_segkd_finite", False):
+            continue
+        parse = param.process_value
+
+        def process_value(ctx: Any, value: Any, _parse: Any = parse, _param: Any = param) -> Any:
+            value = _parse(ctx, value)
+            if not _finite(value):
+                raise typer.BadParameter(f"{value!r} is not a finite number", ctx=ctx, param=_param)
+            return value
+
+        param.process_value = process_value
+        param._segkd_finite = True
+    for sub in getattr(cmd, "commands", {}).values():
+        _finite_floats(sub)
+    return cmd
+
+
+class _SegkdGroup(TyperGroup):
+    """The root command: finite floats everywhere, and usage errors as one plain line (exit 2), not a box."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        return None if cmd is None else _finite_floats(cmd)
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except getattr(_click_errors, "NoArgsIsHelpError", ()) as e:  # the help was the answer (rich printed it)
+            if e.format_message().strip():
+                typer.echo(e.format_message(), err=True)
+            sys.exit(e.exit_code)
+        except _click_errors.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "segkd"
+            typer.echo(f"error: {' '.join(e.format_message().split()).rstrip('.')}; see '{where} --help'", err=True)
+            sys.exit(e.exit_code)
+        except _click_errors.ClickException as e:
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     name="segkd",
     help="Knowledge distillation for semantic segmentation: train, distill, evaluate, export and benchmark.",
+    cls=_SegkdGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -90,7 +155,9 @@ def convert_cmd(
 ) -> None:
     """Import a checkpoint you already have into a self-describing segkd checkpoint."""
     from segkd.models.convert import run_convert
+    from segkd.safeio import check_output
 
+    check_output(out_path, "file", "--out")
     report = run_convert(src, model, out_path, num_classes=num_classes, classes_file=classes,
                          ignore_index=ignore_index)
     if as_json:
@@ -206,7 +273,12 @@ def eval_cmd(
 ) -> None:
     """Evaluate a checkpoint or ONNX model: mIoU, per-class IoU/Acc, aAcc, mAcc, fwIoU (DDP under torchrun)."""
     from segkd.engine.evaluate import render_eval, run_eval
+    from segkd.safeio import check_output
 
+    if json_out is not None:
+        check_output(json_out, "file", "--json-out")
+    if save_preds is not None:
+        check_output(save_preds, "dir", "--save-preds")
     result = run_eval(source, data=data, data_format=data_format, split=split, resize=resize, mode=mode, crop=crop,
                       stride=stride, flip=flip, scales=scales, batch=batch, workers=workers, device=device,
                       save_preds=save_preds, amp=amp, progress=not no_progress)
@@ -259,7 +331,9 @@ def export_cmd(
     """Export the deployable model to verified ONNX, with a TensorRT readiness report and trtexec line."""
     from segkd.export.onnx_export import ExportConfig, export_checkpoint
     from segkd.export.render import render_export_report
+    from segkd.safeio import check_output
 
+    check_output(out_path, "file", "--out")
     cfg = ExportConfig(opset=opset, static=static, output=output, fold_normalize=fold_normalize, fp16=fp16,
                        verify=verify, data=data, size=size, atol=atol, min_agreement=min_agreement,
                        providers=providers, num_images=num_images, trt_min=trt_min, trt_max=trt_max, threads=threads)
@@ -327,6 +401,10 @@ def bench_cmd(
                   max_params=None if max_params is None else parse_count(max_params), baseline=baseline,
                   max_regression=parse_percent(max_regression))
     to_stdout = json_path == "-"
+    if json_path is not None and not to_stdout:
+        from segkd.safeio import check_output
+
+        check_output(json_path, "file", "--json")
     view = console if to_stdout else out
     with view.status("benchmarking") as status:
         report = run_bench_command(cfg, gates, progress=lambda label: status.update(f"benchmarking {label}"))
@@ -441,8 +519,12 @@ def data_synth_cmd(
     from segkd.data import synthesize
     from segkd.shapes import parse_hw
 
-    root = synthesize(out_dir, n_train=train, n_val=val, size=parse_hw(size, "--size"), num_classes=classes,
-                      seed=seed, progress=True)
+    try:
+        root = synthesize(out_dir, n_train=train, n_val=val, size=parse_hw(size, "--size"), num_classes=classes,
+                          seed=seed, progress=True)
+    except OSError as e:
+        e.add_note(f"the set in {out_dir} is incomplete (no classes.json): run the command again once it is writable")
+        raise
     out.print(f"wrote {train} train + {val} val images ({size}, {classes} classes) to {root}")
 
 
@@ -475,6 +557,11 @@ def main() -> None:
     except SegkdError as e:
         console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # read-only file system, disk full, permissions: the path, the cause, what was kept
+        from segkd.safeio import os_error_message
+
+        console.print(f"[red]error:[/] {os_error_message(e)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)
         sys.exit(130)

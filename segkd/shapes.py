@@ -41,3 +41,25 @@ def parse_shape(text: str, option: str = "--input", allow_hw: bool = False) -> t
     if dims[1] != 3:
         raise SegkdError(f"{option} {text!r}: segkd models take 3-channel RGB images (C must be 3, got {dims[1]})")
     return dims[0], dims[1], dims[2], dims[3]
+
+
+def model_stride(model: object) -> int:
+    """The coarsest feature stride of a zoo model (32 SegFormer, 16 DeepLabV3+, 8 DeepLabV3): the smallest input
+    side it can take (SegFormer's spatial-reduction convs and the stride-2 stems fail or floor away below it)."""
+    info = getattr(model, "feature_info", None) or []
+    return max((spec.stride for spec in info), default=getattr(model, "output_stride", 1))
+
+
+def zoo_stride(name: str, **model_kwargs: object) -> int:
+    """:func:`model_stride` of a zoo model by name (for sources without a module, e.g. an ONNX file's metadata)."""
+    from segkd.models import create_model
+
+    return model_stride(create_model(name, **model_kwargs))  # type: ignore[arg-type]
+
+
+def check_min_size(hw: Sequence[int], stride: int, option: str, model_name: str) -> None:
+    """The one input-size check of every command: each side at least the model's coarsest stride."""
+    h, w = int(hw[-2]), int(hw[-1])
+    if h < stride or w < stride:
+        raise SegkdError(f"{option} {h}x{w}: {model_name} needs at least {stride}x{stride} (its coarsest feature "
+                         f"stride is {stride})")

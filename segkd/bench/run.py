@@ -226,6 +226,7 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         raise SegkdError("--warmup and --min-time must be >= 0 and --iters >= 1")
     specs = [resolve_model(m, cfg.num_classes) for m in cfg.models]  # all resolved first: bad input fails fast
     hw_list = list(dict.fromkeys((s[2], s[3]) for s in shapes))
+    _check_input_sizes(cfg, specs, hw_list)
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "kind": "segkd.bench",
@@ -254,6 +255,23 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
             entry = _bench_one(spec, shapes, hw_list, backends, device, providers, threads, cfg, Path(tmp), progress)
             report["models"].append(entry)
     return report
+
+
+def _check_input_sizes(cfg: BenchConfig, specs: list[ModelSpec], hw_list: list[tuple[int, int]]) -> None:
+    """Every ``--input`` at least the stride of every model (the train-step student and teacher included)."""
+    from segkd.shapes import check_min_size, model_stride, zoo_stride
+
+    strides = []
+    for spec in specs:
+        if spec.module is not None:
+            strides.append((spec.name, model_stride(spec.module)))
+        elif spec.architecture is not None:
+            strides.append((spec.name, zoo_stride(spec.architecture, num_classes=spec.num_classes or 19)))
+    if cfg.train_step:
+        strides += [(n, zoo_stride(n, num_classes=cfg.num_classes or 19)) for n in (cfg.student, cfg.teacher) if n]
+    for name, stride in strides:
+        for hw in hw_list:
+            check_min_size(hw, stride, "--input", name)
 
 
 def _check_train_step(cfg: BenchConfig) -> None:

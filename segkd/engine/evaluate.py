@@ -212,6 +212,24 @@ def _sample_stem(dataset: Any, index: int) -> str:
     return f"{index:06d}"
 
 
+def _check_sizes(fn: Any, meta: Any, kind: str, sizes: dict[str, tuple[int, int] | None]) -> None:
+    """The model's input sizes (``--resize``, the slide ``--crop``) against its coarsest stride, before any data."""
+    from segkd.shapes import check_min_size, model_stride, zoo_stride
+
+    given = {k: v for k, v in sizes.items() if v is not None}
+    if not given:
+        return
+    if kind == "checkpoint":
+        stride = model_stride(fn)
+    else:
+        try:  # an ONNX file's metadata names its zoo architecture
+            stride = zoo_stride(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
+        except SegkdError:
+            return
+    for option, hw in given.items():
+        check_min_size(hw, stride, option, meta.model)
+
+
 def run_eval(
     source: str | Path,
     data: str | Path | None = None,
@@ -248,6 +266,7 @@ def run_eval(
     info = init_distributed(device)
     dev = info.device
     fn, meta, kind = load_predictor_source(source, dev)
+    _check_sizes(fn, meta, kind, {"--resize": resize_hw, "--crop": parse_hw(crop, "--crop")})
     predict = make_predictor(fn, mode=mode, crop=crop, stride=stride, flip=flip, scales=scale_list,  # type: ignore
                              amp=amp)
     if dataset is None:

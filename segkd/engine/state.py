@@ -6,6 +6,7 @@ RNG states, which are tuples holding an ndarray, are converted to lists here and
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segkd.checkpoint import atomic_write
+from segkd.checkpoint import atomic_write_bytes
 from segkd.errors import SegkdError
 
 RESUME_FILE = "resume.pt"
@@ -60,7 +61,9 @@ def to_cpu(obj: Any) -> Any:
 def save_resume(path: str | Path, state: dict[str, Any]) -> Path:
     """Write the resume state atomically (temp file, fsync, rename): a crash leaves the previous file intact."""
     payload = {"version": STATE_VERSION, **to_cpu(state)}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    buf = io.BytesIO()  # in memory: torch's own file writer reports ENOSPC as a RuntimeError, Python's as OSError
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def resolve_resume_path(path: str | Path) -> Path:

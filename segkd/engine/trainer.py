@@ -119,6 +119,10 @@ class TrainConfig:
                 raise SegkdError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.workers < 0:
             raise SegkdError(f"--workers must be >= 0, got {self.workers}")
+        for f in fields(self):  # nan/inf reach the optimiser or the loss otherwise (the CLI refuses them earlier)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SegkdError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise SegkdError(f"--clip-grad must be > 0, got {self.clip_grad}")
         if self.aux_weight < 0:
@@ -149,7 +153,7 @@ def parse_scale(text: str) -> tuple[float, float]:
         raise SegkdError(f"--scale must be MIN,MAX (e.g. 0.5,2.0), got {text!r}") from None
     if len(vals) == 1:
         vals = vals * 2
-    if len(vals) != 2 or vals[0] <= 0 or vals[1] < vals[0]:
+    if len(vals) != 2 or not all(map(math.isfinite, vals)) or vals[0] <= 0 or vals[1] < vals[0]:
         raise SegkdError(f"--scale must be MIN,MAX with 0 < MIN <= MAX, got {text!r}")
     return vals[0], vals[1]
 
@@ -322,6 +326,9 @@ class Trainer:
         self._stop_requested = False
         self._wrapped: nn.Module | None = None
         self._metrics_fh = None
+        # the open train-log window (sums of the terms, iterations): saved with the state, so the first window
+        # logged after --resume averages the same iterations as in an uninterrupted run
+        self._log_window: tuple[dict[str, float], int] = ({}, 0)
 
     # ------------------------------------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -339,6 +346,7 @@ class Trainer:
             "task": self.task.extra_state(),
             "rng": rngs,
             "best": self.best,
+            "log_window": gather_objects([dict(self._log_window[0]), self._log_window[1]], self.info),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -355,6 +363,9 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self.best = dict(state.get("best", {}))
+        windows = state.get("log_window") or [[{}, 0]]
+        window = windows[self.info.rank] if len(windows) == self.info.world_size else windows[0]
+        self._log_window = ({str(k): float(v) for k, v in window[0].items()}, int(window[1]))
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
             restore_rng(rngs[self.info.rank])
@@ -564,8 +575,8 @@ class Trainer:
         batches = self._batches()
         old_signals = self._install_signals()
         t_start = time.perf_counter()
-        window: dict[str, float] = {}
-        win_iters, win_images, win_t0 = 0, 0, time.perf_counter()
+        window: dict[str, float] = dict(self._log_window[0])
+        win_iters, win_images, win_t0 = self._log_window[1], 0, time.perf_counter()
         run_images, run_t0, start_it = 0, time.perf_counter(), self.iteration
         params = {n: [p for p in part.module.parameters() if p.requires_grad] for n, part in self.parts.items()}
         try:
@@ -637,6 +648,7 @@ class Trainer:
                     if self.display.bar is not None:
                         self.display.bar.update(self.display.task_id, completed=self.iteration)
 
+                self._log_window = (window, win_iters)  # what a resume state saved below continues from
                 if self.iteration % cfg.val_every == 0 or last_iter:
                     results = self.validate()
                     for name, res in results.items():
@@ -700,10 +712,17 @@ def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig,
     if resume is None:
         cfg.check()
         out = Path(cfg.out)
-        # a run that saved a state or a checkpoint is never overwritten; one that died before that is restarted
-        if (out / RESUME_FILE).exists() or any(out.glob("*.safetensors")):
+        # a run that saved a resume state is never overwritten; one that died before that is restarted
+        if (out / RESUME_FILE).exists():
             raise SegkdError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+        if any(out.glob("*.safetensors")):
+            if not (out / RUN_FILE).is_file():
+                raise SegkdError(f"{out} holds checkpoints that are not a segkd run; choose another --out")
+            _start_note(f"note: {out} holds a run stopped before its first resume state was saved: starting it again "
+                        "from iteration 0 (its checkpoints will be replaced)")
         return cfg, None
+    if Path(resume).is_dir() and not (Path(resume) / RESUME_FILE).exists() and (Path(resume) / RUN_FILE).is_file():
+        return _restart_config(cfg, Path(resume)), None
     path = resolve_resume_path(resume)
     state = load_resume(path)
     saved = type(cfg).from_dict(state["config"])
@@ -712,6 +731,63 @@ def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig,
     saved.out = str(path.parent)
     saved.check()
     return saved, state
+
+
+def _start_note(text: str) -> None:
+    """One line on stderr from the process that owns the run directory (rank 0 under torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _restart_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """``--resume`` of a run killed before its first resume state (e.g. during its first checkpoint): what it did
+    cannot be continued exactly, so it restarts from iteration 0 with the settings its run.json recorded."""
+    try:
+        saved = type(cfg).from_dict(json.loads((run_dir / RUN_FILE).read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SegkdError(f"{run_dir / RUN_FILE}: not a readable segkd run.json ({e})") from None
+    for name in MACHINE_OPTIONS:
+        setattr(saved, name, getattr(cfg, name))
+    saved.out = str(run_dir)
+    saved.check()
+    _start_note(f"note: {run_dir} has no resume state (the run stopped before its first one was saved): restarting "
+                "it from iteration 0 with the settings of its run.json")
+    return saved
+
+
+def run_dir_of(cfg: TrainConfig, resume: str | Path | None) -> Path:
+    """The directory a run writes: ``--out``, or the ``--resume`` directory (the folder of a resume file)."""
+    if resume is None:
+        return Path(cfg.out)
+    return Path(resume).parent if Path(resume).is_file() else Path(resume)
+
+
+def check_input_sizes(cfg: TrainConfig, task: Task) -> None:
+    """--crop (what is trained on) and --resize (what is validated on) against every model's stride, before
+    anything is written: a SegFormer cannot take a side below 32."""
+    from segkd.shapes import check_min_size, model_stride
+
+    models = dict(task.deploy_models())
+    teacher = getattr(task, "teacher", None)
+    if isinstance(teacher, nn.Module):
+        models["teacher"] = teacher
+    for opt in ("crop", "resize"):
+        if getattr(cfg, opt):
+            for model in models.values():
+                check_min_size(parse_hw(getattr(cfg, opt), f"--{opt}"), model_stride(model), f"--{opt}",
+                               getattr(model, "zoo_name", type(model).__name__))
+
+
+def _kept_state(run_dir: Path) -> str:
+    """What a run stopped by an OSError leaves to continue from (for its one-line error)."""
+    path = run_dir / RESUME_FILE
+    try:
+        iteration = load_resume(path)["iteration"] if path.is_file() else None
+    except SegkdError:
+        iteration = None
+    if iteration is None:
+        return "training stopped before any resume state was saved"
+    return f"training stopped; {path} (iteration {iteration}) is intact: continue with --resume {run_dir}"
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -733,6 +809,33 @@ def run_task(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, Dis
              prepare: Callable[[TrainConfig, DistInfo], DataBundle] | None = None) -> dict[str, Any]:
     """Run any task on the shared engine: the entry point of ``train`` and ``distill``.
 
+    The run directory is locked for the whole run (a second run on it is refused), temp files of writes killed
+    earlier are removed, and an ``OSError`` (read-only, disk full) becomes one line saying what is kept.
+    """
+    from segkd.runlock import acquire_run_lock
+    from segkd.safeio import os_error_message, remove_orphan_tmps
+
+    run_dir = run_dir_of(cfg, resume)
+    lock = acquire_run_lock(run_dir, "--out" if resume is None else "--resume",
+                            enabled=int(os.environ.get("RANK", "0")) == 0)
+    try:
+        if lock.fd is not None:
+            count, size = remove_orphan_tmps(run_dir)
+            if count:
+                _start_note(f"note: removed {count} temp file(s) ({size / 1e6:.1f} MB) left in {run_dir} by "
+                            "interrupted writes")
+        return _run_task_locked(cfg, make_task, resume, callbacks, data, source)
+    except OSError as e:
+        raise SegkdError(f"{os_error_message(e)}; {_kept_state(run_dir)}") from None
+    finally:
+        lock.release()
+
+
+def _run_task_locked(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, DistInfo], Task],
+                     resume: str | Path | None = None, callbacks: Sequence[Callback] = (),
+                     data: DataBundle | None = None, source: str = "segkd train") -> dict[str, Any]:
+    """:func:`run_task` once the run directory is locked.
+
     Order: config/resume checks, process group (from torchrun's env), seeding, data (validated up front),
     ``make_task(cfg, data, info)`` (builds the models under the run seed, so every rank starts identical),
     optional SyncBatchNorm, rank-specific RNG streams, restored state on ``--resume``, then :meth:`Trainer.fit`.
@@ -747,6 +850,7 @@ def run_task(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, Dis
         seed_everything(cfg.seed)
         bundle = data if data is not None else (prepare or prepare_data)(cfg, info)
         task = make_task(cfg, bundle, info)
+        check_input_sizes(cfg, task)
         if cfg.sync_bn and info.enabled:
             for part in task.parts().values():
                 nn.SyncBatchNorm.convert_sync_batchnorm(part.module)  # converts the BN children in place

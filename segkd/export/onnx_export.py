@@ -44,7 +44,7 @@ from segkd import __version__
 from segkd.checkpoint import META_KEY, atomic_write, file_sha256, load_model
 from segkd.errors import GateFailure, SegkdError
 from segkd.export.runtime import EXPORT_KEY, parse_providers, probe_providers
-from segkd.shapes import parse_hw, parse_shape
+from segkd.shapes import check_min_size, model_stride, parse_hw, parse_shape
 
 OutputKind = Literal["logits", "probs", "labels"]
 OUTPUT_KINDS = ("logits", "probs", "labels")
@@ -132,8 +132,7 @@ def required_stride(model: nn.Module) -> int:
     bilinear upsampling in the decoder misaligns coarse and fine features by up to half a coarse cell, and
     SegFormer's spatial-reduction convs (kernel = stride = 8 at stride 4) floor away border rows.
     """
-    info = getattr(model, "feature_info", None) or []
-    return max((spec.stride for spec in info), default=getattr(model, "output_stride", 1))
+    return model_stride(model)
 
 
 def _round_to(v: int, m: int) -> int:
@@ -155,8 +154,7 @@ def plan_shapes(cfg: ExportConfig, stride: int, model_name: str) -> ExportPlan:
         shape = (b, 3, h, w)
         return ExportPlan(h, w, b, True, stride, {"min": shape, "opt": shape, "max": shape})
     h, w = parse_hw(cfg.size or "512x1024", "--size")
-    if h < stride or w < stride:
-        raise SegkdError(f"--size {h}x{w}: {model_name} needs at least {stride}x{stride} (its stride)")
+    check_min_size((h, w), stride, "--size", model_name)
     profile = {
         "min": (1, 3, _round_to(h // 2, stride), _round_to(w // 2, stride)),
         "opt": (1, 3, _round_to(h, stride), _round_to(w, stride)),

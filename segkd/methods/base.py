@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -143,7 +144,10 @@ def _convert(value: str, typ: Any, key: str, method: str) -> Any:
         if typ is int:
             return int(value)
         if typ is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan/inf would only surface as a NaN loss at iteration 1
+                raise SegkdError(f"{method} option {key} must be a finite number, got {value!r}")
+            return number
     except ValueError:
         raise SegkdError(f"{method} option {key} expects a {typ.__name__}, got {value!r}") from None
     return value

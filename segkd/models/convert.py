@@ -297,8 +297,9 @@ def convert_checkpoint(
     state, report = convert_state(src, model)
     if found is not None and found != num_classes:
         # a different class count: keep everything but the classifier, which stays freshly initialised
+        # weight/bias only: BatchNorm's 0-dim num_batches_tracked (torchvision classifier.2.*) has no first dim
         head = [k for k in state if k.startswith(("decode_head.classifier.", "classifier.4.", "classifier."))
-                and state[k].shape[0] == found and k.endswith(("weight", "bias"))]
+                and k.endswith(("weight", "bias")) and state[k].dim() > 0 and state[k].shape[0] == found]
         for k in head:
             report.skipped.append(k)
             del state[k]

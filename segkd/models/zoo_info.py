@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segkd.models import MODELS, count_params, create_model
-from segkd.shapes import parse_hw
+from segkd.shapes import check_min_size, model_stride, parse_hw
 
 
 def describe_models(name: str | None, num_classes: int, size: str, flops: bool = True) -> list[dict]:
@@ -28,6 +28,7 @@ def describe_models(name: str | None, num_classes: int, size: str, flops: bool =
             "aliases": sorted(a for a, c in MODELS.aliases().items() if c == n),
         }
         if flops:
+            check_min_size((h, w), model_stride(model), "--size", n)
             row["gmacs"] = round(count_flops(model, (1, 3, h, w)).gmacs, 2)
         rows.append(row)
     return rows

@@ -1,0 +1,363 @@
+"""The fault trial of docs/faults.md, case by case: each input once through the CLI, one line, no traceback."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import bundle, cfg_for
+
+from segkd.checkpoint import CheckpointMeta, save_checkpoint
+from segkd.engine.state import load_resume
+from segkd.engine.trainer import Trainer, run_train
+from segkd.errors import SegkdError
+from segkd.runlock import LOCK_FILE
+
+torch.set_num_threads(1)
+T = ["train", "--model", "segformer-b0", "--data", "synth", "--batch", "2", "--crop", "64x64", "--workers", "0",
+     "--no-progress", "--device", "cpu"]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CAMVID_R18 = SHARED / "checkpoints" / "camvid-deeplabv3-resnet18-torchvision.pth"
+# runs the CLI in a fresh process and SIGKILLs it when resume.pt is about to be renamed into place: after
+# last.safetensors and best.safetensors landed, with the resume state's temp file fully written (an orphan)
+KILL_BEFORE_RESUME = """
+import os, signal, sys
+import segkd.checkpoint as ck
+real = os.replace
+def replace(src, dst, *a, **k):
+    if str(dst).endswith("resume.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **k)
+ck.os.replace = replace
+from segkd.cli import main
+sys.argv = ["segkd", *sys.argv[1:]]
+main()
+"""
+
+
+def _cli(args: list[str]):
+    from typer.testing import CliRunner
+
+    from segkd.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``segkd ARGS`` through the console-script entry point: (exit code, stderr)."""
+    from segkd.cli import main
+
+    old = sys.argv
+    sys.argv = ["segkd", *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+    finally:
+        sys.argv = old
+    return int(e.value.code or 0), capsys.readouterr().err
+
+
+def _one_line_error(err: str, *needles: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def small_ckpt(tmp_path: Path) -> Path:
+    """A segformer-b0 checkpoint for the 6 classes of the synthetic set."""
+    from segkd.data.synth import SHAPE_NAMES
+    from segkd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("segformer-b0", num_classes=6)
+    return save_checkpoint(tmp_path / "b0.safetensors", model,
+                           CheckpointMeta(model="segformer-b0", num_classes=6, class_names=SHAPE_NAMES[:6]))
+
+
+@pytest.fixture
+def readonly(monkeypatch: pytest.MonkeyPatch):
+    """``readonly(folder)``: every write below ``folder`` fails with EROFS, as on a read-only mount (the tests may
+    run as root, whom a chmod does not stop)."""
+
+    def make(root: Path) -> Path:
+        root = root.resolve()
+
+        def blocked(p: object) -> bool:
+            try:
+                return Path(os.fspath(p)).resolve().is_relative_to(root)  # type: ignore[arg-type]
+            except TypeError:  # a file descriptor
+                return False
+
+        def erofs(p: object) -> OSError:
+            return OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(p))  # type: ignore[arg-type]
+
+        real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+        def fake_open(file, mode="r", *a, **k):  # noqa: ANN001, ANN002, ANN003
+            if any(c in mode for c in "wax+") and blocked(file):
+                raise erofs(file)
+            return real_open(file, mode, *a, **k)
+
+        def fake_os_open(path, flags, *a, **k):  # noqa: ANN001, ANN002, ANN003
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and blocked(path):
+                raise erofs(path)
+            return real_os_open(path, flags, *a, **k)
+
+        def fake_mkdir(path, *a, **k):  # noqa: ANN001, ANN002, ANN003
+            if blocked(path):
+                raise erofs(path)
+            return real_mkdir(path, *a, **k)
+
+        for mod in (builtins, io):
+            monkeypatch.setattr(mod, "open", fake_open)
+        monkeypatch.setattr(os, "open", fake_os_open)
+        monkeypatch.setattr(os, "mkdir", fake_mkdir)
+        return root
+
+    return make
+
+
+# ----------------------------------------------------------------------------------- 1. kill during checkpoint
+def test_run_killed_during_its_first_checkpoint_restarts(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [*T, "--iters", "2", "--val-every", "1", "--out", str(run)]
+    proc = subprocess.run([sys.executable, "-c", KILL_BEFORE_RESUME, *args], env=_env(), capture_output=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert (run / "last.safetensors").is_file() and not (run / "resume.pt").exists()
+    assert len(list(run.glob(".resume.pt.*.tmp"))) == 1 and (run / LOCK_FILE).is_file()  # orphan + stale lock
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+
+    res = _cli([*T, "--iters", "2", "--val-every", "1", "--out", run])  # the same command again: restarts
+    assert res.exit_code == 0, res.output
+    assert "starting it again from iteration 0" in res.stderr and "removed 1 temp file" in res.stderr
+    res = _cli(["train", "--resume", copy, "--no-progress"])  # or --resume: restarts from its run.json
+    assert res.exit_code == 0, res.output
+    assert "restarting it from iteration 0 with the settings of its run.json" in res.stderr
+    for d in (run, copy):
+        assert load_resume(d)["iteration"] == 2
+        assert not list(d.glob(".*.tmp")) and not (d / LOCK_FILE).exists()
+
+
+# -------------------------------------------------------------------------------------- 2. two runs, one --out
+def test_second_run_on_a_locked_out_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "segkd", *T, "--iters", "3", "--val-every", "3", "--seed", "0",
+                              "--out", str(run)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (run / LOCK_FILE).is_file() or not (run / LOCK_FILE).read_text():
+            assert first.poll() is None and time.time() < deadline, "the first run never took its lock"
+            time.sleep(0.05)
+        res = _cli([*T, "--iters", "3", "--val-every", "3", "--seed", "1", "--out", run])
+        assert isinstance(res.exception, SegkdError), res.output
+        assert f"is in use by another segkd run (pid {first.pid}" in str(res.exception)
+        assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert json.loads((run / "run.json").read_text())["config"]["seed"] == 0  # the first run's files
+    assert not (run / LOCK_FILE).exists()
+    # a lock file left by a dead process (kill -9) holds no flock: the next run takes it over
+    (run / LOCK_FILE).write_text("999999 elsewhere\n")
+    res = _cli(["train", "--resume", run, "--no-progress"])
+    assert "already finished" in str(res.exception)
+
+
+# ---------------------------------------------------------------------------- 3. torchvision head, new classes
+@pytest.mark.skipif(not CAMVID_R18.is_file(), reason="the shared CamVid checkpoint is not here (CI clone)")
+def test_convert_torchvision_to_another_class_count(tmp_path: Path) -> None:
+    out = tmp_path / "r18.safetensors"
+    res = _cli(["convert", CAMVID_R18, "-m", "deeplabv3-resnet18", "--num-classes", "12", "-o", out, "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["skipped"] == ["classifier.4.weight", "classifier.4.bias"] and report["placed"] == 162
+    assert report["missing"] == ["classifier.4.weight", "classifier.4.bias"] and report["num_classes"] == 12
+
+
+# ------------------------------------------------------------------------------------------ 4. nan / inf
+def test_non_finite_numbers_are_usage_errors(tmp_path: Path, small_ckpt: Path) -> None:
+    kd = ["distill", "--method", "kd", "--student", "segformer-b0", "--teacher", "segformer-b0", "--teacher-weights",
+          str(small_ckpt)]
+    for args, option in (([*T, "--lr", "nan"], "--lr"), ([*T, "--lr", "inf"], "--lr"),
+                         ([*T, "--clip-grad", "-inf"], "--clip-grad"),
+                         ([*kd, "--lr", "nan"], "--lr"),
+                         (["bench", "segformer-b0", "--max-latency-ms", "nan"], "--max-latency-ms")):
+        res = _cli([*args, "--out" if args[0] != "bench" else "--json", tmp_path / "x"])
+        assert res.exit_code == 2, res.output
+        assert f"Invalid value for '{option}'" in res.output and "not a finite number" in res.output
+        assert len(res.output.strip().splitlines()) == 1
+    res = _cli([*kd, "--method-opt", "temperature=nan", "--out", tmp_path / "x"])
+    assert isinstance(res.exception, SegkdError)
+    assert "kd option temperature must be a finite number, got 'nan'" in str(res.exception)
+    with pytest.raises(SegkdError, match="--momentum must be a finite number"):  # the API checks it too
+        run_train(cfg_for(tmp_path / "y", momentum=float("nan")), data=bundle())
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ---------------------------------------------------------------------------------- 5. sizes below the stride
+def test_sizes_below_the_model_stride_fail_before_any_work(tmp_path: Path, small_ckpt: Path) -> None:
+    for crop in ("16x16", "1x1"):
+        res = _cli([*T, "--crop", crop, "--iters", "1", "--out", tmp_path / "run"])
+        assert isinstance(res.exception, SegkdError), res.output
+        assert f"--crop {crop}: segformer-b0 needs at least 32x32" in str(res.exception)
+        assert not (tmp_path / "run").exists()  # no run.json, no empty directory
+    cases = ((["bench", "segformer-b0", "--input", "1x3x16x16"], "--input 16x16"),
+             (["eval", small_ckpt, "--data", "synth", "--resize", "1x1"], "--resize 1x1"),
+             (["eval", small_ckpt, "--data", "synth", "--mode", "slide", "--crop", "8x8"], "--crop 8x8"),
+             (["models", "segformer-b0", "--size", "1x1"], "--size 1x1"),
+             (["export", small_ckpt, "-o", tmp_path / "m.onnx", "--size", "16x16"], "--size 16x16"))
+    for args, where in cases:
+        res = _cli(args)
+        assert isinstance(res.exception, SegkdError), res.output
+        assert f"{where}: segformer-b0 needs at least 32x32" in str(res.exception)
+    res = _cli(["models", "deeplabv3-resnet18", "--size", "8x8", "--json"])  # stride 8: 8x8 is its minimum
+    assert res.exit_code == 0, res.output
+
+
+# --------------------------------------------------------------------------------- 6. file vs directory
+def test_a_file_where_a_directory_is_expected_and_the_reverse(tmp_path: Path, small_ckpt: Path) -> None:
+    a_file, a_dir = tmp_path / "file.txt", tmp_path / "folder"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    cases = (([*T, "--iters", "1", "--out", a_file], "--out", "is a file, but a directory is expected"),
+             ([*T, "--iters", "1", "--out", a_file / "run"], "--out", "file.txt is a file, not a directory"),
+             (["distill", "--method", "kd", "--student", "segformer-b0", "--teacher", "segformer-b0",
+               "--teacher-weights", small_ckpt, "--out", a_file], "--out", "is a file, but a directory is expected"),
+             (["convert", small_ckpt, "-m", "segformer-b0", "-o", a_dir], "--out", "is a directory"),
+             (["eval", small_ckpt, "--json-out", a_dir], "--json-out", "is a directory"),
+             (["eval", small_ckpt, "--save-preds", a_file], "--save-preds", "is a file, but a directory"),
+             (["bench", "segformer-b0", "--json", a_dir], "--json", "is a directory"),
+             (["export", small_ckpt, "-o", a_dir], "--out", "is a directory"))
+    for args, option, problem in cases:
+        res = _cli(args)
+        assert isinstance(res.exception, SegkdError), (args, res.output)
+        assert str(res.exception).startswith(option) and problem in str(res.exception), str(res.exception)
+    assert a_file.read_text() == "x" and not any(a_dir.iterdir())
+
+
+# ------------------------------------------------------------------------------ 7. read-only and disk full
+def test_read_only_destinations_are_one_line(tmp_path: Path, small_ckpt: Path, readonly,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from segkd.models import create_model
+
+    ro = tmp_path / "ro"
+    (ro / "old").mkdir(parents=True)
+    (ro / "old" / "m.json").write_text("{}")
+    foreign = tmp_path / "tv.pth"  # a torchvision-layout DeepLabV3 state dict, as `segkd convert` imports
+    torch.save(create_model("deeplabv3-resnet18", num_classes=2).state_dict(), foreign)
+    readonly(ro)
+    cases = (([*T, "--iters", "1", "--out", ro / "run"], f"{ro / 'run'}: Read-only file system (EROFS)"),
+             (["convert", foreign, "-m", "deeplabv3-resnet18", "-o", ro / "c.safetensors"],
+              "c.safetensors: Read-only file system (EROFS)"),
+             (["export", small_ckpt, "-o", ro / "m.onnx", "--size", "32x32", "--no-verify"],
+              "m.onnx: Read-only file system (EROFS)"),
+             (["eval", small_ckpt, "--data", "synth", "--resize", "32x32", "--json-out", ro / "old" / "m.json"],
+              "m.json: Read-only file system (EROFS); the previous m.json is kept unchanged"),
+             (["bench", "segformer-b0", "--input", "32x32", "--iters", "1", "--warmup", "0", "--no-flops",
+               "--json", ro / "b.json"], "b.json: Read-only file system (EROFS)"),
+             (["data", "synth", "-o", ro / "synth", "--train", "1", "--val", "1"],
+              "Read-only file system (EROFS); the set in"))
+    for args, needle in cases:
+        code, err = _main(args, capsys)
+        assert code == 1, err
+        _one_line_error(err, needle)
+    assert not (ro / "run").exists() and (ro / "old" / "m.json").read_text() == "{}"
+
+
+def test_disk_full_at_the_second_checkpoint_keeps_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    real, calls = os.replace, []
+
+    def replace(src, dst, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        if Path(dst).name == "last.safetensors":
+            calls.append(dst)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), src)
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, err = _main([*T, "--iters", "4", "--val-every", "2", "--out", run], capsys)
+    assert code == 1
+    line = _one_line_error(err, f"{run / 'last.safetensors'}: No space left on device (ENOSPC)",
+                           "the previous last.safetensors is kept unchanged",
+                           f"{run / 'resume.pt'} (iteration 2) is intact: continue with --resume {run}")
+    assert ".tmp" not in line and not list(run.glob(".*.tmp")) and not (run / LOCK_FILE).exists()
+    monkeypatch.setattr(os, "replace", real)
+    code, err = _main(["train", "--resume", run, "--no-progress"], capsys)
+    assert code == 0, err
+    assert load_resume(run)["iteration"] == 4
+
+
+# ------------------------------------------------------------------------------------------------- weak items
+def test_log_window_after_resume_matches_the_uninterrupted_run(tmp_path: Path) -> None:
+    data = bundle()
+    run_train(cfg_for(tmp_path / "ref", log_every=4), data=data)
+
+    def crash(trainer: Trainer, it: int) -> None:
+        if it == 5:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_train(cfg_for(tmp_path / "crash", log_every=4), callbacks=[crash], data=data)
+    assert load_resume(tmp_path / "crash")["iteration"] == 3  # mid-window: iterations 1-3 of the 1-4 window
+    run_train(cfg_for(tmp_path / "crash", log_every=4), resume=tmp_path / "crash", data=data)
+
+    def train_log(run: str) -> list[tuple[int, float]]:
+        recs = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["iter"], r["loss"]) for r in recs if r["type"] == "train"]
+
+    assert [it for it, _ in train_log("ref")] == [4, 6]
+    assert train_log("crash") == train_log("ref")
+
+
+def test_refused_pickles_say_what_was_refused(tmp_path: Path) -> None:
+    import pickle
+
+    from segkd.models import create_model
+
+    module, raw = tmp_path / "module.pth", tmp_path / "raw.pth"
+    torch.save(create_model("deeplabv3-resnet18", num_classes=2), module)
+    raw.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
+    res = _cli(["convert", module, "-m", "deeplabv3-resnet18", "-o", tmp_path / "a.safetensors"])
+    assert "pickles the Python object segkd.models.deeplab.DeepLabV3" in str(res.exception)
+    assert str(res.exception).endswith("instead)")  # the whole sentence, not cut off
+    res = _cli(["convert", raw, "-m", "deeplabv3-resnet18", "-o", tmp_path / "a.safetensors"])
+    assert "not plain tensors" in str(res.exception) and "raw Python pickle" in str(res.exception)
+    assert "UserWarning" not in res.output and "pickle protocol" not in res.output
+
+
+def test_usage_errors_are_one_plain_line() -> None:
+    for args, needle in ((["train", "--model", "segformer-b0", "--out"], "Option '--out' requires an argument"),
+                         (["train", "--iters", "x"], "Invalid value for '--iters'"),
+                         (["trian"], "No such command 'trian'"),
+                         (["data", "synth", "--bogus"], "No such option: --bogus")):
+        res = _cli(args)
+        assert res.exit_code == 2
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.output
+        assert "--help'" in lines[0] and "╭" not in res.output
+    res = _cli(["--version"])
+    assert res.exit_code == 0 and res.output.startswith("segkd ")
