@@ -824,7 +824,7 @@ def run_task(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, Dis
             if count:
                 _start_note(f"note: removed {count} temp file(s) ({size / 1e6:.1f} MB) left in {run_dir} by "
                             "interrupted writes")
-        return _run_task_locked(cfg, make_task, resume, callbacks, data, source)
+        return _run_task_locked(cfg, make_task, resume, callbacks, data, source, prepare)
     except OSError as e:
         raise SegkdError(f"{os_error_message(e)}; {_kept_state(run_dir)}") from None
     finally:
@@ -833,7 +833,8 @@ def run_task(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, Dis
 
 def _run_task_locked(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, DistInfo], Task],
                      resume: str | Path | None = None, callbacks: Sequence[Callback] = (),
-                     data: DataBundle | None = None, source: str = "segkd train") -> dict[str, Any]:
+                     data: DataBundle | None = None, source: str = "segkd train",
+                     prepare: Callable[[TrainConfig, DistInfo], DataBundle] | None = None) -> dict[str, Any]:
     """:func:`run_task` once the run directory is locked.
 
     Order: config/resume checks, process group (from torchrun's env), seeding, data (validated up front),
