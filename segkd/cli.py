@@ -385,6 +385,9 @@ def bench_cmd(
     teacher: Annotated[str | None, typer.Option(help="With --train-step: teacher zoo model (the peer for online "
                                                 "methods such as dml).")] = None,
     student: Annotated[str | None, typer.Option(help="With --train-step: student zoo model.")] = None,
+    teacher_cache: Annotated[bool, typer.Option("--teacher-cache", help="With --train-step: time the step as "
+                                                "`distill --teacher-cache` runs it (teacher targets from the batch, "
+                                                "no teacher forward) against the student alone.")] = False,
 ) -> None:
     """Parameters, FLOPs (GMACs), latency percentiles, throughput and memory; JSON report and CI gates (exit 3)."""
     from segkd.bench.gates import Gates, enforce, parse_count
@@ -396,7 +399,7 @@ def bench_cmd(
                       device=device, threads=threads, backends=list(backend or ["torch"]), providers=providers,
                       warmup=warmup, iters=iters, min_time=min_time, num_classes=num_classes, detail=detail,
                       channels_last=channels_last, flops=flops, latency=latency, train_step=train_step,
-                      method=method, teacher=teacher, student=student)
+                      method=method, teacher=teacher, student=student, teacher_cache=teacher_cache)
     gates = Gates(max_latency_ms=max_latency_ms, max_gflops=max_gflops,
                   max_params=None if max_params is None else parse_count(max_params), baseline=baseline,
                   max_regression=parse_percent(max_regression))

@@ -72,6 +72,7 @@ class BenchConfig:
     method: str | None = None
     teacher: str | None = None
     student: str | None = None
+    teacher_cache: bool = False
 
 
 def cpu_model() -> str:
@@ -298,7 +299,8 @@ def _train_steps(cfg: BenchConfig, shapes: list[tuple[int, int, int, int]], devi
         if progress is not None:
             progress(f"{cfg.method} train step {'x'.join(map(str, shape))}")
         out.append(bench_train_step(cfg.method or "", cfg.teacher or "", cfg.student or "", shape, device,
-                                    cfg.num_classes or 19, cfg.warmup, cfg.iters, cfg.min_time, threads))
+                                    cfg.num_classes or 19, cfg.warmup, cfg.iters, cfg.min_time, threads,
+                                    cached=cfg.teacher_cache))
     return out
 
 
