@@ -77,12 +77,13 @@ class DistillDataset(Dataset):
     """Labelled (+ unlabelled) training images with the extras of the module docstring."""
 
     def __init__(self, labeled: SegDataset, unlabeled: UnlabeledImages | None = None, teacher_view: str = "clean",
-                 cache: TeacherCache | None = None) -> None:
+                 cache: TeacherCache | None = None, taps: list[str] | None = None) -> None:
         if teacher_view not in TEACHER_VIEWS:
             raise SegkdError(f"--teacher-view must be one of {', '.join(TEACHER_VIEWS)}, got {teacher_view!r}")
         if not hasattr(labeled.transform, "apply"):
             raise SegkdError("a distillation dataset needs segkd's training transform (random crop/flip/jitter)")
         self.labeled, self.unlabeled, self.teacher_view, self.cache = labeled, unlabeled, teacher_view, cache
+        self.taps = taps  # the cached taps the method reads (None: every tap in the cache)
         self.info = labeled.info
         self.transform = labeled.transform
         self.seed = labeled.seed
@@ -128,7 +129,7 @@ class DistillDataset(Dataset):
         x, y, geom, tx = self.transform.apply(img, lab, rng, clean=clean)
         extras: dict[str, Tensor] = {}
         if self.cache is not None:
-            extras.update(cached_targets(self.cache, self.sha(index), geom))
+            extras.update(cached_targets(self.cache, self.sha(index), geom, self.taps))
             extras["teacher_inside"] = inside_mask(geom)
         elif clean:
             extras["teacher_images"] = tx  # type: ignore[assignment]

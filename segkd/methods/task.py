@@ -372,6 +372,7 @@ def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None) -> Da
     if cfg.teacher_cache:
         teacher = load_teacher(cfg.teacher, cfg.teacher_weights, bundle.num_classes, bundle.mean, bundle.std)  # type: ignore[arg-type]
         key = cache_key(cfg, teacher, bundle)
+        ds.taps = list(key.taps)
         device = info.device if info is not None else "cpu"
         if main:
             ds.cache = build_cache(cfg.teacher_cache, key, ds.cache_images(), teacher, bundle.mean, bundle.std,

@@ -131,8 +131,8 @@ class TeacherCache:
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen their own memory maps
         return {"root": self.root, "manifest": self.manifest, "_handles": {}}
 
-    def tensors(self, sha: str) -> dict[str, Tensor]:
-        """``{"logits": K x h x w, <tap>: C x h' x w'}`` of one image, float32."""
+    def tensors(self, sha: str, taps: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """``{"logits": K x h x w, <tap>: C x h' x w'}`` of one image, float32 (``taps``: only those)."""
         entry = self.manifest["images"].get(sha)
         if entry is None or entry.get("shard") is None:
             raise SegkdError(f"{self.root}: no cached teacher output for image {sha[:12]}…")
@@ -142,7 +142,7 @@ class TeacherCache:
             from safetensors import safe_open
 
             handle = self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
-        names = ["logits", *self.taps]
+        names = ["logits", *(self.taps if taps is None else taps)]
         return {n: handle.get_tensor(f"{sha}.{n}").float() for n in names}
 
 
@@ -272,11 +272,12 @@ def inside_mask(g: Geometry) -> Tensor:
     return m
 
 
-def cached_targets(cache: TeacherCache, sha: str, g: Geometry) -> dict[str, Tensor]:
+def cached_targets(cache: TeacherCache, sha: str, g: Geometry, taps: Sequence[str] | None = None
+                   ) -> dict[str, Tensor]:
     """The extras a :class:`~segkd.methods.task.DistillTask` reads instead of running the teacher: warped logits
     at the crop's pixel grid (the label grid, where the methods align logits by default) and warped taps on
-    their own stride."""
-    maps = cache.tensors(sha)
+    their own stride (all cached taps, or only ``taps``)."""
+    maps = cache.tensors(sha, taps)
     out = {"teacher_logits": warp(maps.pop("logits"), g, 1)}
     strides = cache.taps
     for tap, m in maps.items():
