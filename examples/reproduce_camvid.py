@@ -385,7 +385,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if not torch.cuda.is_available() and not args.dry_run:
             p.error("--gpu-recipe needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run checks it on CPU")
         args.protocol = GPU_RECIPE if not args.dry_run else Protocol(
-            **{**vars(GPU_RECIPE), "device": "cpu", "iters": 2, "val_every": 2, "workers": 0, "batch": 2})
+            **{**vars(GPU_RECIPE), "device": "cpu", "iters": 2, "val_every": 2, "warmup": 0, "workers": 0,
+               "batch": 2})
     if args.iters is not None:
         args.protocol.iters, args.protocol.val_every = args.iters, min(args.protocol.val_every, args.iters)
         args.protocol.warmup = min(args.protocol.warmup, args.iters // 2)
