@@ -247,7 +247,13 @@ def pdd_loss(student: Tensor, teacher: Tensor, labels: Tensor, mode: str = "pape
 # ------------------------------------------------------------------------------------------ attention pool
 class AttentionPool2d(nn.Module):
     """CLIP/DenseCLIP attention pooling: the mean token attends over ``[mean; tokens]`` (+ positional embedding,
-    its spatial part interpolated bilinearly to the input grid); returns the ``output_dim`` global embedding."""
+    its spatial part interpolated bilinearly to the input grid); returns the ``output_dim`` global embedding.
+
+    Computed with the key and value projections folded (same function as projecting every token, as CLIP does):
+    with one query, head ``h``'s scores are ``tokens (Wk_h^T q_h) + bk_h . q_h`` and its output is
+    ``(attn_h tokens) Wv_h^T + bv_h`` (attention weights sum to 1), so the cost is ``O(heads * L * C + C^2)``
+    instead of ``O(L * C^2)`` for ``L`` tokens — at a ResNet-50 layer4 grid of 32x64 that is 0.6 instead of 17
+    GMACs per image, on every distillation step."""
 
     def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int) -> None:
         super().__init__()
@@ -270,11 +276,14 @@ class AttentionPool2d(nn.Module):
         pos = torch.cat([pos[:1], spatial.reshape(c, h * w).T], dim=0)
         tokens = tokens + pos[None]
         nh = self.num_heads
-        q = self.q_proj(tokens[:, :1]).reshape(b, 1, nh, -1).transpose(1, 2)
-        k = self.k_proj(tokens).reshape(b, h * w + 1, nh, -1).transpose(1, 2)
-        v = self.v_proj(tokens).reshape(b, h * w + 1, nh, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c)
-        return self.c_proj(out)
+        d = c // nh
+        q = self.q_proj(tokens[:, 0]).reshape(b, nh, d) * d**-0.5  # SDPA's default scale
+        wk = self.k_proj.weight.reshape(nh, d, c)
+        u = torch.einsum("bhd,hdc->bhc", q, wk)  # B x heads x C
+        scores = torch.einsum("blc,bhc->bhl", tokens, u) + (q * self.k_proj.bias.reshape(nh, d)).sum(-1, True)
+        pooled = torch.einsum("bhl,blc->bhc", scores.softmax(-1), tokens)
+        out = torch.einsum("bhc,hdc->bhd", pooled, self.v_proj.weight.reshape(nh, d, c)).reshape(b, c)
+        return self.c_proj(out + self.v_proj.bias)
 
 
 def load_pool(path: str | Path, channels: int, heads: int = 32) -> tuple[AttentionPool2d, str]:
