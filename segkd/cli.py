@@ -254,6 +254,8 @@ def export_cmd(
     int8: Annotated[bool, typer.Option("--int8", help="Static INT8 (QDQ) quantisation calibrated on --data, "
                                        "written only if the mIoU drop on --eval-split is within --max-miou-drop.")
                     ] = False,
+    int8_target: Annotated[str, typer.Option(help="--int8: tensorrt (symmetric int8 activations) or cpu (uint8 "
+                                             "activations, ONNX Runtime's fast x86 kernels).")] = "tensorrt",
     calib_split: Annotated[str, typer.Option(help="--int8: split whose images calibrate.")] = "train",
     calib_images: Annotated[int, typer.Option(help="--int8: calibration images (a seeded random subset).")] = 64,
     calib_method: Annotated[str, typer.Option(help="--int8: minmax, entropy or percentile.")] = "minmax",
@@ -277,7 +279,8 @@ def export_cmd(
     cfg = ExportConfig(opset=opset, static=static, output=output, fold_normalize=fold_normalize, fp16=fp16,
                        verify=verify, data=data, size=size, atol=atol, min_agreement=min_agreement,
                        providers=providers, num_images=num_images, trt_min=trt_min, trt_max=trt_max, threads=threads,
-                       int8=int8, calib_split=calib_split, calib_images=calib_images, calib_method=calib_method,
+                       int8=int8, int8_target=int8_target, calib_split=calib_split, calib_images=calib_images,
+                       calib_method=calib_method,
                        eval_split=eval_split, max_miou_drop=max_miou_drop, resize=resize, data_format=data_format,
                        progress=not no_progress)
     report = export_checkpoint(ckpt, out_path, cfg)

@@ -68,6 +68,9 @@ def test_int8_export_is_qdq_with_fp32_islands(setup):
         assert op in fp32 and op not in int8
     # B0 has 8 transformer blocks (depths 2, 2, 2, 2), each with q.k^T and attn.v: 16 activation MatMuls in fp32
     assert fp32["MatMul"] == 16 and int8["MatMul"] == len(attention_matmuls(model)) - 16
+    assert q["target"] == "tensorrt" and q["activations"] == "int8, symmetric, per tensor"
+    zps = [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert all(z.dtype == np.int8 and not z.any() for z in zps)  # TensorRT: signed, zero point 0
     assert q["calibration"] == {"method": "percentile", "split": "train", "images": 4, "images_in_split": 6,
                                 "seed": 0, "resize": None}
     assert q["eval_split"] == "val" and q["eval_images"] == 6 and q["passed"]
@@ -95,6 +98,22 @@ def test_int8_gate_failure_exits_3_and_leaves_no_file(setup):
     assert not out.exists() and not list(work.glob(".gated.onnx.*"))
 
 
+def test_int8_cpu_target_has_uint8_activations_and_int8_weights(setup):
+    work, root, ckpt, _, _ = setup
+    out = work / "cpu.int8.onnx"
+    q = export_checkpoint(ckpt, out, _cfg(root, int8_target="cpu", calib_method="minmax", verify=False))["int8"]
+    assert q["target"] == "cpu" and q["activations"].startswith("uint8")
+    model = onnx.load(str(out))
+    inits = {t.name: t for t in model.graph.initializer}
+    zp_types = {inits[n.input[2]].data_type for n in model.graph.node
+                if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    assert zp_types == {onnx.TensorProto.UINT8}
+    weights = {inits[n.input[0]].data_type for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 4}
+    assert weights == {onnx.TensorProto.INT8}
+    assert json.loads({p.key: p.value for p in model.metadata_props}["segkd.export"])["int8"]["target"] == "cpu"
+
+
 def test_int8_bad_input(setup):
     work, root, ckpt, _, _ = setup
     res = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(work / "x.onnx"), "--int8"])
@@ -102,6 +121,7 @@ def test_int8_bad_input(setup):
     cases = [
         (_cfg(root, calib_images=7), "split 'train' has 6 images, fewer than --calib-images 7"),
         (_cfg(root, calib_method="kl"), "--calib-method 'kl'"),
+        (_cfg(root, int8_target="gpu"), "--int8-target 'gpu'"),
         (_cfg(root, max_miou_drop=-1.0), "--max-miou-drop -1.0: must be >= 0"),
         (_cfg(root, fp16=True), "exclusive"),
         (_cfg(root, output="labels"), "--output labels"),

@@ -294,7 +294,9 @@ def _bench_one(spec: ModelSpec, shapes: list[tuple[int, int, int, int]], hw_list
     else:
         assert spec.onnx_path is not None
         params, params_source = onnx_param_count(spec.onnx_path), "onnx_initializers"
-        notes.append("params are the ONNX file's float initializers (BatchNorm folded into convs by the exporter)")
+        notes.append("params are the ONNX file's float initializers (BatchNorm folded into convs by the exporter)"
+                     + (", plus the int8/int32 weights its DequantizeLinear nodes read" if
+                        onnx_precision(spec.onnx_meta) == "int8" else ""))
     entry: dict[str, Any] = {
         "name": spec.name,
         "arg": spec.arg,

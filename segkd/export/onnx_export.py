@@ -78,6 +78,7 @@ class ExportConfig:
     threads: int = 0
     seed: int = 0
     int8: bool = False
+    int8_target: str = "tensorrt"
     calib_split: str = "train"
     calib_images: int = 64
     calib_method: str = "minmax"

@@ -7,9 +7,11 @@ is at most ``--max-miou-drop`` points, otherwise the export fails with exit 3 an
 
 Choices (and why):
 
-* **QDQ format, symmetric signed int8 for activations and weights, per-channel weights**: the explicit-quantisation
-  form TensorRT consumes (it requires symmetric int8 scales, zero point 0); ONNX Runtime's CPU provider runs the
-  same file by fusing DQ -> Conv -> Q into QLinearConv and DQ -> MatMul into integer MatMuls.
+* **QDQ format, per-channel symmetric int8 weights**, and two activation encodings (``--int8-target``):
+  ``tensorrt`` (default) symmetric int8, the explicit-quantisation form TensorRT consumes (it requires zero point
+  0); ``cpu`` asymmetric uint8, the U8S8 form ONNX Runtime's x86 kernels are fast at. Measured here on CamVid at
+  180x240 (AVX-512 VNNI EPYC, 1 thread): the teacher's S8S8 file ran at about the fp32 ONNX's CPU time, the U8S8
+  file at about a third of it (docs/bench-results.md); TensorRT rejects the non-zero zero points of ``cpu``.
 * **What is quantised**: Conv, Gemm and MatMul whose second input is a weight (``MatMulConstBOnly``). Everything
   else stays fp32: LayerNormalization, Softmax, every Reduce*, Resize, ArgMax, the elementwise ops (residual Adds,
   GELU's Erf/Mul, the folded normalisation) and the activation x activation MatMuls of attention (query x key and
@@ -40,6 +42,10 @@ import torch
 from segkd.errors import GateFailure, SegkdError
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+INT8_TARGETS = {  # activation type, symmetric activations, description
+    "tensorrt": ("QInt8", True, "int8, symmetric, per tensor"),
+    "cpu": ("QUInt8", False, "uint8, asymmetric, per tensor"),
+}
 QUANTIZED_OP_TYPES = ("Conv", "Gemm", "MatMul")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -52,6 +58,8 @@ def check_int8_options(cfg: Any) -> None:
         raise SegkdError("--int8 and --fp16 are exclusive: give one precision")
     if cfg.calib_method not in CALIB_METHODS:
         raise SegkdError(f"--calib-method {cfg.calib_method!r}: choose one of {', '.join(CALIB_METHODS)}")
+    if cfg.int8_target not in INT8_TARGETS:
+        raise SegkdError(f"--int8-target {cfg.int8_target!r}: choose one of {', '.join(INT8_TARGETS)}")
     if cfg.calib_images < 1:
         raise SegkdError(f"--calib-images {cfg.calib_images}: must be >= 1")
     if not cfg.max_miou_drop >= 0:
@@ -78,7 +86,7 @@ def calibration_batches(cfg: Any, meta: Any, fold: bool, progress: bool = True) 
     mean = torch.tensor(meta.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(meta.std, dtype=torch.float32).view(3, 1, 1)
     out = []
-    with _progress(progress, len(order)) as bar:
+    with _progress(progress, len(order), "calibration images") as bar:
         task = bar.add_task("calibration images", total=len(order))
         for i in order:
             image = dataset[i][0].float()
@@ -102,7 +110,7 @@ class _Reader:
 
         if self._iter is None:
             self._iter = iter(self.batches)
-            self._bar = _progress(self.progress, len(self.batches))
+            self._bar = _progress(self.progress, len(self.batches), "calibrating")
             self._bar.start()
             self._task = self._bar.add_task("calibrating", total=len(self.batches))
         batch = next(self._iter, None)
@@ -139,13 +147,15 @@ def precision_by_op(model: Any) -> tuple[dict[str, int], dict[str, int]]:
     return dict(sorted(int8.items())), dict(sorted(fp32.items()))
 
 
-def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], method: str, progress: bool) -> None:
+def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], method: str, progress: bool,
+                  target: str = "tensorrt") -> None:
     """Static QDQ quantisation of ``fp32_path`` into ``int8_path`` (see the module docstring for the choices)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(fp32_path))
     input_name = model.graph.input[0].name
+    act_type, act_symmetric, _ = INT8_TARGETS[target]
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     root = logging.getLogger()
@@ -156,9 +166,10 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], m
             quantize_static(
                 str(fp32_path), str(int8_path), _Reader(input_name, batches, progress),
                 quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True,
-                reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                reduce_range=False, activation_type=getattr(QuantType, act_type), weight_type=QuantType.QInt8,
                 calibrate_method=methods[method], nodes_to_exclude=attention_matmuls(model),
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True},
+                extra_options={"ActivationSymmetric": act_symmetric, "WeightSymmetric": True,
+                               "MatMulConstBOnly": True},
             )
     except SegkdError:
         raise
@@ -197,12 +208,13 @@ def build_int8(onnx_model: Any, out: Path, cfg: Any, calibration: tuple[list[np.
     with tempfile.TemporaryDirectory(prefix="segkd-int8-") as tmp:
         fp32_path, int8_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(onnx_model, str(fp32_path))
-        quantize_onnx(fp32_path, int8_path, batches, cfg.calib_method, progress)
+        quantize_onnx(fp32_path, int8_path, batches, cfg.calib_method, progress, cfg.int8_target)
         qmodel = onnx.load(str(int8_path))
         int8_ops, fp32_ops = precision_by_op(qmodel)
         info: dict[str, Any] = {
             "format": "QDQ",
-            "activations": "int8, symmetric, per tensor",
+            "target": cfg.int8_target,
+            "activations": INT8_TARGETS[cfg.int8_target][2],
             "weights": "int8, symmetric, per channel",
             "quantized_op_types": int8_ops,
             "fp32_op_types": fp32_ops,
@@ -211,7 +223,7 @@ def build_int8(onnx_model: Any, out: Path, cfg: Any, calibration: tuple[list[np.
         }
         props = {p.key: p.value for p in qmodel.metadata_props}
         export = json.loads(props[EXPORT_KEY])
-        export["int8"] = {k: info[k] for k in ("format", "activations", "weights", "calibration")}
+        export["int8"] = {k: info[k] for k in ("format", "target", "activations", "weights", "calibration")}
         for p in qmodel.metadata_props:
             if p.key == EXPORT_KEY:
                 p.value = json.dumps(export, sort_keys=True)

@@ -24,7 +24,8 @@ def render_int8(q: dict[str, Any], console: Console) -> None:
     """The INT8 gate line, sizes and which op types run in int8 / stayed fp32."""
     cal = q["calibration"]
     console.print(
-        f"INT8 {q['format']} ({q['weights']} weights, {q['activations']} activations), calibrated by "
+        f"INT8 {q['format']} for {q['target']} ({q['weights']} weights, {q['activations']} activations), "
+        f"calibrated by "
         f"{cal['method']} on {cal['images']} of {cal['images_in_split']} {cal['split']!r} images: mIoU on "
         f"{q['eval_split']!r} ({q['eval_images']} images) {q['miou_fp32']:.2f} fp32 -> {q['miou_int8']:.2f} int8, "
         f"drop {q['miou_drop']:.2f} <= {q['max_miou_drop']:g}; {q['bytes_fp32'] / 1e6:.1f} MB -> "
