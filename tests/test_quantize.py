@@ -77,6 +77,9 @@ def test_int8_export_is_qdq_with_fp32_islands(setup):
     assert q["miou_drop"] == pytest.approx(q["miou_fp32"] - q["miou_int8"], abs=1e-3)
     assert q["bytes_int8"] == out.stat().st_size < 0.5 * q["bytes_fp32"]
     assert report["verification"]["passed"]  # the fp32 graph was verified against PyTorch first
+    # the TensorRT report describes the QDQ file itself, and the trtexec line enables int8 kernels
+    trt = report["tensorrt"]
+    assert trt["op_counts"]["QuantizeLinear"] > 0 and trt["ready"] and trt["trtexec"].endswith("--int8")
     props = {p.key: p.value for p in model.metadata_props}
     assert props["segkd.precision"] == "int8"
     assert json.loads(props["segkd.export"])["int8"]["calibration"]["method"] == "percentile"

@@ -469,6 +469,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
             write_and_verify(Path(tmp) / "fp32.onnx")
         assert calibration is not None
         report["int8"] = build_int8(onnx_model, out, cfg, calibration, progress=cfg.progress)
+        trt = report["tensorrt"] = trt_readiness(onnx.load(str(out)), plan, out, False, int8=True)  # the QDQ graph
     else:
         atomic_write(out, write_and_verify)
     from segkd.export.tensorrt import run_trt_ep, trt_ep_status
