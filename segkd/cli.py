@@ -326,6 +326,22 @@ def export_cmd(
     trt_min: Annotated[str | None, typer.Option(help="TensorRT profile min shape (default 1x3xH/2xW/2).")] = None,
     trt_max: Annotated[str | None, typer.Option(help="TensorRT profile max shape (default 4x3xHxW).")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = its default).")] = 0,
+    int8: Annotated[bool, typer.Option("--int8", help="Static INT8 (QDQ) quantisation calibrated on --data, "
+                                       "written only if the mIoU drop on --eval-split is within --max-miou-drop.")
+                    ] = False,
+    int8_target: Annotated[str, typer.Option(help="--int8: tensorrt (symmetric int8 activations) or cpu (uint8 "
+                                             "activations, ONNX Runtime's fast x86 kernels).")] = "tensorrt",
+    calib_split: Annotated[str, typer.Option(help="--int8: split whose images calibrate.")] = "train",
+    calib_images: Annotated[int, typer.Option(help="--int8: calibration images (a seeded random subset).")] = 64,
+    calib_method: Annotated[str, typer.Option(help="--int8: minmax, entropy or percentile.")] = "minmax",
+    eval_split: Annotated[str, typer.Option(help="--int8: split on which fp32 and INT8 mIoU are compared.")
+                          ] = "val",
+    max_miou_drop: Annotated[float, typer.Option(help="--int8: largest allowed mIoU drop in points (exit 3 "
+                                                 "beyond).")] = 1.0,
+    resize: Annotated[str | None, typer.Option(help="--int8: resize calibration and evaluation images to HxW "
+                                               "(default: as stored).")] = None,
+    data_format: Annotated[str | None, typer.Option(help="--int8: dataset format (default: detected).")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Export the deployable model to verified ONNX, with a TensorRT readiness report and trtexec line."""
@@ -334,9 +350,16 @@ def export_cmd(
     from segkd.safeio import check_output
 
     check_output(out_path, "file", "--out")
+    if int8 and data is None:
+        raise typer.BadParameter("--int8 needs --data ROOT (real training images to calibrate on)",
+                                 param_hint="'--data'")
     cfg = ExportConfig(opset=opset, static=static, output=output, fold_normalize=fold_normalize, fp16=fp16,
                        verify=verify, data=data, size=size, atol=atol, min_agreement=min_agreement,
-                       providers=providers, num_images=num_images, trt_min=trt_min, trt_max=trt_max, threads=threads)
+                       providers=providers, num_images=num_images, trt_min=trt_min, trt_max=trt_max, threads=threads,
+                       int8=int8, int8_target=int8_target, calib_split=calib_split, calib_images=calib_images,
+                       calib_method=calib_method,
+                       eval_split=eval_split, max_miou_drop=max_miou_drop, resize=resize, data_format=data_format,
+                       progress=not no_progress)
     report = export_checkpoint(ckpt, out_path, cfg)
     if as_json:
         _emit_json(report, None)

@@ -20,9 +20,12 @@ from segkd.errors import SegkdError
 from segkd.methods import METHODS, check_pair, make_options
 from segkd.methods.c2vkd import (
     AttentionPool2d,
+    gram_mse,
     load_pool,
     pdd_loss,
+    pick_gram_method,
     random_pool,
+    relation_rows,
     vlfd_global_loss,
     vlfd_ling_loss,
     vlfd_patch_loss,
@@ -140,10 +143,60 @@ def test_vlfd_patch_by_hand_and_chunked_equals_unchunked() -> None:
     ref = vlfd_patch_loss(a, b, chunk=None)
     (ga,) = torch.autograd.grad(ref, a)
     for chunk in (1, 7, 30, 1000):
-        val = vlfd_patch_loss(a, b, chunk=chunk)
+        val = vlfd_patch_loss(a, b, chunk=chunk, method="chunked")
         (gc,) = torch.autograd.grad(val, a)
         assert val.item() == pytest.approx(ref.item(), rel=1e-12)
         torch.testing.assert_close(gc, ga, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("n, c", [(300, 64), (96, 512)])  # rows > channels and rows < channels
+@pytest.mark.parametrize("near", [False, True], ids=["random", "student~teacher"])
+def test_gram_identity_paths_match_the_fp64_reference(n: int, c: int, near: bool) -> None:
+    # The parity: value and gradient within 1e-6 relative, in fp32, on both sides of N = C. With
+    # Xs ~ Xt (1e-3 apart) the textbook identity's three terms nearly cancel; the D/P form must not care. The
+    # reference is the unchunked N x N Gram in float64 on the very same fp32 rows.
+    g = torch.Generator().manual_seed(n + c)
+    fs = torch.randn(1, c, 1, n, generator=g)
+    ft = fs + 1e-3 * torch.randn(1, c, 1, n, generator=g) if near else torch.randn(1, c, 1, n, generator=g)
+    xs, xt = relation_rows(fs), relation_rows(ft)
+    x64 = xs.double().requires_grad_(True)
+    ref = gram_mse(x64, xt.double(), "chunked", chunk=None)
+    (g_ref,) = torch.autograd.grad(ref, x64)
+    for method in ("rows", "channels", "auto"):
+        x = xs.clone().requires_grad_(True)
+        val = gram_mse(x, xt, method)
+        (grad,) = torch.autograd.grad(val, x)
+        assert val.dtype == torch.float32
+        assert abs(val.item() - ref.item()) <= 1e-6 * ref.item(), method
+        assert ((grad.double() - g_ref).norm() / g_ref.norm()).item() <= 1e-6, method
+    chunked = gram_mse(xs, xt, "chunked", chunk=64).item()  # today's version: also within 1e-6 off the near case
+    if not near:
+        assert abs(chunked - ref.item()) <= 1e-6 * ref.item()
+
+
+def test_gram_paths_in_fp64_agree_and_auto_picks_the_cheaper_side() -> None:
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = vlfd_patch_loss(a, b, chunk=None)
+    (ga,) = torch.autograd.grad(ref, a)
+    xs, xt = relation_rows(a), relation_rows(b)
+    for method in ("rows", "channels"):
+        s, t = xs.detach().requires_grad_(True), xt.detach().requires_grad_(True)
+        val = gram_mse(s, t, method)
+        gs, gt = torch.autograd.grad(val, (s, t))
+        rs, rt = xs.detach().requires_grad_(True), xt.detach().requires_grad_(True)
+        gs_ref, gt_ref = torch.autograd.grad(gram_mse(rs, rt, "chunked", chunk=None), (rs, rt))
+        assert val.item() == pytest.approx(ref.item(), rel=1e-12)
+        torch.testing.assert_close(gs, gs_ref, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(gt, gt_ref, rtol=1e-10, atol=1e-14)  # the teacher side too, if it had grad
+        (g_full,) = torch.autograd.grad(vlfd_patch_loss(a, b, method=method), a)
+        torch.testing.assert_close(g_full, ga, rtol=1e-10, atol=1e-14)
+    # rows cost 2 N^2 C, channels 5 N C^2; rows also needs its N x N matrix to fit
+    assert pick_gram_method(4096, 2048) == "rows" and pick_gram_method(4096, 256) == "channels"
+    assert pick_gram_method(21600, 2048) == "channels"
+    with pytest.raises(SegkdError, match="gram method must be"):
+        gram_mse(xs, xt, "gram")  # type: ignore[arg-type]
 
 
 def test_attention_pool_matches_reference_and_loads_clip_keys(tmp_path: Path) -> None:

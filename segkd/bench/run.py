@@ -25,6 +25,7 @@ from segkd.bench.specs import (
     ModelSpec,
     expand_inputs,
     onnx_param_count,
+    onnx_precision,
     parse_backends,
     parse_batches,
     resolve_model,
@@ -313,7 +314,9 @@ def _bench_one(spec: ModelSpec, shapes: list[tuple[int, int, int, int]], hw_list
     else:
         assert spec.onnx_path is not None
         params, params_source = onnx_param_count(spec.onnx_path), "onnx_initializers"
-        notes.append("params are the ONNX file's float initializers (BatchNorm folded into convs by the exporter)")
+        notes.append("params are the ONNX file's float initializers (BatchNorm folded into convs by the exporter)"
+                     + (", plus the int8/int32 weights its DequantizeLinear nodes read" if
+                        onnx_precision(spec.onnx_meta) == "int8" else ""))
     entry: dict[str, Any] = {
         "name": spec.name,
         "arg": spec.arg,
@@ -323,6 +326,7 @@ def _bench_one(spec: ModelSpec, shapes: list[tuple[int, int, int, int]], hw_list
         "params": int(params),
         "params_m": params / 1e6,
         "params_source": params_source,
+        "precision": onnx_precision(spec.onnx_meta) if spec.source == "onnx" else "fp32",
         "complexity": _complexity(spec, hw_list, cfg),
         "runs": [],
         "notes": notes,

@@ -148,17 +148,28 @@ def _onnx_architecture(path: Path) -> tuple[str | None, int | None, dict[str, An
 
 
 def onnx_param_count(path: Path) -> int:
-    """Elements of the floating-point initializers (the weights; after the exporter's BN folding)."""
+    """Elements of the weight initializers (after the exporter's BN folding): floating-point ones, and in a
+    quantised (QDQ) graph the integer tensors a DequantizeLinear turns back into weights; the quantisation scales
+    and zero points are not parameters."""
     import onnx
     from onnx import TensorProto
 
     model = onnx.load(str(path), load_external_data=False)
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    qparams = {i for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for i in n.input[1:]}
+    dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     total = 0
     for init in model.graph.initializer:
-        if init.data_type in floats:
-            n = 1
-            for d in init.dims:
-                n *= int(d)
-            total += n
+        if init.name in qparams or not (init.data_type in floats or init.name in dequantized):
+            continue
+        n = 1
+        for d in init.dims:
+            n *= int(d)
+        total += n
     return total
+
+
+def onnx_precision(onnx_meta: dict[str, Any] | None) -> str:
+    """``int8``, ``fp16`` or ``fp32`` as ``segkd export`` recorded it (``fp32`` for foreign files)."""
+    export = (onnx_meta or {}).get("export", {})
+    return "int8" if export.get("int8") else "fp16" if export.get("fp16") else "fp32"

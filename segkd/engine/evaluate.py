@@ -106,12 +106,12 @@ def shard_dataset(dataset: Dataset, rank: int, world: int) -> Dataset:
     return Subset(dataset, list(range(rank, len(dataset), world)))  # type: ignore[arg-type]
 
 
-def _progress(enabled: bool, total: int | None):
+def _progress(enabled: bool, total: int | None, label: str = "eval"):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    return Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=True, disable=not enabled or not console.is_terminal)
 
 

@@ -77,6 +77,16 @@ class ExportConfig:
     trt_max: str | None = None
     threads: int = 0
     seed: int = 0
+    int8: bool = False
+    int8_target: str = "tensorrt"
+    calib_split: str = "train"
+    calib_images: int = 64
+    calib_method: str = "minmax"
+    eval_split: str = "val"
+    max_miou_drop: float = 1.0
+    resize: str | None = None
+    data_format: str | None = None
+    progress: bool = True
 
 
 @dataclass
@@ -372,6 +382,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
     if cfg.verify:
         probe_providers(providers)
     atol, min_agree = resolve_gates(cfg)
+    if cfg.int8:
+        from segkd.export.quantize import check_int8_options
+
+        check_int8_options(cfg)
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise SegkdError(f"--out {out}: give a path ending in .onnx")
@@ -383,11 +397,17 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
     stride = required_stride(model)
     plan = plan_shapes(cfg, stride, meta.model)
     wrapper = DeployModel(model, cfg.output, meta.mean, meta.std, cfg.fold_normalize).eval()
+    calibration = None
+    if cfg.int8:  # read the calibration images first: a split with too few fails before any tracing
+        from segkd.export.quantize import calibration_batches
+
+        calibration = calibration_batches(cfg, meta, cfg.fold_normalize, cfg.progress)
 
     export_info: dict[str, Any] = {
         "output": cfg.output,
         "fold_normalize": cfg.fold_normalize,
         "fp16": cfg.fp16,
+        "int8": cfg.int8,
         "opset": cfg.opset,
         "static": plan.static,
         "input_name": INPUT_NAME,
@@ -440,7 +460,16 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
         if not result["passed"]:
             raise GateFailure(f"verification failed, nothing written to {out}: {result['failure']}")
 
-    atomic_write(out, write_and_verify)
+    if cfg.int8:  # verify the fp32 graph (in a temp dir), then quantise, gate on mIoU and write the INT8 file
+        from segkd.export.quantize import build_int8
+
+        with tempfile.TemporaryDirectory(prefix="segkd-export-") as tmp:
+            write_and_verify(Path(tmp) / "fp32.onnx")
+        assert calibration is not None
+        report["int8"] = build_int8(onnx_model, out, cfg, calibration, progress=cfg.progress)
+        trt = report["tensorrt"] = trt_readiness(onnx.load(str(out)), plan, out, False, int8=True)  # the QDQ graph
+    else:
+        atomic_write(out, write_and_verify)
     from segkd.export.tensorrt import run_trt_ep, trt_ep_status
 
     usable, reason = trt_ep_status()

@@ -12,13 +12,35 @@ def _num(v: Any) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
+def _precision(ex: dict[str, Any]) -> str:
+    return "int8 (QDQ)" if ex.get("int8") else "fp16" if ex["fp16"] else "fp32"
+
+
+def _counts(ops: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in ops.items()) or "none"
+
+
+def render_int8(q: dict[str, Any], console: Console) -> None:
+    """The INT8 gate line, sizes and which op types run in int8 / stayed fp32."""
+    cal = q["calibration"]
+    console.print(
+        f"INT8 {q['format']} for {q['target']} ({q['weights']} weights, {q['activations']} activations), "
+        f"calibrated by "
+        f"{cal['method']} on {cal['images']} of {cal['images_in_split']} {cal['split']!r} images: mIoU on "
+        f"{q['eval_split']!r} ({q['eval_images']} images) {q['miou_fp32']:.2f} fp32 -> {q['miou_int8']:.2f} int8, "
+        f"drop {q['miou_drop']:.2f} <= {q['max_miou_drop']:g}; {q['bytes_fp32'] / 1e6:.1f} MB -> "
+        f"{q['bytes_int8'] / 1e6:.1f} MB", highlight=False, soft_wrap=True)
+    console.print(f"  int8: {_counts(q['quantized_op_types'])}", highlight=False, soft_wrap=True)
+    console.print(f"  fp32: {_counts(q['fp32_op_types'])}", highlight=False, soft_wrap=True)
+
+
 def render_export_report(report: dict[str, Any], console: Console) -> None:
     """Summary, verification table, TensorRT readiness and the trtexec line."""
     ex, graph = report["export"], report["graph"]
     shape = "x".join(str(d) for d in ex["input_shape"])
     console.print(
         f"[bold]{report['model']}[/] -> {report['out']}  opset {ex['opset']}, output {ex['output']}, "
-        f"input {ex['input_name']} {shape} ({ex['input_range']}), {'fp16' if ex['fp16'] else 'fp32'}, "
+        f"input {ex['input_name']} {shape} ({ex['input_range']}), {_precision(ex)}, "
         f"{graph['nodes']} nodes, {report['bytes'] / 1e6:.1f} MB, {report['seconds']:.1f} s",
         highlight=False,
     )
@@ -43,6 +65,8 @@ def render_export_report(report: dict[str, Any], console: Console) -> None:
                       f"atol {ver['atol']}, min agreement {ver['min_agreement']}", highlight=False)
     else:
         console.print("verification skipped (--no-verify)")
+    if report.get("int8"):
+        render_int8(report["int8"], console)
     trt = report["tensorrt"]
     src = trt["table"]
     console.print(

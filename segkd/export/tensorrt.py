@@ -199,9 +199,10 @@ def shape_text(shape: tuple[int, ...] | list[int]) -> str:
 
 
 def trtexec_command(onnx_path: str | Path, input_name: str, profile: dict[str, Any], static: bool,
-                    fp16: bool) -> str:
+                    fp16: bool, int8: bool = False) -> str:
     """The matching ``trtexec`` build line. Static graphs take no shape flags (trtexec refuses explicit shapes
-    for inputs whose shape the model fixes), so the profile is stated for dynamic exports only."""
+    for inputs whose shape the model fixes), so the profile is stated for dynamic exports only. A QDQ graph gets
+    ``--int8``: the builder's INT8 flag enables the int8 kernels its explicit scales ask for."""
     path = Path(onnx_path)
     parts = ["trtexec", f"--onnx={path}", f"--saveEngine={path.with_suffix('.engine')}"]
     if not static:
@@ -209,6 +210,8 @@ def trtexec_command(onnx_path: str | Path, input_name: str, profile: dict[str, A
             parts.append(f"--{key}Shapes={input_name}:{shape_text(profile[key])}")
     if fp16:
         parts.append("--fp16")
+    if int8:
+        parts.append("--int8")
     return " ".join(parts)
 
 
@@ -249,10 +252,10 @@ def run_trt_ep(onnx_path: str | Path, input_name: str, profile: dict[str, Any], 
     return {"shape": list(opt), "max_abs_diff_vs_cpu": diff, "providers_used": trt.get_providers()}
 
 
-def trt_readiness(model: Any, plan: Any, out: str | Path, fp16: bool) -> dict[str, Any]:
+def trt_readiness(model: Any, plan: Any, out: str | Path, fp16: bool, int8: bool = False) -> dict[str, Any]:
     """The static report plus the trtexec line; the EP build itself runs after the file is written (see CLI)."""
     report = check_graph(model)
     input_name = model.graph.input[0].name
-    report["trtexec"] = trtexec_command(out, input_name, plan.profile, plan.static, fp16)
+    report["trtexec"] = trtexec_command(out, input_name, plan.profile, plan.static, fp16, int8)
     report["profile"] = {k: shape_text(v) for k, v in plan.profile.items()}
     return report
