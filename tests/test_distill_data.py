@@ -289,3 +289,40 @@ def test_eval_transform_can_keep_native_labels() -> None:
     x, y = build_eval_transform(resize=(15, 20), resize_labels=False)(img, lab)
     assert tuple(x.shape) == (3, 15, 20) and tuple(y.shape) == (30, 40) and torch.equal(y, torch.from_numpy(lab))
     assert tuple(build_eval_transform(resize=(15, 20))(img, lab)[1].shape) == (15, 20)
+
+
+def test_cache_shard_damage_is_named_or_recomputed(tiny: dict[str, Path], tmp_path: Path) -> None:
+    key, images, model, data = _key_and_images(tiny, tmp_path)
+    root = tmp_path / "cache"
+    cache = tc.build_cache(root, key, images, model, data.mean, data.std, progress=False)
+    shard = root / "shard-00000.safetensors"
+    good = cache.tensors(images[0].sha256)
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated on disk
+    with pytest.raises(SegkdError, match=r"shard-00000.safetensors: unreadable teacher-cache shard .*delete it"):
+        tc.TeacherCache(root, cache.manifest).tensors(images[0].sha256)
+    shard.unlink()  # deleted by hand: the next build computes its images again
+    again = tc.build_cache(root, key, images, model, data.mean, data.std, progress=False)
+    assert torch.equal(again.tensors(images[0].sha256)["logits"], good["logits"])
+    (root / ".cache.json.x1.tmp").write_bytes(b"left by a killed write")
+    shard.unlink()
+    tc.build_cache(root, key, images, model, data.mean, data.std, progress=False)
+    assert not list(root.glob("*.tmp"))
+
+
+def test_a_second_builder_waits_for_the_first(tiny: dict[str, Path], tmp_path: Path) -> None:
+    import threading
+
+    from segkd.runlock import acquire_run_lock
+
+    key, images, model, data = _key_and_images(tiny, tmp_path)
+    root = tmp_path / "cache"
+    lock = acquire_run_lock(root, "--teacher-cache")  # another process is building
+    done: list[tc.TeacherCache] = []
+    t = threading.Thread(target=lambda: done.append(tc.build_cache(root, key, images, model, data.mean, data.std,
+                                                                   progress=False)))
+    t.start()
+    t.join(1.0)
+    assert t.is_alive() and not done  # waiting, not failing and not writing beside the other builder
+    lock.release()
+    t.join(60)
+    assert done and len(done[0].manifest["shards"]) == 1

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,13 +138,19 @@ class TeacherCache:
         if entry is None or entry.get("shard") is None:
             raise SegkdError(f"{self.root}: no cached teacher output for image {sha[:12]}…")
         shard = entry["shard"]
-        handle = self._handles.get(shard)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
         names = ["logits", *(self.taps if taps is None else taps)]
-        return {n: handle.get_tensor(f"{sha}.{n}").float() for n in names}
+        try:
+            handle = self._handles.get(shard)
+            if handle is None:
+                from safetensors import safe_open
+
+                handle = self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
+            return {n: handle.get_tensor(f"{sha}.{n}").float() for n in names}
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            from segkd.data.datasets import short_reason
+
+            raise SegkdError(f"{self.root / shard}: unreadable teacher-cache shard ({short_reason(e)}); delete it "
+                             "and run again to recompute its images") from None
 
 
 def image_sha256(path: str | Path) -> str:
@@ -175,31 +182,73 @@ def _check_image_set(root: Path, manifest: dict[str, Any], images: Sequence[Cach
 def build_cache(root: str | Path, key: CacheKey, images: Sequence[CacheImage], teacher: torch.nn.Module,
                 mean: Sequence[float], std: Sequence[float], device: str | torch.device = "cpu",
                 progress: bool = True) -> TeacherCache:
-    """Create, continue, or just open the cache in ``root`` for ``images`` (deduplicated by content)."""
+    """Create, continue, or just open the cache in ``root`` for ``images`` (deduplicated by content).
+
+    A complete matching cache is opened without writing anything. Building takes the directory's lock (the run
+    lock of :mod:`segkd.runlock`): a second process that needs the same cache waits for the first, then finds it
+    complete; temp files of a build killed earlier are removed first."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise SegkdError(f"--teacher-cache {root}: exists and is not a directory")
-    root.mkdir(parents=True, exist_ok=True)
     uniq = list({im.sha256: im for im in images}.values())
     manifest = read_manifest(root)
-    if manifest is None:
-        manifest = {"format": FORMAT, "version": VERSION,
-                    "teacher": {"model": key.teacher, "weights_sha256": key.weights_sha256,
-                                "num_classes": key.num_classes},
-                    "mean": list(key.mean), "std": list(key.std), "input": key.input,
-                    "taps": {t: {"stride": s} for t, s in key.taps.items()}, "logit_stride": key.logit_stride,
-                    "dtype": "float16", "images": {im.sha256: {"name": im.name, "shard": None} for im in uniq},
-                    "shards": []}
-        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    else:
-        why = key.mismatch(manifest)
-        if why:
-            raise SegkdError(f"--teacher-cache {root}: {why}")
-        _check_image_set(root, manifest, uniq)
-    todo = [im for im in uniq if manifest["images"][im.sha256].get("shard") is None]
-    if todo:
-        _fill(root, manifest, todo, key, teacher, mean, std, torch.device(device), progress)
+    if manifest is not None and _complete(root, manifest, key, uniq):
+        return TeacherCache(root, manifest)
+    lock = _lock(root, progress)
+    try:
+        from segkd.safeio import remove_orphan_tmps
+
+        remove_orphan_tmps(root)
+        manifest = read_manifest(root)
+        if manifest is None:
+            manifest = {"format": FORMAT, "version": VERSION,
+                        "teacher": {"model": key.teacher, "weights_sha256": key.weights_sha256,
+                                    "num_classes": key.num_classes},
+                        "mean": list(key.mean), "std": list(key.std), "input": key.input,
+                        "taps": {t: {"stride": s} for t, s in key.taps.items()}, "logit_stride": key.logit_stride,
+                        "dtype": "float16", "images": {im.sha256: {"name": im.name, "shard": None} for im in uniq},
+                        "shards": []}
+            atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        elif not _complete(root, manifest, key, uniq):
+            missing = [n for n in manifest["shards"] if not (root / n).is_file()]
+            if missing:  # a shard deleted by hand: its images are computed again
+                for entry in manifest["images"].values():
+                    if entry.get("shard") in missing:
+                        entry["shard"] = None
+                manifest["shards"] = [n for n in manifest["shards"] if n not in missing]
+        todo = [im for im in uniq if manifest["images"][im.sha256].get("shard") is None]
+        if todo:
+            _fill(root, manifest, todo, key, teacher, mean, std, torch.device(device), progress)
+    finally:
+        lock.release()
     return TeacherCache(root, manifest)
+
+
+def _complete(root: Path, manifest: dict[str, Any], key: CacheKey, images: Sequence[CacheImage]) -> bool:
+    """Whether ``manifest`` serves ``key`` and ``images`` as it is; raises the one-line refusal on a mismatch."""
+    why = key.mismatch(manifest)
+    if why:
+        raise SegkdError(f"--teacher-cache {root}: {why}")
+    _check_image_set(root, manifest, images)
+    return all(e.get("shard") for e in manifest["images"].values()) and all(
+        (root / n).is_file() for n in manifest["shards"])
+
+
+def _lock(root: Path, progress: bool) -> Any:
+    from segkd.runlock import acquire_run_lock
+
+    waited = False
+    while True:
+        try:
+            return acquire_run_lock(root, "--teacher-cache")
+        except SegkdError as e:
+            if "in use" not in str(e):
+                raise
+            if not waited and progress:
+                print(f"teacher cache {root} is being built by another process; waiting", file=sys.stderr,
+                      flush=True)
+            waited = True
+            time.sleep(2.0)
 
 
 def _fill(root: Path, manifest: dict[str, Any], todo: list[CacheImage], key: CacheKey, teacher: torch.nn.Module,
