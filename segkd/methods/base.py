@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from segkd.errors import SegkdError
 from segkd.models import SegModel
+from segkd.models.base import upsample_logits
 from segkd.registry import Registry
 
 ROLES = ("student", "teacher", "peer")
@@ -212,19 +213,13 @@ def align_logits(student: Tensor, other: Tensor, labels: Tensor, align: str = "l
     else:
         raise SegkdError(f"logit alignment must be 'label' or 'student', got {align!r}")
 
-    def up(z: Tensor) -> Tensor:
-        if tuple(z.shape[-2:]) == size:
-            return z
-        return F.interpolate(z, size=size, mode="bilinear", align_corners=False)
-
-    return up(student), up(other), labels
+    return resize_to(student, size), resize_to(other, size), labels  # type: ignore[arg-type]
 
 
 def resize_to(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """Bilinear resize of a feature map (no-op when the size already matches)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    """Bilinear resize of a feature map or logits (no-op when the size already matches): the one resizer,
+    :func:`segkd.models.base.upsample_logits`, under the name the methods read best."""
+    return upsample_logits(x, size)
 
 
 def distill_labels(labels: Tensor, kd_labels: Tensor | None) -> Tensor:
