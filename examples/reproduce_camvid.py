@@ -54,8 +54,9 @@ from typing import Any
 import torch
 
 from segkd.checkpoint import atomic_write_text
-from segkd.engine.trainer import TrainConfig, run_train
+from segkd.engine.trainer import TrainConfig, finished_run, run_train
 from segkd.methods.task import DistillConfig, prepare_distill_data, run_distill
+from segkd.safeio import write_generated
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository
 TEACHER = str(SHARED / "checkpoints" / "camvid-deeplabv3-resnet18-torchvision.pth")
@@ -193,19 +194,10 @@ def prepare(args: argparse.Namespace) -> None:
     atomic_write_text(Path(args.out) / "prepared", "ok\n")
 
 
-def finished(out: Path) -> dict[str, Any] | None:
-    path = out / "run.json"
-    if path.exists():
-        doc = json.loads(path.read_text())
-        if "summary" in doc:
-            return doc
-    return None
-
-
 def run_job(row: Row, seed: int, args: argparse.Namespace) -> None:
     cfg = config(row, seed, args)
     out = Path(cfg.out)
-    doc = finished(out)
+    doc = finished_run(out)
     if doc is not None:
         check_same(doc["config"], cfg, out)
         return
@@ -248,7 +240,7 @@ def collect(table: list[Row], seeds: list[int], args: argparse.Namespace) -> dic
     for row in table:
         for seed in seeds:
             out = run_dir(Path(args.out), row.name, seed)
-            doc = finished(out)
+            doc = finished_run(out)
             if doc is None:
                 continue
             s = doc["summary"]
@@ -340,10 +332,7 @@ def render(table: list[Row], res: dict[str, Any], args: argparse.Namespace) -> s
 
 def write_docs(path: Path, table_md: str) -> None:
     """Write the generated table, keeping whatever follows the FINDINGS marker in the existing file."""
-    kept = ""
-    if path.exists() and FINDINGS in (old := path.read_text()):
-        kept = old[old.index(FINDINGS):]
-    atomic_write_text(path, table_md + ("\n" + kept if kept else ""))
+    write_generated(path, table_md, FINDINGS)
 
 
 def report(table: list[Row], seeds: list[int], args: argparse.Namespace) -> None:

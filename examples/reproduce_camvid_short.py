@@ -44,9 +44,10 @@ from typing import Any
 import torch
 
 from segkd.checkpoint import atomic_write_text
-from segkd.engine.trainer import TrainConfig, parse_hw, prepare_data, run_train
+from segkd.engine.trainer import TrainConfig, finished_run, parse_hw, prepare_data, run_train
 from segkd.methods.task import DistillConfig, deploy_gmacs, load_teacher, run_distill
 from segkd.models import count_params, create_model
+from segkd.safeio import write_generated
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository
 SHARED_TEACHER = str(SHARED / "checkpoints" / "camvid-deeplabv3-resnet18-torchvision.pth")
@@ -104,15 +105,6 @@ def common(args: argparse.Namespace, out: Path, iters: int, seed: int) -> dict[s
                 device=args.device, progress=not args.no_progress, log_every=10)
 
 
-def finished(out: Path) -> dict[str, Any] | None:
-    path = out / "run.json"
-    if path.exists():
-        doc = json.loads(path.read_text())
-        if "summary" in doc:
-            return doc
-    return None
-
-
 def model_figures(model: torch.nn.Module) -> dict[str, Any]:
     return {"deploy_params": count_params(model), "gmacs": deploy_gmacs(model, EVAL_SIZE)}  # type: ignore[arg-type]
 
@@ -134,7 +126,7 @@ def run_row(row: Row, args: argparse.Namespace, done: dict[str, Any], seed: int 
                        progress=False).to_dict()
         return {"final_miou": res["miou"], "best_miou": res["miou"], "wall_s": time.perf_counter() - t0,
                 "iters": None, "per_class_iou": res.get("per_class_iou"), **model_figures(model)}
-    doc = finished(out)
+    doc = finished_run(out)
     if doc is None:
         resume = out if (out / "resume.pt").exists() else None
         if row.kind == "train":
@@ -151,7 +143,7 @@ def run_row(row: Row, args: argparse.Namespace, done: dict[str, Any], seed: int 
                                 peer_pretrained=args.pretrained.get(row.peer or ""),
                                 **common(args, out, iters, seed))
             run_distill(cfg, resume=resume)
-        doc = finished(out)
+        doc = finished_run(out)
         assert doc is not None
     s = doc["summary"]
     result: dict[str, Any] = {"iters": s["iterations"], "seed": seed, "wall_s": s["wall_time_s"], "run_dir": str(out),
@@ -314,10 +306,7 @@ FINDINGS = "<!-- findings: written by hand, kept when the table above is regener
 
 def write_docs(path: Path, table_md: str) -> None:
     """Write the generated table, keeping whatever follows the FINDINGS marker in the existing file."""
-    kept = ""
-    if path.exists() and FINDINGS in (old := path.read_text()):
-        kept = old[old.index(FINDINGS):]
-    atomic_write_text(path, table_md + ("\n" + kept if kept else ""))
+    write_generated(path, table_md, FINDINGS)
 
 
 def val_curve(out: Path, model: str = "student") -> list[tuple[int, float]] | None:
@@ -348,7 +337,7 @@ def report_only(results: dict[str, Any], table: list[Row], args: argparse.Namesp
         out, k = run_dir(args, row.name, seed), key(row.name, seed)
         if row.kind == "eval":
             continue
-        if finished(out) is not None:  # re-read, so rows merged from older JSON get every field
+        if finished_run(out) is not None:  # re-read, so rows merged from older JSON get every field
             results[k] = run_row(row, args, results, seed)
         elif (prog := progress_of(out)) is not None and row.name not in partial:
             partial[row.name] = prog

@@ -66,3 +66,15 @@ def remove_orphan_tmps(folder: str | Path) -> tuple[int, int]:
         tmp.unlink()
         count, size = count + 1, size + n
     return count, size
+
+
+def write_generated(path: str | Path, text: str, marker: str) -> Path:
+    """Write a generated page atomically, keeping whatever follows ``marker`` in the existing file (hand-written
+    findings below a regenerated table)."""
+    from segkd.checkpoint import atomic_write_text
+
+    path = Path(path)
+    kept = ""
+    if path.exists() and marker in (old := path.read_text()):
+        kept = old[old.index(marker):]
+    return atomic_write_text(path, text + ("\n" + kept if kept else ""))

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from conftest import load_example
 
 from segkd.checkpoint import CheckpointMeta, save_checkpoint
 from segkd.data import synthesize
 from segkd.models import create_model
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce_camvid.py"
-
 
 @pytest.fixture(scope="module")
 def rc() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("reproduce_camvid_converged", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_camvid_converged"] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("reproduce_camvid.py")
 
 
 def test_paired_delta_with_a_95_percent_t_interval(rc: ModuleType) -> None:

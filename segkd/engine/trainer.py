@@ -696,6 +696,16 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------------------ entry points
+def finished_run(out: str | Path) -> dict[str, Any] | None:
+    """The ``run.json`` of a run directory whose run has finished (it then holds a ``summary``), else None."""
+    path = Path(out) / RUN_FILE
+    if path.exists():
+        doc = json.loads(path.read_text())
+        if "summary" in doc:
+            return doc
+    return None
+
+
 def seed_everything(seed: int) -> None:
     import random
 

@@ -1,0 +1,21 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(filename: str) -> ModuleType:
+    """Import ``examples/<filename>`` as a module (the examples are scripts, not a package)."""
+    name = "example_" + Path(filename).stem
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / filename)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses resolve their module by name
+    spec.loader.exec_module(mod)
+    return mod
