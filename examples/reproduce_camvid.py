@@ -288,21 +288,22 @@ def render(table: list[Row], res: dict[str, Any], args: argparse.Namespace) -> s
         "against the native 180x240 labels. Teacher: the shared DeepLabV3-ResNet18 (57.99 val mIoU at 180x240), "
         "through the teacher cache (its whole-image outputs warped onto each crop) unless the row says online.",
         "",
-        "val mIoU = final val mIoU, mean ± sample std over seeds (each seed in brackets). Δ = paired difference "
+        "val mIoU = final val mIoU, mean ± sample std over seeds (each seed listed); best val = the best periodic "
+        "validation, mean over seeds. Δ = paired difference "
         "with the baseline row at the same seed, mean and 95 % t-interval. flat = the worst seed's spread (max - "
         "min) of the val mIoU over the last 25 % of the schedule; ✓ when every seed stays within ±1 mIoU "
         "(spread ≤ 2).",
         "",
-        "| row | method (options) | data | val mIoU | per seed | baseline | Δ [95 % CI] | flat (spread) | "
-        "wall/run (min) |",
-        "|---|---|---|---:|---|---|---:|---:|---:|",
+        "| row | method (options) | data | val mIoU | per seed | best val | baseline | Δ [95 % CI] | flat (spread) |",
+        "|---|---|---|---:|---|---:|---|---:|---:|",
     ]
     for row in table:
         names = [row.name] + ([f"{row.name} (peer)"] if row.peer else [])
         for name in names:
             peer = name.endswith("(peer)")
             method = (row.method or "CE alone") + "".join(f" {k}={v}" for k, v in row.opts.items())
-            method += "" if row.method is None or row.peer else (" (cache)" if row.cache else " (teacher online)")
+            method += "" if row.method is None or row.peer or row.note else (
+                " (cache)" if row.cache else " (teacher online)")
             data = ("1/4 labelled" + (" + 3/4 unlabeled" if row.unlabeled else "")) if row.data == "quarter" \
                 else "all labelled"
             label = name + (f" [{row.peer}]" if peer else "")
@@ -318,9 +319,9 @@ def render(table: list[Row], res: dict[str, Any], args: argparse.Namespace) -> s
             delta, _ = paired(vals, res.get(base, {})) if base else ("", [])
             spreads = [v["spread"] for v in vals.values() if v["spread"] is not None]
             flat = "—" if not spreads else f"{'✓' if max(spreads) <= 2 else '✗'} ({max(spreads):.2f})"
-            wall = statistics.fmean(v["wall_s"] for v in vals.values()) / 60
+            best = statistics.fmean(100 * v["best"] for v in vals.values())
             lines.append(f"| {label} | {method} | {data} | {mean_std(xs)} | {' / '.join(f'{x:.2f}' for x in xs)} | "
-                         f"{base or '—'} | {delta} | {flat} | {wall:.1f} |")
+                         f"{best:.2f} | {base or '—'} | {delta} | {flat} |")
     lines += ["", "## How to reproduce", "", "```",
               f"python examples/reproduce_camvid.py --out {args.out} --lane 0/2 &",
               f"python examples/reproduce_camvid.py --out {args.out} --lane 1/2",
