@@ -59,8 +59,8 @@ def test_gpu_recipe_refuses_without_cuda(rc: ModuleType, capsys: pytest.CaptureF
 
 
 def test_gpu_recipe_dry_run_on_cpu(rc: ModuleType, tmp_path: Path) -> None:
-    """The recipe end to end (splits, teacher cache, train, cached KD with unlabeled images, report) for 2
-    iterations on CPU, on a 6-image synthetic set with a random teacher."""
+    """The recipe end to end (two spawned lanes: splits, teacher cache, train, cached KD with unlabeled images;
+    then the report) for 2 iterations on CPU, on an 8-image synthetic set with a random teacher."""
     data = synthesize(tmp_path / "data", n_train=8, n_val=2, size=(32, 48), num_classes=3, seed=1)
     teacher = tmp_path / "t.safetensors"
     torch.manual_seed(0)
@@ -79,6 +79,6 @@ def test_gpu_recipe_dry_run_on_cpu(rc: ModuleType, tmp_path: Path) -> None:
     assert (out / "kd_s0" / "run.json").exists() and (out / "teacher-cache" / "cache.json").exists()
     # a finished run is only reused when it ran this protocol
     with pytest.raises(SystemExit, match="finished with iters=2"):
-        rc.main(["--gpu-recipe", "--dry-run", "--iters", "3", "--out", str(out), "--data", str(data), "--teacher",
-                 str(teacher), "--seeds", "0", "--only", "b0", "--docs", str(docs), "--json",
+        rc.main(["--gpu-recipe", "--dry-run", "--spawn", "1", "--iters", "3", "--out", str(out), "--data", str(data),
+                 "--teacher", str(teacher), "--seeds", "0", "--only", "b0", "--docs", str(docs), "--json",
                  str(tmp_path / "results.json"), "--no-progress"])
