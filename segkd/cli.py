@@ -212,6 +212,9 @@ def train_cmd(
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across processes under torchrun.")
                        ] = False,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's).")] = None,
+    log_every: Annotated[int, typer.Option(help="Log the training loss (metrics.jsonl, and a plain line when "
+                                           "there is no progress bar) every N iterations.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")] = 0,
     pretrained: Annotated[str | None, typer.Option(help="Local backbone weights file (never downloaded).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -232,7 +235,7 @@ def train_cmd(
         flip=flip, jitter=jitter, val_every=val_every, val_labels=val_labels, aux_weight=aux_weight, amp=amp,
         channels_last=channels_last,
         clip_grad=clip_grad, sync_bn=sync_bn, workers=workers, seed=seed, pretrained=pretrained, device=device,
-        progress=not no_progress,
+        progress=not no_progress, threads=threads, log_every=log_every,
     )
     summary = run_train(cfg, resume=resume)
     if summary.get("rank", 0) != 0:
@@ -263,6 +266,10 @@ def eval_cmd(
     scales: Annotated[str | None, typer.Option(help="Multi-scale TTA, e.g. 0.75,1.0,1.25.")] = None,
     batch: Annotated[int, typer.Option(help="Images per forward pass (per process).")] = 1,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch and ONNX Runtime (default: theirs).")
+                       ] = None,
+    log_every: Annotated[int, typer.Option(help="A plain progress line every N batches when there is no progress "
+                                           "bar (not a terminal, or --no-progress); 0 = none.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     amp: Annotated[bool, typer.Option("--amp", help="Autocast inference: bf16 on CPU, fp16 on CUDA.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON instead of a table.")] = False,
@@ -281,7 +288,8 @@ def eval_cmd(
         check_output(save_preds, "dir", "--save-preds")
     result = run_eval(source, data=data, data_format=data_format, split=split, resize=resize, mode=mode, crop=crop,
                       stride=stride, flip=flip, scales=scales, batch=batch, workers=workers, device=device,
-                      save_preds=save_preds, amp=amp, progress=not no_progress)
+                      save_preds=save_preds, amp=amp, progress=not no_progress, threads=threads,
+                      log_every=log_every)
     if result.rank != 0:
         return
     if json_out is not None:
@@ -555,6 +563,9 @@ def data_inspect_cmd(
 
 def main() -> None:
     """Console-script entry point: one ``error:`` line and a non-zero exit for every expected failure."""
+    from segkd.safeio import guard_broken_pipes
+
+    guard_broken_pipes()  # a closed stdout/stderr (`| head`) must not end a run
     try:
         app()
     except SegkdError as e:

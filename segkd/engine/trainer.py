@@ -62,7 +62,7 @@ from segkd.shapes import parse_hw
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 # options that describe the machine, not the run: on --resume they come from the new command line
-MACHINE_OPTIONS = ("device", "workers", "progress", "log_every")
+MACHINE_OPTIONS = ("device", "workers", "progress", "log_every", "threads")
 # what a validation contributes to metrics.jsonl and checkpoint metadata (the confusion matrix stays out)
 VAL_KEYS = ("miou", "aacc", "macc", "fwiou", "mdice", "n_images", "per_class_iou", "per_class_acc")
 
@@ -109,6 +109,7 @@ class TrainConfig:
     val_split: str = "val"
     val_labels: str = "resized"
     progress: bool = True
+    threads: int | None = None
 
     def check(self) -> None:
         """One-line errors for impossible values, before anything is built."""
@@ -119,6 +120,8 @@ class TrainConfig:
                 raise SegkdError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.workers < 0:
             raise SegkdError(f"--workers must be >= 0, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise SegkdError(f"--threads must be >= 1, got {self.threads}")
         for f in fields(self):  # nan/inf reach the optimiser or the loss otherwise (the CLI refuses them earlier)
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -408,7 +411,7 @@ class Trainer:
     def _note(self, text: str) -> None:
         if self.info.is_main and getattr(self, "display", None) is not None:
             self.display.note(text)
-        elif self.info.is_main and self.cfg.progress:
+        elif self.info.is_main:
             print(text, file=sys.stderr, flush=True)
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -568,8 +571,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self._open_metrics_log()
             self.write_run_json()
-        tty = sys.stderr.isatty()
-        self.display = _Display(cfg.iters, self.iteration, cfg.progress and info.is_main, rich_ok=tty)
+        # the bar only on a terminal and without --no-progress; plain periodic lines otherwise (never silence)
+        self.display = _Display(cfg.iters, self.iteration, info.is_main, rich_ok=cfg.progress and sys.stderr.isatty())
         fwd = self._forward_module()
         self.task.train(True)
         batches = self._batches()
@@ -708,7 +711,7 @@ def seed_everything(seed: int) -> None:
 
 def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig, dict[str, Any] | None]:
     """The config to run with and the resume state: on ``--resume`` the saved config wins, except for the options
-    that describe the machine (device, workers, progress, log interval), which come from ``cfg``."""
+    that describe the machine (device, workers, progress, log interval, threads), which come from ``cfg``."""
     if resume is None:
         cfg.check()
         out = Path(cfg.out)
@@ -844,6 +847,8 @@ def _run_task_locked(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBun
     :func:`prepare_data` for tasks whose datasets carry more than (image, label) pairs (distillation extras).
     """
     cfg, state = start_run(cfg, resume)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)
     try:
         if cfg.sync_bn and info.enabled and info.device.type != "cuda":
