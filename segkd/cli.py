@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
 from segkd import __version__
 from segkd.errors import SegkdError
+from segkd.textout import make_console
 
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as _click_errors
@@ -91,8 +91,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console(stderr=True)
-out = Console()
+console = make_console(stderr=True)
+out = make_console()  # never wraps when piped: scripts parse what segkd prints
 
 
 def _version(value: bool) -> None:

@@ -33,3 +33,51 @@ def test_no_progress_prints_plain_lines_and_a_closed_pipe_does_not_end_the_run(t
     assert first.startswith("iter 1/4"), first  # --no-progress: plain lines, not silence
     run = json.loads((out / "run.json").read_text())
     assert run["summary"]["iterations"] == 4 and (out / "last.safetensors").is_file()
+
+
+def test_piped_output_is_never_wrapped_nor_cut(tmp_path: Path) -> None:
+    from segkd.models import MODELS
+
+    r = _segkd("models", "--no-flops", COLUMNS="80")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("│ ")]
+    names = [line.split("│")[1].strip() for line in rows if line.split("│")[1].strip()]
+    assert names == sorted(MODELS.names()) or set(names) == set(MODELS.names())
+    assert "…" not in r.stdout
+    # one table row per model: the taps column is not wrapped onto continuation lines when piped
+    assert len(rows) == len(names)
+    assert any(len(line) > 80 for line in r.stdout.splitlines())  # the 80-column guess of rich is not applied
+
+
+def _report() -> dict:
+    def model(name: str, params: int, p50: float) -> dict:
+        lat = {"p50": p50, "p90": p50 * 1.1, "mean": p50, "std": 0.5}
+        return {"name": name, "params": params, "params_m": params / 1e6, "notes": [],
+                "complexity": [{"input": [1, 3, 512, 1024], "gmacs": 8.42}],
+                "runs": [{"backend": b, "input": [1, 3, 512, 1024], "latency_ms": lat, "throughput_ips": 1000 / p50,
+                          "peak_mem_mb": 1234.0, "cpu_util": 3.98, "contended": False,
+                          "providers_used": ["CPUExecutionProvider"] if b == "onnxruntime" else None}
+                         for b in ("torch", "onnxruntime")]}
+
+    return {"environment": {"device": "cpu", "cpu_model": "AMD EPYC 7763 64-Core Processor", "threads": 4},
+            "models": [model("deeplabv3-resnet101", 60_000_000, 1814.2), model("segformer-b0", 3_715_686, 123.4)],
+            "gates": []}
+
+
+def test_bench_tables_never_cut_cells_and_stay_narrow_when_piped() -> None:
+    import io
+
+    from rich.console import Console
+
+    from segkd.bench.report import render
+
+    for terminal in (True, False):
+        buf = io.StringIO()
+        render(_report(), Console(file=buf, width=80, force_terminal=terminal, color_system=None,
+                                  soft_wrap=not terminal))
+        text = buf.getvalue()
+        assert "…" not in text
+        for cell in ("deeplabv3-resnet101", "1814.2", "1814.2±0.5", "3.72", "1x3x512x1024", "onnxruntime", "14.70x"):
+            assert cell in text, (terminal, cell)
+        widths = [len(line.rstrip()) for line in text.splitlines() if not line.startswith("GMACs =")]
+        assert max(widths) <= (110 if terminal else 130), (terminal, max(widths))
