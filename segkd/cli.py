@@ -22,8 +22,12 @@ from segkd.textout import make_console
 
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as _click_errors
+    from typer._click.core import ParameterSource as _ParameterSource
+    from typer._click.globals import get_current_context as _click_context
 except ImportError:  # pragma: no cover - older typer runs on click itself
     import click.exceptions as _click_errors
+    from click.core import ParameterSource as _ParameterSource
+    from click.globals import get_current_context as _click_context
 
 
 def _finite(value: Any) -> bool:
@@ -118,6 +122,39 @@ def _emit_json(data: object, path: Path | None) -> None:
         from segkd.checkpoint import atomic_write_text
 
         atomic_write_text(path, text + "\n")
+
+
+# on --resume these come from the new command line; every other option comes from the saved run
+_RESUME_OWN = {"resume", "as_json", "out_dir", "no_progress", "device", "workers", "threads", "log_every"}
+# option name -> its config field where they differ
+_CONFIG_NAME = {"student": "model"}
+
+
+def _warn_ignored_on_resume(values: dict[str, Any], resume: Path) -> None:
+    """One ``warning:`` line naming each option typed with ``--resume`` that the saved run overrides, so
+    ``--resume RUN --iters 10 --lr 0.5`` does not silently train with the old values."""
+    from segkd.engine.trainer import RUN_FILE, run_dir_of
+
+    ctx = _click_context(silent=True)
+    if ctx is None:
+        return
+    run_dir = run_dir_of(None, resume)  # type: ignore[arg-type]
+    try:
+        saved = json.loads((run_dir / RUN_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable run.json: the trainer's own checks report the run directory
+    ignored = []
+    for param in ctx.command.params:
+        if param.name in _RESUME_OWN or ctx.get_parameter_source(param.name) != _ParameterSource.COMMANDLINE:
+            continue
+        flag = max(param.opts, key=len)
+        field = _CONFIG_NAME.get(param.name, param.name)
+        if field in saved and saved[field] == values.get(param.name):
+            continue
+        ignored.append(f"{flag} (the run has {saved[field]})" if field in saved else flag)
+    if ignored:
+        console.print(f"warning: --resume continues {run_dir} with its saved settings; ignored: {', '.join(ignored)}",
+                      highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -228,6 +265,8 @@ def train_cmd(
 
     if model is None and resume is None:
         raise SegkdError("--model is required (or --resume RUN_DIR to continue a run)")
+    if resume is not None:
+        _warn_ignored_on_resume(locals(), resume)
     cfg = TrainConfig(
         model=model or "", data=data, data_format=data_format, num_classes=num_classes, ignore_index=ignore_index,
         out=str(out_dir), iters=iters, batch=batch, accum=accum, optimizer=optimizer, lr=lr, wd=wd,
@@ -243,11 +282,12 @@ def train_cmd(
     if as_json:
         _emit_json(summary, None)
         return
-    for name, best in summary["best"].items():
-        out.print(f"{name}: best val mIoU {100 * best['miou']:.2f} at iteration {best['iteration']}")
+    for name, best in summary["best"].items():  # a supervised run trains one model: name it, not its role
+        out.print(f"model {summary['models'].get(name, name)}: best val mIoU {100 * best['miou']:.2f} at iteration "
+                  f"{best['iteration']}")
     out.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
-    for name, paths in summary["checkpoints"].items():
-        out.print(f"wrote {paths['last']} and {paths['best']} ({name})")
+    for paths in summary["checkpoints"].values():
+        out.print(f"wrote {paths['last']} and {paths['best']}")
     out.print(f"wrote {summary['metrics_log']}, {summary['resume']}, {summary['out']}/run.json")
 
 
@@ -255,7 +295,8 @@ def train_cmd(
 @app.command("eval")
 def eval_cmd(
     source: Annotated[Path, typer.Argument(help="segkd checkpoint (.safetensors) or exported model (.onnx).")],
-    data: Annotated[str, typer.Option(help="Dataset root, or 'synth' for the built-in procedural dataset.")] = "synth",
+    data: Annotated[str | None, typer.Option(help="Dataset root, or 'synth' for the built-in procedural dataset "
+                                             "(the default, with a note saying so).")] = None,
     data_format: Annotated[str | None, typer.Option(help="Dataset format (default: detected from the root).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
     resize: Annotated[str | None, typer.Option(help="Resize images to HxW before inference.")] = None,
@@ -286,6 +327,9 @@ def eval_cmd(
         check_output(json_out, "file", "--json-out")
     if save_preds is not None:
         check_output(save_preds, "dir", "--save-preds")
+    if data is None:
+        data = "synth"
+        console.print("note: no --data given: scoring the built-in synthetic set (synth)", highlight=False)
     result = run_eval(source, data=data, data_format=data_format, split=split, resize=resize, mode=mode, crop=crop,
                       stride=stride, flip=flip, scales=scales, batch=batch, workers=workers, device=device,
                       save_preds=save_preds, amp=amp, progress=not no_progress, threads=threads,
@@ -429,7 +473,8 @@ def bench_cmd(
 def _distill_options(
     method: Annotated[str | None, typer.Option(help="Method: kd, cwd, dkd, c2vkd, transkd, collab, dml.")] = None,
     student: Annotated[str | None, typer.Option(help="Student zoo model (what is trained and saved).")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Teacher zoo model (teacher methods).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher zoo model (teacher methods; default: the model a "
+                                                "segkd --teacher-weights checkpoint names).")] = None,
     teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights: a segkd checkpoint, or a foreign one "
                                                         "`segkd convert` reads; must load with no key missing.")
                                ] = None,
@@ -488,6 +533,7 @@ def distill_cmd(**values: Any) -> None:
                  "--pdd-mode": values["pdd_mode"]}
         values["method_opts"] = method_options_from_flags(values["method"], flags, values["method_opt"])
     else:
+        _warn_ignored_on_resume(values, values["resume"])
         values["method"] = values["method"] or "kd"
     cfg = distill_config_from_cli(values)
     summary = run_distill(cfg, resume=values["resume"])

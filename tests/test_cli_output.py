@@ -81,3 +81,65 @@ def test_bench_tables_never_cut_cells_and_stay_narrow_when_piped() -> None:
             assert cell in text, (terminal, cell)
         widths = [len(line.rstrip()) for line in text.splitlines() if not line.startswith("GMACs =")]
         assert max(widths) <= (110 if terminal else 130), (terminal, max(widths))
+
+
+def test_train_flags_resume_warning_summary_name_and_file_modes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        r = _segkd(*TRAIN, "--iters", "2", "--threads", "1", "--log-every", "2", "--no-progress", "--out", str(out))
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert "model segformer-b0: best val mIoU" in r.stdout and "student" not in r.stdout
+    assert [line for line in r.stderr.splitlines() if line.startswith("iter ")] == [
+        line for line in r.stderr.splitlines() if line.startswith("iter 2/2")]
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["threads"] == 1 and run["config"]["log_every"] == 2
+    for name in ("run.json", "last.safetensors", "best.safetensors", "resume.pt", "metrics.jsonl"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    # --resume with new run settings: one warning naming each ignored flag (machine options are taken)
+    r = _segkd("train", "--resume", str(out), "--iters", "10", "--lr", "0.5", "--seed", "0", "--threads", "1",
+               "--no-progress")
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, r.stderr
+    assert "--iters (the run has 2)" in warnings[0] and "--lr (the run has None)" in warnings[0]
+    assert "--seed" not in warnings[0] and "--threads" not in warnings[0]  # same value / a machine option
+    assert r.returncode == 1 and "already finished (2/2 iterations)" in r.stderr
+
+
+def test_eval_names_the_dataset_and_takes_threads_and_log_every(tmp_path: Path) -> None:
+    from segkd.checkpoint import CheckpointMeta, save_checkpoint
+    from segkd.models import create_model
+
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", create_model("segformer-b0", num_classes=6),
+                           CheckpointMeta(model="segformer-b0", num_classes=6))
+    r = _segkd("eval", str(ckpt), "--resize", "32x32", "--threads", "1", "--log-every", "20", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "no --data given: scoring the built-in synthetic set (synth)" in r.stderr
+    assert "segformer-b0 on synth (folder) val" in r.stdout
+    assert [line.split()[1] for line in r.stderr.splitlines() if line.startswith("eval ")] == ["20/40", "40/40"]
+    r = _segkd("eval", str(ckpt), "--data", "synth", "--resize", "32x32", "--json", "--device", "cpu")
+    doc = json.loads(r.stdout)
+    assert doc["data"] == "synth" and doc["data_format"] == "folder" and "note:" not in r.stderr
+
+
+def test_distill_takes_the_teacher_model_from_a_segkd_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    from segkd.checkpoint import CheckpointMeta, save_checkpoint
+    from segkd.models import create_model
+
+    teacher = save_checkpoint(tmp_path / "t.safetensors", create_model("segformer-b0", num_classes=6),
+                              CheckpointMeta(model="segformer-b0", num_classes=6))
+    args = ["distill", "--method", "kd", "--student", "segformer-b0", "--data", "synth", "--crop", "32x32",
+            "--batch", "2", "--workers", "0", "--device", "cpu", "--iters", "1", "--no-progress"]
+    r = _segkd(*args, "--teacher-weights", str(teacher), "--out", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "d" / "run.json").read_text())["config"]["teacher"] == "segformer-b0"
+    foreign = tmp_path / "t.pth"
+    torch.save(create_model("segformer-b0", num_classes=6).state_dict(), foreign)
+    r = _segkd(*args, "--teacher-weights", str(foreign), "--out", str(tmp_path / "f"))
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"error: kd needs --teacher NAME (--teacher-weights {foreign} is a foreign checkpoint "
+                                "that does not name its model)")

@@ -323,6 +323,7 @@ def run_eval(
         "kind": kind,
         "model": meta.model,
         "data": str(data) if data is not None else None,
+        "data_format": getattr(getattr(dataset, "info", None), "format", data_format),
         "split": split,
         "resize": list(resize_hw) if resize_hw else None,
         "mode": mode,
@@ -381,7 +382,10 @@ def render_eval(result: EvalResult, console: Any) -> None:
 
     gt = result.confusion.sum(1).double()
     total = float(gt.sum()) or 1.0
-    table = Table(title=f"{result.extra.get('model', 'model')} on {result.extra.get('split', 'eval')} "
+    data = result.extra.get("data")
+    where = f"{data} ({result.extra['data_format']}) " if data and result.extra.get("data_format") else (
+        f"{data} " if data else "")
+    table = Table(title=f"{result.extra.get('model', 'model')} on {where}{result.extra.get('split', 'eval')} "
                         f"({result.n_images} images)", title_justify="left")
     for col in ("class", "IoU", "Acc", "Dice", "GT %"):
         table.add_column(col, justify="left" if col == "class" else "right")

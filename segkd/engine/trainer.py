@@ -414,6 +414,14 @@ class Trainer:
         elif self.info.is_main:
             print(text, file=sys.stderr, flush=True)
 
+    def _label(self, name: str) -> str:
+        """How a deploy model is named in notes: its role in a distillation, ``model NAME`` in a supervised run
+        (a teacher trained with ``segkd train`` is no student)."""
+        if isinstance(self.task, SupervisedTask):
+            model = self.task.deploy_models()[name]
+            return f"model {getattr(model, 'zoo_name', type(model).__name__)}"
+        return name
+
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.info.is_main and self._metrics_fh is not None:
@@ -658,7 +666,7 @@ class Trainer:
                         self._log({"type": "val", "iter": self.iteration, "model": name,
                                    **{k: v for k, v in res.items() if k != "per_class_iou"},
                                    "per_class_iou": res.get("per_class_iou")})
-                        self._note(f"val @ {self.iteration}: {name} mIoU {100 * res['miou']:.2f}  "
+                        self._note(f"val @ {self.iteration}: {self._label(name)} mIoU {100 * res['miou']:.2f}  "
                                    f"aAcc {100 * res['aacc']:.2f}")
                     self._checkpoint(results)
                     self.last_results = results
@@ -690,6 +698,7 @@ class Trainer:
             "wall_time_s": round(wall, 3),
             "img_s": round(images / max(wall, 1e-9), 3),
             "final": {n: {k: v for k, v in r.items()} for n, r in results.items()},
+            "models": {n: getattr(m, "zoo_name", type(m).__name__) for n, m in self.task.deploy_models().items()},
             "best": self.best,
             "checkpoints": {n: {k: str(self.out / ckpt_name(n, k)) for k in ("last", "best")}
                             for n in self.task.deploy_models()},

@@ -223,8 +223,12 @@ class DistillConfig(TrainConfig):
         spec = METHODS.get(self.method)
         MODELS.canonical(self.model)
         if spec.teacher:
+            if not self.teacher and self.teacher_weights and Path(self.teacher_weights).is_file():
+                self.teacher = teacher_named_by(self.teacher_weights)
             if not self.teacher:
-                raise SegkdError(f"{spec.name} needs --teacher NAME")
+                why = (f" (--teacher-weights {self.teacher_weights} is a foreign checkpoint that does not name its "
+                       "model)" if self.teacher_weights else "")
+                raise SegkdError(f"{spec.name} needs --teacher NAME{why}")
             MODELS.canonical(self.teacher)
             if not self.teacher_weights:
                 raise SegkdError(f"{spec.name} needs --teacher-weights CKPT (a segkd checkpoint or a convertible "
@@ -265,6 +269,16 @@ class DistillConfig(TrainConfig):
 
 
 # ------------------------------------------------------------------------------------------------- teacher
+def teacher_named_by(path: str | Path) -> str | None:
+    """The zoo model a segkd checkpoint's metadata names (so ``--teacher`` may be left out), or ``None`` for a
+    foreign checkpoint."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    raw = read_safetensors(path, tensors=False)[1]
+    return CheckpointMeta.from_json(raw[META_KEY], source=str(path)).model if META_KEY in raw else None
+
+
 def load_teacher(name: str, path: str | Path, num_classes: int, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None) -> SegModel:
     """A teacher with every weight loaded: a segkd checkpoint of ``name`` (strict), or a foreign checkpoint that
