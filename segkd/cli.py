@@ -571,6 +571,7 @@ def data_synth_cmd(
     size: Annotated[str, typer.Option(help="Image size HxW.")] = "96x128",
     classes: Annotated[int, typer.Option("--classes", help="Classes, background included (2-11).")] = 6,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier synthetic set in --out.")] = False,
 ) -> None:
     """Write the procedural dataset (textured shapes on noisy backgrounds) in seconds."""
     from segkd.data import synthesize
@@ -578,7 +579,7 @@ def data_synth_cmd(
 
     try:
         root = synthesize(out_dir, n_train=train, n_val=val, size=parse_hw(size, "--size"), num_classes=classes,
-                          seed=seed, progress=True)
+                          seed=seed, progress=True, replace=force)
     except OSError as e:
         e.add_note(f"the set in {out_dir} is incomplete (no classes.json): run the command again once it is writable")
         raise

@@ -143,3 +143,16 @@ def test_distill_takes_the_teacher_model_from_a_segkd_checkpoint(tmp_path: Path)
     assert r.returncode == 1
     assert r.stderr.strip() == (f"error: kd needs --teacher NAME (--teacher-weights {foreign} is a foreign checkpoint "
                                 "that does not name its model)")
+
+
+def test_data_synth_refuses_an_existing_set_unless_force(tmp_path: Path) -> None:
+    args = ["data", "synth", "--out", str(tmp_path / "d"), "--train", "1", "--val", "1", "--size", "32x32"]
+    assert _segkd(*args).returncode == 0
+    before = (tmp_path / "d" / "classes.json").stat().st_mtime_ns
+    r = _segkd(*args, "--seed", "1")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: {tmp_path / 'd'} already holds a synthetic set; pass --force to replace it or choose another --out")
+    assert (tmp_path / "d" / "classes.json").stat().st_mtime_ns == before
+    r = _segkd(*args, "--seed", "1", "--force")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "d" / "classes.json").read_text())["seed"] == 1
