@@ -156,3 +156,17 @@ def test_data_synth_refuses_an_existing_set_unless_force(tmp_path: Path) -> None
     r = _segkd(*args, "--seed", "1", "--force")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "d" / "classes.json").read_text())["seed"] == 1
+
+
+def test_deploy_params_has_one_definition() -> None:
+    from segkd.engine.trainer import deploy_param_count, deploy_state
+    from segkd.models import count_params, create_model
+
+    model = create_model("deeplabv3-resnet18", num_classes=6, aux=True)
+    n = deploy_param_count(model)
+    buffers = sum(b.numel() for b in model.buffers())
+    aux = sum(p.numel() for k, p in model.named_parameters() if k.startswith("aux_classifier."))
+    assert aux > 0 and buffers > 0
+    assert n == count_params(model) - aux  # what bench counts on the deploy model (no aux head)
+    assert n == sum(v.numel() for v in deploy_state(model).values()) - sum(  # run.json used to count buffers too
+        b.numel() for k, b in model.named_buffers() if not k.startswith("aux_classifier."))

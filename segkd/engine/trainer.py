@@ -250,6 +250,12 @@ def deploy_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("aux_classifier.")}
 
 
+def deploy_param_count(model: nn.Module) -> int:
+    """Parameters of the deployable model: the one definition run.json, distill.json and ``segkd bench`` report
+    (buffers such as BatchNorm statistics are not parameters; the training-only aux head is left out)."""
+    return sum(p.numel() for k, p in model.named_parameters() if not k.startswith("aux_classifier."))
+
+
 class _Display:
     """A rich progress bar on a TTY; plain periodic lines otherwise (or with ``--no-progress``)."""
 
@@ -458,8 +464,7 @@ class Trainer:
             "classes": self.data.class_names,
             "trainable_params": {n: sum(p.numel() for p in part.module.parameters() if p.requires_grad)
                                  for n, part in self.parts.items()},
-            "deploy_params": {n: sum(p.numel() for p in deploy_state(m).values())
-                              for n, m in self.task.deploy_models().items()},
+            "deploy_params": {n: deploy_param_count(m) for n, m in self.task.deploy_models().items()},
         }
         if summary is not None:
             doc["summary"] = summary
