@@ -125,9 +125,16 @@ def _emit_json(data: object, path: Path | None) -> None:
 
 
 # on --resume these come from the new command line; every other option comes from the saved run
-_RESUME_OWN = {"resume", "as_json", "out_dir", "no_progress", "device", "workers", "threads", "log_every"}
+_RESUME_OWN = {"resume", "as_json", "out_dir", "no_progress", "device", "workers", "threads", "log_every", "keep"}
 # option name -> its config field where they differ
 _CONFIG_NAME = {"student": "model"}
+
+
+def _print_written(summary: dict[str, Any], *extra: str) -> None:
+    """The files a run left and their sizes (what ``--keep`` decides), then its small JSON files."""
+    files = ", ".join(f"{path} ({size / 1e6:.1f} MB)" for path, size in summary["files"].items())
+    out.print(f"wrote {files}", highlight=False)
+    out.print("wrote " + ", ".join(f"{summary['out']}/{name}" for name in ("run.json", *extra)), highlight=False)
 
 
 def _warn_ignored_on_resume(values: dict[str, Any], resume: Path) -> None:
@@ -252,6 +259,9 @@ def train_cmd(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's).")] = None,
     log_every: Annotated[int, typer.Option(help="Log the training loss (metrics.jsonl, and a plain line when "
                                            "there is no progress bar) every N iterations.")] = 10,
+    keep: Annotated[str, typer.Option(help="What a finished run keeps: best, last, resume (comma-separated); all "
+                                      "are written while it runs. resume.pt is about 3x a checkpoint.")]
+    = "best,last,resume",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")] = 0,
     pretrained: Annotated[str | None, typer.Option(help="Local backbone weights file (never downloaded).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -274,7 +284,7 @@ def train_cmd(
         flip=flip, jitter=jitter, val_every=val_every, val_labels=val_labels, aux_weight=aux_weight, amp=amp,
         channels_last=channels_last,
         clip_grad=clip_grad, sync_bn=sync_bn, workers=workers, seed=seed, pretrained=pretrained, device=device,
-        progress=not no_progress, threads=threads, log_every=log_every,
+        progress=not no_progress, threads=threads, log_every=log_every, keep=keep,
     )
     summary = run_train(cfg, resume=resume)
     if summary.get("rank", 0) != 0:
@@ -286,9 +296,7 @@ def train_cmd(
         out.print(f"model {summary['models'].get(name, name)}: best val mIoU {100 * best['miou']:.2f} at iteration "
                   f"{best['iteration']}")
     out.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
-    for paths in summary["checkpoints"].values():
-        out.print(f"wrote {paths['last']} and {paths['best']}")
-    out.print(f"wrote {summary['metrics_log']}, {summary['resume']}, {summary['out']}/run.json")
+    _print_written(summary)
 
 
 # ------------------------------------------------------------------------------------------------------- eval
@@ -548,9 +556,7 @@ def distill_cmd(**values: Any) -> None:
                   f"{rep['deploy_params'][name] / 1e6:.2f} M params, {rep['deploy_gmacs'][name]:.2f} GMACs "
                   f"({rep['gmacs_input']}); training-only adapters {rep['adapter_params'][name] / 1e6:.3f} M")
     out.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
-    for name, paths in summary["checkpoints"].items():
-        out.print(f"wrote {paths['last']} and {paths['best']} ({name})")
-    out.print(f"wrote {summary['metrics_log']}, {summary['out']}/run.json, {summary['out']}/distill.json")
+    _print_written(summary, "distill.json")
 
 
 distill_cmd.__signature__ = _distill_signature()  # type: ignore[attr-defined]

@@ -170,3 +170,18 @@ def test_deploy_params_has_one_definition() -> None:
     assert n == count_params(model) - aux  # what bench counts on the deploy model (no aux head)
     assert n == sum(v.numel() for v in deploy_state(model).values()) - sum(  # run.json used to count buffers too
         b.numel() for k, b in model.named_buffers() if not k.startswith("aux_classifier."))
+
+
+def test_keep_drops_what_a_finished_run_does_not_need_and_says_the_sizes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = _segkd(*TRAIN, "--iters", "2", "--keep", "best", "--no-progress", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "best.safetensors", "metrics.jsonl", "run.json"]
+    size = (out / "best.safetensors").stat().st_size
+    assert f"wrote {out / 'best.safetensors'} ({size / 1e6:.1f} MB), {out / 'metrics.jsonl'} (" in r.stdout
+    for again in (["--out", str(out)], ["--resume", str(out)]):  # never restarted over its results
+        r = _segkd(*(TRAIN if again[0] == "--out" else ["train"]), "--iters", "2", "--no-progress", *again)
+        assert r.returncode == 1 and "holds a finished run (its resume state was not kept)" in r.stderr, r.stderr
+    r = _segkd(*TRAIN, "--keep", "best,checkpoint", "--out", str(tmp_path / "x"))
+    assert r.returncode == 1 and "--keep must be a comma-separated list of best, last, resume" in r.stderr

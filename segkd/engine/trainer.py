@@ -62,7 +62,9 @@ from segkd.shapes import parse_hw
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 # options that describe the machine, not the run: on --resume they come from the new command line
-MACHINE_OPTIONS = ("device", "workers", "progress", "log_every", "threads")
+MACHINE_OPTIONS = ("device", "workers", "progress", "log_every", "threads", "keep")
+# what a finished run may keep (--keep): the checkpoints and the resume state (all are written while it runs)
+KEEP_CHOICES = ("best", "last", "resume")
 # what a validation contributes to metrics.jsonl and checkpoint metadata (the confusion matrix stays out)
 VAL_KEYS = ("miou", "aacc", "macc", "fwiou", "mdice", "n_images", "per_class_iou", "per_class_acc")
 
@@ -110,6 +112,7 @@ class TrainConfig:
     val_labels: str = "resized"
     progress: bool = True
     threads: int | None = None
+    keep: str = "best,last,resume"
 
     def check(self) -> None:
         """One-line errors for impossible values, before anything is built."""
@@ -122,6 +125,7 @@ class TrainConfig:
             raise SegkdError(f"--workers must be >= 0, got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise SegkdError(f"--threads must be >= 1, got {self.threads}")
+        self.kept()
         for f in fields(self):  # nan/inf reach the optimiser or the loss otherwise (the CLI refuses them earlier)
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -137,6 +141,14 @@ class TrainConfig:
         parse_scale(self.scale)
         if self.val_labels not in ("resized", "native"):
             raise SegkdError(f"--val-labels must be resized or native, got {self.val_labels!r}")
+
+    def kept(self) -> set[str]:
+        """The ``--keep`` choices as a set (one-line error for an unknown or empty one)."""
+        items = {k.strip() for k in str(self.keep).split(",") if k.strip()}
+        bad = sorted(items - set(KEEP_CHOICES))
+        if bad or not items:
+            raise SegkdError(f"--keep must be a comma-separated list of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
+        return items
 
     def optim(self) -> OptimConfig:
         return OptimConfig.make(self.optimizer, self.lr, self.wd, self.head_lr_mult, momentum=self.momentum)
@@ -688,13 +700,30 @@ class Trainer:
                 self._metrics_fh.close()
                 self._metrics_fh = None
         wall = time.perf_counter() - t_start
+        self._drop_unkept()
         summary = self.summary(wall, run_images)
         self.write_run_json(summary)
         barrier(info)
         return summary
 
+    def _drop_unkept(self) -> None:
+        """At the end of a finished run, delete what ``--keep`` leaves out (a ResNet run's resume state alone is
+        three times its checkpoint)."""
+        if not self.info.is_main:
+            return
+        keep = self.cfg.kept()
+        for kind in ("best", "last"):
+            if kind not in keep:
+                for name in self.task.deploy_models():
+                    (self.out / ckpt_name(name, kind)).unlink(missing_ok=True)
+        if "resume" not in keep:
+            (self.out / RESUME_FILE).unlink(missing_ok=True)
+
     def summary(self, wall: float, images: int) -> dict[str, Any]:
         results = getattr(self, "last_results", {})
+        keep = self.cfg.kept()
+        files = [self.out / ckpt_name(n, k) for n in self.task.deploy_models() for k in ("last", "best") if k in keep]
+        files += [self.out / RESUME_FILE] * ("resume" in keep) + [self.out / METRICS_FILE]
         return {
             "out": str(self.out),
             "rank": self.info.rank,
@@ -705,8 +734,9 @@ class Trainer:
             "final": {n: {k: v for k, v in r.items()} for n, r in results.items()},
             "models": {n: getattr(m, "zoo_name", type(m).__name__) for n, m in self.task.deploy_models().items()},
             "best": self.best,
-            "checkpoints": {n: {k: str(self.out / ckpt_name(n, k)) for k in ("last", "best")}
+            "checkpoints": {n: {k: str(self.out / ckpt_name(n, k)) for k in ("last", "best") if k in keep}
                             for n in self.task.deploy_models()},
+            "files": {str(p): p.stat().st_size for p in files if p.is_file()},  # what the run left, in bytes
             "resume": str(self.out / RESUME_FILE),
             "metrics_log": str(self.out / METRICS_FILE),
         }
@@ -732,6 +762,7 @@ def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig,
         # a run that saved a resume state is never overwritten; one that died before that is restarted
         if (out / RESUME_FILE).exists():
             raise SegkdError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+        _refuse_finished(out, "choose another --out")
         if any(out.glob("*.safetensors")):
             if not (out / RUN_FILE).is_file():
                 raise SegkdError(f"{out} holds checkpoints that are not a segkd run; choose another --out")
@@ -739,6 +770,7 @@ def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig,
                         "from iteration 0 (its checkpoints will be replaced)")
         return cfg, None
     if Path(resume).is_dir() and not (Path(resume) / RESUME_FILE).exists() and (Path(resume) / RUN_FILE).is_file():
+        _refuse_finished(Path(resume), "it cannot be continued")
         return _restart_config(cfg, Path(resume)), None
     path = resolve_resume_path(resume)
     state = load_resume(path)
@@ -748,6 +780,16 @@ def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig,
     saved.out = str(path.parent)
     saved.check()
     return saved, state
+
+
+def _refuse_finished(run_dir: Path, advice: str) -> None:
+    """A finished run whose resume state ``--keep`` dropped is never restarted over its results."""
+    try:
+        finished = "summary" in json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return
+    if finished:
+        raise SegkdError(f"{run_dir} holds a finished run (its resume state was not kept); {advice}")
 
 
 def _start_note(text: str) -> None:
