@@ -185,3 +185,22 @@ def test_keep_drops_what_a_finished_run_does_not_need_and_says_the_sizes(tmp_pat
         assert r.returncode == 1 and "holds a finished run (its resume state was not kept)" in r.stderr, r.stderr
     r = _segkd(*TRAIN, "--keep", "best,checkpoint", "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and "--keep must be a comma-separated list of best, last, resume" in r.stderr
+
+
+def test_run_json_eval_json_and_bench_share_one_provenance_block(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = _segkd(*TRAIN, "--iters", "2", "--log-every", "1", "--no-progress", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    run = json.loads((out / "run.json").read_text())
+    r = _segkd("eval", str(out / "best.safetensors"), "--data", "synth", "--resize", "32x32", "--json",
+               "--device", "cpu")
+    ev = json.loads(r.stdout)
+    r = _segkd("bench", "segformer-b0", "--input", "1x3x32x32", "--no-latency", "--json", "-")
+    bench = json.loads(r.stdout)
+    for doc, command in ((run, "train"), (ev, "eval"), (bench, "bench")):
+        assert doc["argv"][:2] == ["segkd", command]
+        assert set(doc["environment"]) == set(bench["environment"])
+        assert doc["environment"]["segkd"] == bench["environment"]["segkd"] and doc["created"][:4].isdigit()
+    assert run["segkd_version"] == bench["environment"]["segkd"]
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(rec["time"][:4].isdigit() and rec["unix_time"] > 1e9 for rec in train)

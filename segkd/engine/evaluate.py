@@ -33,6 +33,7 @@ from segkd.engine.metrics import (
 )
 from segkd.errors import SegkdError
 from segkd.models.base import upsample_logits
+from segkd.provenance import provenance
 
 BatchHook = Callable[[int, Tensor, Tensor, Tensor], None]
 
@@ -333,6 +334,7 @@ def run_eval(
         "scales": list(scale_list),
         "device": str(dev),
         "world_size": world,
+        **provenance(dev, threads),  # the block run.json and the bench report carry
     }
     return result
 

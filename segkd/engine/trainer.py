@@ -443,7 +443,10 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.info.is_main and self._metrics_fh is not None:
-            self._metrics_fh.write(json.dumps(record, default=float) + "\n")
+            from segkd.provenance import now
+
+            stamped = {**record, "time": now(), "unix_time": round(time.time(), 3)}  # when each line was logged
+            self._metrics_fh.write(json.dumps(stamped, default=float) + "\n")
             self._metrics_fh.flush()
             os.fsync(self._metrics_fh.fileno())
 
@@ -466,8 +469,14 @@ class Trainer:
     def write_run_json(self, summary: dict[str, Any] | None = None) -> None:
         if not self.info.is_main:
             return
+        from segkd.provenance import provenance
+
+        if not hasattr(self, "_provenance"):  # the start of the run: kept when the summary is added at its end
+            self._provenance = provenance(self.device)
         doc = {
             "command": self.source,
+            "segkd_version": self._provenance["environment"]["segkd"],
+            **self._provenance,
             "config": asdict(self.cfg),
             "world_size": self.info.world_size,
             "device": str(self.device),
