@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -619,6 +620,8 @@ def main() -> None:
     from segkd.safeio import guard_broken_pipes
 
     guard_broken_pipes()  # a closed stdout/stderr (`| head`) must not end a run
+    # the CPU onnxruntime build warns about a GPU provider it lacks; segkd's own one-line error says it instead
+    warnings.filterwarnings("ignore", message="Specified provider '.*' is not in available provider names")
     try:
         app()
     except SegkdError as e:
