@@ -187,7 +187,8 @@ def models_cmd(
 # ---------------------------------------------------------------------------------------------------- convert
 @app.command("convert")
 def convert_cmd(
-    src: Annotated[Path, typer.Argument(help="Foreign checkpoint: HF model.safetensors/pytorch_model.bin, "
+    src: Annotated[Path, typer.Argument(help="Foreign checkpoint: HF model.safetensors/pytorch_model.bin or its "
+                                        "save_pretrained folder (class names from config.json's id2label), "
                                         "NVlabs/mmseg .pth, torchvision DeepLabV3 .pth.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model to build, e.g. segformer-b0.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="segkd checkpoint to write (.safetensors).")],
