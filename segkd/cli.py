@@ -577,7 +577,8 @@ def data_synth_cmd(
     train: Annotated[int, typer.Option(help="Training images.")] = 160,
     val: Annotated[int, typer.Option(help="Validation images.")] = 40,
     size: Annotated[str, typer.Option(help="Image size HxW.")] = "96x128",
-    classes: Annotated[int, typer.Option("--classes", help="Classes, background included (2-11).")] = 6,
+    classes: Annotated[int, typer.Option("--num-classes", "--classes", help="Classes, background included (2-11); "
+                                         "--classes is the old name.")] = 6,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier synthetic set in --out.")] = False,
 ) -> None:

@@ -204,3 +204,11 @@ def test_run_json_eval_json_and_bench_share_one_provenance_block(tmp_path: Path)
     assert run["segkd_version"] == bench["environment"]["segkd"]
     train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(rec["time"][:4].isdigit() and rec["unix_time"] > 1e9 for rec in train)
+
+
+def test_data_synth_takes_num_classes_like_every_other_command_and_keeps_classes(tmp_path: Path) -> None:
+    for flag in ("--num-classes", "--classes"):
+        out = tmp_path / flag.strip("-")
+        r = _segkd("data", "synth", "--out", str(out), "--train", "1", "--val", "1", "--size", "32x32", flag, "3")
+        assert r.returncode == 0, r.stderr
+        assert len(json.loads((out / "classes.json").read_text())["classes"]) == 3
