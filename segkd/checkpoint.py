@@ -89,6 +89,13 @@ class CheckpointMeta:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
@@ -99,6 +106,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.close(fd)
         tmp = Path(tmp_name)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the file must get what open() would give it
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

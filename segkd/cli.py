@@ -10,20 +10,25 @@ import inspect
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
 from segkd import __version__
 from segkd.errors import SegkdError
+from segkd.textout import make_console
 
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as _click_errors
+    from typer._click.core import ParameterSource as _ParameterSource
+    from typer._click.globals import get_current_context as _click_context
 except ImportError:  # pragma: no cover - older typer runs on click itself
     import click.exceptions as _click_errors
+    from click.core import ParameterSource as _ParameterSource
+    from click.globals import get_current_context as _click_context
 
 
 def _finite(value: Any) -> bool:
@@ -91,8 +96,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console(stderr=True)
-out = Console()
+console = make_console(stderr=True)
+out = make_console()  # never wraps when piped: scripts parse what segkd prints
 
 
 def _version(value: bool) -> None:
@@ -120,6 +125,46 @@ def _emit_json(data: object, path: Path | None) -> None:
         atomic_write_text(path, text + "\n")
 
 
+# on --resume these come from the new command line; every other option comes from the saved run
+_RESUME_OWN = {"resume", "as_json", "out_dir", "no_progress", "device", "workers", "threads", "log_every", "keep"}
+# option name -> its config field where they differ
+_CONFIG_NAME = {"student": "model"}
+
+
+def _print_written(summary: dict[str, Any], *extra: str) -> None:
+    """The files a run left and their sizes (what ``--keep`` decides), then its small JSON files."""
+    files = ", ".join(f"{path} ({size / 1e6:.1f} MB)" for path, size in summary["files"].items())
+    out.print(f"wrote {files}", highlight=False)
+    out.print("wrote " + ", ".join(f"{summary['out']}/{name}" for name in ("run.json", *extra)), highlight=False)
+
+
+def _warn_ignored_on_resume(values: dict[str, Any], resume: Path) -> None:
+    """One ``warning:`` line naming each option typed with ``--resume`` that the saved run overrides, so
+    ``--resume RUN --iters 10 --lr 0.5`` does not silently train with the old values."""
+    from segkd.engine.trainer import RUN_FILE, run_dir_of
+
+    ctx = _click_context(silent=True)
+    if ctx is None:
+        return
+    run_dir = run_dir_of(None, resume)  # type: ignore[arg-type]
+    try:
+        saved = json.loads((run_dir / RUN_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable run.json: the trainer's own checks report the run directory
+    ignored = []
+    for param in ctx.command.params:
+        if param.name in _RESUME_OWN or ctx.get_parameter_source(param.name) != _ParameterSource.COMMANDLINE:
+            continue
+        flag = max(param.opts, key=len)
+        field = _CONFIG_NAME.get(param.name, param.name)
+        if field in saved and saved[field] == values.get(param.name):
+            continue
+        ignored.append(f"{flag} (the run has {saved[field]})" if field in saved else flag)
+    if ignored:
+        console.print(f"warning: --resume continues {run_dir} with its saved settings; ignored: {', '.join(ignored)}",
+                      highlight=False)
+
+
 # ----------------------------------------------------------------------------------------------------- models
 @app.command("models")
 def models_cmd(
@@ -142,7 +187,8 @@ def models_cmd(
 # ---------------------------------------------------------------------------------------------------- convert
 @app.command("convert")
 def convert_cmd(
-    src: Annotated[Path, typer.Argument(help="Foreign checkpoint: HF model.safetensors/pytorch_model.bin, "
+    src: Annotated[Path, typer.Argument(help="Foreign checkpoint: HF model.safetensors/pytorch_model.bin or its "
+                                        "save_pretrained folder (class names from config.json's id2label), "
                                         "NVlabs/mmseg .pth, torchvision DeepLabV3 .pth.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model to build, e.g. segformer-b0.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="segkd checkpoint to write (.safetensors).")],
@@ -212,6 +258,12 @@ def train_cmd(
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across processes under torchrun.")
                        ] = False,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's).")] = None,
+    log_every: Annotated[int, typer.Option(help="Log the training loss (metrics.jsonl, and a plain line when "
+                                           "there is no progress bar) every N iterations.")] = 10,
+    keep: Annotated[str, typer.Option(help="What a finished run keeps: best, last, resume (comma-separated); all "
+                                      "are written while it runs. resume.pt is about 3x a checkpoint.")]
+    = "best,last,resume",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")] = 0,
     pretrained: Annotated[str | None, typer.Option(help="Local backbone weights file (never downloaded).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -225,6 +277,8 @@ def train_cmd(
 
     if model is None and resume is None:
         raise SegkdError("--model is required (or --resume RUN_DIR to continue a run)")
+    if resume is not None:
+        _warn_ignored_on_resume(locals(), resume)
     cfg = TrainConfig(
         model=model or "", data=data, data_format=data_format, num_classes=num_classes, ignore_index=ignore_index,
         out=str(out_dir), iters=iters, batch=batch, accum=accum, optimizer=optimizer, lr=lr, wd=wd,
@@ -232,7 +286,7 @@ def train_cmd(
         flip=flip, jitter=jitter, val_every=val_every, val_labels=val_labels, aux_weight=aux_weight, amp=amp,
         channels_last=channels_last,
         clip_grad=clip_grad, sync_bn=sync_bn, workers=workers, seed=seed, pretrained=pretrained, device=device,
-        progress=not no_progress,
+        progress=not no_progress, threads=threads, log_every=log_every, keep=keep,
     )
     summary = run_train(cfg, resume=resume)
     if summary.get("rank", 0) != 0:
@@ -240,19 +294,19 @@ def train_cmd(
     if as_json:
         _emit_json(summary, None)
         return
-    for name, best in summary["best"].items():
-        out.print(f"{name}: best val mIoU {100 * best['miou']:.2f} at iteration {best['iteration']}")
+    for name, best in summary["best"].items():  # a supervised run trains one model: name it, not its role
+        out.print(f"model {summary['models'].get(name, name)}: best val mIoU {100 * best['miou']:.2f} at iteration "
+                  f"{best['iteration']}")
     out.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
-    for name, paths in summary["checkpoints"].items():
-        out.print(f"wrote {paths['last']} and {paths['best']} ({name})")
-    out.print(f"wrote {summary['metrics_log']}, {summary['resume']}, {summary['out']}/run.json")
+    _print_written(summary)
 
 
 # ------------------------------------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_cmd(
     source: Annotated[Path, typer.Argument(help="segkd checkpoint (.safetensors) or exported model (.onnx).")],
-    data: Annotated[str, typer.Option(help="Dataset root, or 'synth' for the built-in procedural dataset.")] = "synth",
+    data: Annotated[str | None, typer.Option(help="Dataset root, or 'synth' for the built-in procedural dataset "
+                                             "(the default, with a note saying so).")] = None,
     data_format: Annotated[str | None, typer.Option(help="Dataset format (default: detected from the root).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
     resize: Annotated[str | None, typer.Option(help="Resize images to HxW before inference.")] = None,
@@ -263,6 +317,10 @@ def eval_cmd(
     scales: Annotated[str | None, typer.Option(help="Multi-scale TTA, e.g. 0.75,1.0,1.25.")] = None,
     batch: Annotated[int, typer.Option(help="Images per forward pass (per process).")] = 1,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch and ONNX Runtime (default: theirs).")
+                       ] = None,
+    log_every: Annotated[int, typer.Option(help="A plain progress line every N batches when there is no progress "
+                                           "bar (not a terminal, or --no-progress); 0 = none.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     amp: Annotated[bool, typer.Option("--amp", help="Autocast inference: bf16 on CPU, fp16 on CUDA.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON instead of a table.")] = False,
@@ -279,9 +337,13 @@ def eval_cmd(
         check_output(json_out, "file", "--json-out")
     if save_preds is not None:
         check_output(save_preds, "dir", "--save-preds")
+    if data is None:
+        data = "synth"
+        console.print("note: no --data given: scoring the built-in synthetic set (synth)", highlight=False)
     result = run_eval(source, data=data, data_format=data_format, split=split, resize=resize, mode=mode, crop=crop,
                       stride=stride, flip=flip, scales=scales, batch=batch, workers=workers, device=device,
-                      save_preds=save_preds, amp=amp, progress=not no_progress)
+                      save_preds=save_preds, amp=amp, progress=not no_progress, threads=threads,
+                      log_every=log_every)
     if result.rank != 0:
         return
     if json_out is not None:
@@ -444,7 +506,8 @@ def bench_cmd(
 def _distill_options(
     method: Annotated[str | None, typer.Option(help="Method: kd, cwd, dkd, c2vkd, transkd, collab, dml.")] = None,
     student: Annotated[str | None, typer.Option(help="Student zoo model (what is trained and saved).")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Teacher zoo model (teacher methods).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher zoo model (teacher methods; default: the model a "
+                                                "segkd --teacher-weights checkpoint names).")] = None,
     teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights: a segkd checkpoint, or a foreign one "
                                                         "`segkd convert` reads; must load with no key missing.")
                                ] = None,
@@ -503,6 +566,7 @@ def distill_cmd(**values: Any) -> None:
                  "--pdd-mode": values["pdd_mode"]}
         values["method_opts"] = method_options_from_flags(values["method"], flags, values["method_opt"])
     else:
+        _warn_ignored_on_resume(values, values["resume"])
         values["method"] = values["method"] or "kd"
     cfg = distill_config_from_cli(values)
     summary = run_distill(cfg, resume=values["resume"])
@@ -517,9 +581,7 @@ def distill_cmd(**values: Any) -> None:
                   f"{rep['deploy_params'][name] / 1e6:.2f} M params, {rep['deploy_gmacs'][name]:.2f} GMACs "
                   f"({rep['gmacs_input']}); training-only adapters {rep['adapter_params'][name] / 1e6:.3f} M")
     out.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
-    for name, paths in summary["checkpoints"].items():
-        out.print(f"wrote {paths['last']} and {paths['best']} ({name})")
-    out.print(f"wrote {summary['metrics_log']}, {summary['out']}/run.json, {summary['out']}/distill.json")
+    _print_written(summary, "distill.json")
 
 
 distill_cmd.__signature__ = _distill_signature()  # type: ignore[attr-defined]
@@ -538,8 +600,10 @@ def data_synth_cmd(
     train: Annotated[int, typer.Option(help="Training images.")] = 160,
     val: Annotated[int, typer.Option(help="Validation images.")] = 40,
     size: Annotated[str, typer.Option(help="Image size HxW.")] = "96x128",
-    classes: Annotated[int, typer.Option("--classes", help="Classes, background included (2-11).")] = 6,
+    classes: Annotated[int, typer.Option("--num-classes", "--classes", help="Classes, background included (2-11); "
+                                         "--classes is the old name.")] = 6,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier synthetic set in --out.")] = False,
 ) -> None:
     """Write the procedural dataset (textured shapes on noisy backgrounds) in seconds."""
     from segkd.data import synthesize
@@ -547,7 +611,7 @@ def data_synth_cmd(
 
     try:
         root = synthesize(out_dir, n_train=train, n_val=val, size=parse_hw(size, "--size"), num_classes=classes,
-                          seed=seed, progress=True)
+                          seed=seed, progress=True, replace=force)
     except OSError as e:
         e.add_note(f"the set in {out_dir} is incomplete (no classes.json): run the command again once it is writable")
         raise
@@ -578,6 +642,11 @@ def data_inspect_cmd(
 
 def main() -> None:
     """Console-script entry point: one ``error:`` line and a non-zero exit for every expected failure."""
+    from segkd.safeio import guard_broken_pipes
+
+    guard_broken_pipes()  # a closed stdout/stderr (`| head`) must not end a run
+    # the CPU onnxruntime build warns about a GPU provider it lacks; segkd's own one-line error says it instead
+    warnings.filterwarnings("ignore", message="Specified provider '.*' is not in available provider names")
     try:
         app()
     except SegkdError as e:

@@ -4,13 +4,16 @@ A command that writes checks its output paths up front (:func:`check_output`), s
 expected (or the reverse) fails before any work, naming the option. Any ``OSError`` that still escapes (read-only
 file system, disk full, permissions) is turned into one line by :func:`os_error_message`, the single formatter the
 CLI and the trainer use. :func:`remove_orphan_tmps` deletes the temp files of atomic writes killed mid-write.
+:func:`guard_broken_pipes` keeps a run going when the reader of its stdout/stderr goes away (``| head``).
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TextIO
 
 from segkd.errors import SegkdError
 
@@ -78,3 +81,48 @@ def write_generated(path: str | Path, text: str, marker: str) -> Path:
     if path.exists() and marker in (old := path.read_text()):
         kept = old[old.index(marker):]
     return atomic_write_text(path, text + ("\n" + kept if kept else ""))
+
+
+class _PipeSafeStream:
+    """A text stream whose writes stop silently once its reader has gone (``BrokenPipeError``).
+
+    Progress and log lines are for a reader; when ``segkd train ... | head`` closes the pipe the run must still
+    finish and write its files. After the first broken write the descriptor is pointed at /dev/null, so the
+    interpreter's final flush of the real stream does not fail either. Everything else is the real stream's."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def _guard(self, call: Any, *args: Any) -> Any:
+        if self.broken:
+            return None
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            self.broken = True
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):  # no descriptor (e.g. captured by a test runner): writes just stop
+                pass
+            return None
+
+    def write(self, text: str) -> int:
+        self._guard(self._stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def guard_broken_pipes() -> None:
+    """Wrap ``sys.stdout`` and ``sys.stderr`` in :class:`_PipeSafeStream` (once; the CLI's entry point does it)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _PipeSafeStream):
+            setattr(sys, name, _PipeSafeStream(stream))

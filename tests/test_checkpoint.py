@@ -67,6 +67,17 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]  # no temp file left behind
 
 
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_respects_the_umask(tmp_path, mask, mode):
+    old = os.umask(mask)
+    try:
+        target = atomic_write_bytes(tmp_path / "a.bin", b"x")
+        assert target.stat().st_mode & 0o777 == mode
+        assert os.umask(mask) == mask  # the helper put the umask back
+    finally:
+        os.umask(old)
+
+
 def test_shape_mismatch_names_key_and_shapes(ckpt, tmp_path):
     path, _, meta = ckpt
     state, _ = read_checkpoint(path)

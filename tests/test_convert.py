@@ -235,6 +235,23 @@ def test_shared_camvid_teacher_imports_and_segments(tmp_path):
     assert correct / total > 0.8  # the README reports 90 % pixel accuracy on val
 
 
+def test_hf_save_pretrained_folder_and_its_label_names(hf_b0, tmp_path):
+    import json
+
+    hf_b0.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    names = [f"thing{i}" for i in range(11)]
+    config["id2label"] = {str(i): n for i, n in enumerate(names)}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    _convert(tmp_path / "hf", "segformer-b0", tmp_path / "b0.safetensors")
+    assert read_meta(tmp_path / "b0.safetensors").class_names == names
+    _convert(tmp_path / "hf" / "model.safetensors", "segformer-b0", tmp_path / "f.safetensors")  # the file too
+    assert read_meta(tmp_path / "f.safetensors").class_names == names
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["convert", str(tmp_path / "empty"), "-m", "segformer-b0", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "a folder without model.safetensors or pytorch_model.bin" in str(r.exception)
+
+
 def test_convert_bad_inputs(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
     r = runner.invoke(app, ["convert", str(tmp_path / "junk.pth"), "-m", "segformer-b0", "-o", str(tmp_path / "o")])

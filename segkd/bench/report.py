@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from segkd.textout import print_table
 
-def _print_wide(console: Console, renderable: Any, width: int) -> None:
-    """Print without squeezing columns when the output is a file or pipe (rich assumes 80 columns there)."""
-    if console.is_terminal:
-        console.print(renderable)
-        return
-    old = console.width
-    console.width = max(old, width)
-    try:
-        console.print(renderable)
-    finally:
-        console.width = old
+
+def _table(title: str, cols: list[str]) -> Table:
+    """A compact table whose name columns never wrap or truncate (numbers are right-aligned)."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False,
+                  collapse_padding=True)
+    for c in cols:
+        left = c in ("model", "backend", "input")
+        table.add_column(c, justify="left" if left else "right", no_wrap=c in ("model", "input"))
+    return table
 
 
 def _shape(s: list[int]) -> str:
@@ -79,30 +79,32 @@ def render(report: dict[str, Any], console: Console) -> None:
     env = report["environment"]
     title = (f"segkd bench on {env['device']} ({env['cpu_model'] if env['device'] == 'cpu' else env['gpu_name']}, "
              f"{env['threads']} threads)")
-    table = Table(title=title)
     several = len(report["models"]) > 1
     timed = any(m["runs"] for m in report["models"])
-    cols = ["model", "backend", "input", "params (M)", "GMACs", "GFLOPs"]
+    table_rows = rows(report)
+    # two narrow tables, not one of 15 columns (~190 wide piped, squeezed to "3…" in an 80-column terminal):
+    # what the model costs (per model and input), then how fast it ran (per model, backend and input)
+    size = _table(title, ["model", "input", "params (M)", "GMACs", "GFLOPs"]
+                  + (["params vs 1st", "GMACs vs 1st"] if several else []))
+    seen: set[tuple[str, str]] = set()
+    for r in table_rows:
+        if (r["model"], r["input"]) in seen:
+            continue
+        seen.add((r["model"], r["input"]))
+        size.add_row(*[r["model"], r["input"], f"{r['params_m']:.2f}", _fmt(r["gmacs"]), _fmt(r["gflops"])]
+                     + ([r["vs_params"], r["vs_gmacs"]] if several else []))
+    print_table(console, size)
     if timed:
-        cols += ["p50 ms", "p90 ms", "mean±std ms", "img/s", "peak MB", "CPU util"]
-    if several:
-        cols += ["params vs 1st", "GMACs vs 1st"] + (["speed-up vs 1st"] if timed else [])
-    for c in cols:
-        left = c in ("model", "backend", "input")
-        table.add_column(c, justify="left" if left else "right", no_wrap=left)
-    for r in rows(report):
-        lat = r["lat"]
-        backend = r["backend"] + (f" ({r['providers']})" if r["backend"] == "onnxruntime" else "")
-        util = "-" if r["util"] is None else f"{r['util']:.2f}" + (" [red]contended[/]" if r["contended"] else "")
-        cells = [r["model"], backend, r["input"], f"{r['params_m']:.2f}", _fmt(r["gmacs"]), _fmt(r["gflops"])]
-        if timed:
-            cells += [_fmt(lat and lat["p50"], ".1f"), _fmt(lat and lat["p90"], ".1f"),
-                      "-" if not lat else f"{lat['mean']:.1f}±{lat['std']:.1f}", _fmt(r["ips"], ".2f"),
-                      _fmt(r["mem"], ".0f"), util]
-        if several:
-            cells += [r["vs_params"], r["vs_gmacs"]] + ([r["vs_speed"]] if timed else [])
-        table.add_row(*cells)
-    _print_wide(console, table, 200)
+        speed = _table("latency", ["model", "backend", "input", "p50 ms", "p90 ms", "mean±std ms", "img/s",
+                                   "peak MB", "CPU util"] + (["speed-up vs 1st"] if several else []))
+        for r in table_rows:
+            lat = r["lat"]
+            backend = r["backend"] + (f" ({r['providers']})" if r["backend"] == "onnxruntime" else "")
+            util = "-" if r["util"] is None else f"{r['util']:.2f}" + (" [red]contended[/]" if r["contended"] else "")
+            speed.add_row(*[r["model"], backend, r["input"], _fmt(lat and lat["p50"], ".1f"),
+                            _fmt(lat and lat["p90"], ".1f"), "-" if not lat else f"{lat['mean']:.1f}±{lat['std']:.1f}",
+                            _fmt(r["ips"], ".2f"), _fmt(r["mem"], ".0f"), util] + ([r["vs_speed"]] if several else []))
+        print_table(console, speed)
     console.print("GMACs = multiply-adds per image (the SegFormer/mmseg papers' 'FLOPs'); GFLOPs = 2 x GMACs. "
                   "Attention counted; elementwise ops and interpolation not. Latency excludes preprocessing and "
                   "host-to-device copies (torch); peak MB on CPU is the process-wide peak RSS.", highlight=False,
@@ -131,7 +133,7 @@ def _render_detail(name: str, c: dict[str, Any], console: Console) -> None:
         label = "  " * row["depth"] + row["module"].split(".")[-1] if row["depth"] else row["module"]
         share = f"{100 * row['gflops'] / total:.1f}%" if total else "-"
         t.add_row(label, f"{row['gflops'] / 2:.3f}", f"{row['gflops']:.3f}", share)
-    _print_wide(console, t, 120)
+    print_table(console, t)
     by_op = ", ".join(f"{k.replace('aten.', '')} {v:.3f}" for k, v in c.get("flops_by_op", {}).items())
     console.print(f"GFLOPs by op: {by_op}", highlight=False, soft_wrap=True)
     unc = c.get("uncounted_ops") or {}
@@ -155,7 +157,7 @@ def render_train_step(entries: list[dict[str, Any]], console: Console) -> None:
                   f"{e['adapter_params'] / 1e6:.3f}", f"{step['latency_ms']['p50']:.1f}",
                   f"{bound['latency_ms']['p50']:.1f}", f"{e['overhead_ratio']:.2f}x",
                   f"{max(step['peak_mem_mb'], bound['peak_mem_mb']):.0f}", util)
-    _print_wide(console, t, 160)
+    print_table(console, t)
     if entries:
         console.print(f"lower bound: {entries[0]['bound_definition']}; optimiser {entries[0]['optimizer']} on both; "
                       "the step includes the method's adapters, taps and loss terms.", highlight=False)

@@ -31,6 +31,7 @@ from segkd.bench.specs import (
     resolve_model,
 )
 from segkd.errors import SegkdError
+from segkd.provenance import command_line
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
@@ -233,6 +234,7 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "kind": "segkd.bench",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": command_line(),
         "environment": environment(device, threads),
         "settings": {
             "inputs": [list(s) for s in shapes],

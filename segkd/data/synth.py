@@ -87,18 +87,20 @@ def render(index: int, size: tuple[int, int], num_classes: int, seed: int) -> tu
 
 
 def synthesize(out_dir: str | Path, n_train: int = 160, n_val: int = 40, size: tuple[int, int] = (96, 128),
-               num_classes: int = 6, seed: int = 0, progress: bool = False) -> Path:
+               num_classes: int = 6, seed: int = 0, progress: bool = False, replace: bool = True) -> Path:
     """Write a ``folder``-layout dataset (images/, labels/, classes.json) to ``out_dir`` and return it.
 
     Files are ``images/{train,val}/{split}_NNNNN.png`` (RGB) and ``labels/...`` (one-channel class indices);
-    ``classes.json`` holds the names and palette. An earlier synthetic set in ``out_dir`` is replaced.
+    ``classes.json`` holds the names and palette. An earlier synthetic set in ``out_dir`` is replaced; with
+    ``replace=False`` (``segkd data synth`` without ``--force``, the rule ``train`` applies to a run directory) it
+    is refused instead. Any other non-empty folder is always refused.
     """
     if not 2 <= num_classes <= len(SHAPE_NAMES):
         raise SegkdError(f"synthetic data supports 2..{len(SHAPE_NAMES)} classes, not {num_classes}")
     if n_train < 1 or n_val < 1 or min(size) < 16:
         raise SegkdError("synthetic data needs >= 1 train and val image and a size of at least 16x16")
     out = Path(out_dir)
-    _prepare_out(out)
+    _prepare_out(out, replace)
     from segkd.data.inspect import progress_bar
 
     for split, n, offset in (("train", n_train, 0), ("val", n_val, 1_000_000)):
@@ -115,8 +117,9 @@ def synthesize(out_dir: str | Path, n_train: int = 160, n_val: int = 40, size: t
     return out
 
 
-def _prepare_out(out: Path) -> None:
-    """An empty or new folder is used as is; an earlier synthetic set is replaced; anything else is refused."""
+def _prepare_out(out: Path, replace: bool) -> None:
+    """An empty or new folder is used as is; an earlier synthetic set is replaced when ``replace`` is set;
+    anything else is refused."""
     if out.exists() and not out.is_dir():
         raise SegkdError(f"{out}: exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
@@ -128,6 +131,8 @@ def _prepare_out(out: Path) -> None:
         earlier = ""
     if not str(earlier).startswith("segkd synthetic"):
         raise SegkdError(f"{out}: folder is not empty and holds no earlier synthetic set; choose another --out")
+    if not replace:
+        raise SegkdError(f"{out} already holds a synthetic set; pass --force to replace it or choose another --out")
     marker.unlink()
     for sub in ("images", "labels"):
         shutil.rmtree(out / sub, ignore_errors=True)

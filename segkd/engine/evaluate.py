@@ -12,6 +12,7 @@ confusion matrices and image counts are summed with ``all_reduce``; the result e
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from segkd.engine.metrics import (
 )
 from segkd.errors import SegkdError
 from segkd.models.base import upsample_logits
+from segkd.provenance import provenance
 
 BatchHook = Callable[[int, Tensor, Tensor, Tensor], None]
 
@@ -125,6 +127,7 @@ def evaluate(
     progress: bool = True,
     class_names: Sequence[str] | None = None,
     on_batch: BatchHook | None = None,
+    log_every: int = 0,
 ) -> EvalResult:
     """Run ``predict`` over ``loader`` (``(images, labels)`` batches) and score it against the labels.
 
@@ -132,7 +135,8 @@ def evaluate(
     upsampled to the label size before the argmax. With ``distributed=True`` and ``torch.distributed`` initialised,
     the loader must hold this rank's shard (:func:`shard_dataset`), and the confusion matrix and image count are
     summed over ranks, so every rank returns the global result. ``on_batch(index_of_first, images, labels, pred)``
-    is called per batch (used by ``--save-preds``).
+    is called per batch (used by ``--save-preds``). Where no bar is shown (not a terminal, or ``progress=False``)
+    ``log_every > 0`` prints a plain ``eval N/M batches`` line on stderr every ``log_every`` batches.
     """
     device = torch.device(device)
     meter = ConfusionMeter(num_classes, ignore_index, device=device)
@@ -146,7 +150,8 @@ def evaluate(
         total = None
     with _progress(progress and rank == 0, total) as bar:
         task = bar.add_task("eval", total=total)
-        for batch in loader:
+        plain = log_every > 0 and rank == 0 and bar.disable
+        for done, batch in enumerate(loader, 1):
             if isinstance(batch, dict):
                 images, labels = batch["image"], batch["label"]
             else:
@@ -168,6 +173,10 @@ def evaluate(
             seen += images.shape[0]
             n_images += images.shape[0]
             bar.advance(task)
+            if plain and (done % log_every == 0 or done == total):
+                elapsed = time.perf_counter() - start
+                print(f"eval {done}/{total if total is not None else '?'} batches  {elapsed:.1f} s", file=sys.stderr,
+                      flush=True)
     if distributed:
         meter.reduce()
         n_images = int(all_reduce_sum(torch.tensor([n_images], dtype=torch.int64, device=device)).item())
@@ -179,8 +188,10 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------------- segkd eval
-def load_predictor_source(path: str | Path, device: torch.device) -> tuple[Callable[[Tensor], Tensor], Any, str]:
-    """``(callable, CheckpointMeta, kind)`` for a segkd checkpoint or an exported ``.onnx`` model."""
+def load_predictor_source(path: str | Path, device: torch.device,
+                          threads: int = 0) -> tuple[Callable[[Tensor], Tensor], Any, str]:
+    """``(callable, CheckpointMeta, kind)`` for a segkd checkpoint or an exported ``.onnx`` model (``threads``:
+    ONNX Runtime intra-op threads, 0 = its default)."""
     path = Path(path)
     if not path.is_file():
         raise SegkdError(f"{path}: file not found")
@@ -188,7 +199,7 @@ def load_predictor_source(path: str | Path, device: torch.device) -> tuple[Calla
         from segkd.export.runtime import load_onnx_predictor
 
         # ask for exactly the device's provider: load_onnx_predictor fails loudly instead of falling back to CPU
-        fn, meta = load_onnx_predictor(path, ("cuda",) if device.type == "cuda" else ("cpu",))
+        fn, meta = load_onnx_predictor(path, ("cuda",) if device.type == "cuda" else ("cpu",), threads=threads)
         return fn, meta, "onnx"
     from segkd.checkpoint import load_model
 
@@ -248,6 +259,8 @@ def run_eval(
     amp: bool = False,
     progress: bool = True,
     dataset: Dataset | None = None,
+    threads: int | None = None,
+    log_every: int = 0,
 ) -> EvalResult:
     """Everything ``segkd eval`` does: load the model alone, build the dataset from its metadata, evaluate.
 
@@ -259,13 +272,19 @@ def run_eval(
         raise SegkdError(f"--batch must be >= 1, got {batch}")
     if workers < 0:
         raise SegkdError(f"--workers must be >= 0, got {workers}")
+    if threads is not None and threads < 1:
+        raise SegkdError(f"--threads must be >= 1, got {threads}")
+    if log_every < 0:
+        raise SegkdError(f"--log-every must be >= 0, got {log_every}")
+    if threads is not None:
+        torch.set_num_threads(threads)
     resize_hw = parse_hw(resize, "--resize")
     scale_list = parse_scales(scales)
     from segkd.engine.distributed import init_distributed
 
     info = init_distributed(device)
     dev = info.device
-    fn, meta, kind = load_predictor_source(source, dev)
+    fn, meta, kind = load_predictor_source(source, dev, threads=threads or 0)
     _check_sizes(fn, meta, kind, {"--resize": resize_hw, "--crop": parse_hw(crop, "--crop")})
     predict = make_predictor(fn, mode=mode, crop=crop, stride=stride, flip=flip, scales=scale_list,  # type: ignore
                              amp=amp)
@@ -298,12 +317,14 @@ def run_eval(
                                 mean=meta.mean, std=meta.std)
 
     result = evaluate(predict, loader, meta.num_classes, ignore_index=ignore, device=dev, distributed=distributed,
-                      progress=progress, class_names=report_names(meta.class_names, dataset), on_batch=hook)
+                      progress=progress, class_names=report_names(meta.class_names, dataset), on_batch=hook,
+                      log_every=log_every)
     result.extra = {
         "source": str(source),
         "kind": kind,
         "model": meta.model,
         "data": str(data) if data is not None else None,
+        "data_format": getattr(getattr(dataset, "info", None), "format", data_format),
         "split": split,
         "resize": list(resize_hw) if resize_hw else None,
         "mode": mode,
@@ -313,6 +334,7 @@ def run_eval(
         "scales": list(scale_list),
         "device": str(dev),
         "world_size": world,
+        **provenance(dev, threads),  # the block run.json and the bench report carry
     }
     return result
 
@@ -362,7 +384,10 @@ def render_eval(result: EvalResult, console: Any) -> None:
 
     gt = result.confusion.sum(1).double()
     total = float(gt.sum()) or 1.0
-    table = Table(title=f"{result.extra.get('model', 'model')} on {result.extra.get('split', 'eval')} "
+    data = result.extra.get("data")
+    where = f"{data} ({result.extra['data_format']}) " if data and result.extra.get("data_format") else (
+        f"{data} " if data else "")
+    table = Table(title=f"{result.extra.get('model', 'model')} on {where}{result.extra.get('split', 'eval')} "
                         f"({result.n_images} images)", title_justify="left")
     for col in ("class", "IoU", "Acc", "Dice", "GT %"):
         table.add_column(col, justify="left" if col == "class" else "right")

@@ -62,7 +62,9 @@ from segkd.shapes import parse_hw
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 # options that describe the machine, not the run: on --resume they come from the new command line
-MACHINE_OPTIONS = ("device", "workers", "progress", "log_every")
+MACHINE_OPTIONS = ("device", "workers", "progress", "log_every", "threads", "keep")
+# what a finished run may keep (--keep): the checkpoints and the resume state (all are written while it runs)
+KEEP_CHOICES = ("best", "last", "resume")
 # what a validation contributes to metrics.jsonl and checkpoint metadata (the confusion matrix stays out)
 VAL_KEYS = ("miou", "aacc", "macc", "fwiou", "mdice", "n_images", "per_class_iou", "per_class_acc")
 
@@ -109,6 +111,8 @@ class TrainConfig:
     val_split: str = "val"
     val_labels: str = "resized"
     progress: bool = True
+    threads: int | None = None
+    keep: str = "best,last,resume"
 
     def check(self) -> None:
         """One-line errors for impossible values, before anything is built."""
@@ -119,6 +123,9 @@ class TrainConfig:
                 raise SegkdError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.workers < 0:
             raise SegkdError(f"--workers must be >= 0, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise SegkdError(f"--threads must be >= 1, got {self.threads}")
+        self.kept()
         for f in fields(self):  # nan/inf reach the optimiser or the loss otherwise (the CLI refuses them earlier)
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -134,6 +141,14 @@ class TrainConfig:
         parse_scale(self.scale)
         if self.val_labels not in ("resized", "native"):
             raise SegkdError(f"--val-labels must be resized or native, got {self.val_labels!r}")
+
+    def kept(self) -> set[str]:
+        """The ``--keep`` choices as a set (one-line error for an unknown or empty one)."""
+        items = {k.strip() for k in str(self.keep).split(",") if k.strip()}
+        bad = sorted(items - set(KEEP_CHOICES))
+        if bad or not items:
+            raise SegkdError(f"--keep must be a comma-separated list of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
+        return items
 
     def optim(self) -> OptimConfig:
         return OptimConfig.make(self.optimizer, self.lr, self.wd, self.head_lr_mult, momentum=self.momentum)
@@ -245,6 +260,12 @@ def ckpt_name(model_name: str, kind: str) -> str:
 def deploy_state(model: nn.Module) -> dict[str, Tensor]:
     """The deployable weights: the training-only auxiliary head (DeepLabV3 ``aux_classifier``) is left out."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith("aux_classifier.")}
+
+
+def deploy_param_count(model: nn.Module) -> int:
+    """Parameters of the deployable model: the one definition run.json, distill.json and ``segkd bench`` report
+    (buffers such as BatchNorm statistics are not parameters; the training-only aux head is left out)."""
+    return sum(p.numel() for k, p in model.named_parameters() if not k.startswith("aux_classifier."))
 
 
 class _Display:
@@ -408,13 +429,24 @@ class Trainer:
     def _note(self, text: str) -> None:
         if self.info.is_main and getattr(self, "display", None) is not None:
             self.display.note(text)
-        elif self.info.is_main and self.cfg.progress:
+        elif self.info.is_main:
             print(text, file=sys.stderr, flush=True)
+
+    def _label(self, name: str) -> str:
+        """How a deploy model is named in notes: its role in a distillation, ``model NAME`` in a supervised run
+        (a teacher trained with ``segkd train`` is no student)."""
+        if isinstance(self.task, SupervisedTask):
+            model = self.task.deploy_models()[name]
+            return f"model {getattr(model, 'zoo_name', type(model).__name__)}"
+        return name
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.info.is_main and self._metrics_fh is not None:
-            self._metrics_fh.write(json.dumps(record, default=float) + "\n")
+            from segkd.provenance import now
+
+            stamped = {**record, "time": now(), "unix_time": round(time.time(), 3)}  # when each line was logged
+            self._metrics_fh.write(json.dumps(stamped, default=float) + "\n")
             self._metrics_fh.flush()
             os.fsync(self._metrics_fh.fileno())
 
@@ -437,8 +469,14 @@ class Trainer:
     def write_run_json(self, summary: dict[str, Any] | None = None) -> None:
         if not self.info.is_main:
             return
+        from segkd.provenance import provenance
+
+        if not hasattr(self, "_provenance"):  # the start of the run: kept when the summary is added at its end
+            self._provenance = provenance(self.device)
         doc = {
             "command": self.source,
+            "segkd_version": self._provenance["environment"]["segkd"],
+            **self._provenance,
             "config": asdict(self.cfg),
             "world_size": self.info.world_size,
             "device": str(self.device),
@@ -447,8 +485,7 @@ class Trainer:
             "classes": self.data.class_names,
             "trainable_params": {n: sum(p.numel() for p in part.module.parameters() if p.requires_grad)
                                  for n, part in self.parts.items()},
-            "deploy_params": {n: sum(p.numel() for p in deploy_state(m).values())
-                              for n, m in self.task.deploy_models().items()},
+            "deploy_params": {n: deploy_param_count(m) for n, m in self.task.deploy_models().items()},
         }
         if summary is not None:
             doc["summary"] = summary
@@ -568,8 +605,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self._open_metrics_log()
             self.write_run_json()
-        tty = sys.stderr.isatty()
-        self.display = _Display(cfg.iters, self.iteration, cfg.progress and info.is_main, rich_ok=tty)
+        # the bar only on a terminal and without --no-progress; plain periodic lines otherwise (never silence)
+        self.display = _Display(cfg.iters, self.iteration, info.is_main, rich_ok=cfg.progress and sys.stderr.isatty())
         fwd = self._forward_module()
         self.task.train(True)
         batches = self._batches()
@@ -655,7 +692,7 @@ class Trainer:
                         self._log({"type": "val", "iter": self.iteration, "model": name,
                                    **{k: v for k, v in res.items() if k != "per_class_iou"},
                                    "per_class_iou": res.get("per_class_iou")})
-                        self._note(f"val @ {self.iteration}: {name} mIoU {100 * res['miou']:.2f}  "
+                        self._note(f"val @ {self.iteration}: {self._label(name)} mIoU {100 * res['miou']:.2f}  "
                                    f"aAcc {100 * res['aacc']:.2f}")
                     self._checkpoint(results)
                     self.last_results = results
@@ -672,13 +709,30 @@ class Trainer:
                 self._metrics_fh.close()
                 self._metrics_fh = None
         wall = time.perf_counter() - t_start
+        self._drop_unkept()
         summary = self.summary(wall, run_images)
         self.write_run_json(summary)
         barrier(info)
         return summary
 
+    def _drop_unkept(self) -> None:
+        """At the end of a finished run, delete what ``--keep`` leaves out (a ResNet run's resume state alone is
+        three times its checkpoint)."""
+        if not self.info.is_main:
+            return
+        keep = self.cfg.kept()
+        for kind in ("best", "last"):
+            if kind not in keep:
+                for name in self.task.deploy_models():
+                    (self.out / ckpt_name(name, kind)).unlink(missing_ok=True)
+        if "resume" not in keep:
+            (self.out / RESUME_FILE).unlink(missing_ok=True)
+
     def summary(self, wall: float, images: int) -> dict[str, Any]:
         results = getattr(self, "last_results", {})
+        keep = self.cfg.kept()
+        files = [self.out / ckpt_name(n, k) for n in self.task.deploy_models() for k in ("last", "best") if k in keep]
+        files += [self.out / RESUME_FILE] * ("resume" in keep) + [self.out / METRICS_FILE]
         return {
             "out": str(self.out),
             "rank": self.info.rank,
@@ -687,9 +741,11 @@ class Trainer:
             "wall_time_s": round(wall, 3),
             "img_s": round(images / max(wall, 1e-9), 3),
             "final": {n: {k: v for k, v in r.items()} for n, r in results.items()},
+            "models": {n: getattr(m, "zoo_name", type(m).__name__) for n, m in self.task.deploy_models().items()},
             "best": self.best,
-            "checkpoints": {n: {k: str(self.out / ckpt_name(n, k)) for k in ("last", "best")}
+            "checkpoints": {n: {k: str(self.out / ckpt_name(n, k)) for k in ("last", "best") if k in keep}
                             for n in self.task.deploy_models()},
+            "files": {str(p): p.stat().st_size for p in files if p.is_file()},  # what the run left, in bytes
             "resume": str(self.out / RESUME_FILE),
             "metrics_log": str(self.out / METRICS_FILE),
         }
@@ -718,13 +774,14 @@ def seed_everything(seed: int) -> None:
 
 def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig, dict[str, Any] | None]:
     """The config to run with and the resume state: on ``--resume`` the saved config wins, except for the options
-    that describe the machine (device, workers, progress, log interval), which come from ``cfg``."""
+    that describe the machine (device, workers, progress, log interval, threads), which come from ``cfg``."""
     if resume is None:
         cfg.check()
         out = Path(cfg.out)
         # a run that saved a resume state is never overwritten; one that died before that is restarted
         if (out / RESUME_FILE).exists():
             raise SegkdError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+        _refuse_finished(out, "choose another --out")
         if any(out.glob("*.safetensors")):
             if not (out / RUN_FILE).is_file():
                 raise SegkdError(f"{out} holds checkpoints that are not a segkd run; choose another --out")
@@ -732,6 +789,7 @@ def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig,
                         "from iteration 0 (its checkpoints will be replaced)")
         return cfg, None
     if Path(resume).is_dir() and not (Path(resume) / RESUME_FILE).exists() and (Path(resume) / RUN_FILE).is_file():
+        _refuse_finished(Path(resume), "it cannot be continued")
         return _restart_config(cfg, Path(resume)), None
     path = resolve_resume_path(resume)
     state = load_resume(path)
@@ -741,6 +799,16 @@ def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig,
     saved.out = str(path.parent)
     saved.check()
     return saved, state
+
+
+def _refuse_finished(run_dir: Path, advice: str) -> None:
+    """A finished run whose resume state ``--keep`` dropped is never restarted over its results."""
+    try:
+        finished = "summary" in json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return
+    if finished:
+        raise SegkdError(f"{run_dir} holds a finished run (its resume state was not kept); {advice}")
 
 
 def _start_note(text: str) -> None:
@@ -854,6 +922,8 @@ def _run_task_locked(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBun
     :func:`prepare_data` for tasks whose datasets carry more than (image, label) pairs (distillation extras).
     """
     cfg, state = start_run(cfg, resume)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)
     try:
         if cfg.sync_bn and info.enabled and info.device.type != "cuda":

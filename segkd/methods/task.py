@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from segkd.checkpoint import META_KEY, CheckpointMeta, atomic_write_text, load_state_checked, read_safetensors
 from segkd.engine.distributed import DistInfo
 from segkd.engine.task import NoExtraState, OptimConfig, Part
-from segkd.engine.trainer import Callback, DataBundle, TrainConfig, parse_hw, run_task
+from segkd.engine.trainer import Callback, DataBundle, TrainConfig, deploy_param_count, parse_hw, run_task
 from segkd.errors import SegkdError
 from segkd.methods.base import METHODS, Method, MethodSpec, check_pair, make_options, resize_to, valid_mask
 from segkd.models import MODELS, SegModel, SegOutput, count_params, create_model
@@ -133,7 +133,7 @@ class DistillTask(NoExtraState):
         return self
 
     def param_report(self) -> dict[str, Any]:
-        return {"deploy_params": {"student": count_params(self.student)},
+        return {"deploy_params": {"student": deploy_param_count(self.student)},
                 "adapter_params": {"student": self.method.trainable_parameter_count()},
                 "frozen_params": {"teacher": count_params(self.teacher),
                                   "method": self.method.frozen_parameter_count()}}
@@ -185,7 +185,7 @@ class OnlineTask(NoExtraState):
 
     def param_report(self) -> dict[str, Any]:
         peer_mods = self.method.peer_modules()
-        return {"deploy_params": {"student": count_params(self.student), "peer": count_params(self.peer)},
+        return {"deploy_params": {"student": deploy_param_count(self.student), "peer": deploy_param_count(self.peer)},
                 "adapter_params": {"student": count_params(self.method.student_modules()),
                                    "peer": count_params(peer_mods) if peer_mods is not None else 0},
                 "frozen_params": {}}
@@ -223,8 +223,12 @@ class DistillConfig(TrainConfig):
         spec = METHODS.get(self.method)
         MODELS.canonical(self.model)
         if spec.teacher:
+            if not self.teacher and self.teacher_weights and Path(self.teacher_weights).is_file():
+                self.teacher = teacher_named_by(self.teacher_weights)
             if not self.teacher:
-                raise SegkdError(f"{spec.name} needs --teacher NAME")
+                why = (f" (--teacher-weights {self.teacher_weights} is a foreign checkpoint that does not name its "
+                       "model)" if self.teacher_weights else "")
+                raise SegkdError(f"{spec.name} needs --teacher NAME{why}")
             MODELS.canonical(self.teacher)
             if not self.teacher_weights:
                 raise SegkdError(f"{spec.name} needs --teacher-weights CKPT (a segkd checkpoint or a convertible "
@@ -265,6 +269,16 @@ class DistillConfig(TrainConfig):
 
 
 # ------------------------------------------------------------------------------------------------- teacher
+def teacher_named_by(path: str | Path) -> str | None:
+    """The zoo model a segkd checkpoint's metadata names (so ``--teacher`` may be left out), or ``None`` for a
+    foreign checkpoint."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    raw = read_safetensors(path, tensors=False)[1]
+    return CheckpointMeta.from_json(raw[META_KEY], source=str(path)).model if META_KEY in raw else None
+
+
 def load_teacher(name: str, path: str | Path, num_classes: int, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None) -> SegModel:
     """A teacher with every weight loaded: a segkd checkpoint of ``name`` (strict), or a foreign checkpoint that

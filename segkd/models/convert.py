@@ -331,6 +331,40 @@ def read_class_file(path: str | Path) -> tuple[list[str], list[list[int]] | None
     return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()], None
 
 
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def resolve_hf_folder(src: str | Path) -> Path:
+    """A ``save_pretrained`` folder -> its weights file (``model.safetensors``, else ``pytorch_model.bin``); any
+    other path is returned as is."""
+    src = Path(src)
+    if not src.is_dir():
+        return src
+    for name in HF_WEIGHT_FILES:
+        if (src / name).is_file():
+            return src / name
+    raise SegkdError(f"{src}: a folder without {' or '.join(HF_WEIGHT_FILES)} (a HuggingFace save_pretrained folder "
+                     "holds one); give the checkpoint file itself")
+
+
+def hf_label_names(weights: Path) -> list[str] | None:
+    """The class names of a HuggingFace checkpoint: ``id2label`` of the ``config.json`` beside ``weights``, in id
+    order; ``None`` without one, or when it only holds transformers' ``LABEL_i`` placeholders."""
+    import json
+
+    config = weights.parent / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        id2label = json.loads(config.read_text()).get("id2label") or {}
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (ValueError, TypeError, AttributeError):
+        raise SegkdError(f"{config}: not a readable HuggingFace config.json (id2label)") from None
+    if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names
+
+
 def run_convert(
     src: str | Path,
     model_name: str,
@@ -344,12 +378,17 @@ def run_convert(
 
     from segkd.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
 
+    src = resolve_hf_folder(src)
     class_names, palette = None, None
     if classes_file is not None:
         class_names, palette = read_class_file(classes_file)
         if num_classes is not None and len(class_names) != num_classes:
             raise SegkdError(f"{classes_file}: {len(class_names)} class names but --num-classes {num_classes}")
     model, kwargs, report = convert_checkpoint(src, model_name, num_classes, class_names)
+    if class_names is None:  # a HuggingFace checkpoint names its classes in config.json: use them, not class0..
+        hf_names = hf_label_names(src)
+        if hf_names is not None and len(hf_names) == model.num_classes:
+            class_names = hf_names
     meta = CheckpointMeta(
         model=model.zoo_name,
         num_classes=model.num_classes,

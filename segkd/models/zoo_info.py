@@ -7,6 +7,7 @@ from rich.table import Table
 
 from segkd.models import MODELS, count_params, create_model
 from segkd.shapes import check_min_size, model_stride, parse_hw
+from segkd.textout import print_table
 
 
 def describe_models(name: str | None, num_classes: int, size: str, flops: bool = True) -> list[dict]:
@@ -37,10 +38,11 @@ def describe_models(name: str | None, num_classes: int, size: str, flops: bool =
 def render_models(rows: list[dict], console: Console, size: str, num_classes: int) -> None:
     table = Table(title=f"segkd model zoo ({num_classes} classes; GMACs at 1x3x{size}, attention counted)")
     for col in ("model", "family", "params (M)", "GMACs", "out stride", "feature taps (channels@stride)"):
-        table.add_column(col, justify="right" if col in ("params (M)", "GMACs", "out stride") else "left")
+        table.add_column(col, justify="right" if col in ("params (M)", "GMACs", "out stride") else "left",
+                         no_wrap=col == "model")  # a model name is what users copy: never cut it
     for r in rows:
         taps = " ".join(f"{t['name']}:{t['channels']}@{t['stride']}" for t in r["taps"])
         gmacs = f"{r['gmacs']:.2f}" if "gmacs" in r else "-"
         table.add_row(r["name"], r["family"], f"{r['params_m']:.2f}", gmacs, str(r["output_stride"]), taps)
-    console.print(table)
+    print_table(console, table)
     console.print("GMACs = multiply-adds (the SegFormer/mmseg papers' 'FLOPs'); FLOPs = 2 x GMACs.")

@@ -1,0 +1,64 @@
+"""Terminal output rules every command shares: piped output is never wrapped, tables are never truncated.
+
+rich assumes 80 columns when stdout is a file or pipe and wraps or squeezes to fit, so scripts reading ``segkd ...
+| grep`` saw broken lines and ``3…`` cells. Here text printed to a pipe soft-wraps (one logical line stays one
+line) and a table is printed at its natural width there; on a terminal a table too wide for it is narrowed by
+wrapping cells at spaces, never below a column's longest word (if even that does not fit, the terminal folds the
+lines rather than segkd cutting cells short).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console on stdout (or stderr) that does not wrap lines when that stream is not a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    return Console(stderr=stderr, soft_wrap=not tty)
+
+
+def print_table(console: Console, renderable: Any) -> None:
+    """Print ``renderable`` without truncating a cell: natural width when piped, narrowed to the terminal (but
+    never below the longest words) on a terminal."""
+    wide = console.options.update_width(10_000)
+    need = Measurement.get(console, wide, renderable).maximum
+    if isinstance(renderable, Table) and console.is_terminal and need > console.width:
+        need = _fit_columns(console, renderable, console.width)
+    if need <= console.width:
+        console.print(renderable)
+        return
+    old = console.width
+    console.width = need
+    try:
+        console.print(renderable)
+    finally:
+        console.width = old
+
+
+def _fit_columns(console: Console, table: Table, width: int) -> int:
+    """Fix the column widths of ``table`` so it fits ``width`` if it can: the widest columns give way first, none
+    below its longest word (header included). Returns the table's resulting width."""
+    wide = console.options.update_width(10_000)
+    ranges = []
+    for column in table.columns:
+        cells = [c for c in (column.header, *column.cells) if c != ""]
+        sizes = [Measurement.get(console, wide, c) for c in cells] or [Measurement(1, 1)]
+        ranges.append((max(m.minimum for m in sizes), max(m.maximum for m in sizes)))
+    widths = [hi for _, hi in ranges]
+    extra = Measurement.get(console, wide, table).maximum - sum(widths)  # borders and padding
+    while sum(widths) + extra > width:
+        shrinkable = [i for i, w in enumerate(widths) if w > ranges[i][0]]
+        if not shrinkable:
+            break
+        widest = max(shrinkable, key=lambda i: widths[i])
+        widths[widest] -= 1
+    for column, w in zip(table.columns, widths, strict=True):
+        column.width = w
+    return sum(widths) + extra
