@@ -83,10 +83,9 @@ def test_report_of_teacher_and_student(runs, tmp_path, monkeypatch, capsys) -> N
         assert val[name][4] == f"{100 * final['aacc']:.2f}"
         assert cost[name][0] == f"{doc['deploy_params']['student'] / 1e6:.3f}"
         assert float(cost[name][3]) > 0  # latency measured
-    # the teacher comes from distill.json; evaluated here on the run's val split, it scores what its own run logged
-    teacher_row = val["teacher segformer-b0"]
-    best_t = json.loads((runs["teacher"] / "run.json").read_text())["summary"]["best"]["student"]
-    assert teacher_row[1] == f"{100 * best_t['miou']:.2f}"
+    # the teacher named in distill.json is the teacher run's best checkpoint: shown once, as that run
+    assert not any(k.startswith("teacher ") for k in val)
+    assert "the teacher of student (best.safetensors) is teacher on this page" in page
     gmacs = json.loads((runs["student"] / "distill.json").read_text())["deploy_gmacs"]["student"]
     assert cost["student"][1] == f"{gmacs:.3f}"
     per_class = _rows(page, "Per-class IoU (%)")
@@ -97,7 +96,26 @@ def test_report_of_teacher_and_student(runs, tmp_path, monkeypatch, capsys) -> N
     assert len(links) == 5
     for link in links:
         assert (out.parent / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best_t = json.loads((runs["teacher"] / "run.json").read_text())["summary"]["best"]["student"]
     assert f"| {100 * best_t['miou']:.2f} |" in md
+
+
+def test_teacher_found_in_distill_json_is_evaluated_as_the_run_validates(runs, tmp_path, monkeypatch,
+                                                                          capsys) -> None:
+    out = tmp_path / "student.html"
+    code, _, err = _cli(monkeypatch, capsys, "report", str(runs["student"]), "--out", str(out), "--samples", "1",
+                        "--no-latency")
+    assert code == 0, err
+    page = out.read_text()
+    # evaluated here on the student run's val split, the teacher scores what its own run logged at its best iteration
+    best_t = json.loads((runs["teacher"] / "run.json").read_text())["summary"]["best"]["student"]
+    assert _rows(page, "Validation (%)")["teacher segformer-b0"][1] == f"{100 * best_t['miou']:.2f}"
+    logged = [json.loads(line) for line in (runs["teacher"] / "metrics.jsonl").read_text().splitlines()]
+    at_best = next(r for r in logged if r["type"] == "val" and r["iter"] == best_t["iteration"])
+    per_class = _rows(page, "Per-class IoU (%)")
+    assert [cells[1] for cells in per_class.values()] == [
+        "-" if v is None else f"{100 * v:.2f}" for v in at_best["per_class_iou"]]
+    assert page.count(PNG_URI) == 3 + 1
 
 
 def test_unfinished_run_is_shown_with_what_it_has(runs, tmp_path, monkeypatch, capsys) -> None:

@@ -24,6 +24,7 @@ from segkd.report.measure import (
     predict_samples,
     resolve_teachers,
     run_entries,
+    shown_as_run,
     teacher_entry,
 )
 from segkd.report.runs import Run, read_runs
@@ -185,6 +186,11 @@ def build_report(run_dirs: Sequence[str | Path], teacher: Path | None = None, da
     refs, teacher_notes = resolve_teachers(runs, teacher)
     notes += teacher_notes
     for ref in refs:
+        same = shown_as_run(ref, runs)
+        if same is not None:
+            notes.append(f"the teacher of {ref.run.name} ({ref.weights.name}) is {same} on this page: its rows are "
+                         "the teacher's")
+            continue
         say(f"evaluating teacher {ref.name}")
         entry = teacher_entry(ref, len(class_names) or int(ref.run.config.get("num_classes") or 0))
         try:

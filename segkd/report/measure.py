@@ -82,6 +82,24 @@ def resolve_teachers(runs: list[Run], teacher: Path | None) -> tuple[list[Teache
     return refs, notes
 
 
+VAL_SETTINGS = ("data", "data_format", "resize", "val_labels", "val_split")
+
+
+def shown_as_run(ref: TeacherRef, runs: list[Run]) -> str | None:
+    """The label of the run model whose checkpoint *is* this teacher and that validated like the run naming it
+    (then its own logged figures are the teacher's, and evaluating it again would only repeat a row)."""
+    target = ref.weights.resolve()
+    for run in runs:
+        if any(run.config.get(k) != ref.run.config.get(k) for k in VAL_SETTINGS):
+            continue
+        for model in run.models:
+            for kind in ("best", "last"):
+                ckpt = run.checkpoint(model, kind)
+                if ckpt is not None and ckpt.resolve() == target:
+                    return run.label(model)
+    return None
+
+
 def run_entries(run: Run) -> list[Entry]:
     """One entry per deploy model of ``run``, its best checkpoint loaded when there is one."""
     from segkd.checkpoint import load_model
