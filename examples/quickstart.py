@@ -6,6 +6,7 @@
 4. ``segkd eval``            teacher and student on the validation split
 5. ``segkd export``          the student to ONNX, verified against PyTorch with ONNX Runtime
 6. ``segkd bench``           teacher vs student (FLOPs, params, latency) with a CI gate on the student
+7. ``segkd report``          one HTML page (and markdown) of both runs: curves, per-class IoU, cost, samples
 
 Every step is the CLI command a user would type (printed before it runs); the script only strings them together and
 prints one summary table at the end. Nothing asks for input; run it again to redo everything from scratch.
@@ -53,7 +54,7 @@ def main() -> None:
     out.mkdir(parents=True)
     start = time.time()
     data, teacher_dir, student_dir = out / "data", out / "teacher", out / "student"
-    onnx_path, bench_json = out / "student.onnx", out / "bench.json"
+    onnx_path, bench_json, report = out / "student.onnx", out / "bench.json", out / "report.html"
     common = ["--data", str(data), "--batch", str(args.batch), "--workers", "0", "--crop", "96x128",
               "--scale", "0.75,1.25"]
 
@@ -81,8 +82,10 @@ def main() -> None:
     segkd("bench", str(student), "--input", "1x3x96x128", "--threads", "2", "--iters", "10", "--no-flops",
           "--max-latency-ms", str(args.max_latency_ms))
     bench = json.loads(bench_json.read_text())
+    # the student's distill.json names the teacher, so the page shows its per-class IoU next to the student's
+    segkd("report", str(teacher_dir), str(student_dir), "--out", str(report))
 
-    summary(metrics, export, bench, teacher, student, onnx_path, bench_json, out, time.time() - start)
+    summary(metrics, export, bench, teacher, student, onnx_path, bench_json, report, out, time.time() - start)
 
 
 def _bench_row(bench: dict, index: int) -> tuple[float, float, float]:
@@ -91,7 +94,7 @@ def _bench_row(bench: dict, index: int) -> tuple[float, float, float]:
 
 
 def summary(metrics: dict, export: dict, bench: dict, teacher: Path, student: Path, onnx_path: Path,
-            bench_json: Path, out: Path, seconds: float) -> None:
+            bench_json: Path, report: Path, out: Path, seconds: float) -> None:
     table = Table(title="segkd quickstart: teacher vs distilled student (synthetic data, 96x128)")
     for col in ("model", "val mIoU %", "params (M)", "GMACs", "p50 latency (ms)", "ONNX label agreement"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -103,7 +106,8 @@ def summary(metrics: dict, export: dict, bench: dict, teacher: Path, student: Pa
     console.print()
     console.print(table)
     console.print(f"teacher checkpoint  {teacher}\nstudent checkpoint  {student}\nstudent ONNX        {onnx_path}\n"
-                  f"bench report        {bench_json}\nall artefacts       {out}/  ({seconds / 60:.1f} min)")
+                  f"bench report        {bench_json}\nHTML report         {report} (markdown: "
+                  f"{report.with_suffix('.md')})\nall artefacts       {out}/  ({seconds / 60:.1f} min)")
 
 
 if __name__ == "__main__":

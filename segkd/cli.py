@@ -640,6 +640,36 @@ def data_inspect_cmd(
         raise SegkdError(f"{root}: {len(report['problems'])} problem(s) found, first: {report['problems'][0]}")
 
 
+# ----------------------------------------------------------------------------------------------------- report
+@app.command("report")
+def report_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Train/distill run directories (one page compares them).")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="HTML page to write (figures inlined); the markdown "
+                                           "goes beside it as .md, its figures in <stem>_figures/.")
+                        ] = Path("report.html"),
+    teacher: Annotated[Path | None, typer.Option(help="Teacher checkpoint to evaluate and plot next to the students "
+                                                 "(default: the teacher a distill run's distill.json names).")
+                       ] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset root for the teacher's IoU and the sample overlays "
+                                             "(default: each run's own).")] = None,
+    samples: Annotated[int, typer.Option(help="Validation images shown with every model's prediction.")] = 4,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Time each model's forward on CPU at "
+                                          "the run's input size (median of 5 calls).")] = True,
+) -> None:
+    """One self-contained HTML page (and markdown) per run or comparison: curves, per-class IoU, cost, samples."""
+    from segkd.report import build_report, write_report
+    from segkd.safeio import check_output
+
+    check_output(out_path, "file", "--out")
+    with console.status("report") as status:
+        report = build_report(run_dirs, teacher=teacher, data=data, samples=samples, latency=latency,
+                              progress=lambda text: status.update(f"report: {text}"))
+    page, md, figs = write_report(report, out_path)
+    for note in report.notes:
+        out.print(f"note: {note}", highlight=False)
+    out.print(f"wrote {page} and {md} (figures in {figs}/)", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point: one ``error:`` line and a non-zero exit for every expected failure."""
     from segkd.safeio import guard_broken_pipes
