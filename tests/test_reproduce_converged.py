@@ -42,6 +42,10 @@ def test_jobs_put_resnet_rows_last_and_skip_notes(rc: ModuleType) -> None:
     jobs = [(r.name, s) for r, s in rc.jobs(table, [0, 1])]
     assert jobs[0] == ("b0", 0) and ("b0", 1) in jobs
     assert [n for n, _ in jobs[-4:]] == ["r18", "collab", "r18", "collab"]
+    # every method row at every seed before any diagnostic; each diagnostic at the first seed before the others
+    first_extra = next(i for i, (n, _) in enumerate(jobs) if n in rc.EXTRA)
+    assert all(n in rc.MAIN for n, _ in jobs[:first_extra]) and len(jobs[:first_extra]) == 2 * len(rc.MAIN)
+    assert jobs[first_extra:first_extra + 3] == [("kd-online", 0), ("kd-mask", 0), ("dml", 0)]
     assert all(n != "transkd" for n, _ in jobs)  # a note row, not a job
     names = {r.name for r in table}
     assert {"b0", "kd", "cwd", "dkd", "c2vkd", "c2vkd+ce", "dml", "collab", "quarter-b0", "quarter-kd+unl",
