@@ -15,7 +15,7 @@ Rows (CamVid train split for training, val split for reporting; every val image 
   none can be trained here (SegFormer-B1 from scratch reached 27.6 against B0's 23.2 in docs/results-short.md)
 * label-scarce: ``quarter-b0`` (B0 alone on every 4th training image, 92 labelled), ``quarter-kd+unl`` and
   ``quarter-c2vkd+unl`` (the same 92 labelled images plus the other 275 as ``--unlabeled`` images: distillation
-  terms only there)
+  terms only there; each step has the 8 labelled crops of the row alone plus 8 unlabelled ones)
 
 Protocol (the budget of two CPU cores): inputs resized to 60x80 (one third), random rescale 0.75-1.5, crop
 60x80, flip, jitter (the teacher sees the un-jittered view), batch 8, AdamW lr 6e-4 (head x10), 50 warm-up
@@ -219,7 +219,8 @@ def run_job(row: Row, seed: int, args: argparse.Namespace) -> None:
 
 
 PROTOCOL_KEYS = ("model", "data", "iters", "batch", "lr", "warmup", "crop", "resize", "scale", "val_every", "seed",
-                 "val_labels", "method", "method_opts", "teacher_weights", "teacher_cache", "unlabeled", "peer")
+                 "val_labels", "method", "method_opts", "teacher_weights", "teacher_cache", "unlabeled",
+                 "unlabeled_ratio", "peer")
 
 
 def check_same(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:

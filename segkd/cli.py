@@ -539,6 +539,8 @@ def _distill_options(
                                                       "teacher forward per step.")] = None,
     unlabeled: Annotated[str | None, typer.Option(help="Folder of images without labels: they get only the "
                                                   "distillation terms.")] = None,
+    unlabeled_ratio: Annotated[int, typer.Option(help="With --unlabeled: unlabeled images added to the batch per "
+                                                 "labelled one (the labelled batch stays --batch).")] = 1,
 ) -> None:
     """(signature only: the distill options added to train's)"""
 

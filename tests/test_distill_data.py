@@ -11,7 +11,7 @@ import torch
 
 from segkd.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
 from segkd.data import build_dataset, build_eval_transform, build_train_transform, synthesize
-from segkd.data.transforms import Geometry, TrainTransform
+from segkd.data.transforms import Geometry, TrainTransform, collate_pairs
 from segkd.errors import SegkdError
 from segkd.methods import teacher_cache as tc
 from segkd.methods.distill_data import DistillDataset, UnlabeledImages, pseudo_labels
@@ -240,22 +240,29 @@ def test_unlabeled_images_get_only_distillation_terms(tiny: dict[str, Path], tmp
     folder.mkdir()
     for p in sorted((tiny["data"] / "images" / "val").iterdir()):
         (folder / p.name).write_bytes(p.read_bytes())
-    cfg = _cfg(tiny, tmp_path, method="dkd", unlabeled=str(folder), teacher_cache=str(tmp_path / "cache"))
+    cfg = _cfg(tiny, tmp_path, method="dkd", unlabeled=str(folder), teacher_cache=str(tmp_path / "cache"),
+               unlabeled_ratio=2)
     data = prepare_distill_data(cfg)
     ds = data.train
-    assert len(ds) == 6 + 2
-    flags = [bool(ds[i][2]["labeled"]) for i in range(len(ds))]
-    assert flags == [True] * 6 + [False] * 2
-    x, y, extras = ds[7]
+    assert len(ds) == 6  # the epoch is the labelled set; each item brings two unlabelled crops
+    x3, y3, e3 = ds[0]
+    assert tuple(x3.shape)[:1] == (3,) and e3["labeled"].tolist() == [True, False, False]
+    partners = [ds.unlabeled_index(i, k) for i in range(6) for k in range(2)]
+    assert sorted(set(partners)) == [0, 1]  # the 2 unlabelled images, cycled through a seeded permutation
+    batch = collate_pairs([ds[0], ds[1]])
+    assert tuple(batch[0].shape)[0] == 6 and batch[2]["labeled"].tolist() == [True, False, False] * 2
+    x, y, extras = x3[1], y3[1], {k: v[1] for k, v in e3.items()}
     assert bool((y == 255).all()) and bool(extras["inside"].any())
     task = make_distill_task(cfg, data)
     terms = task.losses(x[None], y[None], {k: v[None] for k, v in extras.items()})
     assert float(terms["raw_ce"]) == 0.0 and float(terms["raw_dkd"]) > 0.0  # no label: CE skips it, DKD does not
-    xl, yl, el = ds[0]
+    xl, yl, el = x3[0], y3[0], {k: v[0] for k, v in e3.items()}
     task.train(False)  # batch-norm statistics must not depend on the batch for this comparison
     both = task.losses(torch.stack([xl, x]), torch.stack([yl, y]), {k: torch.stack([el[k], extras[k]]) for k in el})
     alone = task.losses(xl[None], yl[None], {k: v[None] for k, v in el.items()})
     assert float(both["raw_ce"]) == pytest.approx(float(alone["raw_ce"]), rel=1e-5)  # CE over labelled pixels only
+    with pytest.raises(SegkdError, match="--unlabeled-ratio must be >= 1, got 0"):
+        _cfg(tiny, tmp_path, unlabeled=str(folder), unlabeled_ratio=0).check()
 
 
 def test_cli_distill_with_cache_and_unlabeled(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -185,12 +185,15 @@ def collate_pairs(batch: list[tuple]) -> tuple:
     """Stack (image, label) pairs; images of different sizes get a one-line hint instead of a stack error.
 
     Items may carry a third element, a dict of per-image tensors (a distillation dataset's teacher view, cached
-    teacher maps, labelled flags); each key is stacked and the batch is ``(images, labels, extras)``."""
-    shapes = {tuple(b[0].shape) for b in batch}
+    teacher maps, labelled flags); each key is stacked and the batch is ``(images, labels, extras)``. An item may
+    also be a group of images (a 4-D image tensor, e.g. a labelled crop with its unlabelled partners): groups are
+    concatenated along the batch."""
+    shapes = {tuple(b[0].shape[-3:]) for b in batch}
     if len(shapes) > 1:
         sizes = ", ".join(f"{s[1]}x{s[2]}" for s in sorted(shapes)[:3])
         raise SegkdError(f"images of different sizes in one batch ({sizes}); pass --crop HxW or --resize HxW")
-    images, labels = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+    join = torch.cat if batch[0][0].ndim == 4 else torch.stack
+    images, labels = join([b[0] for b in batch]), join([b[1] for b in batch])
     if len(batch[0]) < 3:
         return images, labels
-    return images, labels, {k: torch.stack([b[2][k] for b in batch]) for k in batch[0][2]}
+    return images, labels, {k: join([b[2][k] for b in batch]) for k in batch[0][2]}

@@ -11,7 +11,8 @@ without labels). Items are ``(student image, labels, extras)``; the extras the t
   warped onto this crop (:mod:`segkd.methods.teacher_cache`); no teacher forward at train time.
 * ``labeled`` (bool per image) and ``inside`` (the crop's real pixels) with ``--unlabeled``: unlabelled images
   come with void labels, so every cross-entropy term skips them, and the task fills in the teacher's argmax as
-  the class the distillation terms decouple on (DKD/PDD need one per pixel).
+  the class the distillation terms decouple on (DKD/PDD need one per pixel). Each labelled image brings
+  ``--unlabeled-ratio`` unlabelled ones into its batch (see :class:`DistillDataset`).
 
 The random draws of an item are those of the plain dataset (seeded by ``(seed, epoch, index)``), so the student's
 crops are bit-identical to a run without teacher view or cache: KD rows stay paired with the row trained alone.
@@ -74,62 +75,76 @@ class UnlabeledImages(Dataset):
 
 
 class DistillDataset(Dataset):
-    """Labelled (+ unlabelled) training images with the extras of the module docstring."""
+    """Labelled (+ unlabelled) training images with the extras of the module docstring.
+
+    With unlabelled images an item is a *group*: the labelled crop plus ``unlabeled_ratio`` unlabelled crops
+    (``1 + ratio`` images, concatenated along the batch by :func:`~segkd.data.transforms.collate_pairs`). So every
+    step keeps ``--batch`` labelled images, as the student trained alone has, and adds ``ratio x --batch``
+    unlabelled ones (the usual semi-supervised batch); the epoch is the labelled set. Unlabelled images are drawn
+    from a seeded permutation per epoch, so they cycle through the folder whatever its size."""
 
     def __init__(self, labeled: SegDataset, unlabeled: UnlabeledImages | None = None, teacher_view: str = "clean",
-                 cache: TeacherCache | None = None, taps: list[str] | None = None) -> None:
+                 cache: TeacherCache | None = None, taps: list[str] | None = None, unlabeled_ratio: int = 1) -> None:
         if teacher_view not in TEACHER_VIEWS:
             raise SegkdError(f"--teacher-view must be one of {', '.join(TEACHER_VIEWS)}, got {teacher_view!r}")
         if not hasattr(labeled.transform, "apply"):
             raise SegkdError("a distillation dataset needs segkd's training transform (random crop/flip/jitter)")
+        if unlabeled_ratio < 1:
+            raise SegkdError(f"--unlabeled-ratio must be >= 1, got {unlabeled_ratio}")
         self.labeled, self.unlabeled, self.teacher_view, self.cache = labeled, unlabeled, teacher_view, cache
         self.taps = taps  # the cached taps the method reads (None: every tap in the cache)
+        self.ratio = unlabeled_ratio
         self.info = labeled.info
         self.transform = labeled.transform
         self.seed = labeled.seed
-        self._sha: dict[tuple[int, int], str] = {}
+        self._sha: dict[tuple[bool, int], str] = {}
+        self._perm: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        return len(self.labeled) + (len(self.unlabeled) if self.unlabeled is not None else 0)
+        return len(self.labeled)
 
     def set_epoch(self, epoch: int) -> None:
         self.labeled.set_epoch(epoch)
         if self.unlabeled is not None:
             self.unlabeled.set_epoch(epoch)
 
-    def _source(self, index: int) -> tuple[Any, int, bool]:
-        n = len(self.labeled)
-        return (self.labeled, index, True) if index < n else (self.unlabeled, index - n, False)
+    def _path(self, is_lab: bool, j: int) -> Path:
+        return self.labeled.pairs[j][0] if is_lab else self.unlabeled.paths[j]  # type: ignore[union-attr]
 
-    def image_path(self, index: int) -> Path:
-        ds, j, is_lab = self._source(index)
-        return ds.pairs[j][0] if is_lab else ds.paths[j]
+    def _sha_of(self, is_lab: bool, j: int) -> str:
+        """sha256 of an image file (the cache key), computed once."""
+        if (is_lab, j) not in self._sha:
+            self._sha[(is_lab, j)] = image_sha256(self._path(is_lab, j))
+        return self._sha[(is_lab, j)]
 
     def sha(self, index: int) -> str:
-        """sha256 of the item's image file (the cache key), computed once."""
-        ds, j, is_lab = self._source(index)
-        k = (0 if is_lab else 1, j)
-        if k not in self._sha:
-            self._sha[k] = image_sha256(self.image_path(index))
-        return self._sha[k]
+        """sha256 of labelled item ``index``'s image."""
+        return self._sha_of(True, index)
 
     def cache_images(self) -> list[CacheImage]:
-        """Every image of the dataset as the teacher cache sees it (content hash, name, loader)."""
-        out = []
-        for i in range(len(self)):
-            ds, j, _ = self._source(i)
-            out.append(CacheImage(self.sha(i), self.image_path(i).name, _Loader(ds, j)))
-        return out
+        """Every image of the run, labelled then unlabelled, as the teacher cache sees it (hash, name, loader)."""
+        sources = [(True, j) for j in range(len(self.labeled))]
+        sources += [(False, j) for j in range(len(self.unlabeled))] if self.unlabeled is not None else []
+        return [CacheImage(self._sha_of(lab, j), self._path(lab, j).name,
+                           _Loader(self.labeled if lab else self.unlabeled, j)) for lab, j in sources]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        ds, j, is_lab = self._source(index)
-        img, lab = ds.load(j)
-        rng = item_rng(ds.seed, ds.epoch, j, 0 if is_lab else 1)
+    def unlabeled_index(self, index: int, k: int) -> int:
+        """The k-th unlabelled partner of labelled item ``index`` this epoch (a seeded per-epoch permutation)."""
+        assert self.unlabeled is not None
+        epoch = self.unlabeled.epoch
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, item_rng(self.seed, epoch, 0, 2).permutation(len(self.unlabeled)))
+        return int(self._perm[1][(index * self.ratio + k) % len(self.unlabeled)])
+
+    def _one(self, is_lab: bool, j: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        ds = self.labeled if is_lab else self.unlabeled
+        img, lab = ds.load(j)  # type: ignore[union-attr]
+        rng = item_rng(ds.seed, ds.epoch, j, 0 if is_lab else 1)  # type: ignore[union-attr]
         clean = self.cache is None and self.teacher_view == "clean"
         x, y, geom, tx = self.transform.apply(img, lab, rng, clean=clean)
         extras: dict[str, Tensor] = {}
         if self.cache is not None:
-            extras.update(cached_targets(self.cache, self.sha(index), geom, self.taps))
+            extras.update(cached_targets(self.cache, self._sha_of(is_lab, j), geom, self.taps))
             extras["teacher_inside"] = inside_mask(geom)
         elif clean:
             extras["teacher_images"] = tx  # type: ignore[assignment]
@@ -139,6 +154,14 @@ class DistillDataset(Dataset):
             if not is_lab:
                 y = torch.full_like(y, self.info.ignore_index)
         return x, y, extras
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        item = self._one(True, index)
+        if self.unlabeled is None:
+            return item
+        group = [item] + [self._one(False, self.unlabeled_index(index, k)) for k in range(self.ratio)]
+        return (torch.stack([g[0] for g in group]), torch.stack([g[1] for g in group]),
+                {k: torch.stack([g[2][k] for g in group]) for k in item[2]})
 
 
 class _Loader:

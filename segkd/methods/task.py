@@ -217,6 +217,7 @@ class DistillConfig(TrainConfig):
     teacher_view: str = "clean"
     teacher_cache: str | None = None
     unlabeled: str | None = None
+    unlabeled_ratio: int = 1
 
     def check(self) -> None:
         super().check()
@@ -258,6 +259,8 @@ class DistillConfig(TrainConfig):
             raise SegkdError(f"--teacher-cache {self.teacher_cache}: exists and is not a directory")
         if self.unlabeled and not Path(self.unlabeled).is_dir():
             raise SegkdError(f"--unlabeled {self.unlabeled}: folder not found")
+        if self.unlabeled_ratio < 1:
+            raise SegkdError(f"--unlabeled-ratio must be >= 1, got {self.unlabeled_ratio}")
 
     def peer_optim(self) -> OptimConfig:
         return OptimConfig.make(self.peer_optimizer or self.optimizer,
@@ -382,7 +385,7 @@ def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None) -> Da
         unl = UnlabeledImages(cfg.unlabeled, bundle.train.info, bundle.train.transform, cfg.seed)  # type: ignore
         if main:
             unl.validate()
-    ds = DistillDataset(bundle.train, unl, view)  # type: ignore[arg-type]
+    ds = DistillDataset(bundle.train, unl, view, unlabeled_ratio=cfg.unlabeled_ratio)  # type: ignore[arg-type]
     if cfg.teacher_cache:
         teacher = load_teacher(cfg.teacher, cfg.teacher_weights, bundle.num_classes, bundle.mean, bundle.std)  # type: ignore[arg-type]
         key = cache_key(cfg, teacher, bundle)
