@@ -224,11 +224,16 @@ PROTOCOL_KEYS = ("model", "data", "iters", "batch", "lr", "warmup", "crop", "res
 
 
 def check_same(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
-    """A finished run is reused only if it ran this row's protocol."""
+    """A finished run is reused only if it ran this row's protocol (an option newer than the run counts as its
+    default)."""
+    from dataclasses import fields
+
     want = vars(cfg)
+    defaults = {f.name: f.default for f in fields(type(cfg))}
     for k in PROTOCOL_KEYS:
-        if k in want and saved.get(k) != want[k]:
-            raise SystemExit(f"{out}: finished with {k}={saved.get(k)!r}, this protocol wants {want[k]!r}; "
+        have = saved.get(k, defaults.get(k))
+        if k in want and have != want[k]:
+            raise SystemExit(f"{out}: finished with {k}={have!r}, this protocol wants {want[k]!r}; "
                              "use another --out")
 
 
