@@ -174,7 +174,26 @@ def test_tensorrt_report_and_trtexec(sf, dl):
     assert "LayerNormalization" in logits["op_counts"] and "ReduceMean" not in logits["op_counts"]
     assert "--minShapes=image:1x3x32x64 --optShapes=image:1x3x64x96 --maxShapes=image:4x3x64x96" in logits["trtexec"]
     assert sf[1]["fp16"]["tensorrt"]["trtexec"].endswith("--fp16")
-    assert logits["engine"]["built"] is False and "TensorrtExecutionProvider" in logits["engine"]["reason"]
+    # the default --providers cpu asks for no TensorRT engine: no probe, no "not run" line
+    assert logits["engine"] == {"built": False, "requested": False,
+                                "reason": "not requested (add tensorrt to --providers to build and run the engine)"}
+    assert "profile_note" not in logits  # 64x96 is a multiple of the stride: the profile is the verified size
+
+
+def test_profile_rounding_is_stated(sf, work):
+    from segkd.export.render import render_export_report
+
+    rep = export_checkpoint(sf[0], work / "sf_60.onnx", ExportConfig(size="60x60", num_images=1))
+    trt = rep["tensorrt"]
+    assert "--optShapes=image:1x3x64x64" in trt["trtexec"]
+    assert trt["profile_note"].startswith("the TensorRT profile is at multiples of the stride 32: 64x64 for --size "
+                                          "60x60 (verified here at 60x60)")
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    render_export_report(rep, console)
+    text = console.export_text()
+    assert "note: the TensorRT profile is at multiples" in text and "TensorRT EP not run" not in text
 
 
 def _graph(nodes, inits=()):

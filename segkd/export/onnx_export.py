@@ -472,11 +472,21 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
         atomic_write(out, write_and_verify)
     from segkd.export.tensorrt import run_trt_ep, trt_ep_status
 
-    usable, reason = trt_ep_status()
-    trt["engine"] = (
-        {"built": True, **run_trt_ep(out, INPUT_NAME, plan.profile, cfg.fp16)} if usable
-        else {"built": False, "reason": reason}
-    )
+    if "tensorrt" not in providers:  # not asked for: no probe, and no "not run" message
+        trt["engine"] = {"built": False, "requested": False,
+                         "reason": "not requested (add tensorrt to --providers to build and run the engine)"}
+    else:
+        usable, reason = trt_ep_status()
+        trt["engine"] = (
+            {"built": True, "requested": True, **run_trt_ep(out, INPUT_NAME, plan.profile, cfg.fp16)} if usable
+            else {"built": False, "requested": True, "reason": reason}
+        )
+    opt_hw = tuple(plan.profile["opt"][2:])
+    if opt_hw != (plan.height, plan.width):
+        trt["profile_note"] = (f"the TensorRT profile is at multiples of the stride {plan.stride}: "
+                               f"{opt_hw[0]}x{opt_hw[1]} for --size {plan.height}x{plan.width} (verified here at "
+                               f"{plan.height}x{plan.width}); export --size {opt_hw[0]}x{opt_hw[1]} to verify the "
+                               "engine's own shape")
     report["bytes"] = out.stat().st_size
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["config"] = asdict(cfg)

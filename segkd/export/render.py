@@ -82,6 +82,8 @@ def render_export_report(report: dict[str, Any], console: Console) -> None:
     if engine.get("built"):
         console.print(f"  TensorRT EP engine built and run at {engine['shape']}: max |diff| vs CPU "
                       f"{engine['max_abs_diff_vs_cpu']:.3g}", highlight=False)
-    elif engine:
+    elif engine and engine.get("requested", True):
         console.print(f"  TensorRT EP not run: {engine['reason']}", highlight=False, soft_wrap=True)
+    if trt.get("profile_note"):
+        console.print(f"  note: {trt['profile_note']}", highlight=False, soft_wrap=True)
     console.print(trt["trtexec"], highlight=False, soft_wrap=True)
