@@ -139,7 +139,7 @@ def rows() -> list[Row]:
 # run order: the method rows at every seed first; then the online/diagnostic rows at the first seed, then at the
 # others; the ResNet-18 rows last (the most expensive: a ResNet-18 trained from scratch). A cut budget leaves
 # whole rows, and one seed of every diagnostic, rather than seedless rows.
-MAIN = ["b0", "kd", "c2vkd+ce", "cwd", "dkd", "c2vkd", "quarter-b0", "quarter-kd+unl", "quarter-c2vkd+unl"]
+MAIN = ["b0", "quarter-b0", "quarter-kd+unl", "quarter-c2vkd+unl", "kd", "cwd", "c2vkd+ce", "dkd", "c2vkd"]
 EXTRA = ["kd-online", "kd-mask", "dml"]
 LATE = ["r18", "collab"]
 
