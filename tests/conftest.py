@@ -19,3 +19,17 @@ def load_example(filename: str) -> ModuleType:
     sys.modules[name] = mod  # dataclasses resolve their module by name
     spec.loader.exec_module(mod)
     return mod
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``segkd ARGS`` in-process through the console entry point; (exit code, stdout, stderr)."""
+    import pytest
+
+    from segkd.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["segkd", *args])
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    return int(exc.value.code or 0), captured.out, captured.err

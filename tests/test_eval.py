@@ -8,12 +8,12 @@ import json
 import math
 import os
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -342,16 +342,7 @@ def test_onnx_export_evaluates_like_the_checkpoint(tiny_ckpt, tmp_path):
         run_eval(plain, dataset=ds, device="cpu", progress=False)
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``segkd ARGS`` in-process through the console entry point; (exit code, stdout, stderr)."""
-    from segkd.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["segkd", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return int(exc.value.code or 0), captured.out, captured.err
+_cli = run_cli
 
 
 def test_cli_bad_inputs_are_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from segkd.report.measure import sample_indices
 
@@ -20,16 +20,7 @@ TINY = ["--data", "synth", "--iters", "4", "--crop", "32x32", "--resize", "32x32
 PNG_URI = '<img src="data:image/png;base64,'
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``segkd ARGS`` in-process through the console entry point; (exit code, stdout, stderr)."""
-    from segkd.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["segkd", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return int(exc.value.code or 0), captured.out, captured.err
+_cli = run_cli
 
 
 @pytest.fixture(scope="module")
