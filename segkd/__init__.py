@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CheckpointMeta": "segkd.checkpoint",
-    "load_model": "segkd.checkpoint",
+    "load_model": "segkd.models.loading",
     "save_checkpoint": "segkd.checkpoint",
     "MODELS": "segkd.models",
     "create_model": "segkd.models",

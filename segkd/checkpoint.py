@@ -200,17 +200,6 @@ def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: st
     model.load_state_dict(dict(state), strict=strict)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a zoo model from a segkd checkpoint; the metadata is attached as ``model.segkd_meta``."""
-    from segkd.models import create_model
-
-    state, meta = read_checkpoint(path)
-    model = create_model(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
-    load_state_checked(model, state, str(path))
-    model.segkd_meta = meta  # type: ignore[attr-defined]
-    return model.to(device).eval()
-
-
 def _load_refusal(e: Exception) -> str:
     """What ``torch.load(weights_only=True)`` refused, in one short clause (its own message is a page long)."""
     text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())

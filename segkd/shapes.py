@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import overload
 
 from segkd.errors import SegkdError
 
 
-def parse_hw(text: str | Sequence[int], option: str = "size") -> tuple[int, int]:
-    """``"512x1024"``, ``"512"`` (square) or ``(512, 1024)`` -> ``(512, 1024)``; a one-line error naming ``option``."""
+@overload
+def parse_hw(text: None, option: str = "size") -> None: ...
+
+
+@overload
+def parse_hw(text: str | Sequence[int], option: str = "size") -> tuple[int, int]: ...
+
+
+def parse_hw(text: str | Sequence[int] | None, option: str = "size") -> tuple[int, int] | None:
+    """``"512x1024"``, ``"512"`` (square) or ``(512, 1024)`` -> ``(512, 1024)``; a one-line error naming ``option``.
+    ``None`` (an option not given) passes through as ``None``."""
+    if text is None:
+        return None
     if isinstance(text, str):
         parts = text.strip().lower().replace("*", "x").replace(",", "x").split("x")
         try:

@@ -12,13 +12,13 @@ import torch
 from segkd.checkpoint import (
     CheckpointMeta,
     atomic_write_bytes,
-    load_model,
     read_checkpoint,
     read_meta,
     save_checkpoint,
 )
 from segkd.errors import SegkdError
 from segkd.models import create_model
+from segkd.models.loading import load_model
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from segkd.checkpoint import load_model, read_meta
+from segkd.checkpoint import read_meta
 from segkd.cli import app
 from segkd.models import create_model
 from segkd.models.convert import convert_state, detect_format
+from segkd.models.loading import load_model
 
 runner = CliRunner()
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from segkd.checkpoint import CheckpointMeta, save_checkpoint
 from segkd.engine.evaluate import EvalResult, evaluate, run_eval, shard_dataset
-from segkd.engine.inference import make_predictor, parse_hw, parse_scales, slide_windows
+from segkd.engine.inference import make_predictor, parse_scales, slide_windows
 from segkd.engine.metrics import ConfusionMeter, confusion_matrix, scores_from_confusion
 from segkd.engine.visualize import colorize, overlay, save_prediction
 from segkd.errors import SegkdError
 from segkd.models import create_model
+from segkd.shapes import parse_hw
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
 
-from segkd.checkpoint import CheckpointMeta, file_sha256, load_model, save_checkpoint
+from segkd.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
 from segkd.errors import GateFailure, SegkdError
 from segkd.export import ExportConfig, check_graph, export_checkpoint, load_onnx_predictor, read_onnx_metadata
 from segkd.export.onnx_export import assert_eval, plan_shapes
 from segkd.export.runtime import create_session
 from segkd.models import create_model
+from segkd.models.loading import load_model
 
 H, W = 64, 96
 CLASSES = [f"c{i}" for i in range(5)]

@@ -18,6 +18,7 @@ from segkd.engine.task import build_optimizer
 from segkd.engine.trainer import DataBundle
 from segkd.errors import SegkdError
 from segkd.methods import METHODS, check_pair, make_options
+from segkd.methods.base import register_method, weigh
 from segkd.methods.c2vkd import (
     AttentionPool2d,
     gram_mse,
@@ -48,6 +49,20 @@ def px(*values: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ logit losses
+def test_terms_carry_their_raw_values_and_skip_zero_weights() -> None:
+    raw = torch.tensor(2.0, requires_grad=True)
+    terms = weigh({"a": (0.5, raw), "b": (0.0, raw * 3)})
+    assert set(terms) == {"a"} and set(terms.raw) == {"a"}  # a zero weight drops the term entirely
+    assert float(terms["a"]) == 1.0 and float(terms.raw["a"]) == 2.0
+    assert terms["a"].requires_grad and not terms.raw["a"].requires_grad  # only the weighted value back-propagates
+
+
+def test_register_method_names_a_method_once() -> None:
+    assert METHODS.get("kd").name == "kd" and METHODS.get("kd").build.__name__ == "_build"
+    with pytest.raises(ValueError, match="registered twice"):
+        register_method("kd", "again", object)(lambda *a, **k: nn.Identity())
+
+
 def test_kd_by_hand() -> None:
     s, t = px(0.0, 0.0), px(L3, 0.0)
     assert kd_loss(s, t, 1.0).item() == pytest.approx(KL_75_50, rel=1e-5)
@@ -382,7 +397,9 @@ def test_gradients_reach_student_and_adapters_never_teacher(method: str, teacher
     after = task.teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats too: the teacher stays in eval
     assert all(torch.equal(v, task.method.state_dict()[k]) for k, v in frozen.items())
-    assert {f"raw_{k}" for k in task.method.last_raw} <= set(terms)
+    weighted = {k[len("loss_"):] for k in terms if k.startswith("loss_")}
+    assert weighted and {f"raw_{k}" for k in weighted} <= set(terms)  # every weighted term logged raw too
+    assert not hasattr(task.method, "last_raw")  # the raw values are returned, not stashed on the method
 
 
 def test_pixel_accuracy_by_hand() -> None:

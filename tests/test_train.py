@@ -14,7 +14,6 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from segkd.checkpoint import load_model, read_checkpoint
 from segkd.engine.distributed import StepSampler
 from segkd.engine.schedule import apply_lr, lr_factor
 from segkd.engine.state import load_resume
@@ -22,6 +21,7 @@ from segkd.engine.task import OptimConfig, Part, SupervisedTask, build_optimizer
 from segkd.engine.trainer import DataBundle, NonFiniteLoss, TrainConfig, Trainer, TrainingInterrupted, run_train
 from segkd.errors import SegkdError
 from segkd.models import SegModel
+from segkd.models.loading import load_model, read_checkpoint
 
 torch.set_num_threads(1)
 
@@ -66,6 +66,12 @@ def assert_identical(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- schedule
+def test_optim_config_defaults_are_adamws() -> None:
+    # one set of defaults: a bare OptimConfig is what --optimizer adamw without --lr/--wd/--head-lr-mult gives
+    assert OptimConfig() == OptimConfig.make("adamw") and OptimConfig().head_lr_mult == 10.0
+    assert OptimConfig.make("sgd").head_lr_mult == 1.0
+
+
 def test_lr_schedule_warmup_then_poly_by_hand() -> None:
     # 10 iterations, 2 warm-up from ratio 0.1, then poly over the remaining 8
     f = [lr_factor(i, 10, warmup=2, power=1.0, warmup_ratio=0.1) for i in range(10)]

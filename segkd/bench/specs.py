@@ -109,7 +109,7 @@ def resolve_model(arg: str, num_classes: int | None) -> ModelSpec:
         if path.suffix.lower() != ".safetensors":
             raise SegkdError(f"{arg}: not a segkd checkpoint (.safetensors) or an .onnx file; "
                              "import foreign checkpoints with `segkd convert`")
-        from segkd.checkpoint import load_model
+        from segkd.models.loading import load_model
 
         model = load_model(path)
         meta = model.segkd_meta  # type: ignore[attr-defined]

@@ -201,7 +201,7 @@ def load_predictor_source(path: str | Path, device: torch.device,
         # ask for exactly the device's provider: load_onnx_predictor fails loudly instead of falling back to CPU
         fn, meta = load_onnx_predictor(path, ("cuda",) if device.type == "cuda" else ("cpu",), threads=threads)
         return fn, meta, "onnx"
-    from segkd.checkpoint import load_model
+    from segkd.models.loading import load_model
 
     model = load_model(path, device=device)
     if device.type == "cuda":
@@ -266,7 +266,8 @@ def run_eval(
 
     ``dataset`` (already transformed, yielding ``(image, label)``) replaces ``data``/``data_format``/``resize``.
     """
-    from segkd.engine.inference import make_predictor, parse_hw, parse_scales
+    from segkd.engine.inference import make_predictor, parse_scales
+    from segkd.shapes import parse_hw
 
     if batch < 1:
         raise SegkdError(f"--batch must be >= 1, got {batch}")

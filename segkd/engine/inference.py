@@ -30,16 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segkd import shapes
 from segkd.errors import SegkdError
 from segkd.models.base import upsample_logits
+from segkd.shapes import parse_hw
 
 Predictor = Callable[[Tensor], Tensor]
-
-
-def parse_hw(text: str | Sequence[int] | None, option: str = "--crop") -> tuple[int, int] | None:
-    """:func:`segkd.shapes.parse_hw` that lets ``None`` (option not given) through."""
-    return None if text is None else shapes.parse_hw(text, option)
 
 
 def parse_scales(text: str | Sequence[float] | None) -> tuple[float, ...]:

@@ -56,9 +56,9 @@ class OptimConfig:
     mmseg's SegFormer recipe does for norms (and as most ViT recipes do for biases too)."""
 
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    head_lr_mult: float = 1.0
+    lr: float = OPTIMIZER_DEFAULTS["adamw"]["lr"]  # the defaults are AdamW's, as OptimConfig.make("adamw") gives
+    weight_decay: float = OPTIMIZER_DEFAULTS["adamw"]["weight_decay"]
+    head_lr_mult: float = OPTIMIZER_DEFAULTS["adamw"]["head_lr_mult"]
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     no_decay_1d: bool = True

@@ -1,6 +1,6 @@
 """``segkd export``: a segkd checkpoint -> a verified, self-describing ONNX file of the deployable model.
 
-Pipeline: load the checkpoint alone (:func:`segkd.checkpoint.load_model`) -> wrap it in :class:`DeployModel`
+Pipeline: load the checkpoint alone (:func:`segkd.models.loading.load_model`) -> wrap it in :class:`DeployModel`
 (optional folded normalisation, optional upsample + softmax/argmax) -> trace in eval mode -> ONNX Runtime's offline
 *basic* graph optimisation -> optional fp16 conversion with fp32 islands -> ``onnx.checker`` (full check) and
 strict shape inference -> metadata -> verification against PyTorch -> atomic rename. Nothing is written at ``--out``
@@ -41,9 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkd import __version__
-from segkd.checkpoint import META_KEY, atomic_write, file_sha256, load_model
+from segkd.checkpoint import META_KEY, atomic_write, file_sha256
 from segkd.errors import GateFailure, SegkdError
 from segkd.export.runtime import EXPORT_KEY, parse_providers, probe_providers
+from segkd.models.loading import load_model
 from segkd.shapes import check_min_size, model_stride, parse_hw, parse_shape
 
 OutputKind = Literal["logits", "probs", "labels"]

@@ -5,9 +5,10 @@ Calling convention (docs/architecture.md)
 A method is an ``nn.Module`` holding only its training-only adapters (projections, CSF, PEA, attention pool...).
 ``method(images, labels, outs)`` takes the batch and ``outs``, a dict mapping roles (``"student"``, ``"teacher"``,
 ``"peer"``) to :class:`~segkd.models.SegOutput` with the taps the spec declared, and returns a dict of **weighted**
-loss terms, e.g. ``{"kd": 1.0 * L_kd, "ce": L_ce}``. The caller (the task) sums them into ``"loss"``. The unweighted
-value of every term is kept, detached, in ``method.last_raw`` (same keys) so both can be logged; the task logs
-them as ``loss_<name>`` (weighted) and ``raw_<name>`` (raw). Whether cross-entropy is part of the objective is the
+loss terms, e.g. ``{"kd": 1.0 * L_kd, "ce": L_ce}``, as :class:`Terms`: a dict of the weighted terms whose ``raw``
+attribute holds the unweighted values, detached (same keys). The caller (the task) sums the weighted terms into
+``"loss"`` and logs both, as ``loss_<name>`` (weighted) and ``raw_<name>`` (raw); nothing is stashed on the method
+between calls. Whether cross-entropy is part of the objective is the
 method's choice (it is a term like any other).
 
 Logit alignment
@@ -19,8 +20,8 @@ drop void pixels), this is what C2VKD's code does (both logits at crop size) and
 ``align="student"`` instead resizes the teacher logits to the student's grid and nearest-downsamples the labels:
 cheaper (16x fewer pixels at stride 4), at the price of a coarser ignore mask.
 
-Adding a method = one file defining an options dataclass, a builder ``build(opts, student, other) -> nn.Module``
-and one ``METHODS.add(name, MethodSpec(...))``, plus its import in ``segkd/methods/__init__.py``.
+Adding a method = one file defining an options dataclass and a builder ``build(opts, student, other) -> nn.Module``
+decorated with ``@register_method(name, summary, options, ...)``, plus its import in ``segkd/methods/__init__.py``.
 """
 
 from __future__ import annotations
@@ -77,6 +78,19 @@ class MethodSpec:
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
+
+Builder = Callable[..., nn.Module]
+
+
+def register_method(name: str, summary: str, options: type, **spec: Any) -> Callable[[Builder], Builder]:
+    """Decorate a method's builder to register it: ``@register_method("kd", "pixel-wise KD", KDOptions)``; the
+    other :class:`MethodSpec` fields (``teacher``, ``peer``, ``taps``...) are keywords. The name is typed once."""
+
+    def deco(build: Builder) -> Builder:
+        METHODS.add(name, MethodSpec(name, summary, options, build, **spec))
+        return build
+
+    return deco
 
 
 def resolve_tap(model: SegModel, tap: str) -> str:
@@ -233,25 +247,34 @@ def valid_mask(labels: Tensor, ignore_index: int) -> Tensor:
     return (labels != ignore_index) & (labels >= 0)
 
 
+class Terms(dict):  # dict[str, Tensor]
+    """A method's loss terms: the weighted values (what is summed into ``loss``) as the dict, the unweighted ones,
+    detached, in :attr:`raw` (same keys)."""
+
+    def __init__(self, weighted: dict[str, Tensor] | None = None, raw: dict[str, Tensor] | None = None) -> None:
+        super().__init__(weighted or {})
+        self.raw: dict[str, Tensor] = dict(raw or {})
+
+
+def weigh(weighted: dict[str, tuple[float, Tensor]]) -> Terms:
+    """``{name: (weight, raw)}`` -> :class:`Terms` ``{name: weight * raw}`` with ``raw`` kept (weight 0 skipped)."""
+    live = {name: (w, raw) for name, (w, raw) in weighted.items() if w != 0}
+    return Terms({n: raw * w for n, (w, raw) in live.items()}, {n: raw.detach() for n, (_, raw) in live.items()})
+
+
 class Method(nn.Module):
-    """Small shared base: keeps ``last_raw`` and the role names. Subclasses implement ``terms``."""
+    """Small shared base: the options, the ignore index and the parameter counts; ``forward`` returns
+    :class:`Terms`."""
 
     def __init__(self, opts: Any, ignore_index: int = 255) -> None:
         super().__init__()
         self.opts = opts
         self.ignore_index = ignore_index
-        self.last_raw: dict[str, Tensor] = {}
 
-    def record(self, weighted: dict[str, tuple[float, Tensor]]) -> dict[str, Tensor]:
-        """``{name: (weight, raw)}`` -> ``{name: weight * raw}``, remembering the raw values (skips weight 0)."""
-        out: dict[str, Tensor] = {}
-        self.last_raw = {}
-        for name, (w, raw) in weighted.items():
-            if w == 0:
-                continue
-            self.last_raw[name] = raw.detach()
-            out[name] = raw * w
-        return out
+    @staticmethod
+    def record(weighted: dict[str, tuple[float, Tensor]]) -> Terms:
+        """:func:`weigh`, where a method's ``forward`` reads it best."""
+        return weigh(weighted)
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

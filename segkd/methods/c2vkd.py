@@ -53,12 +53,11 @@ from segkd.checkpoint import file_sha256, read_safetensors, torch_load_weights
 from segkd.engine.losses import seg_cross_entropy
 from segkd.errors import SegkdError
 from segkd.methods.base import (
-    METHODS,
     Method,
-    MethodSpec,
     align_logits,
     check_positive,
     distill_labels,
+    register_method,
     resize_to,
     resolve_tap,
 )
@@ -433,11 +432,9 @@ class C2VKD(Method):
         return self.record(terms)
 
 
+@register_method("c2vkd", "CNN -> ViT: VLFD (global, patch-relation, linguistic) + PDD; no CE by default",
+                 C2VKDOptions, student_family="transformer", other_family="cnn",
+                 taps={"student": ("deep",), "teacher": ("layer4",)})
 def _build(opts: C2VKDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> C2VKD:
     return C2VKD(opts, student, teacher, ignore_index)
 
-
-METHODS.add("c2vkd", MethodSpec(
-    "c2vkd", "CNN -> ViT: VLFD (global, patch-relation, linguistic) + PDD; no CE by default", C2VKDOptions, _build,
-    student_family="transformer", other_family="cnn",
-    taps={"student": ("deep",), "teacher": ("layer4",)}))

@@ -40,16 +40,7 @@ from torch import Tensor, nn
 
 from segkd.engine.losses import seg_cross_entropy
 from segkd.errors import SegkdError
-from segkd.methods.base import (
-    METHODS,
-    Method,
-    MethodSpec,
-    align_logits,
-    check_positive,
-    resize_to,
-    resolve_tap,
-    valid_mask,
-)
+from segkd.methods.base import Method, align_logits, check_positive, register_method, resize_to, resolve_tap, valid_mask
 from segkd.methods.kd import pixel_kl
 from segkd.models import SegModel, SegOutput, upsample_logits
 
@@ -220,11 +211,9 @@ class Collab(Method):
         return self.record(terms)
 
 
+@register_method("collab", "online CNN<->ViT collaborative learning (reconstruction): HFD + region-wise and "
+                 "pixel-wise BSD", CollabOptions, teacher=False, peer=True,
+                 taps={"student": ("low", "deep"), "peer": ("low", "deep")}, reconstruction=True)
 def _build(opts: CollabOptions, student: SegModel, peer: SegModel, ignore_index: int = 255) -> Collab:
     return Collab(opts, student, peer, ignore_index)
 
-
-METHODS.add("collab", MethodSpec(
-    "collab", "online CNN<->ViT collaborative learning (reconstruction): HFD + region-wise and pixel-wise BSD",
-    CollabOptions, _build, teacher=False, peer=True,
-    taps={"student": ("low", "deep"), "peer": ("low", "deep")}, reconstruction=True))

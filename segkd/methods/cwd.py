@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkd.engine.losses import seg_cross_entropy
-from segkd.methods.base import METHODS, Method, MethodSpec, align_logits, check_positive, resize_to, resolve_tap
+from segkd.methods.base import Method, align_logits, check_positive, register_method, resize_to, resolve_tap
 from segkd.models import SegModel, SegOutput
 
 
@@ -70,9 +70,8 @@ class CWD(Method):
         return self.record(terms)
 
 
+@register_method("cwd", "channel-wise distillation on logits (T=4, x3), optionally features (x50)", CWDOptions,
+                 taps={"student": ("deep",), "teacher": ("deep",)})
 def _build(opts: CWDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> CWD:
     return CWD(opts, student, teacher, ignore_index)
 
-
-METHODS.add("cwd", MethodSpec("cwd", "channel-wise distillation on logits (T=4, x3), optionally features (x50)",
-                              CWDOptions, _build, taps={"student": ("deep",), "teacher": ("deep",)}))

@@ -19,15 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segkd.engine.losses import seg_cross_entropy
-from segkd.methods.base import (
-    METHODS,
-    Method,
-    MethodSpec,
-    align_logits,
-    check_positive,
-    distill_labels,
-    valid_mask,
-)
+from segkd.methods.base import Method, align_logits, check_positive, distill_labels, register_method, valid_mask
 from segkd.models import SegModel, SegOutput
 
 EPS = 1e-8
@@ -105,8 +97,7 @@ class DKD(Method):
         })
 
 
+@register_method("dkd", "pixel-wise decoupled KD (TCKD + NCKD) on labelled pixels", DKDOptions)
 def _build(opts: DKDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> DKD:
     return DKD(opts, ignore_index)
 
-
-METHODS.add("dkd", MethodSpec("dkd", "pixel-wise decoupled KD (TCKD + NCKD) on labelled pixels", DKDOptions, _build))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from segkd.engine.losses import seg_cross_entropy
-from segkd.methods.base import METHODS, Method, MethodSpec, align_logits, check_positive, valid_mask
+from segkd.methods.base import Method, align_logits, check_positive, register_method, valid_mask
 from segkd.methods.kd import kd_loss
 from segkd.models import SegModel, SegOutput
 
@@ -44,9 +44,8 @@ class DML(Method):
         })
 
 
+@register_method("dml", "deep mutual learning: two students, per-pixel KL to each other", DMLOptions,
+                 teacher=False, peer=True)
 def _build(opts: DMLOptions, student: SegModel, peer: SegModel, ignore_index: int = 255) -> DML:
     return DML(opts, ignore_index)
 
-
-METHODS.add("dml", MethodSpec("dml", "deep mutual learning: two students, per-pixel KL to each other", DMLOptions,
-                              _build, teacher=False, peer=True))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segkd.engine.losses import seg_cross_entropy
-from segkd.methods.base import METHODS, Method, MethodSpec, align_logits, check_positive, distill_labels, valid_mask
+from segkd.methods.base import Method, align_logits, check_positive, distill_labels, register_method, valid_mask
 from segkd.models import SegModel, SegOutput
 
 
@@ -63,8 +63,7 @@ class KD(Method):
         })
 
 
+@register_method("kd", "pixel-wise KD with temperature (CIRKD convention)", KDOptions)
 def _build(opts: KDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> KD:
     return KD(opts, ignore_index)
 
-
-METHODS.add("kd", MethodSpec("kd", "pixel-wise KD with temperature (CIRKD convention)", KDOptions, _build))

@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from segkd.checkpoint import META_KEY, CheckpointMeta, atomic_write_text, load_state_checked, read_safetensors
+from segkd.checkpoint import META_KEY, CheckpointMeta, atomic_write_text, read_safetensors
 from segkd.engine.distributed import DistInfo
 from segkd.engine.task import NoExtraState, OptimConfig, Part
 from segkd.engine.trainer import Callback, DataBundle, TrainConfig, deploy_param_count, parse_hw, run_task
 from segkd.errors import SegkdError
-from segkd.methods.base import METHODS, Method, MethodSpec, check_pair, make_options, resize_to, valid_mask
+from segkd.methods.base import METHODS, Method, MethodSpec, Terms, check_pair, make_options, resize_to, valid_mask
 from segkd.models import MODELS, SegModel, SegOutput, count_params, create_model
+from segkd.models.loading import model_from_state
 
 
 def _outputs(model: nn.Module, images: Tensor, taps: bool) -> SegOutput:
@@ -37,15 +38,14 @@ def _outputs(model: nn.Module, images: Tensor, taps: bool) -> SegOutput:
     return out if isinstance(out, SegOutput) else SegOutput(out)
 
 
-def _assemble(terms: dict[str, Tensor], raw: dict[str, Tensor], labels: Tensor, ignore_index: int,
-              **logits: Tensor) -> dict[str, Tensor]:
+def _assemble(terms: Terms, labels: Tensor, ignore_index: int, **logits: Tensor) -> dict[str, Tensor]:
     if not terms:
         raise SegkdError("the method returned no loss term (every weight is 0?)")
     out: dict[str, Tensor] = {"loss": sum(terms.values())}  # type: ignore[dict-item]
     for k, v in terms.items():
         out[f"loss_{k}"] = v
-        if k in raw:
-            out[f"raw_{k}"] = raw[k]
+        if k in terms.raw:
+            out[f"raw_{k}"] = terms.raw[k]
     for role, z in logits.items():
         out[f"acc_{role}"] = pixel_accuracy(z, labels, ignore_index)
     return out
@@ -120,7 +120,7 @@ class DistillTask(NoExtraState):
             kw["kd_labels"] = pseudo_labels(labels, t_out.logits, extras["labeled"], extras["inside"],
                                             self.method.ignore_index)
         terms = self.method(images, labels, {"student": s_out, "teacher": t_out}, **kw)
-        return _assemble(terms, self.method.last_raw, labels, self.method.ignore_index, student=s_out.logits,
+        return _assemble(terms, labels, self.method.ignore_index, student=s_out.logits,
                          teacher=t_out.logits)
 
     def deploy_models(self) -> dict[str, SegModel]:
@@ -171,7 +171,7 @@ class OnlineTask(NoExtraState):
     def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         outs = {"student": _outputs(self.student, images, bool(self.spec.taps.get("student"))),
                 "peer": _outputs(self.peer, images, bool(self.spec.taps.get("peer")))}
-        return _assemble(self.method(images, labels, outs), self.method.last_raw, labels, self.method.ignore_index,
+        return _assemble(self.method(images, labels, outs), labels, self.method.ignore_index,
                          student=outs["student"].logits, peer=outs["peer"].logits)
 
     def deploy_models(self) -> dict[str, SegModel]:
@@ -296,9 +296,7 @@ def load_teacher(name: str, path: str | Path, num_classes: int, mean: Sequence[f
     if meta is not None:
         if MODELS.canonical(meta.model) != canonical:
             raise SegkdError(f"--teacher-weights {path}: a {meta.model} checkpoint, but --teacher is {name}")
-        model = create_model(canonical, num_classes=meta.num_classes, **meta.model_kwargs)
-        load_state_checked(model, {k: v for k, v in state.items() if not k.startswith("aux_classifier.")},
-                           f"--teacher-weights {path}")
+        model = model_from_state(state, meta, f"--teacher-weights {path}")
         if mean is not None and std is not None and (
                 any(abs(a - b) > 1e-6 for a, b in zip(meta.mean, mean, strict=True))
                 or any(abs(a - b) > 1e-6 for a, b in zip(meta.std, std, strict=True))):

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from segkd.engine.losses import seg_cross_entropy
 from segkd.errors import SegkdError
-from segkd.methods.base import METHODS, Method, MethodSpec, check_positive
+from segkd.methods.base import Method, check_positive, register_method
 from segkd.models import SegModel, SegOutput
 
 STAGES = 4
@@ -253,12 +253,11 @@ class TransKD(Method):
         })
 
 
+_TAPS = tuple(f"embed{i + 1}" for i in range(STAGES)) + tuple(f"stage{i + 1}" for i in range(STAGES))
+
+
+@register_method("transkd", "transformer -> transformer: CSF + HCL on 4 stages, PEA on patch embeddings "
+                 "(+GL-Mixer / EA)", TransKDOptions, taps={"student": _TAPS, "teacher": _TAPS}, same_classes=False,
+                 pair_check=_pair_check)
 def _build(opts: TransKDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> TransKD:
     return TransKD(opts, student, teacher, ignore_index)
-
-
-_TAPS = tuple(f"embed{i + 1}" for i in range(STAGES)) + tuple(f"stage{i + 1}" for i in range(STAGES))
-METHODS.add("transkd", MethodSpec(
-    "transkd", "transformer -> transformer: CSF + HCL on 4 stages, PEA on patch embeddings (+GL-Mixer / EA)",
-    TransKDOptions, _build,
-    taps={"student": _TAPS, "teacher": _TAPS}, same_classes=False, pair_check=_pair_check))

@@ -102,7 +102,7 @@ def shown_as_run(ref: TeacherRef, runs: list[Run]) -> str | None:
 
 def run_entries(run: Run) -> list[Entry]:
     """One entry per deploy model of ``run``, its best checkpoint loaded when there is one."""
-    from segkd.checkpoint import load_model
+    from segkd.models.loading import load_model
 
     entries = []
     for name in run.models:
