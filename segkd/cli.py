@@ -125,10 +125,8 @@ def _emit_json(data: object, path: Path | None) -> None:
         atomic_write_text(path, text + "\n")
 
 
-# on --resume these come from the new command line; every other option comes from the saved run
-_RESUME_OWN = {"resume", "as_json", "out_dir", "no_progress", "device", "workers", "threads", "log_every", "keep"}
-# option name -> its config field where they differ
-_CONFIG_NAME = {"student": "model"}
+# on --resume these come from the new command line (with the machine options); the rest from the saved run
+_RESUME_OWN = {"resume", "as_json", "json_out", "config", "method_opt"}
 
 
 def _print_written(summary: dict[str, Any], *extra: str) -> None:
@@ -141,8 +139,10 @@ def _print_written(summary: dict[str, Any], *extra: str) -> None:
 def _warn_ignored_on_resume(values: dict[str, Any], resume: Path) -> None:
     """One ``warning:`` line naming each option typed with ``--resume`` that the saved run overrides, so
     ``--resume RUN --iters 10 --lr 0.5`` does not silently train with the old values."""
+    from segkd.engine.config import machine_options
     from segkd.engine.trainer import RUN_FILE, run_dir_of
 
+    own = _RESUME_OWN | set(machine_options())
     ctx = _click_context(silent=True)
     if ctx is None:
         return
@@ -153,10 +153,10 @@ def _warn_ignored_on_resume(values: dict[str, Any], resume: Path) -> None:
         return  # no readable run.json: the trainer's own checks report the run directory
     ignored = []
     for param in ctx.command.params:
-        if param.name in _RESUME_OWN or ctx.get_parameter_source(param.name) != _ParameterSource.COMMANDLINE:
+        if param.name in own or ctx.get_parameter_source(param.name) != _ParameterSource.COMMANDLINE:
             continue
         flag = max(param.opts, key=len)
-        field = _CONFIG_NAME.get(param.name, param.name)
+        field = param.name
         if field in saved and saved[field] == values.get(param.name):
             continue
         ignored.append(f"{flag} (the run has {saved[field]})" if field in saved else flag)
@@ -220,85 +220,80 @@ def convert_cmd(
 
 
 # ------------------------------------------------------------------------------------------------------ train
-@app.command("train")
-def train_cmd(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Zoo model to train, e.g. segformer-b0.")] = None,
-    data: Annotated[str, typer.Option(help="Dataset root, or 'synth' for the built-in procedural dataset.")] = "synth",
-    data_format: Annotated[str | None, typer.Option(help="Dataset format (default: detected from the root).")] = None,
-    num_classes: Annotated[int | None, typer.Option(help="Classes, for the 'folder' format.")] = None,
-    ignore_index: Annotated[int, typer.Option(help="Label value ignored by the loss and the metrics.")] = 255,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory for checkpoints and logs.")] = Path(
-        "runs/train"),
-    iters: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
-    batch: Annotated[int, typer.Option(help="Images per forward pass, summed over all processes.")] = 8,
-    accum: Annotated[int, typer.Option(help="Micro-batches accumulated per optimiser step.")] = 1,
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
-    lr: Annotated[float | None, typer.Option(help="Peak LR (default 2e-4 adamw, 0.01 sgd).")] = None,
-    wd: Annotated[float | None, typer.Option(help="Weight decay (default 0.01 adamw, 5e-4 sgd).")] = None,
-    head_lr_mult: Annotated[float | None, typer.Option(help="LR multiplier of the decode head "
-                                                        "(default 10 adamw, 1 sgd).")] = None,
-    warmup: Annotated[int, typer.Option(help="Linear warm-up iterations.")] = 0,
-    poly_power: Annotated[float, typer.Option(help="Power of the poly LR decay.")] = 1.0,
-    crop: Annotated[str | None, typer.Option(help="Random crop HxW (padded with the ignore index).")] = None,
-    resize: Annotated[str | None, typer.Option(help="Resize images to HxW before augmenting and for validation.")
-                      ] = None,
-    scale: Annotated[str, typer.Option(help="Random rescale range MIN,MAX ('1' disables).")] = "0.5,2.0",
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flip.")] = True,
-    jitter: Annotated[bool, typer.Option("--jitter/--no-jitter", help="Photometric jitter.")] = True,
-    val_every: Annotated[int, typer.Option(help="Validate and checkpoint every N iterations (and at the end).")
-                         ] = 500,
-    val_labels: Annotated[str, typer.Option(help="Score validation against labels 'resized' with --resize, or at "
-                                            "their 'native' size (logits upsampled).")] = "resized",
-    aux_weight: Annotated[float, typer.Option(help="Weight of DeepLabV3's auxiliary head loss (0 = no aux head).")
-                          ] = 0.4,
-    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision: bf16 on CPU, fp16 + grad scaler on CUDA.")
-                   ] = False,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")] = False,
-    clip_grad: Annotated[float | None, typer.Option(help="Clip the gradient norm of each part to X.")] = None,
-    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across processes under torchrun.")
-                       ] = False,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's).")] = None,
-    log_every: Annotated[int, typer.Option(help="Log the training loss (metrics.jsonl, and a plain line when "
-                                           "there is no progress bar) every N iterations.")] = 10,
-    keep: Annotated[str, typer.Option(help="What a finished run keeps: best, last, resume (comma-separated); all "
-                                      "are written while it runs. resume.pt is about 3x a checkpoint.")]
-    = "best,last,resume",
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")] = 0,
-    pretrained: Annotated[str | None, typer.Option(help="Local backbone weights file (never downloaded).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+def _run_options(
+    config: Annotated[Path | None, typer.Option(help="Experiment config file (YAML, TOML or JSON: option: value, "
+                                                "method_opts as a mapping); flags typed here override it. Every run "
+                                                "writes RUN_DIR/config.yaml, which repeats it.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue a run exactly: its directory or resume.pt.")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="Plain log lines instead of a progress bar.")
-                           ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the run summary JSON to this file.")
+                        ] = None,
 ) -> None:
+    """(signature only: the options every run command adds to its config's)"""
+
+
+def _run_parameters(cls: type, extra: Any = None, **kw: Any) -> list[inspect.Parameter]:
+    """A run command's options: its config's fields (:mod:`segkd.cliopts`), ``extra``'s, then the run options."""
+    from segkd.cliopts import config_parameters
+
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for f in (extra, _run_options) if f is not None
+           for p in inspect.signature(f, eval_str=True).parameters.values()]
+    return config_parameters(cls, **kw) + own
+
+
+def _run_config(cls: type, values: dict[str, Any]) -> Any:
+    """The config of a ``train``/``distill`` command line: defaults < ``--config`` file < typed flags; one-line
+    errors for a missing required option or ``--config`` with ``--resume``."""
+    from dataclasses import fields
+
+    from segkd.cliopts import resolve_config
+    from segkd.safeio import check_output
+
+    if values["config"] is not None and values["resume"] is not None:
+        raise SegkdError("--config cannot be combined with --resume: a resumed run keeps its saved settings")
+    if values["json_out"] is not None:
+        check_output(values["json_out"], "file", "--json-out")
+    cfg, given = resolve_config(cls, values, values["config"])
+    if values["resume"] is not None:
+        _warn_ignored_on_resume(values, values["resume"])
+        return cfg
+    missing = [max(f.metadata["flags"], key=len) if f.metadata.get("flags") else f"--{f.name.replace('_', '-')}"
+               for f in fields(cls) if f.metadata.get("required") and f.name not in given]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise SegkdError(f"{' and '.join(missing)} {verb} required (in --config or as flags; or --resume RUN_DIR to "
+                         "continue a run)")
+    return cfg
+
+
+def _emit_summary(summary: dict[str, Any], values: dict[str, Any]) -> bool:
+    """``--json-out`` / ``--json`` of a run; True when the JSON on stdout replaces the human lines."""
+    if values["json_out"] is not None:
+        _emit_json(summary, values["json_out"])
+    if values["as_json"]:
+        _emit_json(summary, None)
+    return bool(values["as_json"])
+
+
+def train_cmd(**values: Any) -> None:
     """Train a zoo model supervised (teachers, and the no-KD student baseline); resumable, DDP under torchrun."""
     from segkd.engine.trainer import TrainConfig, run_train
 
-    if model is None and resume is None:
-        raise SegkdError("--model is required (or --resume RUN_DIR to continue a run)")
-    if resume is not None:
-        _warn_ignored_on_resume(locals(), resume)
-    cfg = TrainConfig(
-        model=model or "", data=data, data_format=data_format, num_classes=num_classes, ignore_index=ignore_index,
-        out=str(out_dir), iters=iters, batch=batch, accum=accum, optimizer=optimizer, lr=lr, wd=wd,
-        head_lr_mult=head_lr_mult, warmup=warmup, poly_power=poly_power, crop=crop, resize=resize, scale=scale,
-        flip=flip, jitter=jitter, val_every=val_every, val_labels=val_labels, aux_weight=aux_weight, amp=amp,
-        channels_last=channels_last,
-        clip_grad=clip_grad, sync_bn=sync_bn, workers=workers, seed=seed, pretrained=pretrained, device=device,
-        progress=not no_progress, threads=threads, log_every=log_every, keep=keep,
-    )
-    summary = run_train(cfg, resume=resume)
-    if summary.get("rank", 0) != 0:
-        return
-    if as_json:
-        _emit_json(summary, None)
+    cfg = _run_config(TrainConfig, values)
+    summary = run_train(cfg, resume=values["resume"])
+    if summary.get("rank", 0) != 0 or _emit_summary(summary, values):
         return
     for name, best in summary["best"].items():  # a supervised run trains one model: name it, not its role
         out.print(f"model {summary['models'].get(name, name)}: best val mIoU {100 * best['miou']:.2f} at iteration "
                   f"{best['iteration']}")
     out.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
-    _print_written(summary)
+    _print_written(summary, "config.yaml")
+
+
+def _train_parameters() -> list[inspect.Parameter]:
+    from segkd.engine.config import TrainConfig
+
+    return _run_parameters(TrainConfig)
 
 
 # ------------------------------------------------------------------------------------------------------- eval
@@ -503,79 +498,26 @@ def bench_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------- distill
-def _distill_options(
-    method: Annotated[str | None, typer.Option(help="Method: kd, cwd, dkd, c2vkd, transkd, collab, dml.")] = None,
-    student: Annotated[str | None, typer.Option(help="Student zoo model (what is trained and saved).")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Teacher zoo model (teacher methods; default: the model a "
-                                                "segkd --teacher-weights checkpoint names).")] = None,
-    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights: a segkd checkpoint, or a foreign one "
-                                                        "`segkd convert` reads; must load with no key missing.")
-                               ] = None,
-    peer: Annotated[str | None, typer.Option(help="Second student of online methods (collab, dml).")] = None,
-    peer_pretrained: Annotated[str | None, typer.Option(help="Local backbone weights for the peer.")] = None,
-    peer_optimizer: Annotated[str | None, typer.Option(help="Peer optimiser, adamw or sgd (default: --optimizer).")
-                              ] = None,
-    peer_lr: Annotated[float | None, typer.Option(help="Peer peak LR (default: the student's, or the peer "
-                                                  "optimiser's default).")] = None,
-    peer_wd: Annotated[float | None, typer.Option(help="Peer weight decay.")] = None,
-    peer_head_lr_mult: Annotated[float | None, typer.Option(help="Peer decode-head LR multiplier.")] = None,
-    variant: Annotated[str | None, typer.Option(help="transkd: base, gl (GL-Mixer) or ea (Embedding Assistant).")
-                       ] = None,
-    c2vkd_add_ce: Annotated[bool, typer.Option("--c2vkd-add-ce", help="c2vkd: add the student's CE (the "
-                                               "published objective has none).")] = False,
-    c2vkd_pool_weights: Annotated[str | None, typer.Option(help="c2vkd: attention-pool weights (CLIP RN101 "
-                                                           "visual.attnpool.* or plain keys); default: seeded "
-                                                           "frozen random pool.")] = None,
-    no_vlfd_global: Annotated[bool, typer.Option("--no-vlfd-global", help="c2vkd: drop the global term.")] = False,
-    no_vlfd_patch: Annotated[bool, typer.Option("--no-vlfd-patch", help="c2vkd: drop the patch term.")] = False,
-    no_vlfd_ling: Annotated[bool, typer.Option("--no-vlfd-ling", help="c2vkd: drop the linguistic term.")] = False,
-    pdd_mode: Annotated[str | None, typer.Option(help="c2vkd: PDD form, paper or dkd.")] = None,
+def _distill_extra(
     method_opt: Annotated[list[str] | None, typer.Option(help="Any method option as KEY=VALUE (repeatable), e.g. "
                                                          "temperature=2; see docs/methods.md.")] = None,
-    teacher_view: Annotated[str, typer.Option(help="What the teacher sees: clean = the student's crop without "
-                                              "photometric jitter; same = the student's jittered input.")] = "clean",
-    teacher_cache: Annotated[str | None, typer.Option(help="Folder of cached whole-image teacher outputs, built "
-                                                      "(or continued) on first use and warped onto every crop: no "
-                                                      "teacher forward per step.")] = None,
-    unlabeled: Annotated[str | None, typer.Option(help="Folder of images without labels: they get only the "
-                                                  "distillation terms.")] = None,
-    unlabeled_ratio: Annotated[int, typer.Option(help="With --unlabeled: unlabeled images added to the batch per "
-                                                 "labelled one (the labelled batch stays --batch).")] = 1,
 ) -> None:
-    """(signature only: the distill options added to train's)"""
-
-
-def _distill_signature() -> inspect.Signature:
-    """distill's options = its own plus every `train` option except --model/--aux-weight (reused, not copied)."""
-    own = list(inspect.signature(_distill_options, eval_str=True).parameters.values())
-    reused = [p for n, p in inspect.signature(train_cmd, eval_str=True).parameters.items()
-              if n not in ("model", "aux_weight")]
-    reused = [p.replace(default=Path("runs/distill")) if p.name == "out_dir" else p for p in reused]
-    return inspect.Signature(own + reused)
+    """(signature only: distill's options beyond its config's and the method flags)"""
 
 
 def distill_cmd(**values: Any) -> None:
     """Distil a teacher into a student (kd, cwd, dkd, c2vkd, transkd) or train two students together (collab,
     dml) on the shared engine; the checkpoints hold the students alone."""
-    from segkd.methods.task import distill_config_from_cli, method_options_from_flags, run_distill
+    from segkd.cliopts import method_opts_from_flags
+    from segkd.methods.base import parse_method_opts
+    from segkd.methods.task import DistillConfig, run_distill
 
+    cfg = _run_config(DistillConfig, values)
     if values["resume"] is None:
-        if not values["method"] or not values["student"]:
-            raise SegkdError("--method and --student are required (or --resume RUN_DIR to continue a run)")
-        flags = {"--variant": values["variant"], "--c2vkd-add-ce": values["c2vkd_add_ce"],
-                 "--c2vkd-pool-weights": values["c2vkd_pool_weights"], "--no-vlfd-global": values["no_vlfd_global"],
-                 "--no-vlfd-patch": values["no_vlfd_patch"], "--no-vlfd-ling": values["no_vlfd_ling"],
-                 "--pdd-mode": values["pdd_mode"]}
-        values["method_opts"] = method_options_from_flags(values["method"], flags, values["method_opt"])
-    else:
-        _warn_ignored_on_resume(values, values["resume"])
-        values["method"] = values["method"] or "kd"
-    cfg = distill_config_from_cli(values)
+        cfg.method_opts = {**cfg.method_opts, **method_opts_from_flags(cfg.method, values),
+                           **parse_method_opts(values["method_opt"])}
     summary = run_distill(cfg, resume=values["resume"])
-    if summary.get("rank", 0) != 0:
-        return
-    if values["as_json"]:
-        _emit_json(summary, None)
+    if summary.get("rank", 0) != 0 or _emit_summary(summary, values):
         return
     rep = summary["distill"]
     for name, best in summary["best"].items():
@@ -583,12 +525,26 @@ def distill_cmd(**values: Any) -> None:
                   f"{rep['deploy_params'][name] / 1e6:.2f} M params, {rep['deploy_gmacs'][name]:.2f} GMACs "
                   f"({rep['gmacs_input']}); training-only adapters {rep['adapter_params'][name] / 1e6:.3f} M")
     out.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
-    _print_written(summary, "distill.json")
+    _print_written(summary, "config.yaml", "distill.json")
 
 
-distill_cmd.__signature__ = _distill_signature()  # type: ignore[attr-defined]
-distill_cmd.__annotations__ = {p.name: p.annotation for p in distill_cmd.__signature__.parameters.values()}
-app.command("distill")(distill_cmd)
+def _distill_parameters() -> list[inspect.Parameter]:
+    from segkd.cliopts import method_flag_parameters
+    from segkd.methods.task import DistillConfig
+
+    params = _run_parameters(DistillConfig, _distill_extra)
+    return params[:-4] + method_flag_parameters() + params[-4:]
+
+
+def _register_run_commands() -> None:
+    """train and distill take the options their config dataclasses define (generated, see segkd.cliopts)."""
+    from segkd.cliopts import with_signature
+
+    app.command("train")(with_signature(train_cmd, _train_parameters()))
+    app.command("distill")(with_signature(distill_cmd, _distill_parameters()))
+
+
+_register_run_commands()
 
 
 # ------------------------------------------------------------------------------------------------------- data

@@ -177,7 +177,7 @@ def test_keep_drops_what_a_finished_run_does_not_need_and_says_the_sizes(tmp_pat
     r = _segkd(*TRAIN, "--iters", "2", "--keep", "best", "--no-progress", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "best.safetensors", "metrics.jsonl", "run.json"]
+        "best.safetensors", "config.yaml", "metrics.jsonl", "run.json"]
     size = (out / "best.safetensors").stat().st_size
     assert f"wrote {out / 'best.safetensors'} ({size / 1e6:.1f} MB), {out / 'metrics.jsonl'} (" in r.stdout
     for again in (["--out", str(out)], ["--resume", str(out)]):  # never restarted over its results

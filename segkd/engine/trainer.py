@@ -8,6 +8,7 @@ evaluated and written as ``last`` and, when its val mIoU improved, ``best`` chec
 Run directory::
 
     run.json          the TrainConfig, environment, and (at the end) the summary
+    config.yaml       the resolved options: ``--config RUN/config.yaml --out NEW`` repeats the run
     metrics.jsonl     one JSON object per line: {"type": "train", "iter", "lr", "loss", <every term>, "img_s"},
                       {"type": "val", "iter", "model", "miou", ...}
     last.safetensors  best.safetensors        (peer_last / peer_best for a second deploy model)
@@ -30,8 +31,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from segkd.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointMeta, atomic_write_text, save_checkpoint
 from segkd.data.transforms import collate_pairs
+from segkd.engine.config import MACHINE_OPTIONS, TrainConfig, parse_scale, write_resolved_config
+from segkd.engine.display import Display
 from segkd.engine.distributed import (
     DistInfo,
     ShardSampler,
@@ -51,126 +53,19 @@ from segkd.engine.distributed import (
     cleanup_distributed,
     gather_objects,
     init_distributed,
-    mean_across,
 )
-from segkd.engine.schedule import apply_lr, lr_factor
+from segkd.engine.hooks import CallbackHook, Hook, TrainLog, Validation
+from segkd.engine.optim_step import OptimizerStep, StepResult
+from segkd.engine.schedule import lr_factor
 from segkd.engine.state import RESUME_FILE, capture_rng, load_resume, resolve_resume_path, restore_rng, save_resume
-from segkd.engine.task import OptimConfig, SupervisedTask, Task, build_optimizer, supports_aux
+from segkd.engine.task import SupervisedTask, Task, build_optimizer, supports_aux
 from segkd.errors import SegkdError
 from segkd.shapes import parse_hw
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
-# options that describe the machine, not the run: on --resume they come from the new command line
-MACHINE_OPTIONS = ("device", "workers", "progress", "log_every", "threads", "keep")
-# what a finished run may keep (--keep): the checkpoints and the resume state (all are written while it runs)
-KEEP_CHOICES = ("best", "last", "resume")
 # what a validation contributes to metrics.jsonl and checkpoint metadata (the confusion matrix stays out)
 VAL_KEYS = ("miou", "aacc", "macc", "fwiou", "mdice", "n_images", "per_class_iou", "per_class_acc")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; recorded in run.json, the resume file and every checkpoint."""
-
-    model: str = "segformer-b0"
-    data: str = "synth"
-    data_format: str | None = None
-    num_classes: int | None = None
-    ignore_index: int = 255
-    out: str = "runs/train"
-    iters: int = 2000
-    batch: int = 8
-    accum: int = 1
-    optimizer: str = "adamw"
-    lr: float | None = None
-    wd: float | None = None
-    head_lr_mult: float | None = None
-    momentum: float = 0.9
-    warmup: int = 0
-    warmup_ratio: float = 1e-6
-    poly_power: float = 1.0
-    crop: str | None = None
-    resize: str | None = None
-    scale: str = "0.5,2.0"
-    flip: bool = True
-    jitter: bool = True
-    val_every: int = 500
-    val_batch: int = 1
-    log_every: int = 10
-    amp: bool = False
-    channels_last: bool = False
-    clip_grad: float | None = None
-    workers: int = 2
-    seed: int = 0
-    pretrained: str | None = None
-    device: str = "auto"
-    sync_bn: bool = False
-    aux_weight: float = 0.4
-    train_split: str = "train"
-    val_split: str = "val"
-    val_labels: str = "resized"
-    progress: bool = True
-    threads: int | None = None
-    keep: str = "best,last,resume"
-
-    def check(self) -> None:
-        """One-line errors for impossible values, before anything is built."""
-        positive = {"iters": self.iters, "batch": self.batch, "accum": self.accum, "val_every": self.val_every,
-                    "val_batch": self.val_batch, "log_every": self.log_every}
-        for name, value in positive.items():
-            if value < 1:
-                raise SegkdError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.workers < 0:
-            raise SegkdError(f"--workers must be >= 0, got {self.workers}")
-        if self.threads is not None and self.threads < 1:
-            raise SegkdError(f"--threads must be >= 1, got {self.threads}")
-        self.kept()
-        for f in fields(self):  # nan/inf reach the optimiser or the loss otherwise (the CLI refuses them earlier)
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise SegkdError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise SegkdError(f"--clip-grad must be > 0, got {self.clip_grad}")
-        if self.aux_weight < 0:
-            raise SegkdError(f"--aux-weight must be >= 0, got {self.aux_weight}")
-        lr_factor(0, self.iters, self.warmup, self.poly_power, self.warmup_ratio)
-        for opt in ("crop", "resize"):
-            if getattr(self, opt) is not None:
-                parse_hw(getattr(self, opt), f"--{opt}")
-        parse_scale(self.scale)
-        if self.val_labels not in ("resized", "native"):
-            raise SegkdError(f"--val-labels must be resized or native, got {self.val_labels!r}")
-
-    def kept(self) -> set[str]:
-        """The ``--keep`` choices as a set (one-line error for an unknown or empty one)."""
-        items = {k.strip() for k in str(self.keep).split(",") if k.strip()}
-        bad = sorted(items - set(KEEP_CHOICES))
-        if bad or not items:
-            raise SegkdError(f"--keep must be a comma-separated list of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
-        return items
-
-    def optim(self) -> OptimConfig:
-        return OptimConfig.make(self.optimizer, self.lr, self.wd, self.head_lr_mult, momentum=self.momentum)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-
-def parse_scale(text: str) -> tuple[float, float]:
-    """``"0.5,2.0"`` -> ``(0.5, 2.0)``; ``"1"`` or ``"1,1"`` disables rescaling."""
-    try:
-        vals = [float(v) for v in str(text).split(",")]
-    except ValueError:
-        raise SegkdError(f"--scale must be MIN,MAX (e.g. 0.5,2.0), got {text!r}") from None
-    if len(vals) == 1:
-        vals = vals * 2
-    if len(vals) != 2 or not all(map(math.isfinite, vals)) or vals[0] <= 0 or vals[1] < vals[0]:
-        raise SegkdError(f"--scale must be MIN,MAX with 0 < MIN <= MAX, got {text!r}")
-    return vals[0], vals[1]
 
 
 @dataclass
@@ -268,62 +163,18 @@ def deploy_param_count(model: nn.Module) -> int:
     return sum(p.numel() for k, p in model.named_parameters() if not k.startswith("aux_classifier."))
 
 
-class _Display:
-    """A rich progress bar on a TTY; plain periodic lines otherwise (or with ``--no-progress``)."""
-
-    def __init__(self, total: int, start: int, enabled: bool, rich_ok: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.bar = None
-        if enabled and rich_ok:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"),
-                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=False)
-            self.task_id = self.bar.add_task("train", total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, it: int, text: str, eta_s: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(self.task_id, completed=it, info=text)
-        else:
-            eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
-            print(f"iter {it}/{self.total}  {text}  eta {eta}", file=sys.stderr, flush=True)
-
-    def note(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.console.print(text, highlight=False)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 class Trainer:
-    """Runs a :class:`~segkd.engine.task.Task` for ``cfg.iters`` iterations; see the module docstring."""
+    """Runs a :class:`~segkd.engine.task.Task` for ``cfg.iters`` iterations; see the module docstring.
+
+    The loop (:meth:`fit`) is short: each iteration is one :class:`~segkd.engine.optim_step.OptimizerStep`, then the
+    hooks of :mod:`segkd.engine.hooks` (user callbacks, the train log, validation + checkpoints) in that order.
+    ``cfg`` is taken as checked (:func:`start_run` checks it once)."""
 
     def __init__(self, task: Task, cfg: TrainConfig, data: DataBundle, info: DistInfo | None = None,
                  callbacks: Sequence[Callable[[Trainer, int], None]] = (), source: str = "segkd train") -> None:
-        cfg.check()
         self.task, self.cfg, self.data = task, cfg, data
         self.info = info or DistInfo(device=torch.device("cpu"))
         self.device = self.info.device
-        self.callbacks = list(callbacks)
         self.source = source
         self.out = Path(cfg.out)
         # impossible batch / process combinations fail here, before anything is written
@@ -335,21 +186,33 @@ class Trainer:
                 part.module.to(memory_format=torch.channels_last)
         for m in task.deploy_models().values():
             m.to(self.device)
-        self.optimizers = {name: build_optimizer(p) for name, p in self.parts.items()}
-        self.use_scaler = cfg.amp and self.device.type == "cuda"
-        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
+        self.optim_step = OptimizerStep(
+            {name: build_optimizer(p) for name, p in self.parts.items()},
+            {n: [p for p in part.module.parameters() if p.requires_grad] for n, part in self.parts.items()},
+            self.device, accum=cfg.accum, amp=cfg.amp, clip_grad=cfg.clip_grad, channels_last=cfg.channels_last,
+            distributed=self.info.enabled, batch_images=cfg.batch, check_finite=self._check_finite)
+        self.train_log = TrainLog(cfg.log_every)
+        self.hooks: list[Hook] = [*(CallbackHook(cb) for cb in callbacks), self.train_log, Validation(cfg.val_every)]
         self.iteration = 0
         self.epoch = 0
         self.step_in_epoch = 0
         self.best: dict[str, dict[str, Any]] = {}
         self.history: list[dict[str, Any]] = []
+        self.last_results: dict[str, dict[str, Any]] = {}
+        self.display = Display(cfg.iters, 0, enabled=False, rich_ok=False)  # replaced when fit() starts
+        self.run_images = 0
         self._stop_requested = False
         self._wrapped: nn.Module | None = None
         self._metrics_fh = None
-        # the open train-log window (sums of the terms, iterations): saved with the state, so the first window
-        # logged after --resume averages the same iterations as in an uninterrupted run
-        self._log_window: tuple[dict[str, float], int] = ({}, 0)
+        self._provenance: dict[str, Any] | None = None
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self.optim_step.optimizers
+
+    @property
+    def last_step(self) -> bool:
+        return self.iteration == self.cfg.iters
 
     # ------------------------------------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -362,12 +225,11 @@ class Trainer:
             "world_size": self.info.world_size,
             "config": asdict(self.cfg),
             "parts": {n: p.module.state_dict() for n, p in self.parts.items()},
-            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-            "scaler": self.scaler.state_dict(),
+            **self.optim_step.state_dict(),
             "task": self.task.extra_state(),
             "rng": rngs,
             "best": self.best,
-            "log_window": gather_objects([dict(self._log_window[0]), self._log_window[1]], self.info),
+            "log_window": gather_objects(self.train_log.state(), self.info),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -376,25 +238,22 @@ class Trainer:
             raise SegkdError(f"resume state has parts {sorted(state['parts'])}, the task has {sorted(self.parts)}")
         for name, part in self.parts.items():
             part.module.load_state_dict(state["parts"][name])
-            self.optimizers[name].load_state_dict(state["optimizers"][name])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.optim_step.load_state_dict(state)
         self.task.load_extra_state(state.get("task", {}))
         self.iteration = int(state["iteration"])
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self.best = dict(state.get("best", {}))
         windows = state.get("log_window") or [[{}, 0]]
-        window = windows[self.info.rank] if len(windows) == self.info.world_size else windows[0]
-        self._log_window = ({str(k): float(v) for k, v in window[0].items()}, int(window[1]))
+        self.train_log.load_state(windows[self.info.rank] if len(windows) == self.info.world_size else windows[0])
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
             restore_rng(rngs[self.info.rank])
         else:
             restore_rng(rngs[0])
             torch.manual_seed(self.cfg.seed + 7919 * self.info.rank + self.iteration)
-            self._note(f"warning: resuming a {len(rngs)}-process run on {self.info.world_size} processes: data order "
-                       "is kept, dropout randomness is not (the result will not be bit-identical)")
+            self.note(f"warning: resuming a {len(rngs)}-process run on {self.info.world_size} processes: data order "
+                      "is kept, dropout randomness is not (the result will not be bit-identical)")
 
     # ------------------------------------------------------------------------------------------------- data
     def _batches(self) -> Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]]:
@@ -426,13 +285,14 @@ class Trainer:
                           worker_init_fn=_ignore_sigint_in_worker if self.cfg.workers > 0 else None)
 
     # ------------------------------------------------------------------------------------------------ output
-    def _note(self, text: str) -> None:
-        if self.info.is_main and getattr(self, "display", None) is not None:
+    def note(self, text: str) -> None:
+        """One line for the user (rank 0): above the progress bar, or on stderr."""
+        if self.info.is_main and self.display.enabled:
             self.display.note(text)
         elif self.info.is_main:
             print(text, file=sys.stderr, flush=True)
 
-    def _label(self, name: str) -> str:
+    def label(self, name: str) -> str:
         """How a deploy model is named in notes: its role in a distillation, ``model NAME`` in a supervised run
         (a teacher trained with ``segkd train`` is no student)."""
         if isinstance(self.task, SupervisedTask):
@@ -440,7 +300,8 @@ class Trainer:
             return f"model {getattr(model, 'zoo_name', type(model).__name__)}"
         return name
 
-    def _log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any]) -> None:
+        """Append a record to the history and (rank 0) to metrics.jsonl, fsynced."""
         self.history.append(record)
         if self.info.is_main and self._metrics_fh is not None:
             from segkd.provenance import now
@@ -471,7 +332,7 @@ class Trainer:
             return
         from segkd.provenance import provenance
 
-        if not hasattr(self, "_provenance"):  # the start of the run: kept when the summary is added at its end
+        if self._provenance is None:  # the start of the run: kept when the summary is added at its end
             self._provenance = provenance(self.device)
         doc = {
             "command": self.source,
@@ -523,7 +384,7 @@ class Trainer:
         self.task.train(True)
         return results
 
-    def _checkpoint(self, results: dict[str, dict[str, Any]]) -> None:
+    def checkpoint(self, results: dict[str, dict[str, Any]]) -> None:
         """Write last (+ best when improved) for each deploy model, then the resume state (files: rank 0 only).
 
         Weights are checked to be finite first: a diverged model never replaces a good checkpoint."""
@@ -575,7 +436,7 @@ class Trainer:
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if any_rank(bool(bad), self.info):
             if self.info.is_main:
-                self._log({"type": "error", "iter": self.iteration + 1, "error": f"non-finite {what}",
+                self.log({"type": "error", "iter": self.iteration + 1, "error": f"non-finite {what}",
                            **{k: str(v) for k, v in bad.items()}})
             terms = ", ".join(f"{k} = {v}" for k, v in bad.items()) or "on another rank"
             last = self.out / ckpt_name("student", "last")
@@ -600,120 +461,64 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``cfg.iters``; returns the summary (also written to run.json)."""
-        cfg, info = self.cfg, self.info
-        if info.is_main:
+        self._begin()
+        old_signals = self._install_signals()
+        t_start = time.perf_counter()
+        try:
+            while self.iteration < self.cfg.iters:
+                result = self.step()
+                for hook in self.hooks:
+                    hook.after_step(self, result)
+                self._stop_if_requested()
+        finally:
+            self._end(old_signals)
+        self._drop_unkept()
+        summary = self.summary(time.perf_counter() - t_start, self.run_images)
+        self.write_run_json(summary)
+        barrier(self.info)
+        return summary
+
+    def step(self) -> StepResult:
+        """One optimiser step at the scheduled LR (``accum`` micro-batches); advances the iteration."""
+        cfg = self.cfg
+        factor = lr_factor(self.iteration, cfg.iters, cfg.warmup, cfg.poly_power, cfg.warmup_ratio)
+        result = self.optim_step(self._forward_module(), self._batch_iter, factor)
+        self.iteration += 1
+        self.run_images += result.images
+        return result
+
+    def _begin(self) -> None:
+        """Run directory, metrics log, run.json, progress display, train mode, the batch stream, the hooks."""
+        if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._open_metrics_log()
             self.write_run_json()
+            write_resolved_config(self.cfg, self.out, self.source)
         # the bar only on a terminal and without --no-progress; plain periodic lines otherwise (never silence)
-        self.display = _Display(cfg.iters, self.iteration, info.is_main, rich_ok=cfg.progress and sys.stderr.isatty())
-        fwd = self._forward_module()
+        self.display = Display(self.cfg.iters, self.iteration, self.info.is_main,
+                               rich_ok=self.cfg.progress and sys.stderr.isatty())
+        self._forward_module()
         self.task.train(True)
-        batches = self._batches()
-        old_signals = self._install_signals()
-        t_start = time.perf_counter()
-        window: dict[str, float] = dict(self._log_window[0])
-        win_iters, win_images, win_t0 = self._log_window[1], 0, time.perf_counter()
-        run_images, run_t0, start_it = 0, time.perf_counter(), self.iteration
-        params = {n: [p for p in part.module.parameters() if p.requires_grad] for n, part in self.parts.items()}
-        try:
-            while self.iteration < cfg.iters:
-                factor = lr_factor(self.iteration, cfg.iters, cfg.warmup, cfg.poly_power, cfg.warmup_ratio)
-                lrs = apply_lr(self.optimizers.values(), factor)
-                for opt in self.optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                sums: dict[str, Tensor] = {}
-                for micro in range(cfg.accum):
-                    images, labels, extras = next(batches)
-                    images = images.to(self.device, non_blocking=True)
-                    labels = labels.to(self.device, non_blocking=True)
-                    extras = {k: v.to(self.device, non_blocking=True) for k, v in extras.items()}
-                    if cfg.channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    sync = micro == cfg.accum - 1 or not info.enabled
-                    with nullcontext() if sync else fwd.no_sync():  # type: ignore[operator]
-                        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
-                            terms = fwd(images, labels, extras)
-                        if "loss" not in terms:
-                            raise SegkdError("the task returned no 'loss' term")
-                        self.scaler.scale(terms["loss"] / cfg.accum).backward()
-                    for k, v in terms.items():
-                        sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.accum
-                values = {k: float(v) for k, v in sums.items()}
-                self._check_finite(values, "loss")
-                norms: dict[str, float] = {}
-                for name, opt in self.optimizers.items():
-                    if self.use_scaler:
-                        self.scaler.unscale_(opt)
-                    if cfg.clip_grad is not None:
-                        norm = torch.nn.utils.clip_grad_norm_(params[name], cfg.clip_grad)
-                    else:
-                        norm = torch.nn.utils.get_total_norm([p.grad for p in params[name] if p.grad is not None])
-                    norms[name] = float(norm)
-                if not self.use_scaler:  # with a scaler, inf grads just skip the step and lower the scale
-                    self._check_finite({f"grad_norm_{k}": v for k, v in norms.items()}, "gradient")
-                for opt in self.optimizers.values():
-                    self.scaler.step(opt)
-                self.scaler.update()
-                self.iteration += 1
-                n_img = cfg.batch * cfg.accum
-                win_images += n_img
-                run_images += n_img
-                win_iters += 1
-                for k, v in values.items():
-                    window[k] = window.get(k, 0.0) + v
-                for cb in self.callbacks:
-                    cb(self, self.iteration)
+        self._batch_iter = self._batches()
+        for hook in self.hooks:
+            if hasattr(hook, "start"):
+                hook.start(self)
 
-                last_iter = self.iteration == cfg.iters
-                if self.iteration % cfg.log_every == 0 or last_iter:
-                    dt = time.perf_counter() - win_t0
-                    avg = mean_across({k: v / win_iters for k, v in window.items()}, info)
-                    rec: dict[str, Any] = {"type": "train", "iter": self.iteration, "epoch": self.epoch, "lr": lrs[0],
-                                           **avg, "img_s": win_images / max(dt, 1e-9)}
-                    for name, nv in norms.items():
-                        rec[f"grad_norm_{name}" if len(norms) > 1 else "grad_norm"] = nv
-                    if self.use_scaler:
-                        rec["amp_scale"] = float(self.scaler.get_scale())
-                    self._log(rec)
-                    per_it = (time.perf_counter() - run_t0) / max(self.iteration - start_it, 1)
-                    eta = per_it * (cfg.iters - self.iteration)
-                    self.display.update(self.iteration, f"loss {avg['loss']:.4f}  lr {lrs[0]:.2e}  "
-                                        f"{rec['img_s']:.1f} img/s", eta)
-                    window, win_iters, win_images, win_t0 = {}, 0, 0, time.perf_counter()
-                else:
-                    if self.display.bar is not None:
-                        self.display.bar.update(self.display.task_id, completed=self.iteration)
+    def _end(self, old_signals: dict[int, Any]) -> None:
+        for sig, h in old_signals.items():
+            signal.signal(sig, h)
+        self.display.close()
+        if self._metrics_fh is not None:
+            self._metrics_fh.close()
+            self._metrics_fh = None
 
-                self._log_window = (window, win_iters)  # what a resume state saved below continues from
-                if self.iteration % cfg.val_every == 0 or last_iter:
-                    results = self.validate()
-                    for name, res in results.items():
-                        self._log({"type": "val", "iter": self.iteration, "model": name,
-                                   **{k: v for k, v in res.items() if k != "per_class_iou"},
-                                   "per_class_iou": res.get("per_class_iou")})
-                        self._note(f"val @ {self.iteration}: {self._label(name)} mIoU {100 * res['miou']:.2f}  "
-                                   f"aAcc {100 * res['aacc']:.2f}")
-                    self._checkpoint(results)
-                    self.last_results = results
-                if any_rank(self._stop_requested, info) and not last_iter:
-                    path = self.save_resume()
-                    raise TrainingInterrupted(
-                        f"interrupted at iteration {self.iteration}/{cfg.iters}; resumable state saved to {path}; "
-                        f"continue with: {self.source} --resume {self.out}")
-        finally:
-            for sig, h in old_signals.items():
-                signal.signal(sig, h)
-            self.display.close()
-            if self._metrics_fh is not None:
-                self._metrics_fh.close()
-                self._metrics_fh = None
-        wall = time.perf_counter() - t_start
-        self._drop_unkept()
-        summary = self.summary(wall, run_images)
-        self.write_run_json(summary)
-        barrier(info)
-        return summary
+    def _stop_if_requested(self) -> None:
+        """After Ctrl-C / SIGTERM (on any rank): save the resume state and stop with the command that continues."""
+        if any_rank(self._stop_requested, self.info) and not self.last_step:
+            path = self.save_resume()
+            raise TrainingInterrupted(
+                f"interrupted at iteration {self.iteration}/{self.cfg.iters}; resumable state saved to {path}; "
+                f"continue with: {self.source} --resume {self.out}")
 
     def _drop_unkept(self) -> None:
         """At the end of a finished run, delete what ``--keep`` leaves out (a ResNet run's resume state alone is
@@ -729,7 +534,7 @@ class Trainer:
             (self.out / RESUME_FILE).unlink(missing_ok=True)
 
     def summary(self, wall: float, images: int) -> dict[str, Any]:
-        results = getattr(self, "last_results", {})
+        results = self.last_results
         keep = self.cfg.kept()
         files = [self.out / ckpt_name(n, k) for n in self.task.deploy_models() for k in ("last", "best") if k in keep]
         files += [self.out / RESUME_FILE] * ("resume" in keep) + [self.out / METRICS_FILE]
@@ -779,9 +584,9 @@ def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig,
         cfg.check()
         out = Path(cfg.out)
         # a run that saved a resume state is never overwritten; one that died before that is restarted
+        _refuse_finished(out, "choose another --out")
         if (out / RESUME_FILE).exists():
             raise SegkdError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-        _refuse_finished(out, "choose another --out")
         if any(out.glob("*.safetensors")):
             if not (out / RUN_FILE).is_file():
                 raise SegkdError(f"{out} holds checkpoints that are not a segkd run; choose another --out")
@@ -802,13 +607,14 @@ def start_run(cfg: TrainConfig, resume: str | Path | None) -> tuple[TrainConfig,
 
 
 def _refuse_finished(run_dir: Path, advice: str) -> None:
-    """A finished run whose resume state ``--keep`` dropped is never restarted over its results."""
+    """A finished run is never restarted over its results (whether or not ``--keep`` kept its resume state)."""
     try:
         finished = "summary" in json.loads((run_dir / RUN_FILE).read_text())
     except (OSError, ValueError, TypeError):
         return
     if finished:
-        raise SegkdError(f"{run_dir} holds a finished run (its resume state was not kept); {advice}")
+        kept = "" if (run_dir / RESUME_FILE).exists() else " (its resume state was not kept)"
+        raise SegkdError(f"{run_dir} holds a finished run{kept}; {advice}")
 
 
 def _start_note(text: str) -> None:

@@ -41,7 +41,7 @@ CLIP's language-aligned space; the run records which pool was used (``pool_sourc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -344,9 +344,9 @@ def random_pool(channels: int, out_dim: int = 512, heads: int = 32, spacial_dim:
 # ----------------------------------------------------------------------------------------------------- method
 @dataclass
 class C2VKDOptions:
-    vlfd_global: bool = True
-    vlfd_patch: bool = True
-    vlfd_ling: bool = True
+    vlfd_global: bool = field(default=True, metadata={"flag": "--no-vlfd-global", "help": "drop the global term."})
+    vlfd_patch: bool = field(default=True, metadata={"flag": "--no-vlfd-patch", "help": "drop the patch term."})
+    vlfd_ling: bool = field(default=True, metadata={"flag": "--no-vlfd-ling", "help": "drop the linguistic term."})
     global_weight: float = 0.1
     patch_weight: float = 0.1
     ling_weight: float = 0.5
@@ -354,15 +354,19 @@ class C2VKDOptions:
     kl: Literal["teacher_student", "student_teacher"] = "teacher_student"
     gram_chunk: int = 1024
     gram_method: GramMethod = "auto"
-    pdd_mode: Literal["paper", "dkd"] = "paper"
+    pdd_mode: Literal["paper", "dkd"] = field(default="paper", metadata={"flag": "--pdd-mode",
+                                                                          "help": "PDD form, paper or dkd."})
     pdd_alpha: float = 0.5
     pdd_beta: float = 0.5
     pdd_temperature: float = 1.0
     pdd_nckd: float = 0.0
     pdd_kl: Literal["reverse", "forward"] = "reverse"
-    add_ce: bool = False
+    add_ce: bool = field(default=False, metadata={"flag": "--c2vkd-add-ce",
+                                                  "help": "add the student's CE (the published objective has none)."})
     ce_weight: float = 1.0
-    pool_weights: str | None = None
+    pool_weights: str | None = field(default=None, metadata={
+        "flag": "--c2vkd-pool-weights", "help": "attention-pool weights (CLIP RN101 visual.attnpool.* or plain keys); "
+        "default: seeded frozen random pool."})
     pool_seed: int = 0
     pool_heads: int = 32
     ling_dim: int = 512

@@ -16,7 +16,7 @@ checkpoint metrics).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from segkd.checkpoint import META_KEY, CheckpointMeta, atomic_write_text, read_safetensors
+from segkd.engine.config import TrainConfig, option
 from segkd.engine.distributed import DistInfo
 from segkd.engine.task import NoExtraState, OptimConfig, Part
-from segkd.engine.trainer import Callback, DataBundle, TrainConfig, deploy_param_count, parse_hw, run_task
+from segkd.engine.trainer import Callback, DataBundle, deploy_param_count, parse_hw, run_task
 from segkd.errors import SegkdError
 from segkd.methods.base import METHODS, Method, MethodSpec, Terms, check_pair, make_options, resize_to, valid_mask
 from segkd.models import MODELS, SegModel, SegOutput, count_params, create_model
@@ -202,22 +203,31 @@ class OnlineTask(NoExtraState):
 class DistillConfig(TrainConfig):
     """:class:`TrainConfig` (``model`` = the student) plus the method's choices; saved with the run for resume."""
 
-    method: str = "kd"
-    teacher: str | None = None
-    teacher_weights: str | None = None
-    peer: str | None = None
-    peer_pretrained: str | None = None
-    peer_optimizer: str | None = None
-    peer_lr: float | None = None
-    peer_wd: float | None = None
-    peer_head_lr_mult: float | None = None
-    method_opts: dict[str, Any] = field(default_factory=dict)
-    out: str = "runs/distill"
-    aux_weight: float = 0.0
-    teacher_view: str = "clean"
-    teacher_cache: str | None = None
-    unlabeled: str | None = None
-    unlabeled_ratio: int = 1
+    model: str = option("segformer-b0", "Student zoo model (what is trained and saved).", "--student",
+                        required=True)
+    method: str = option("kd", "Method: kd, cwd, dkd, c2vkd, transkd, collab, dml.", required=True)
+    teacher: str | None = option(None, "Teacher zoo model (teacher methods; default: the model a segkd "
+                                 "--teacher-weights checkpoint names).")
+    teacher_weights: str | None = option(None, "Teacher weights: a segkd checkpoint, or a foreign one `segkd "
+                                         "convert` reads; must load with no key missing.")
+    peer: str | None = option(None, "Second student of online methods (collab, dml).")
+    peer_pretrained: str | None = option(None, "Local backbone weights for the peer.")
+    peer_optimizer: str | None = option(None, "Peer optimiser, adamw or sgd (default: --optimizer).")
+    peer_lr: float | None = option(None, "Peer peak LR (default: the student's, or the peer optimiser's default).")
+    peer_wd: float | None = option(None, "Peer weight decay.")
+    peer_head_lr_mult: float | None = option(None, "Peer decode-head LR multiplier.")
+    method_opts: dict[str, Any] = option(help="The method's options (docs/methods.md); on the command line "
+                                         "--method-opt KEY=VALUE and the method's own flags.", cli=False,
+                                         default_factory=dict)
+    out: str = option("runs/distill", "Run directory for checkpoints and logs.", "--out", "-o")
+    aux_weight: float = option(0.0, "Unused by distillation (the student has no aux head).", cli=False)
+    teacher_view: str = option("clean", "What the teacher sees: clean = the student's crop without photometric "
+                               "jitter; same = the student's jittered input.")
+    teacher_cache: str | None = option(None, "Folder of cached whole-image teacher outputs, built (or continued) "
+                                       "on first use and warped onto every crop: no teacher forward per step.")
+    unlabeled: str | None = option(None, "Folder of images without labels: they get only the distillation terms.")
+    unlabeled_ratio: int = option(1, "With --unlabeled: unlabeled images added to the batch per labelled one (the "
+                                  "labelled batch stays --batch).")
 
     def check(self) -> None:
         super().check()
@@ -440,47 +450,3 @@ def run_distill(cfg: DistillConfig, resume: str | Path | None = None, callbacks:
 
         atomic_write_text(Path(c.out) / "distill.json", json.dumps(report, indent=2, default=str) + "\n")
     return summary
-
-
-# -------------------------------------------------------------------------------------------------------- CLI
-# method-specific flags of `segkd distill`: flag -> (method, option field, value transform)
-_FLAG_OPTIONS: dict[str, tuple[str, str]] = {
-    "--variant": ("transkd", "variant"),
-    "--c2vkd-add-ce": ("c2vkd", "add_ce"),
-    "--c2vkd-pool-weights": ("c2vkd", "pool_weights"),
-    "--no-vlfd-global": ("c2vkd", "vlfd_global"),
-    "--no-vlfd-patch": ("c2vkd", "vlfd_patch"),
-    "--no-vlfd-ling": ("c2vkd", "vlfd_ling"),
-    "--pdd-mode": ("c2vkd", "pdd_mode"),
-}
-
-
-def method_options_from_flags(method: str, flags: dict[str, Any], method_opt: list[str] | None) -> dict[str, Any]:
-    """The ``method_opts`` dict of a ``segkd distill`` command line: the named flags (each refused with one line
-    when it belongs to another method) plus the generic ``--method-opt KEY=VALUE`` items."""
-    from segkd.methods.base import parse_method_opts
-
-    name = METHODS.canonical(method)
-    opts: dict[str, Any] = {}
-    for flag, value in flags.items():
-        if value is None or value is False:
-            continue
-        owner, field_name = _FLAG_OPTIONS[flag]
-        if owner != name:
-            raise SegkdError(f"{flag} is a {owner} option; --method is {name}")
-        opts[field_name] = False if flag.startswith("--no-") else (True if value is True else str(value))
-    opts.update(parse_method_opts(method_opt))
-    return opts
-
-
-def distill_config_from_cli(values: dict[str, Any]) -> DistillConfig:
-    """A :class:`DistillConfig` from the command's keyword arguments (train's options keep their names;
-    ``--out`` is ``out_dir``, ``--no-progress`` is ``no_progress``, ``--student`` is the trained ``model``)."""
-    from dataclasses import fields as dc_fields
-
-    names = {f.name for f in dc_fields(DistillConfig)}
-    kw = {k: v for k, v in values.items() if k in names and v is not None}
-    kw["model"] = values.get("student") or ""
-    kw["out"] = str(values.get("out_dir") or "runs/distill")
-    kw["progress"] = not values.get("no_progress", False)
-    return DistillConfig(**kw)

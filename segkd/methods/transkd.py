@@ -31,7 +31,7 @@ differ). Objective (official ``train_TransKD*.py``)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -174,7 +174,8 @@ class PatchEmbedEA(nn.Module):
 
 @dataclass
 class TransKDOptions:
-    variant: Literal["base", "gl", "ea"] = "base"
+    variant: Literal["base", "gl", "ea"] = field(default="base", metadata={
+        "flag": "--variant", "help": "base, gl (GL-Mixer) or ea (Embedding Assistant)."})
     feat_weight: float = 1.0
     embed_weights: tuple[float, ...] = (0.1, 0.1, 0.5, 1.0)
     embed: int = 0
