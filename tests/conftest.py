@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -33,3 +34,16 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
         main()
     captured = capsys.readouterr()
     return int(exc.value.code or 0), captured.out, captured.err
+
+
+def build_distill_task(cfg: Any, data: Any) -> Any:
+    """The task ``segkd distill`` builds for ``cfg`` on ``data`` (checks, then build), on the CPU."""
+    import torch
+
+    from segkd.engine.distributed import DistInfo
+    from segkd.methods.task import DistillBuilder
+
+    cfg.check()
+    builder = DistillBuilder()
+    builder.check(cfg)
+    return builder.build(cfg, data, DistInfo(device=torch.device("cpu")))

@@ -15,9 +15,10 @@ from segkd.data.transforms import Geometry, TrainTransform, collate_pairs
 from segkd.errors import SegkdError
 from segkd.methods import teacher_cache as tc
 from segkd.methods.distill_data import DistillDataset, UnlabeledImages, pseudo_labels
-from segkd.methods.task import DistillConfig, cache_key, load_teacher, make_distill_task, prepare_distill_data
+from segkd.methods.task import DistillConfig, cache_key, load_teacher, prepare_distill_data
 from segkd.models import create_model
 from segkd.models.base import upsample_logits
+from tests.conftest import build_distill_task
 
 K = 3
 
@@ -64,7 +65,7 @@ def test_teacher_sees_the_unjittered_crop_bit_for_bit(tiny: dict[str, Path], tmp
     assert "teacher_images" not in DistillDataset(ds, teacher_view="same")[0][2]
 
     # and the task really feeds that tensor to the teacher
-    task = make_distill_task(_cfg(tiny, tmp_path), prepare_distill_data(_cfg(tiny, tmp_path)))
+    task = build_distill_task(_cfg(tiny, tmp_path), prepare_distill_data(_cfg(tiny, tmp_path)))
     seen: list[torch.Tensor] = []
     task.teacher.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     x, y, extras = dds[0]
@@ -174,7 +175,7 @@ def test_cached_targets_replace_the_teacher_forward(tiny: dict[str, Path], tmp_p
     ds = data.train
     assert isinstance(ds, DistillDataset) and ds.cache is not None
     x, y, extras = ds[0]
-    assert set(extras) == {"teacher_logits", "teacher_layer4", "teacher_inside"}
+    assert set(extras) == {"teacher_logits", "teacher_layer4", "inside"}
     assert tuple(extras["teacher_logits"].shape) == (K, 32, 32) and tuple(extras["teacher_layer4"].shape)[1:] == (4, 4)
     # with no rescale and no crop, the cached logits are the teacher's own upsampled logits on the clean image
     whole = build_dataset(tiny["data"], "train", transform=build_eval_transform())
@@ -185,7 +186,7 @@ def test_cached_targets_replace_the_teacher_forward(tiny: dict[str, Path], tmp_p
     cached = tc.cached_targets(ds.cache, ds.sha(0), g)["teacher_logits"]
     assert torch.allclose(cached, direct, atol=2e-2 * float(direct.abs().max()))  # fp16 storage
 
-    task = make_distill_task(cfg, data)
+    task = build_distill_task(cfg, data)
 
     def refuse(m, a):
         raise AssertionError("the teacher ran although the batch carries cached targets")
@@ -253,7 +254,7 @@ def test_unlabeled_images_get_only_distillation_terms(tiny: dict[str, Path], tmp
     assert tuple(batch[0].shape)[0] == 6 and batch[2]["labeled"].tolist() == [True, False, False] * 2
     x, y, extras = x3[1], y3[1], {k: v[1] for k, v in e3.items()}
     assert bool((y == 255).all()) and bool(extras["inside"].any())
-    task = make_distill_task(cfg, data)
+    task = build_distill_task(cfg, data)
     terms = task.losses(x[None], y[None], {k: v[None] for k, v in extras.items()})
     assert float(terms["raw_ce"]) == 0.0 and float(terms["raw_dkd"]) > 0.0  # no label: CE skips it, DKD does not
     xl, yl, el = x3[0], y3[0], {k: v[0] for k, v in e3.items()}

@@ -35,9 +35,10 @@ from segkd.methods.collab import pbsd_loss, pbsd_masks, rbsd_loss, region_scores
 from segkd.methods.cwd import cwd_loss
 from segkd.methods.dkd import dkd_loss
 from segkd.methods.kd import kd_loss
-from segkd.methods.task import DistillConfig, load_teacher, make_distill_task, run_distill
+from segkd.methods.task import DistillBuilder, DistillConfig, load_teacher, run_distill
 from segkd.methods.transkd import SK, hcl_loss, pea_loss
 from segkd.models import create_model
+from tests.conftest import build_distill_task
 
 L3 = math.log(3.0)
 KL_75_50 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # KL([.75,.25] || [.5,.5])
@@ -379,7 +380,7 @@ def test_gradients_reach_student_and_adapters_never_teacher(method: str, teacher
                                                             tmp_path: Path, teachers: dict[str, str]) -> None:
     cfg = _cfg(method, tmp_path, teachers, teacher=teacher, **opts)
     torch.manual_seed(0)
-    task = make_distill_task(cfg, bundle())
+    task = build_distill_task(cfg, bundle())
     before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
     frozen = {k: v.clone() for k, v in task.method.state_dict().items() if "pool" in k}
     opt = build_optimizer(task.parts()["student"])
@@ -419,7 +420,7 @@ def test_pixel_accuracy_by_hand() -> None:
 def test_collab_updates_both_students(tmp_path: Path, teachers: dict[str, str]) -> None:
     cfg = _cfg("collab", tmp_path, teachers, peer="deeplabv3-resnet18")
     torch.manual_seed(0)
-    task = make_distill_task(cfg, bundle())
+    task = build_distill_task(cfg, bundle())
     parts = task.parts()
     assert set(parts) == {"student", "peer"}
     opts = {n: build_optimizer(p) for n, p in parts.items()}
@@ -478,9 +479,13 @@ def test_end_to_end(method: str, teacher: str | None, peer: str | None, opts: di
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def test_bad_pairs_fail_before_training(tmp_path: Path, teachers: dict[str, str]) -> None:
-    from segkd.methods.task import precheck
+def precheck(cfg: DistillConfig) -> None:
+    """What run_task checks before any data is read: the config (start_run), then the builder (options, pair)."""
+    cfg.check()
+    DistillBuilder().check(cfg)
 
+
+def test_bad_pairs_fail_before_training(tmp_path: Path, teachers: dict[str, str]) -> None:
     with pytest.raises(SegkdError, match="c2vkd needs a cnn teacher; segformer-b1 is a transformer"):
         precheck(_cfg("c2vkd", tmp_path, teachers, teacher="segformer-b1"))
     with pytest.raises(SegkdError, match="transkd needs transformer stages with patch embeddings on both sides; "

@@ -66,6 +66,47 @@ def _supervised_step(model: nn.Module, opt: torch.optim.Optimizer, images: Tenso
     opt.step()
 
 
+def _method_step(task: Any, images: Tensor, labels: Tensor, extras: dict[str, Tensor]) -> Any:
+    """One step of the distillation task: its losses, backward through student + adapters, AdamW over both."""
+    params = [p for part in task.parts().values() for p in part.module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    task.train(True)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        (task.losses(images, labels, extras) if extras else task.losses(images, labels))["loss"].backward()
+        opt.step()
+
+    return step
+
+
+def _bound_step(student: nn.Module, other: nn.Module, images: Tensor, labels: Tensor, online: bool,
+                cached: bool) -> tuple[Any, str]:
+    """The lower bound's step and its definition (see the module docstring)."""
+    s_opt = torch.optim.AdamW(student.parameters(), lr=LR)
+    student.train()
+    if online:
+        other.train().requires_grad_(True)
+        o_opt = torch.optim.AdamW(other.parameters(), lr=LR)
+
+        def two() -> None:
+            _supervised_step(student, s_opt, images, labels)
+            _supervised_step(other, o_opt, images, labels)
+
+        return two, "two supervised steps (student and peer)"
+    if cached:
+        return (lambda: _supervised_step(student, s_opt, images, labels),
+                "student fwd + CE + bwd + AdamW step (the student alone)")
+    other.eval().requires_grad_(False)
+
+    def with_teacher() -> None:
+        with torch.inference_mode():
+            other(images)
+        _supervised_step(student, s_opt, images, labels)
+
+    return with_teacher, "teacher fwd (no grad) + student fwd + CE + bwd + AdamW step"
+
+
 def bench_train_step(
     method: str,
     teacher: str,
@@ -82,67 +123,29 @@ def bench_train_step(
     """Time ``method``'s training step and its lower bound on one batch shape; returns a report entry."""
     from segkd.engine.task import OptimConfig
     from segkd.methods import METHODS, check_pair, make_options
-    from segkd.methods.task import DistillTask, OnlineTask
+    from segkd.methods.task import assemble_task
     from segkd.models import count_params, create_model
 
     if shape[0] < 2:
         raise SegkdError(f"--train-step: batch {shape[0]} is too small; use --batch 2 or more "
                          "(BatchNorm in train mode needs more than one value per channel)")
     spec = METHODS.get(method)
-    s_model = create_model(student, num_classes=num_classes).to(device)
-    o_model = create_model(teacher, num_classes=num_classes).to(device)
-    check_pair(spec, s_model, o_model)
-    opts = make_options(spec, {})
-    adapters = spec.build(opts, s_model, o_model, ignore_index=255).to(device)
-    images, labels = _random_batch(shape, num_classes, device)
-
     if cached and (spec.peer or spec.name in REFUSED_METHODS):
         why = "it has no teacher" if spec.peer else REFUSED_METHODS[spec.name]
         raise SegkdError(f"--teacher-cache cannot serve {spec.name}: {why}")
-    if spec.peer:
-        task: Any = OnlineTask(spec, adapters, s_model, o_model, OptimConfig(), OptimConfig())
-        params = list(task.a.parameters()) + list(task.b.parameters())
-    else:
-        task = DistillTask(spec, adapters, s_model, o_model, OptimConfig())
-        params = list(task.module.parameters())
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=LR)
-    task.train(True)
-    extras: dict[str, Tensor] = {}
-    if cached:
-        extras, warp_fn = _cached_extras(task, images)
-
-    def method_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        (task.losses(images, labels, extras) if extras else task.losses(images, labels))["loss"].backward()
-        opt.step()
-
-    measured = _measure(method_step, device, warmup, iters, min_time, threads)
-    adapter_params = sum(p.numel() for p in adapters.parameters() if p.requires_grad)
-
-    s_opt = torch.optim.AdamW(s_model.parameters(), lr=LR)
-    if spec.peer:
-        o_model.train().requires_grad_(True)
-        o_opt = torch.optim.AdamW(o_model.parameters(), lr=LR)
-
-        def bound_step() -> None:
-            _supervised_step(s_model, s_opt, images, labels)
-            _supervised_step(o_model, o_opt, images, labels)
-    elif cached:
-        def bound_step() -> None:
-            _supervised_step(s_model, s_opt, images, labels)
-    else:
-        o_model.eval().requires_grad_(False)
-
-        def bound_step() -> None:
-            with torch.inference_mode():
-                o_model(images)
-            _supervised_step(s_model, s_opt, images, labels)
-
-    s_model.train()
-    bound = _measure(bound_step, device, warmup, iters, min_time, threads)
-    ratio = measured["latency_ms"]["p50"] / bound["latency_ms"]["p50"]
+    s_model = create_model(student, num_classes=num_classes).to(device)
+    o_model = create_model(teacher, num_classes=num_classes).to(device)
+    check_pair(spec, s_model, o_model)
+    images, labels = _random_batch(shape, num_classes, device)
+    # the task segkd distill builds (one constructor), with the method's default options
+    task = assemble_task(spec, make_options(spec, {}), s_model, o_model, OptimConfig(), OptimConfig())
+    task.method.to(device)
+    extras, warp_fn = _cached_extras(task, images) if cached else ({}, None)
+    measured = _measure(_method_step(task, images, labels, extras), device, warmup, iters, min_time, threads)
+    bound_fn, bound_definition = _bound_step(s_model, o_model, images, labels, spec.peer, cached)
+    bound = _measure(bound_fn, device, warmup, iters, min_time, threads)
     extra: dict[str, Any] = {}
-    if cached:
+    if warp_fn is not None:
         warp = _measure(warp_fn, torch.device("cpu"), warmup, iters, min_time, threads)
         extra = {"warp": warp, "overhead_ratio_with_warp": (measured["latency_ms"]["p50"] + warp["latency_ms"]["p50"])
                  / bound["latency_ms"]["p50"]}
@@ -156,14 +159,12 @@ def bench_train_step(
         "device": str(device),
         "optimizer": f"AdamW lr={LR}",
         "student_params": count_params(s_model),
-        "adapter_params": adapter_params,
+        "adapter_params": task.method.trainable_parameter_count(),
         "method_step": measured,
         "lower_bound": bound,
-        "overhead_ratio": ratio,
+        "overhead_ratio": measured["latency_ms"]["p50"] / bound["latency_ms"]["p50"],
         "teacher_cache": cached,
-        "bound_definition": "two supervised steps (student and peer)" if spec.peer else
-        ("student fwd + CE + bwd + AdamW step (the student alone)" if cached else
-         "teacher fwd (no grad) + student fwd + CE + bwd + AdamW step"),
+        "bound_definition": bound_definition,
         **extra,
     }
 

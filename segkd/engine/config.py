@@ -172,6 +172,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     kind = {".yml": "YAML", ".yaml": "YAML", ".toml": "TOML", ".json": "JSON"}[path.suffix.lower()]
     try:
         data = _parse(text, kind)
+    except SegkdError:
+        raise
     except Exception as e:  # each parser has its own error type; all become one line naming the file
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise SegkdError(f"{path}: not valid {kind} ({reason})") from None
@@ -188,8 +190,10 @@ def _parse(text: str, kind: str) -> Any:
 
         return yaml.safe_load(text)  # safe_load: plain data only, never a Python object
     if kind == "TOML":
-        import tomllib
-
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise SegkdError("TOML config files need Python 3.11 or newer (tomllib); use YAML or JSON") from None
         return tomllib.loads(text)
     return json.loads(text)
 

@@ -117,6 +117,23 @@ def _progress(enabled: bool, total: int | None, label: str = "eval"):
                     console=console, transient=True, disable=not enabled or not console.is_terminal)
 
 
+def _predict_batch(predict: Callable[[Tensor], Tensor], batch: Any, device: torch.device, num_classes: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(images, labels, predicted labels)`` of one ``(images, labels)`` (or ``{"image", "label"}``) batch: the
+    scores upsampled to the label size before the argmax; a wrong score shape is a one-line error."""
+    images, labels = (batch["image"], batch["label"]) if isinstance(batch, dict) else (batch[0], batch[1])
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    if labels.ndim == 4 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    scores = predict(images)
+    if scores.ndim != 4 or scores.shape[0] != images.shape[0]:
+        raise SegkdError(f"predict returned shape {tuple(scores.shape)} for a batch of {images.shape[0]}")
+    if scores.shape[1] != num_classes:
+        raise SegkdError(f"the model predicts {scores.shape[1]} classes but the evaluation expects {num_classes}")
+    return images, labels, upsample_logits(scores.float(), labels.shape[-2:]).argmax(1)
+
+
 def evaluate(
     predict: Callable[[Tensor], Tensor],
     loader: Any,
@@ -141,7 +158,6 @@ def evaluate(
     device = torch.device(device)
     meter = ConfusionMeter(num_classes, ignore_index, device=device)
     n_images = 0
-    seen = 0
     rank, _ = _dist_info()
     start = time.perf_counter()
     try:
@@ -152,25 +168,10 @@ def evaluate(
         task = bar.add_task("eval", total=total)
         plain = log_every > 0 and rank == 0 and bar.disable
         for done, batch in enumerate(loader, 1):
-            if isinstance(batch, dict):
-                images, labels = batch["image"], batch["label"]
-            else:
-                images, labels = batch[0], batch[1]
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if labels.ndim == 4 and labels.shape[1] == 1:
-                labels = labels[:, 0]
-            scores = predict(images)
-            if scores.ndim != 4 or scores.shape[0] != images.shape[0]:
-                raise SegkdError(f"predict returned shape {tuple(scores.shape)} for a batch of {images.shape[0]}")
-            if scores.shape[1] != num_classes:
-                raise SegkdError(f"the model predicts {scores.shape[1]} classes but the evaluation expects "
-                                 f"{num_classes}")
-            pred = upsample_logits(scores.float(), labels.shape[-2:]).argmax(1)
+            images, labels, pred = _predict_batch(predict, batch, device, num_classes)
             meter.update(pred, labels)
             if on_batch is not None:
-                on_batch(seen, images, labels, pred)
-            seen += images.shape[0]
+                on_batch(n_images, images, labels, pred)
             n_images += images.shape[0]
             bar.advance(task)
             if plain and (done % log_every == 0 or done == total):

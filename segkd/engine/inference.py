@@ -103,6 +103,48 @@ def _slide(fn: Predictor, images: Tensor, crop: tuple[int, int], stride: tuple[i
     return total / count
 
 
+def _windows(mode: str, crop: tuple[int, int] | str | None, stride: tuple[int, int] | str | None
+             ) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """``(crop, stride)`` of the sliding window, checked (stride defaults to 2/3 of the crop)."""
+    if mode not in ("whole", "slide"):
+        raise SegkdError(f"--mode {mode!r}: expected whole or slide")
+    crop_hw = parse_hw(crop, "--crop")
+    stride_hw = parse_hw(stride, "--stride")
+    if mode == "whole":
+        if stride is not None:
+            raise SegkdError("--stride only applies with --mode slide")
+        return crop_hw, None
+    if crop_hw is None:
+        raise SegkdError("--mode slide needs --crop HxW")
+    if stride_hw is None:
+        stride_hw = (max(1, crop_hw[0] * 2 // 3), max(1, crop_hw[1] * 2 // 3))
+    if stride_hw[0] > crop_hw[0] or stride_hw[1] > crop_hw[1]:
+        raise SegkdError(f"--stride {stride_hw[0]}x{stride_hw[1]} is larger than --crop "
+                         f"{crop_hw[0]}x{crop_hw[1]}: some pixels would never be predicted")
+    return crop_hw, stride_hw
+
+
+def _tta(single: Predictor, images: Tensor, scales: Sequence[float], flip: bool, average: str) -> Tensor:
+    """Scores averaged over the rescaled (and flipped) views, each upsampled back to the input size: mean of the
+    softmax probabilities (returned as log-probabilities) or of the logits."""
+    size = images.shape[-2:]
+    acc: Tensor | None = None
+    views = 0
+    for s in scales:
+        scaled = images if s == 1.0 else F.interpolate(
+            images, size=(max(1, round(size[0] * s)), max(1, round(size[1] * s))), mode="bilinear",
+            align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            logits = single(scaled.flip(-1) if flipped else scaled).float()
+            logits = upsample_logits(logits.flip(-1) if flipped else logits, size)
+            term = logits.softmax(1) if average == "probs" else logits
+            acc = term if acc is None else acc + term
+            views += 1
+    assert acc is not None
+    mean = acc / views
+    return mean.clamp_min(1e-12).log() if average == "probs" else mean
+
+
 def make_predictor(
     model: Predictor,
     mode: Literal["whole", "slide"] = "whole",
@@ -119,58 +161,25 @@ def make_predictor(
     defaults to two thirds of ``crop`` (mmseg's usual 512/341 ratio). ``amp`` runs the model under autocast
     (bf16 on CPU, fp16 on CUDA) while the averaging stays fp32.
     """
-    if mode not in ("whole", "slide"):
-        raise SegkdError(f"--mode {mode!r}: expected whole or slide")
-    crop_hw = parse_hw(crop, "--crop")
-    stride_hw = parse_hw(stride, "--stride")
-    if mode == "slide":
-        if crop_hw is None:
-            raise SegkdError("--mode slide needs --crop HxW")
-        if stride_hw is None:
-            stride_hw = (max(1, crop_hw[0] * 2 // 3), max(1, crop_hw[1] * 2 // 3))
-        if stride_hw[0] > crop_hw[0] or stride_hw[1] > crop_hw[1]:
-            raise SegkdError(f"--stride {stride_hw[0]}x{stride_hw[1]} is larger than --crop "
-                             f"{crop_hw[0]}x{crop_hw[1]}: some pixels would never be predicted")
-    elif stride is not None:
-        raise SegkdError("--stride only applies with --mode slide")
+    crop_hw, stride_hw = _windows(mode, crop, stride)
     scale_list = parse_scales(scales)
     if tta_average not in ("probs", "logits"):
         raise SegkdError(f"tta_average {tta_average!r}: expected probs or logits")
     use_tta = flip or len(scale_list) > 1 or scale_list[0] != 1.0
 
     def single(images: Tensor) -> Tensor:
-        if mode == "slide":
-            assert crop_hw is not None and stride_hw is not None
+        if stride_hw is not None:
+            assert crop_hw is not None
             return _slide(model, images, crop_hw, stride_hw)
         return _whole(model, images)
 
     def predict(images: Tensor) -> Tensor:
         if images.ndim != 4:
             raise SegkdError(f"expected an image batch B x C x H x W, got shape {tuple(images.shape)}")
-        size = images.shape[-2:]
         dtype = torch.bfloat16 if images.device.type == "cpu" else torch.float16
         with torch.inference_mode(), torch.autocast(images.device.type, dtype=dtype, enabled=amp):
             if not use_tta:
                 return single(images).float()
-            acc: Tensor | None = None
-            views = 0
-            for s in scale_list:
-                if s == 1.0:
-                    scaled = images
-                else:
-                    hw = (max(1, round(size[0] * s)), max(1, round(size[1] * s)))
-                    scaled = F.interpolate(images, size=hw, mode="bilinear", align_corners=False)
-                for flipped in (False, True) if flip else (False,):
-                    view = scaled.flip(-1) if flipped else scaled
-                    logits = single(view).float()
-                    if flipped:
-                        logits = logits.flip(-1)
-                    logits = upsample_logits(logits, size)
-                    term = logits.softmax(1) if tta_average == "probs" else logits
-                    acc = term if acc is None else acc + term
-                    views += 1
-            assert acc is not None
-            mean = acc / views
-            return mean.clamp_min(1e-12).log() if tta_average == "probs" else mean
+            return _tta(single, images, scale_list, flip, tta_average)
 
     return predict

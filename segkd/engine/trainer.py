@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -687,14 +687,61 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 Callback = Callable[["Trainer", int], None]
 
 
-def run_task(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, DistInfo], Task],
-             resume: str | Path | None = None, callbacks: Sequence[Callback] = (), data: DataBundle | None = None,
-             source: str = "segkd train",
-             prepare: Callable[[TrainConfig, DistInfo], DataBundle] | None = None) -> dict[str, Any]:
-    """Run any task on the shared engine: the entry point of ``train`` and ``distill``.
+class TaskBuilder(Protocol):
+    """How a command turns its config into a task, in three steps :func:`run_task` calls once each:
+
+    ``check(cfg)`` after the config's own checks and before any data is read (names, options, pairs: fail fast);
+    ``prepare(cfg, info)`` the datasets (:func:`prepare_data`, or with distillation extras);
+    ``build(cfg, data, info)`` the models and the task, under the run seed so every rank starts identical.
+    A builder may keep what one step made for the next (the method options, a teacher loaded for its cache).
+    ``source(cfg)`` names the command in run.json and the checkpoints (``segkd distill --method c2vkd``).
+    """
+
+    def source(self, cfg: TrainConfig) -> str: ...
+
+    def check(self, cfg: TrainConfig) -> None: ...
+
+    def prepare(self, cfg: TrainConfig, info: DistInfo) -> DataBundle: ...
+
+    def build(self, cfg: TrainConfig, data: DataBundle, info: DistInfo) -> Task: ...
+
+
+@dataclass
+class Run:
+    """What :func:`run_task` ran: the summary (also in run.json), the task with its trained models, the config as
+    resolved (the saved one on ``--resume``) and the data."""
+
+    summary: dict[str, Any]
+    task: Task
+    cfg: TrainConfig
+    data: DataBundle
+
+
+class SupervisedBuilder:
+    """``segkd train``: one zoo model (with DeepLabV3's aux head when ``aux_weight > 0``) and pixel CE."""
+
+    def source(self, cfg: TrainConfig) -> str:
+        return "segkd train"
+
+    def check(self, cfg: TrainConfig) -> None:
+        from segkd.models import MODELS
+
+        MODELS.canonical(cfg.model)  # unknown model: fail before any data is read
+
+    def prepare(self, cfg: TrainConfig, info: DistInfo) -> DataBundle:
+        return prepare_data(cfg, info)
+
+    def build(self, cfg: TrainConfig, data: DataBundle, info: DistInfo) -> Task:
+        return SupervisedTask(build_model(cfg, data.num_classes), data.ignore_index, cfg.aux_weight, cfg.optim())
+
+
+def run_task(cfg: TrainConfig, builder: TaskBuilder, resume: str | Path | None = None,
+             callbacks: Sequence[Callback] = (), data: DataBundle | None = None) -> Run:
+    """Run any task on the shared engine: the entry point of ``train`` and ``distill``; returns what it built.
 
     The run directory is locked for the whole run (a second run on it is refused), temp files of writes killed
     earlier are removed, and an ``OSError`` (read-only, disk full) becomes one line saying what is kept.
+    ``data`` may be given to train on in-memory datasets (tests, notebooks) instead of ``builder.prepare``.
     """
     from segkd.runlock import acquire_run_lock
     from segkd.safeio import os_error_message, remove_orphan_tmps
@@ -708,26 +755,24 @@ def run_task(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, Dis
             if count:
                 _start_note(f"note: removed {count} temp file(s) ({size / 1e6:.1f} MB) left in {run_dir} by "
                             "interrupted writes")
-        return _run_task_locked(cfg, make_task, resume, callbacks, data, source, prepare)
+        return _run_task_locked(cfg, builder, resume, callbacks, data)
     except OSError as e:
         raise SegkdError(f"{os_error_message(e)}; {_kept_state(run_dir)}") from None
     finally:
         lock.release()
 
 
-def _run_task_locked(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBundle, DistInfo], Task],
-                     resume: str | Path | None = None, callbacks: Sequence[Callback] = (),
-                     data: DataBundle | None = None, source: str = "segkd train",
-                     prepare: Callable[[TrainConfig, DistInfo], DataBundle] | None = None) -> dict[str, Any]:
+def _run_task_locked(cfg: TrainConfig, builder: TaskBuilder, resume: str | Path | None,
+                     callbacks: Sequence[Callback], data: DataBundle | None) -> Run:
     """:func:`run_task` once the run directory is locked.
 
-    Order: config/resume checks, process group (from torchrun's env), seeding, data (validated up front),
-    ``make_task(cfg, data, info)`` (builds the models under the run seed, so every rank starts identical),
-    optional SyncBatchNorm, rank-specific RNG streams, restored state on ``--resume``, then :meth:`Trainer.fit`.
-    ``cfg`` may be a subclass of :class:`TrainConfig` holding a method's extra options; ``prepare`` replaces
-    :func:`prepare_data` for tasks whose datasets carry more than (image, label) pairs (distillation extras).
+    Order: config/resume checks (once, :func:`start_run`), ``builder.check``, process group (from torchrun's env),
+    seeding, data (validated up front), ``builder.build``, optional SyncBatchNorm, rank-specific RNG streams,
+    restored state on ``--resume``, then :meth:`Trainer.fit`. ``cfg`` may be a subclass of :class:`TrainConfig`
+    holding a method's extra options.
     """
     cfg, state = start_run(cfg, resume)
+    builder.check(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)
@@ -735,36 +780,27 @@ def _run_task_locked(cfg: TrainConfig, make_task: Callable[[TrainConfig, DataBun
         if cfg.sync_bn and info.enabled and info.device.type != "cuda":
             raise SegkdError("--sync-bn needs CUDA: torch's SyncBatchNorm has no CPU implementation")
         seed_everything(cfg.seed)
-        bundle = data if data is not None else (prepare or prepare_data)(cfg, info)
-        task = make_task(cfg, bundle, info)
+        bundle = data if data is not None else builder.prepare(cfg, info)
+        task = builder.build(cfg, bundle, info)
         check_input_sizes(cfg, task)
         if cfg.sync_bn and info.enabled:
             for part in task.parts().values():
                 nn.SyncBatchNorm.convert_sync_batchnorm(part.module)  # converts the BN children in place
         torch.manual_seed(cfg.seed + 7919 * info.rank)  # rank-specific dropout / drop-path streams
-        trainer = Trainer(task, cfg, bundle, info, callbacks, source=source)
+        trainer = Trainer(task, cfg, bundle, info, callbacks, source=builder.source(cfg))
         if state is not None:
             if state["iteration"] >= cfg.iters:
                 raise SegkdError(f"{cfg.out}: the run already finished ({state['iteration']}/{cfg.iters} iterations)")
             trainer.load_state(state)
-        return trainer.fit()
+        return Run(trainer.fit(), task, cfg, bundle)
     finally:
         cleanup_distributed(info)
 
 
 def run_train(cfg: TrainConfig, resume: str | Path | None = None, callbacks: Sequence[Callback] = (),
               data: DataBundle | None = None) -> dict[str, Any]:
-    """``segkd train``: supervised training of a zoo model (DDP when launched by torchrun).
+    """``segkd train``: supervised training of a zoo model (DDP when launched by torchrun); returns the summary.
 
     ``data`` may be given to train on in-memory datasets (tests, notebooks); otherwise ``cfg.data`` is read.
     """
-    from segkd.models import MODELS
-
-    if resume is None:
-        MODELS.canonical(cfg.model)  # unknown model: fail before any data is read
-
-    def make_task(c: TrainConfig, bundle: DataBundle, info: DistInfo) -> Task:
-        model = build_model(c, bundle.num_classes)
-        return SupervisedTask(model, bundle.ignore_index, c.aux_weight, c.optim())
-
-    return run_task(cfg, make_task, resume, callbacks, data, source="segkd train")
+    return run_task(cfg, SupervisedBuilder(), resume, callbacks, data).summary

@@ -145,12 +145,12 @@ class DistillDataset(Dataset):
         extras: dict[str, Tensor] = {}
         if self.cache is not None:
             extras.update(cached_targets(self.cache, self._sha_of(is_lab, j), geom, self.taps))
-            extras["teacher_inside"] = inside_mask(geom)
         elif clean:
             extras["teacher_images"] = tx  # type: ignore[assignment]
+        if self.cache is not None or self.unlabeled is not None:
+            extras["inside"] = inside_mask(geom)  # the crop's real pixels (padding has no teacher output)
         if self.unlabeled is not None:
             extras["labeled"] = torch.tensor(is_lab)
-            extras["inside"] = inside_mask(geom)
             if not is_lab:
                 y = torch.full_like(y, self.info.ignore_index)
         return x, y, extras

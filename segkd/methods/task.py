@@ -254,7 +254,6 @@ class DistillConfig(TrainConfig):
             MODELS.canonical(self.peer)
         elif self.peer:
             raise SegkdError(f"{spec.name} takes a teacher, not a --peer")
-        make_options(spec, self.method_opts)
         from segkd.methods.distill_data import TEACHER_VIEWS
         from segkd.methods.teacher_cache import REFUSED_METHODS
 
@@ -329,37 +328,57 @@ def load_teacher(name: str, path: str | Path, num_classes: int, mean: Sequence[f
 
 
 # ---------------------------------------------------------------------------------------------------- build
-def build_models(cfg: DistillConfig, num_classes: int) -> tuple[SegModel, SegModel | None]:
-    student = create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained)
-    if METHODS.get(cfg.method).peer:
-        return student, create_model(cfg.peer, num_classes=num_classes, pretrained=cfg.peer_pretrained)  # type: ignore[arg-type]
-    return student, None
-
-
-def precheck(cfg: DistillConfig) -> None:
-    """Fail before any data is read: unknown names, options, and incompatible pairs (checked on throw-away
-    2-class models; the class counts are checked again once the data is known)."""
-    cfg.check()
-    spec = METHODS.get(cfg.method)
-    student = create_model(cfg.model, num_classes=2)
-    other = create_model(cfg.teacher if spec.teacher else cfg.peer, num_classes=2)  # type: ignore[arg-type]
-    check_pair(spec, student, other)
-
-
-def make_distill_task(cfg: DistillConfig, data: DataBundle) -> DistillTask | OnlineTask:
-    """Models, method and task of ``cfg`` (the teacher loaded and checked, the pair checked)."""
-    spec = METHODS.get(cfg.method)
-    opts = make_options(spec, cfg.method_opts)
-    student, peer = build_models(cfg, data.num_classes)
+def assemble_task(spec: MethodSpec, opts: Any, student: SegModel, other: SegModel, optim: OptimConfig,
+                  peer_optim: OptimConfig | None = None, ignore_index: int = 255) -> DistillTask | OnlineTask:
+    """The method's adapters built on a checked pair and the task around them: the one constructor ``segkd
+    distill`` and ``segkd bench --train-step`` share (``other`` is the teacher, or the peer of online methods)."""
+    method = spec.build(opts, student, other, ignore_index=ignore_index)
     if spec.peer:
-        assert peer is not None
-        check_pair(spec, student, peer)
-        method = spec.build(opts, student, peer, ignore_index=data.ignore_index)
-        return OnlineTask(spec, method, student, peer, cfg.optim(), cfg.peer_optim())
-    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, data.num_classes, data.mean, data.std)  # type: ignore[arg-type]
-    check_pair(spec, student, teacher)
-    method = spec.build(opts, student, teacher, ignore_index=data.ignore_index)
-    return DistillTask(spec, method, student, teacher, cfg.optim())
+        return OnlineTask(spec, method, student, other, optim, peer_optim or optim)
+    return DistillTask(spec, method, student, other, optim)
+
+
+class DistillBuilder:
+    """How ``segkd distill`` builds its task (the :class:`~segkd.engine.trainer.TaskBuilder` steps), each thing once:
+    the method's options and the pair check in :meth:`check` (on throw-away 2-class models, before any data is
+    read: the class counts are checked when the teacher loads); the teacher loaded once, by :meth:`prepare` when
+    the teacher cache needs it, else by :meth:`build`."""
+
+    def __init__(self) -> None:
+        self.spec: MethodSpec | None = None
+        self.opts: Any = None
+        self.teacher: SegModel | None = None
+
+    def source(self, cfg: DistillConfig) -> str:  # type: ignore[override]
+        return f"segkd distill --method {METHODS.canonical(cfg.method)}"
+
+    def check(self, cfg: DistillConfig) -> None:  # type: ignore[override]
+        self.spec = spec = METHODS.get(cfg.method)
+        self.opts = make_options(spec, cfg.method_opts)
+        student = create_model(cfg.model, num_classes=2)
+        other = create_model(cfg.teacher if spec.teacher else cfg.peer, num_classes=2)  # type: ignore[arg-type]
+        check_pair(spec, student, other)
+
+    def load_teacher(self, cfg: DistillConfig, data: DataBundle) -> SegModel:
+        if self.teacher is None:
+            self.teacher = load_teacher(cfg.teacher, cfg.teacher_weights, data.num_classes, data.mean,  # type: ignore[arg-type]
+                                        data.std)
+        return self.teacher
+
+    def prepare(self, cfg: DistillConfig, info: DistInfo) -> DataBundle:  # type: ignore[override]
+        return prepare_distill_data(cfg, info, self)
+
+    def build(self, cfg: DistillConfig, data: DataBundle, info: DistInfo) -> DistillTask | OnlineTask:  # type: ignore[override]
+        if self.spec is None:
+            self.check(cfg)
+        spec = self.spec
+        assert spec is not None
+        student = create_model(cfg.model, num_classes=data.num_classes, pretrained=cfg.pretrained)
+        if spec.peer:
+            peer = create_model(cfg.peer, num_classes=data.num_classes, pretrained=cfg.peer_pretrained)  # type: ignore[arg-type]
+            return assemble_task(spec, self.opts, student, peer, cfg.optim(), cfg.peer_optim(), data.ignore_index)
+        return assemble_task(spec, self.opts, student, self.load_teacher(cfg, data), cfg.optim(),
+                             ignore_index=data.ignore_index)
 
 
 def cache_key(cfg: DistillConfig, teacher: SegModel, data: DataBundle) -> Any:
@@ -375,7 +394,8 @@ def cache_key(cfg: DistillConfig, teacher: SegModel, data: DataBundle) -> Any:
                     list(data.mean), list(data.std), taps, int(teacher.output_stride))
 
 
-def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None) -> DataBundle:
+def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None,
+                         builder: DistillBuilder | None = None) -> DataBundle:
     """:func:`~segkd.engine.trainer.prepare_data`, then the distillation extras: the clean teacher view, the
     unlabelled images and the teacher cache (built or continued here, on rank 0, before any training step)."""
     from segkd.engine.distributed import barrier
@@ -395,7 +415,7 @@ def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None) -> Da
             unl.validate()
     ds = DistillDataset(bundle.train, unl, view, unlabeled_ratio=cfg.unlabeled_ratio)  # type: ignore[arg-type]
     if cfg.teacher_cache:
-        teacher = load_teacher(cfg.teacher, cfg.teacher_weights, bundle.num_classes, bundle.mean, bundle.std)  # type: ignore[arg-type]
+        teacher = (builder or DistillBuilder()).load_teacher(cfg, bundle)
         key = cache_key(cfg, teacher, bundle)
         ds.taps = list(key.taps)
         device = info.device if info is not None else "cpu"
@@ -420,31 +440,21 @@ def deploy_gmacs(model: SegModel, size: tuple[int, int]) -> float:
 
 def run_distill(cfg: DistillConfig, resume: str | Path | None = None, callbacks: Sequence[Callback] = (),
                 data: DataBundle | None = None) -> dict[str, Any]:
-    """``segkd distill``: check everything, then run the task on the shared trainer; writes ``distill.json``
+    """``segkd distill``: run the task :class:`DistillBuilder` builds on the shared trainer; writes ``distill.json``
     (method, options, deploy/adapter/frozen parameter counts, deploy GMACs) beside run.json."""
-    if resume is None:
-        precheck(cfg)
-    holder: dict[str, Any] = {}
-
-    def make(c: TrainConfig, bundle: DataBundle, info: Any) -> DistillTask | OnlineTask:
-        task = make_distill_task(c, bundle)  # type: ignore[arg-type]
-        holder["task"], holder["cfg"] = task, c
-        return task
-
-    summary = run_task(cfg, make, resume, callbacks, data, source=f"segkd distill --method {cfg.method}",
-                       prepare=prepare_distill_data)  # type: ignore[arg-type]
-    task, c = holder["task"], holder["cfg"]
-    size = parse_hw(c.crop or c.resize or "512x512", "--crop")
-    report = {"method": METHODS.canonical(c.method), "options": asdict(make_options(METHODS.get(c.method),
-                                                                                    c.method_opts)),
+    run = run_task(cfg, DistillBuilder(), resume, callbacks, data)
+    task, c = run.task, run.cfg
+    assert isinstance(task, (DistillTask, OnlineTask))
+    size = parse_hw(c.crop or c.resize or "512x512", "--crop")  # type: ignore[attr-defined]
+    report = {"method": task.spec.name, "options": asdict(task.method.opts),
               "reconstruction": task.spec.reconstruction, **task.param_report(),
               "deploy_gmacs": {n: deploy_gmacs(m, size) for n, m in task.deploy_models().items()},
               "gmacs_input": f"1x3x{size[0]}x{size[1]}"}
     if isinstance(task, DistillTask):
-        report["teacher"] = {"name": task.teacher.zoo_name, "weights": c.teacher_weights}
+        report["teacher"] = {"name": task.teacher.zoo_name, "weights": c.teacher_weights}  # type: ignore[attr-defined]
         if hasattr(task.method, "pool_source"):
             report["pool_source"] = task.method.pool_source
-    summary["distill"] = report
+    summary = {**run.summary, "distill": report}
     if summary.get("rank", 0) == 0:
         import json
 

@@ -28,7 +28,7 @@ Where the cache is approximate (also in docs/methods.md):
 * **Feature taps** are resampled bilinearly on their own grid (stride 8 for DeepLabV3's ``layer4``): sub-cell
   offsets of the crop are interpolated, not recomputed.
 * **Padding borders.** Where the crop is padded (the rescaled image is smaller than the crop), there is no
-  teacher output: cached logits and features are 0 there (uniform probabilities), and ``teacher_inside`` marks
+  teacher output: cached logits and features are 0 there (uniform probabilities), and the ``inside`` extra marks
   the real pixels. A teacher run on the padded crop would predict *something* for the black border; methods that
   average over every pixel (kd without ``mask_ignore``, cwd) see uniform targets there instead.
 * **Transformer teachers** (SegFormer): attention is global, so a crop changes every token, not just the border;
