@@ -54,7 +54,7 @@ def test_terms_carry_their_raw_values_and_skip_zero_weights() -> None:
     raw = torch.tensor(2.0, requires_grad=True)
     terms = weigh({"a": (0.5, raw), "b": (0.0, raw * 3)})
     assert set(terms) == {"a"} and set(terms.raw) == {"a"}  # a zero weight drops the term entirely
-    assert float(terms["a"]) == 1.0 and float(terms.raw["a"]) == 2.0
+    assert float(terms["a"].detach()) == 1.0 and float(terms.raw["a"]) == 2.0
     assert terms["a"].requires_grad and not terms.raw["a"].requires_grad  # only the weighted value back-propagates
 
 

@@ -147,7 +147,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path) -> None:
 
     with pytest.raises(SegkdError, match="already finished"):
         run_train(cfg_for(tmp_path / "ref"), resume=tmp_path / "ref", data=data)
-    with pytest.raises(SegkdError, match="already holds a run"):
+    with pytest.raises(SegkdError, match="holds a finished run; choose another --out"):
         run_train(cfg_for(tmp_path / "ref"), data=data)
     with pytest.raises(SegkdError, match="no resume state"):
         run_train(cfg_for(tmp_path / "x"), resume=tmp_path / "nowhere", data=data)
@@ -366,7 +366,8 @@ def test_cli_train_end_to_end_on_synth(tmp_path: Path) -> None:
     meta = load_model(out / "best.safetensors").segkd_meta
     assert meta.args["resize"] == "32x32" and meta.num_classes == len(meta.class_names)
     res = _cli(args)  # the same --out again: refused, nothing overwritten
-    assert isinstance(res.exception, SegkdError) and "already holds a run" in str(res.exception)
+    assert isinstance(res.exception, SegkdError) and "holds a finished run; choose another --out" in str(
+        res.exception)
     res = _cli(["train", "--model", "segformer-b0", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m")])
     assert isinstance(res.exception, SegkdError) and "missing" in str(res.exception)
     assert "\n" not in str(res.exception)
