@@ -11,10 +11,13 @@ import json
 import math
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from typer.core import TyperGroup
 
 from segkd import __version__
@@ -116,13 +119,50 @@ def _root(
 
 
 def _emit_json(data: object, path: Path | None) -> None:
+    """``data`` as JSON: on stdout when ``path`` is None (coloured on a terminal), else atomically into ``path``."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str)
-    if path is None or str(path) == "-":
+    if path is None:
         out.print_json(text) if sys.stdout.isatty() else print(text)
     else:
         from segkd.checkpoint import atomic_write_text
 
         atomic_write_text(path, text + "\n")
+
+
+# the JSON convention of every command (docs/cli.md): `--json` = the JSON alone on stdout, `--json-out PATH` = the
+# JSON in a file as well as the human output
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout instead of the human "
+                                        "output (progress, notes and errors stay on stderr).")]
+JsonOutOption = Annotated[Path | None, typer.Option("--json-out", help="Also write the result as JSON to "
+                                                    "this file (atomically); the human output stays.")]
+
+
+@dataclass(frozen=True)
+class JsonOutput:
+    """What ``--json`` and ``--json-out PATH`` ask of a command; built before any work (a bad path fails first)."""
+
+    to_stdout: bool
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            return
+        if str(self.path) == "-":
+            raise typer.BadParameter("'-' is not a file; --json prints the JSON on stdout", param_hint="'--json-out'")
+        from segkd.safeio import check_output
+
+        check_output(self.path, "file", "--json-out")
+
+    def emit(self, data: object, render: Callable[[Console], None]) -> None:
+        """Write ``--json-out``, then print the JSON alone (``--json``) or ``render(out)`` and a ``wrote`` line."""
+        if self.path is not None:
+            _emit_json(data, self.path)
+        if self.to_stdout:
+            _emit_json(data, None)
+            return
+        render(out)
+        if self.path is not None:
+            out.print(f"wrote {self.path}", highlight=False, soft_wrap=True)
 
 
 # on --resume these come from the new command line; every other option comes from the saved run
@@ -172,16 +212,15 @@ def models_cmd(
     num_classes: Annotated[int, typer.Option(help="Classes of the head used for the counts.")] = 19,
     size: Annotated[str, typer.Option(help="Input HxW at which FLOPs are counted.")] = "512x1024",
     flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count FLOPs (slower for big models).")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
 ) -> None:
     """List the model zoo: parameters, GMACs at a stated size, feature taps (name/channels/stride)."""
     from segkd.models.zoo_info import describe_models, render_models
 
+    json_output = JsonOutput(as_json, json_out)
     rows = describe_models(name, num_classes=num_classes, size=size, flops=flops)
-    if as_json:
-        _emit_json(rows, None)
-    else:
-        render_models(rows, out, size=size, num_classes=num_classes)
+    json_output.emit(rows, lambda view: render_models(rows, view, size=size, num_classes=num_classes))
 
 
 # ---------------------------------------------------------------------------------------------------- convert
@@ -197,26 +236,29 @@ def convert_cmd(
                                                  "'classes' and optional 'palette' (e.g. a dataset's stats.json).")]
     = None,
     ignore_index: Annotated[int, typer.Option(help="Label value ignored by losses and metrics.")] = 255,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the conversion report as JSON.")] = False,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
 ) -> None:
     """Import a checkpoint you already have into a self-describing segkd checkpoint."""
     from segkd.models.convert import run_convert
     from segkd.safeio import check_output
 
     check_output(out_path, "file", "--out")
+    json_output = JsonOutput(as_json, json_out)
     report = run_convert(src, model, out_path, num_classes=num_classes, classes_file=classes,
                          ignore_index=ignore_index)
-    if as_json:
-        _emit_json(report, None)
-        return
-    out.print(f"[bold]{report['source_format']}[/] checkpoint -> {report['model']} "
-              f"({report['num_classes']} classes): {report['placed']} tensors placed")
-    for label in ("unplaced", "skipped", "missing"):
-        keys = report[label]
-        if keys:
-            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-            out.print(f"  {label}: {shown}")
-    out.print(f"wrote {report['out']}")
+
+    def render(view: Console) -> None:
+        view.print(f"[bold]{report['source_format']}[/] checkpoint -> {report['model']} "
+                   f"({report['num_classes']} classes): {report['placed']} tensors placed")
+        for label in ("unplaced", "skipped", "missing"):
+            keys = report[label]
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                view.print(f"  {label}: {shown}")
+        view.print(f"wrote {report['out']}", highlight=False, soft_wrap=True)
+
+    json_output.emit(report, render)
 
 
 # ------------------------------------------------------------------------------------------------------ train
@@ -323,9 +365,8 @@ def eval_cmd(
                                            "bar (not a terminal, or --no-progress); 0 = none.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     amp: Annotated[bool, typer.Option("--amp", help="Autocast inference: bf16 on CPU, fp16 on CUDA.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON instead of a table.")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the metrics JSON to this file.")
-                        ] = None,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
     save_preds: Annotated[Path | None, typer.Option(help="Write colourised masks and overlays (PNG) here.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
@@ -333,8 +374,7 @@ def eval_cmd(
     from segkd.engine.evaluate import render_eval, run_eval
     from segkd.safeio import check_output
 
-    if json_out is not None:
-        check_output(json_out, "file", "--json-out")
+    json_output = JsonOutput(as_json, json_out)
     if save_preds is not None:
         check_output(save_preds, "dir", "--save-preds")
     if data is None:
@@ -346,16 +386,13 @@ def eval_cmd(
                       log_every=log_every)
     if result.rank != 0:
         return
-    if json_out is not None:
-        _emit_json(result.to_dict(), json_out)
-    if as_json:
-        _emit_json(result.to_dict(), None)
-        return
-    render_eval(result, out)
-    if json_out is not None:
-        out.print(f"wrote {json_out}")
-    if save_preds is not None:
-        out.print(f"wrote predictions to {save_preds}")
+
+    def render(view: Console) -> None:
+        render_eval(result, view)
+        if save_preds is not None:
+            view.print(f"wrote predictions to {save_preds}", highlight=False, soft_wrap=True)
+
+    json_output.emit(result.to_dict(), render)
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -404,7 +441,8 @@ def export_cmd(
                                                "(default: as stored).")] = None,
     data_format: Annotated[str | None, typer.Option(help="--int8: dataset format (default: detected).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
 ) -> None:
     """Export the deployable model to verified ONNX, with a TensorRT readiness report and trtexec line."""
     from segkd.export.onnx_export import ExportConfig, export_checkpoint
@@ -412,6 +450,7 @@ def export_cmd(
     from segkd.safeio import check_output
 
     check_output(out_path, "file", "--out")
+    json_output = JsonOutput(as_json, json_out)
     if int8 and data is None:
         raise typer.BadParameter("--int8 needs --data ROOT (real training images to calibrate on)",
                                  param_hint="'--data'")
@@ -423,10 +462,7 @@ def export_cmd(
                        eval_split=eval_split, max_miou_drop=max_miou_drop, resize=resize, data_format=data_format,
                        progress=not no_progress)
     report = export_checkpoint(ckpt, out_path, cfg)
-    if as_json:
-        _emit_json(report, None)
-    else:
-        render_export_report(report, out)
+    json_output.emit(report, lambda view: render_export_report(report, view))
 
 
 # ------------------------------------------------------------------------------------------------------ bench
@@ -454,13 +490,13 @@ def bench_cmd(
                              ] = False,
     flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count FLOPs.")] = True,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Time the models.")] = True,
-    json_path: Annotated[str | None, typer.Option("--json", help="Write the report as JSON to PATH, or '-' for "
-                                                  "stdout (the table then goes to stderr).")] = None,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="Gate: p50 latency of every run (ms).")] = None,
     max_gflops: Annotated[float | None, typer.Option(help="Gate: GFLOPs per image (2 x GMACs) at every input.")
                           ] = None,
     max_params: Annotated[str | None, typer.Option(help="Gate: deploy parameters, e.g. 3.8M or 3800000.")] = None,
-    baseline: Annotated[Path | None, typer.Option(help="Previous `segkd bench --json` report to compare with.")
+    baseline: Annotated[Path | None, typer.Option(help="Previous bench report (`--json-out` file) to compare with.")
                         ] = None,
     max_regression: Annotated[str, typer.Option(help="Gate with --baseline: allowed increase of p50 latency, GMACs "
                                                 "and params, e.g. 10%.")] = "10%",
@@ -480,6 +516,8 @@ def bench_cmd(
     from segkd.bench.run import BenchConfig, run_bench_command
     from segkd.bench.specs import parse_percent
 
+    _refuse_json_paths(models or [], as_json)
+    json_output = JsonOutput(as_json, json_out)
     cfg = BenchConfig(models=list(models or []), inputs=list(inputs or ["1x3x512x1024"]), batch=batch,
                       device=device, threads=threads, backends=list(backend or ["torch"]), providers=providers,
                       warmup=warmup, iters=iters, min_time=min_time, num_classes=num_classes, detail=detail,
@@ -488,18 +526,24 @@ def bench_cmd(
     gates = Gates(max_latency_ms=max_latency_ms, max_gflops=max_gflops,
                   max_params=None if max_params is None else parse_count(max_params), baseline=baseline,
                   max_regression=parse_percent(max_regression))
-    to_stdout = json_path == "-"
-    if json_path is not None and not to_stdout:
-        from segkd.safeio import check_output
-
-        check_output(json_path, "file", "--json")
-    view = console if to_stdout else out
-    with view.status("benchmarking") as status:
+    with console.status("benchmarking") as status:
         report = run_bench_command(cfg, gates, progress=lambda label: status.update(f"benchmarking {label}"))
-    render(report, view)
-    if json_path is not None:
-        _emit_json(report, None if to_stdout else Path(json_path))
+    json_output.emit(report, lambda view: render(report, view))
     enforce(report)
+
+
+def _refuse_json_paths(models: list[str], as_json: bool) -> None:
+    """A usage error (one line, exit 2) for a MODEL that is a JSON file or '-': what the old `bench --json PATH`
+    and `--json -` leave among the MODELs now that --json takes no value."""
+    for arg in models:
+        if arg != "-" and not arg.lower().endswith(".json"):
+            continue
+        if not as_json:
+            message = f"MODEL {arg}: not a zoo name, a .safetensors checkpoint or an .onnx file"
+        else:
+            message = "--json takes no value: it prints the report on stdout" + (
+                "" if arg == "-" else f" (to write {arg}, use --json-out {arg})")
+        raise _click_errors.UsageError(message, ctx=_click_context(silent=True))
 
 
 # ---------------------------------------------------------------------------------------------------- distill
@@ -627,17 +671,16 @@ def data_inspect_cmd(
     = None,
     num_classes: Annotated[int | None, typer.Option(help="Classes of a folder dataset without a class file.")] = None,
     ignore_index: Annotated[int, typer.Option(help="Label value that marks void pixels.")] = 255,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
 ) -> None:
     """Splits, image sizes, class pixel frequencies and every unreadable or inconsistent file (exit 1 if any)."""
     from segkd.data import inspect_dataset, resolve_data_root
     from segkd.data.report import render_inspect
 
+    json_output = JsonOutput(as_json, json_out)
     report = inspect_dataset(resolve_data_root(root), data_format, num_classes, ignore_index, progress=True)
-    if as_json:
-        _emit_json(report, None)
-    else:
-        render_inspect(report, out)
+    json_output.emit(report, lambda view: render_inspect(report, view))
     if report["problems"]:
         raise SegkdError(f"{root}: {len(report['problems'])} problem(s) found, first: {report['problems'][0]}")
 

@@ -305,17 +305,30 @@ def test_bad_input_is_one_line_exit_1(monkeypatch, capsys, args: list[str], mess
 def test_cli_json_and_gate_exit_codes(monkeypatch, capsys, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     base = ["bench", "segformer-b0", "--input", TINY, "--iters", "2", "--warmup", "0", "--threads", "1"]
-    code, _, _ = _cli(monkeypatch, capsys, *base, "--json", str(out), "--max-params", "4M")
-    assert code == 0
+    code, stdout, _ = _cli(monkeypatch, capsys, *base, "--json-out", str(out), "--max-params", "4M")
+    assert code == 0 and "p50 ms" in stdout and stdout.rstrip().endswith(f"wrote {out}")  # the tables stay
     data = json.loads(out.read_text())
     assert data["passed"] is True and data["gates"][0]["gate"] == "max-params"
-    code, _, err = _cli(monkeypatch, capsys, *base, "--max-params", "1M", "--no-latency", "--json", "-")
-    assert code == 3
-    assert "error: max-params: segformer-b0 deploy" in err
-    code, stdout, _ = _cli(monkeypatch, capsys, *base, "--no-latency", "--json", "-")
-    assert code == 0 and json.loads(stdout)["models"][0]["runs"] == []
+    code, stdout, err = _cli(monkeypatch, capsys, *base, "--max-params", "1M", "--no-latency", "--json")
+    assert code == 3 and json.loads(stdout)["passed"] is False  # the report still comes, then the gate's exit
+    assert err.strip() == "error: max-params: segformer-b0 deploy: 3.719e+06 > 1e+06"
+    code, stdout, err = _cli(monkeypatch, capsys, *base, "--no-latency", "--json")
+    assert code == 0 and json.loads(stdout)["models"][0]["runs"] == [] and err == ""
     code, _, err = _cli(monkeypatch, capsys, *base, "--no-latency", "--max-latency-ms", "1e9")
     assert code == 3 and "no timed run" in err  # a latency gate with nothing timed fails, never passes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--json", "report.json"], "error: --json takes no value: it prints the report on stdout (to write report.json, "
+                                "use --json-out report.json)"),
+    (["--json", "-"], "error: --json takes no value: it prints the report on stdout"),
+    (["--json-out", "-"], "error: Invalid value for '--json-out': '-' is not a file; --json prints the JSON on stdout"),
+])
+def test_old_json_spellings_are_one_line_usage_errors(monkeypatch, capsys, args: list[str], message: str) -> None:
+    code, stdout, err = _cli(monkeypatch, capsys, "bench", "segformer-b0", "--no-latency", *args)
+    assert (code, stdout) == (2, "") and len(err.splitlines()) == 1
+    assert err.startswith(message + "; see '") and err.rstrip().endswith(" bench --help'")
+    assert not Path("-").exists() and not Path("report.json").exists()
 
 
 def test_run_bench_command_rejects_bad_baseline_before_timing(tmp_path: Path) -> None:
@@ -332,7 +345,7 @@ def test_train_step_report(monkeypatch, capsys, tmp_path: Path) -> None:
     out = tmp_path / "ts.json"
     code, stdout, _ = _cli(monkeypatch, capsys, "bench", "--train-step", "--method", "kd", "--teacher",
                            "segformer-b0", "--student", "segformer-b0", "--input", TINY, "--iters", "1",
-                           "--warmup", "0", "--threads", "1", "--num-classes", "5", "--json", str(out))
+                           "--warmup", "0", "--threads", "1", "--num-classes", "5", "--json-out", str(out))
     assert code == 0 and "overhead" in stdout
     data = json.loads(out.read_text())
     jsonschema.validate(data, load_schema())

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 TRAIN = ["train", "--model", "segformer-b0", "--data", "synth", "--crop", "32x32", "--batch", "2", "--workers", "0",
          "--device", "cpu", "--val-every", "100"]
@@ -197,7 +198,7 @@ def test_run_json_eval_json_and_bench_share_one_provenance_block(tmp_path: Path)
     r = _segkd("eval", str(out / "best.safetensors"), "--data", "synth", "--resize", "32x32", "--json",
                "--device", "cpu")
     ev = json.loads(r.stdout)
-    r = _segkd("bench", "segformer-b0", "--input", "1x3x32x32", "--no-latency", "--json", "-")
+    r = _segkd("bench", "segformer-b0", "--input", "1x3x32x32", "--no-latency", "--json")
     bench = json.loads(r.stdout)
     for doc, command in ((run, "train"), (ev, "eval"), (bench, "bench")):
         assert doc["argv"][:2] == ["segkd", command]
@@ -317,3 +318,49 @@ def test_no_table_cuts_or_wraps_its_identifying_column(case, width: int, termina
     lines = text.splitlines()
     for name in names:  # each identifying cell whole on one line: not cut, folded nor wrapped
         assert any(name in line for line in lines), (name, text)
+
+
+# ----------------------------------------------------------------------- issue 13: one --json / --json-out rule
+@pytest.fixture(scope="module")
+def json_commands(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """Each command that prints a result, as a tiny invocation (without its JSON options)."""
+    import torch
+
+    from segkd.checkpoint import CheckpointMeta, save_checkpoint
+    from segkd.data.synth import synthesize
+    from segkd.models import create_model
+
+    work = tmp_path_factory.mktemp("json")
+    data = synthesize(work / "data", n_train=1, n_val=1, size=(32, 32), num_classes=3)
+    ckpt = save_checkpoint(work / "b0.safetensors", create_model("segformer-b0", num_classes=3),
+                           CheckpointMeta(model="segformer-b0", num_classes=3))
+    foreign = work / "tv.pth"  # a torchvision-layout DeepLabV3 state dict, as `segkd convert` imports
+    torch.save(create_model("deeplabv3-resnet18", num_classes=2).state_dict(), foreign)
+    return {
+        "models": ["models", "segformer-b0", "--no-flops"],
+        "bench": ["bench", "segformer-b0", "--input", "32x32", "--no-latency"],
+        "data inspect": ["data", "inspect", str(data)],
+        "eval": ["eval", str(ckpt), "--data", str(data), "--device", "cpu", "--no-progress"],
+        "export": ["export", str(ckpt), "-o", str(work / "b0.onnx"), "--size", "32x32", "--no-verify"],
+        "convert": ["convert", str(foreign), "-m", "deeplabv3-resnet18", "-o", str(work / "r18.safetensors")],
+    }
+
+
+@pytest.mark.parametrize("command", ["models", "bench", "data inspect", "eval", "export", "convert"])
+def test_every_command_follows_one_json_convention(monkeypatch, capsys, json_commands, command: str,
+                                                   tmp_path: Path) -> None:
+    args = json_commands[command]
+    code, stdout, err = run_cli(monkeypatch, capsys, *args, "--json")  # `segkd X --json | jq`
+    assert code == 0, err
+    doc = json.loads(stdout)  # stdout is exactly one JSON document
+    assert not any(box in stdout + err for box in "│┃─━"), err  # and no table went anywhere
+    path = tmp_path / "result.json"
+    code, stdout, err = run_cli(monkeypatch, capsys, *args, "--json-out", str(path))
+    assert code == 0, err
+    assert stdout.rstrip().splitlines()[-1] == f"wrote {path}"  # the human output stays, then the file it wrote
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(stdout)
+    saved = json.loads(path.read_text())
+    assert type(saved) is type(doc)
+    assert (saved.keys() if isinstance(doc, dict) else [r["name"] for r in saved]) == (
+        doc.keys() if isinstance(doc, dict) else [r["name"] for r in doc])

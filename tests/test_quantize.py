@@ -143,7 +143,7 @@ def test_bench_times_int8_beside_fp32_and_torch(setup, tmp_path):
     export_checkpoint(ckpt, fp32, ExportConfig(size=SIZE, threads=1))
     report_path = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["bench", str(fp32), str(out), str(ckpt), "--input", SIZE, "--threads", "1",
-                                   "--iters", "1", "--warmup", "0", "--no-flops", "--json", str(report_path)])
+                                   "--iters", "1", "--warmup", "0", "--no-flops", "--json-out", str(report_path)])
     assert res.exit_code == 0, res.output
     models = json.loads(report_path.read_text())["models"]
     assert [(m["name"], m["precision"], m["runs"][0]["backend"]) for m in models] == [
