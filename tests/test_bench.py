@@ -324,7 +324,7 @@ def test_cli_json_and_gate_exit_codes(monkeypatch, capsys, tmp_path: Path) -> No
                                 "use --json-out report.json)"),
     (["--json", "-"], "error: --json takes no value: it prints the report on stdout"),
     (["--json-out", "-"], "error: Invalid value for '--json-out': '-' is not a file; --json prints the JSON on stdout"),
-])
+], ids=["json-path", "json-dash", "json-out-dash"])
 def test_old_json_spellings_are_one_line_usage_errors(monkeypatch, capsys, args: list[str], message: str) -> None:
     code, stdout, err = _cli(monkeypatch, capsys, "bench", "segformer-b0", "--no-latency", *args)
     assert (code, stdout) == (2, "") and len(err.splitlines()) == 1
