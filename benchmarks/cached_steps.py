@@ -27,7 +27,7 @@ def run(method: str, cached: bool, args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "segkd.cli", "bench", "--train-step", "--method", method, "--teacher",
                args.teacher, "--student", args.student, "--input", args.input, "--iters", str(args.iters),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", "cpu",
-               "--json", str(path)] + (["--teacher-cache"] if cached else [])
+               "--json-out", str(path)] + (["--teacher-cache"] if cached else [])
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS":
                                                                           str(args.threads)})
     return json.loads(path.read_text())["train_step"][0]

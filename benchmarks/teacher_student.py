@@ -1,6 +1,6 @@
 """Teacher-vs-student cost table on this machine: params, GMACs, p50 latency (torch eager and ONNX Runtime CPU).
 
-Resumable: each measurement is written to ``benchmarks/results/<name>.json`` (a ``segkd bench --json`` report) as
+Resumable: each measurement is written to ``benchmarks/results/<name>.json`` (a ``segkd bench --json-out`` report) as
 soon as it finishes and skipped on the next run unless ``--force``; ``docs/bench-results.md`` is rebuilt from
 whatever results exist. ``--train-steps`` adds the distillation step overhead of every seed method at a smaller
 input (``--train-input``).

@@ -78,7 +78,7 @@ def main() -> None:
     export = json.loads(segkd("export", str(student), "--out", str(onnx_path), "--size", "96x128",
                               "--data", str(data), "--json", capture=True))
     segkd("bench", str(teacher), str(student), "--input", "1x3x96x128", "--threads", "2", "--iters", "10",
-          "--json", str(bench_json))
+          "--json-out", str(bench_json))
     segkd("bench", str(student), "--input", "1x3x96x128", "--threads", "2", "--iters", "10", "--no-flops",
           "--max-latency-ms", str(args.max_latency_ms))
     bench = json.loads(bench_json.read_text())

@@ -11,10 +11,13 @@ import json
 import math
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from typer.core import TyperGroup
 
 from segkd import __version__
@@ -116,8 +119,9 @@ def _root(
 
 
 def _emit_json(data: object, path: Path | None) -> None:
+    """``data`` as JSON: on stdout when ``path`` is None (coloured on a terminal), else atomically into ``path``."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str)
-    if path is None or str(path) == "-":
+    if path is None:
         out.print_json(text) if sys.stdout.isatty() else print(text)
     else:
         from segkd.checkpoint import atomic_write_text
@@ -125,15 +129,53 @@ def _emit_json(data: object, path: Path | None) -> None:
         atomic_write_text(path, text + "\n")
 
 
+# the JSON convention of every command (docs/cli.md): `--json` = the JSON alone on stdout, `--json-out PATH` = the
+# JSON in a file as well as the human output
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout instead of the human "
+                                        "output (progress, notes and errors stay on stderr).")]
+JsonOutOption = Annotated[Path | None, typer.Option("--json-out", help="Also write the result as JSON to "
+                                                    "this file (atomically); the human output stays.")]
+
+
+@dataclass(frozen=True)
+class JsonOutput:
+    """What ``--json`` and ``--json-out PATH`` ask of a command; built before any work (a bad path fails first)."""
+
+    to_stdout: bool
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            return
+        if str(self.path) == "-":
+            raise typer.BadParameter("'-' is not a file; --json prints the JSON on stdout", param_hint="'--json-out'")
+        from segkd.safeio import check_output
+
+        check_output(self.path, "file", "--json-out")
+
+    def emit(self, data: object, render: Callable[[Console], None]) -> None:
+        """Write ``--json-out``, then print the JSON alone (``--json``) or ``render(out)`` and a ``wrote`` line."""
+        if self.path is not None:
+            _emit_json(data, self.path)
+        if self.to_stdout:
+            _emit_json(data, None)
+            return
+        render(out)
+        if self.path is not None:
+            out.print(f"wrote {self.path}", highlight=False, soft_wrap=True)
+
+
 # on --resume these come from the new command line (with the machine options); the rest from the saved run
 _RESUME_OWN = {"resume", "as_json", "json_out", "config", "method_opt"}
 
 
-def _print_written(summary: dict[str, Any], *extra: str) -> None:
-    """The files a run left and their sizes (what ``--keep`` decides), then its small JSON files."""
+def _print_run(summary: dict[str, Any], view: Console, *extra: str) -> None:
+    """A run's speed, the files it left and their sizes (what ``--keep`` decides), then its small files."""
+    view.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} "
+               "img/s)")
     files = ", ".join(f"{path} ({size / 1e6:.1f} MB)" for path, size in summary["files"].items())
-    out.print(f"wrote {files}", highlight=False)
-    out.print("wrote " + ", ".join(f"{summary['out']}/{name}" for name in ("run.json", *extra)), highlight=False)
+    view.print(f"wrote {files}", highlight=False)
+    view.print("wrote " + ", ".join(f"{summary['out']}/{name}" for name in ("run.json", *extra)), highlight=False)
 
 
 def _warn_ignored_on_resume(values: dict[str, Any], resume: Path) -> None:
@@ -172,16 +214,15 @@ def models_cmd(
     num_classes: Annotated[int, typer.Option(help="Classes of the head used for the counts.")] = 19,
     size: Annotated[str, typer.Option(help="Input HxW at which FLOPs are counted.")] = "512x1024",
     flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count FLOPs (slower for big models).")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
 ) -> None:
     """List the model zoo: parameters, GMACs at a stated size, feature taps (name/channels/stride)."""
     from segkd.models.zoo_info import describe_models, render_models
 
+    json_output = JsonOutput(as_json, json_out)
     rows = describe_models(name, num_classes=num_classes, size=size, flops=flops)
-    if as_json:
-        _emit_json(rows, None)
-    else:
-        render_models(rows, out, size=size, num_classes=num_classes)
+    json_output.emit(rows, lambda view: render_models(rows, view, size=size, num_classes=num_classes))
 
 
 # ---------------------------------------------------------------------------------------------------- convert
@@ -197,26 +238,29 @@ def convert_cmd(
                                                  "'classes' and optional 'palette' (e.g. a dataset's stats.json).")]
     = None,
     ignore_index: Annotated[int, typer.Option(help="Label value ignored by losses and metrics.")] = 255,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the conversion report as JSON.")] = False,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
 ) -> None:
     """Import a checkpoint you already have into a self-describing segkd checkpoint."""
     from segkd.models.convert import run_convert
     from segkd.safeio import check_output
 
     check_output(out_path, "file", "--out")
+    json_output = JsonOutput(as_json, json_out)
     report = run_convert(src, model, out_path, num_classes=num_classes, classes_file=classes,
                          ignore_index=ignore_index)
-    if as_json:
-        _emit_json(report, None)
-        return
-    out.print(f"[bold]{report['source_format']}[/] checkpoint -> {report['model']} "
-              f"({report['num_classes']} classes): {report['placed']} tensors placed")
-    for label in ("unplaced", "skipped", "missing"):
-        keys = report[label]
-        if keys:
-            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-            out.print(f"  {label}: {shown}")
-    out.print(f"wrote {report['out']}")
+
+    def render(view: Console) -> None:
+        view.print(f"[bold]{report['source_format']}[/] checkpoint -> {report['model']} "
+                   f"({report['num_classes']} classes): {report['placed']} tensors placed")
+        for label in ("unplaced", "skipped", "missing"):
+            keys = report[label]
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                view.print(f"  {label}: {shown}")
+        view.print(f"wrote {report['out']}", highlight=False, soft_wrap=True)
+
+    json_output.emit(report, render)
 
 
 # ------------------------------------------------------------------------------------------------------ train
@@ -225,9 +269,8 @@ def _run_options(
                                                 "method_opts as a mapping); flags typed here override it. Every run "
                                                 "writes RUN_DIR/config.yaml, which repeats it.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue a run exactly: its directory or resume.pt.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the run summary JSON to this file.")
-                        ] = None,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
 ) -> None:
     """(signature only: the options every run command adds to its config's)"""
 
@@ -247,12 +290,9 @@ def _run_config(cls: type, values: dict[str, Any]) -> Any:
     from dataclasses import fields
 
     from segkd.cliopts import resolve_config
-    from segkd.safeio import check_output
 
     if values["config"] is not None and values["resume"] is not None:
         raise SegkdError("--config cannot be combined with --resume: a resumed run keeps its saved settings")
-    if values["json_out"] is not None:
-        check_output(values["json_out"], "file", "--json-out")
     cfg, given = resolve_config(cls, values, values["config"])
     if values["resume"] is not None:
         _warn_ignored_on_resume(values, values["resume"])
@@ -266,28 +306,21 @@ def _run_config(cls: type, values: dict[str, Any]) -> Any:
     return cfg
 
 
-def _emit_summary(summary: dict[str, Any], values: dict[str, Any]) -> bool:
-    """``--json-out`` / ``--json`` of a run; True when the JSON on stdout replaces the human lines."""
-    if values["json_out"] is not None:
-        _emit_json(summary, values["json_out"])
-    if values["as_json"]:
-        _emit_json(summary, None)
-    return bool(values["as_json"])
-
-
 def train_cmd(**values: Any) -> None:
     """Train a zoo model supervised (teachers, and the no-KD student baseline); resumable, DDP under torchrun."""
     from segkd.engine.trainer import TrainConfig, run_train
 
-    cfg = _run_config(TrainConfig, values)
-    summary = run_train(cfg, resume=values["resume"])
-    if summary.get("rank", 0) != 0 or _emit_summary(summary, values):
-        return
+    json_out = JsonOutput(values["as_json"], values["json_out"])
+    summary = run_train(_run_config(TrainConfig, values), resume=values["resume"])
+    if summary.get("rank", 0) == 0:
+        json_out.emit(summary, lambda view: _render_train(summary, view))
+
+
+def _render_train(summary: dict[str, Any], view: Console) -> None:
     for name, best in summary["best"].items():  # a supervised run trains one model: name it, not its role
-        out.print(f"model {summary['models'].get(name, name)}: best val mIoU {100 * best['miou']:.2f} at iteration "
-                  f"{best['iteration']}")
-    out.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
-    _print_written(summary, "config.yaml")
+        view.print(f"model {summary['models'].get(name, name)}: best val mIoU {100 * best['miou']:.2f} at iteration "
+                   f"{best['iteration']}")
+    _print_run(summary, view, "config.yaml")
 
 
 def _train_parameters() -> list[inspect.Parameter]:
@@ -318,9 +351,8 @@ def eval_cmd(
                                            "bar (not a terminal, or --no-progress); 0 = none.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     amp: Annotated[bool, typer.Option("--amp", help="Autocast inference: bf16 on CPU, fp16 on CUDA.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON instead of a table.")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the metrics JSON to this file.")
-                        ] = None,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
     save_preds: Annotated[Path | None, typer.Option(help="Write colourised masks and overlays (PNG) here.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
@@ -328,8 +360,7 @@ def eval_cmd(
     from segkd.engine.evaluate import render_eval, run_eval
     from segkd.safeio import check_output
 
-    if json_out is not None:
-        check_output(json_out, "file", "--json-out")
+    json_output = JsonOutput(as_json, json_out)
     if save_preds is not None:
         check_output(save_preds, "dir", "--save-preds")
     if data is None:
@@ -341,16 +372,13 @@ def eval_cmd(
                       log_every=log_every)
     if result.rank != 0:
         return
-    if json_out is not None:
-        _emit_json(result.to_dict(), json_out)
-    if as_json:
-        _emit_json(result.to_dict(), None)
-        return
-    render_eval(result, out)
-    if json_out is not None:
-        out.print(f"wrote {json_out}")
-    if save_preds is not None:
-        out.print(f"wrote predictions to {save_preds}")
+
+    def render(view: Console) -> None:
+        render_eval(result, view)
+        if save_preds is not None:
+            view.print(f"wrote predictions to {save_preds}", highlight=False, soft_wrap=True)
+
+    json_output.emit(result.to_dict(), render)
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -399,7 +427,8 @@ def export_cmd(
                                                "(default: as stored).")] = None,
     data_format: Annotated[str | None, typer.Option(help="--int8: dataset format (default: detected).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
 ) -> None:
     """Export the deployable model to verified ONNX, with a TensorRT readiness report and trtexec line."""
     from segkd.export.onnx_export import ExportConfig, export_checkpoint
@@ -407,6 +436,7 @@ def export_cmd(
     from segkd.safeio import check_output
 
     check_output(out_path, "file", "--out")
+    json_output = JsonOutput(as_json, json_out)
     if int8 and data is None:
         raise typer.BadParameter("--int8 needs --data ROOT (real training images to calibrate on)",
                                  param_hint="'--data'")
@@ -418,10 +448,7 @@ def export_cmd(
                        eval_split=eval_split, max_miou_drop=max_miou_drop, resize=resize, data_format=data_format,
                        progress=not no_progress)
     report = export_checkpoint(ckpt, out_path, cfg)
-    if as_json:
-        _emit_json(report, None)
-    else:
-        render_export_report(report, out)
+    json_output.emit(report, lambda view: render_export_report(report, view))
 
 
 # ------------------------------------------------------------------------------------------------------ bench
@@ -449,13 +476,13 @@ def bench_cmd(
                              ] = False,
     flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count FLOPs.")] = True,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Time the models.")] = True,
-    json_path: Annotated[str | None, typer.Option("--json", help="Write the report as JSON to PATH, or '-' for "
-                                                  "stdout (the table then goes to stderr).")] = None,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="Gate: p50 latency of every run (ms).")] = None,
     max_gflops: Annotated[float | None, typer.Option(help="Gate: GFLOPs per image (2 x GMACs) at every input.")
                           ] = None,
     max_params: Annotated[str | None, typer.Option(help="Gate: deploy parameters, e.g. 3.8M or 3800000.")] = None,
-    baseline: Annotated[Path | None, typer.Option(help="Previous `segkd bench --json` report to compare with.")
+    baseline: Annotated[Path | None, typer.Option(help="Previous bench report (`--json-out` file) to compare with.")
                         ] = None,
     max_regression: Annotated[str, typer.Option(help="Gate with --baseline: allowed increase of p50 latency, GMACs "
                                                 "and params, e.g. 10%.")] = "10%",
@@ -475,6 +502,8 @@ def bench_cmd(
     from segkd.bench.run import BenchConfig, run_bench_command
     from segkd.bench.specs import parse_percent
 
+    _refuse_json_paths(models or [], as_json)
+    json_output = JsonOutput(as_json, json_out)
     cfg = BenchConfig(models=list(models or []), inputs=list(inputs or ["1x3x512x1024"]), batch=batch,
                       device=device, threads=threads, backends=list(backend or ["torch"]), providers=providers,
                       warmup=warmup, iters=iters, min_time=min_time, num_classes=num_classes, detail=detail,
@@ -483,18 +512,24 @@ def bench_cmd(
     gates = Gates(max_latency_ms=max_latency_ms, max_gflops=max_gflops,
                   max_params=None if max_params is None else parse_count(max_params), baseline=baseline,
                   max_regression=parse_percent(max_regression))
-    to_stdout = json_path == "-"
-    if json_path is not None and not to_stdout:
-        from segkd.safeio import check_output
-
-        check_output(json_path, "file", "--json")
-    view = console if to_stdout else out
-    with view.status("benchmarking") as status:
+    with console.status("benchmarking") as status:
         report = run_bench_command(cfg, gates, progress=lambda label: status.update(f"benchmarking {label}"))
-    render(report, view)
-    if json_path is not None:
-        _emit_json(report, None if to_stdout else Path(json_path))
+    json_output.emit(report, lambda view: render(report, view))
     enforce(report)
+
+
+def _refuse_json_paths(models: list[str], as_json: bool) -> None:
+    """A usage error (one line, exit 2) for a MODEL that is a JSON file or '-': what the old `bench --json PATH`
+    and `--json -` leave among the MODELs now that --json takes no value."""
+    for arg in models:
+        if arg != "-" and not arg.lower().endswith(".json"):
+            continue
+        if not as_json:
+            message = f"MODEL {arg}: not a zoo name, a .safetensors checkpoint or an .onnx file"
+        else:
+            message = "--json takes no value: it prints the report on stdout" + (
+                "" if arg == "-" else f" (to write {arg}, use --json-out {arg})")
+        raise _click_errors.UsageError(message, ctx=_click_context(silent=True))
 
 
 # ---------------------------------------------------------------------------------------------------- distill
@@ -512,20 +547,23 @@ def distill_cmd(**values: Any) -> None:
     from segkd.methods.base import parse_method_opts
     from segkd.methods.task import DistillConfig, run_distill
 
+    json_out = JsonOutput(values["as_json"], values["json_out"])
     cfg = _run_config(DistillConfig, values)
     if values["resume"] is None:
         cfg.method_opts = {**cfg.method_opts, **method_opts_from_flags(cfg.method, values),
                            **parse_method_opts(values["method_opt"])}
     summary = run_distill(cfg, resume=values["resume"])
-    if summary.get("rank", 0) != 0 or _emit_summary(summary, values):
-        return
+    if summary.get("rank", 0) == 0:
+        json_out.emit(summary, lambda view: _render_distill(summary, view))
+
+
+def _render_distill(summary: dict[str, Any], view: Console) -> None:
     rep = summary["distill"]
     for name, best in summary["best"].items():
-        out.print(f"{name}: best val mIoU {100 * best['miou']:.2f} at iteration {best['iteration']}; deploy "
-                  f"{rep['deploy_params'][name] / 1e6:.2f} M params, {rep['deploy_gmacs'][name]:.2f} GMACs "
-                  f"({rep['gmacs_input']}); training-only adapters {rep['adapter_params'][name] / 1e6:.3f} M")
-    out.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
-    _print_written(summary, "config.yaml", "distill.json")
+        view.print(f"{name}: best val mIoU {100 * best['miou']:.2f} at iteration {best['iteration']}; deploy "
+                   f"{rep['deploy_params'][name] / 1e6:.2f} M params, {rep['deploy_gmacs'][name]:.2f} GMACs "
+                   f"({rep['gmacs_input']}); training-only adapters {rep['adapter_params'][name] / 1e6:.3f} M")
+    _print_run(summary, view, "config.yaml", "distill.json")
 
 
 def _distill_parameters() -> list[inspect.Parameter]:
@@ -583,17 +621,16 @@ def data_inspect_cmd(
     = None,
     num_classes: Annotated[int | None, typer.Option(help="Classes of a folder dataset without a class file.")] = None,
     ignore_index: Annotated[int, typer.Option(help="Label value that marks void pixels.")] = 255,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
 ) -> None:
     """Splits, image sizes, class pixel frequencies and every unreadable or inconsistent file (exit 1 if any)."""
     from segkd.data import inspect_dataset, resolve_data_root
     from segkd.data.report import render_inspect
 
+    json_output = JsonOutput(as_json, json_out)
     report = inspect_dataset(resolve_data_root(root), data_format, num_classes, ignore_index, progress=True)
-    if as_json:
-        _emit_json(report, None)
-    else:
-        render_inspect(report, out)
+    json_output.emit(report, lambda view: render_inspect(report, view))
     if report["problems"]:
         raise SegkdError(f"{root}: {len(report['problems'])} problem(s) found, first: {report['problems'][0]}")
 

@@ -44,13 +44,15 @@ def print_table(console: Console, renderable: Any) -> None:
 
 def _fit_columns(console: Console, table: Table, width: int) -> int:
     """Fix the column widths of ``table`` so it fits ``width`` if it can: the widest columns give way first, none
-    below its longest word (header included). Returns the table's resulting width."""
+    below its longest word (header included), and a ``no_wrap`` column (a name users copy) not at all. Returns the
+    table's resulting width."""
     wide = console.options.update_width(10_000)
     ranges = []
     for column in table.columns:
         cells = [c for c in (column.header, *column.cells) if c != ""]
         sizes = [Measurement.get(console, wide, c) for c in cells] or [Measurement(1, 1)]
-        ranges.append((max(m.minimum for m in sizes), max(m.maximum for m in sizes)))
+        hi = max(m.maximum for m in sizes)
+        ranges.append((hi if column.no_wrap else max(m.minimum for m in sizes), hi))
     widths = [hi for _, hi in ranges]
     extra = Measurement.get(console, wide, table).maximum - sum(widths)  # borders and padding
     while sum(widths) + extra > width:

@@ -249,6 +249,7 @@ def test_onnx_file_without_metadata(tmp_path: Path) -> None:
                                    backends=["torch"]))
     (m,) = rep["models"]
     assert m["source"] == "onnx" and m["params_source"] == "onnx_initializers"
+    assert (m["name"], m["path"]) == ("plain.onnx", str(path))  # no segkd metadata: named by its file
     assert m["params"] == 4 * 3 * 9 + 4 + 4 * 2 + 2  # BatchNorm folded into the first conv by the exporter
     assert m["complexity"][0]["gflops"] is None and "unavailable" in m["complexity"][0]["flops_source"]
     assert [r["backend"] for r in m["runs"]] == ["onnxruntime"]
@@ -305,17 +306,95 @@ def test_bad_input_is_one_line_exit_1(monkeypatch, capsys, args: list[str], mess
 def test_cli_json_and_gate_exit_codes(monkeypatch, capsys, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     base = ["bench", "segformer-b0", "--input", TINY, "--iters", "2", "--warmup", "0", "--threads", "1"]
-    code, _, _ = _cli(monkeypatch, capsys, *base, "--json", str(out), "--max-params", "4M")
-    assert code == 0
+    code, stdout, _ = _cli(monkeypatch, capsys, *base, "--json-out", str(out), "--max-params", "4M")
+    assert code == 0 and "p50 ms" in stdout and stdout.rstrip().endswith(f"wrote {out}")  # the tables stay
     data = json.loads(out.read_text())
     assert data["passed"] is True and data["gates"][0]["gate"] == "max-params"
-    code, _, err = _cli(monkeypatch, capsys, *base, "--max-params", "1M", "--no-latency", "--json", "-")
-    assert code == 3
-    assert "error: max-params: segformer-b0 deploy" in err
-    code, stdout, _ = _cli(monkeypatch, capsys, *base, "--no-latency", "--json", "-")
-    assert code == 0 and json.loads(stdout)["models"][0]["runs"] == []
+    code, stdout, err = _cli(monkeypatch, capsys, *base, "--max-params", "1M", "--no-latency", "--json")
+    assert code == 3 and json.loads(stdout)["passed"] is False  # the report still comes, then the gate's exit
+    assert err.strip() == "error: max-params: segformer-b0 deploy: 3.719e+06 > 1e+06"
+    code, stdout, err = _cli(monkeypatch, capsys, *base, "--no-latency", "--json")
+    assert code == 0 and json.loads(stdout)["models"][0]["runs"] == [] and err == ""
     code, _, err = _cli(monkeypatch, capsys, *base, "--no-latency", "--max-latency-ms", "1e9")
     assert code == 3 and "no timed run" in err  # a latency gate with nothing timed fails, never passes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--json", "report.json"], "error: --json takes no value: it prints the report on stdout (to write report.json, "
+                                "use --json-out report.json)"),
+    (["--json", "-"], "error: --json takes no value: it prints the report on stdout"),
+    (["--json-out", "-"], "error: Invalid value for '--json-out': '-' is not a file; --json prints the JSON on stdout"),
+], ids=["json-path", "json-dash", "json-out-dash"])
+def test_old_json_spellings_are_one_line_usage_errors(monkeypatch, capsys, args: list[str], message: str) -> None:
+    code, stdout, err = _cli(monkeypatch, capsys, "bench", "segformer-b0", "--no-latency", *args)
+    assert (code, stdout) == (2, "") and len(err.splitlines()) == 1
+    assert err.startswith(message + "; see '") and err.rstrip().endswith(" bench --help'")
+    assert not Path("-").exists() and not Path("report.json").exists()
+
+
+def test_rows_are_named_by_model_with_a_path_only_where_names_collide() -> None:
+    from segkd.bench.specs import ModelSpec, name_models
+
+    def spec(name: str, path: str | None) -> ModelSpec:
+        return ModelSpec(path or name, name, "zoo" if path is None else "checkpoint", 19, name,
+                         path=None if path is None else Path(path))
+
+    cases = [
+        ([("deeplabv3-resnet18", "teacher/best.safetensors"), ("segformer-b0", "student/best.safetensors")],
+         ["deeplabv3-resnet18", "segformer-b0"]),
+        ([("segformer-b0", "runs/a/student/best.safetensors"), ("segformer-b0", "runs/b/student/best.safetensors")],
+         ["segformer-b0 (a/student/best.safetensors)", "segformer-b0 (b/student/best.safetensors)"]),
+        ([("segformer-b0", None), ("segformer-b0", "student/best.safetensors"), ("segformer-b0", "s.onnx")],
+         ["segformer-b0", "segformer-b0 (best.safetensors)", "segformer-b0 (s.onnx)"]),
+        ([("plain.onnx", "a/plain.onnx"), ("plain.onnx", "b/plain.onnx")],  # ONNX without metadata: its file name
+         ["plain.onnx (a/plain.onnx)", "plain.onnx (b/plain.onnx)"]),
+        ([("segformer-b0", "x/m.safetensors"), ("segformer-b0", "./x/m.safetensors")],  # one file twice
+         ["segformer-b0 (x/m.safetensors)", "segformer-b0 (./x/m.safetensors)"]),
+    ]
+    for given, names in cases:
+        specs = [spec(n, p) for n, p in given]
+        name_models(specs)
+        assert [s.name for s in specs] == names
+
+
+def test_bench_names_checkpoint_rows_by_their_model(monkeypatch, capsys, tmp_path: Path) -> None:
+    from segkd.checkpoint import CheckpointMeta, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    for role in ("teacher", "student"):
+        (tmp_path / role).mkdir()
+        save_checkpoint(tmp_path / role / "best.safetensors", create_model("segformer-b0", num_classes=3),
+                        CheckpointMeta(model="segformer-b0", num_classes=3))
+    args = ["bench", "teacher/best.safetensors", "student/best.safetensors", "--input", "32x32", "--no-latency"]
+    code, stdout, err = _cli(monkeypatch, capsys, *args, "--json-out", "r.json")
+    assert code == 0, err
+    names = ["segformer-b0 (teacher/best.safetensors)", "segformer-b0 (student/best.safetensors)"]
+    report = json.loads(Path("r.json").read_text())
+    assert [(m["name"], m["path"], m["architecture"]) for m in report["models"]] == [
+        (names[0], "teacher/best.safetensors", "segformer-b0"), (names[1], "student/best.safetensors", "segformer-b0")]
+    assert [line.split("  ")[0] for line in stdout.splitlines() if line.startswith("segformer-b0")] == names
+    # a baseline matches the rows by these names
+    code, stdout, err = _cli(monkeypatch, capsys, *args, "--baseline", "r.json")
+    assert code == 0, err
+    assert f"pass regression-params: {names[1]} deploy: " in stdout
+
+
+def test_baseline_matches_by_path_and_old_reports_by_file_name(report: dict, tmp_path: Path) -> None:
+    new = copy.deepcopy(report)  # this run: a checkpoint of segformer-b0 and the zoo deeplabv3-resnet18
+    new["models"][0].update(name="segformer-b0", path="ci/student.safetensors", source="checkpoint")
+    new["models"][1]["path"] = None
+    old = copy.deepcopy(report)  # a report from before rows were named by model: no `path`, files by file name
+    old["models"][0]["name"] = "student.safetensors"
+    for m in old["models"]:
+        m.pop("path", None)
+    moved = copy.deepcopy(new)  # a new-style baseline where the rows had other names (other files benched along)
+    moved["models"][0]["name"] = "segformer-b0 (ci/student.safetensors)"
+    for base in (old, moved):
+        path = tmp_path / "base.json"
+        path.write_text(json.dumps(base))
+        gates = apply_gates(copy.deepcopy(new), Gates(baseline=path))
+        compared = {g["model"] for g in gates if g["gate"] == "regression-params"}
+        assert compared == {"segformer-b0", "deeplabv3-resnet18"}, gates
 
 
 def test_run_bench_command_rejects_bad_baseline_before_timing(tmp_path: Path) -> None:
@@ -332,7 +411,7 @@ def test_train_step_report(monkeypatch, capsys, tmp_path: Path) -> None:
     out = tmp_path / "ts.json"
     code, stdout, _ = _cli(monkeypatch, capsys, "bench", "--train-step", "--method", "kd", "--teacher",
                            "segformer-b0", "--student", "segformer-b0", "--input", TINY, "--iters", "1",
-                           "--warmup", "0", "--threads", "1", "--num-classes", "5", "--json", str(out))
+                           "--warmup", "0", "--threads", "1", "--num-classes", "5", "--json-out", str(out))
     assert code == 0 and "overhead" in stdout
     data = json.loads(out.read_text())
     jsonschema.validate(data, load_schema())
@@ -370,6 +449,8 @@ def test_checkpoint_and_its_onnx_export_share_flops(tmp_path: Path) -> None:
     rep = bench_models(BenchConfig(models=[str(ckpt), str(onnx_path)], inputs=[TINY], latency=False))
     a, b = rep["models"]
     assert (a["source"], b["source"]) == ("checkpoint", "onnx") and a["num_classes"] == b["num_classes"] == 5
+    # both named by the model the checkpoint and the export metadata record, told apart by their files
+    assert (a["name"], b["name"]) == ("segformer-b0 (student.safetensors)", "segformer-b0 (student.onnx)")
     assert b["complexity"][0]["gmacs"] == a["complexity"][0]["gmacs"] > 0
     assert "ONNX metadata" in b["complexity"][0]["flops_source"]
     assert abs(b["params"] - a["params"]) / a["params"] < 0.01  # BN folded: a few hundred fewer numbers

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import run_cli
+
 TRAIN = ["train", "--model", "segformer-b0", "--data", "synth", "--crop", "32x32", "--batch", "2", "--workers", "0",
          "--device", "cpu", "--val-every", "100"]
 
@@ -195,7 +198,7 @@ def test_run_json_eval_json_and_bench_share_one_provenance_block(tmp_path: Path)
     r = _segkd("eval", str(out / "best.safetensors"), "--data", "synth", "--resize", "32x32", "--json",
                "--device", "cpu")
     ev = json.loads(r.stdout)
-    r = _segkd("bench", "segformer-b0", "--input", "1x3x32x32", "--no-latency", "--json", "-")
+    r = _segkd("bench", "segformer-b0", "--input", "1x3x32x32", "--no-latency", "--json")
     bench = json.loads(r.stdout)
     for doc, command in ((run, "train"), (ev, "eval"), (bench, "bench")):
         assert doc["argv"][:2] == ["segkd", command]
@@ -212,3 +215,152 @@ def test_data_synth_takes_num_classes_like_every_other_command_and_keeps_classes
         r = _segkd("data", "synth", "--out", str(out), "--train", "1", "--val", "1", "--size", "32x32", flag, "3")
         assert r.returncode == 0, r.stderr
         assert len(json.loads((out / "classes.json").read_text())["classes"]) == 3
+
+
+# ------------------------------------------------------------------- issue 13: identifying columns are never cut
+CITYSCAPES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+              "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
+
+
+def _models_case(console) -> list[str]:
+    from segkd.models import MODELS
+    from segkd.models.zoo_info import render_models
+
+    taps = [{"name": f"c{i}", "kind": "cnn", "channels": 64 * 2 ** i, "stride": 4 * 2 ** min(i, 1)} for i in range(4)]
+    rows = [{"name": n, "family": MODELS.get(n).family, "params_m": 58.63, "gmacs": 482.31, "output_stride": 8,
+             "taps": taps} for n in MODELS.names()]
+    render_models(rows, console, size="512x1024", num_classes=19)
+    return [r["name"] for r in rows]
+
+
+def _bench_case(console) -> list[str]:
+    from segkd.bench.report import render
+
+    report = _report()
+    report["models"][0]["name"] = "deeplabv3-resnet101 (teacher/best.safetensors)"
+    report["models"][0]["complexity"][0]["modules"] = [
+        {"module": "DeepLabV3", "depth": 0, "gflops": 964.6}, {"module": "DeepLabV3.backbone", "depth": 1,
+                                                               "gflops": 900.0}]
+    report["train_step"] = [{
+        "method": "transkd", "student": "deeplabv3plus-resnet101", "teacher": "deeplabv3plus-resnet50",
+        "input": [2, 3, 512, 1024], "adapter_params": 1_234_567, "overhead_ratio": 1.23,
+        "method_step": {"latency_ms": {"p50": 1234.5}, "peak_mem_mb": 4321.0, "cpu_util": 3.9, "contended": True},
+        "lower_bound": {"latency_ms": {"p50": 1000.1}, "peak_mem_mb": 4000.0, "cpu_util": 3.8, "contended": False},
+        "bound_definition": "teacher fwd (no grad) + student fwd + CE + bwd + AdamW step", "optimizer": "AdamW"}]
+    render(report, console)
+    return ["deeplabv3-resnet101 (teacher/best.safetensors)", "segformer-b0", "onnxruntime (CPU)", "1x3x512x1024",
+            "transkd", "deeplabv3plus-resnet101", "deeplabv3plus-resnet50", "2x3x512x1024", "DeepLabV3",
+            "  backbone"]
+
+
+def _eval_case(console) -> list[str]:
+    from dataclasses import asdict
+
+    import torch
+
+    from segkd.engine.evaluate import EvalResult, render_eval
+    from segkd.engine.metrics import scores_from_confusion
+
+    conf = torch.eye(len(CITYSCAPES), dtype=torch.int64) * 1000 + 3
+    result = EvalResult(**asdict(scores_from_confusion(conf)), confusion=conf, n_images=500, class_names=CITYSCAPES,
+                        extra={"model": "deeplabv3plus-resnet101", "data": "/data/cityscapes",
+                               "data_format": "cityscapes", "split": "val"})
+    render_eval(result, console)
+    return CITYSCAPES
+
+
+def _export_case(console) -> list[str]:
+    from segkd.export.render import render_export_report
+
+    cases = [{"case": name, "max_abs_diff": 1.234e-05, "mean_abs_diff": 2.5e-06, "label_agreement": 0.99998,
+              "passed": True} for name in ("random 1x3x512x1024", "random 2x3x384x768", "data 1x3x512x1024 [0:1]")]
+    report = {
+        "model": "deeplabv3plus-resnet101", "out": "deploy/student.onnx", "bytes": 123_456_789, "seconds": 12.3,
+        "export": {"input_shape": ["batch", 3, "height", "width"], "opset": 17, "output": "logits",
+                   "input_name": "pixel_values", "input_range": "normalised RGB", "fp16": False},
+        "graph": {"nodes": 456},
+        "verification": {"cases": cases, "providers_requested": ["cpu"], "providers_used": ["CPUExecutionProvider"],
+                         "atol": 1e-4, "min_agreement": 0.999},
+        "tensorrt": {"table": {"tensorrt_version": "10.x", "repository": "onnx/onnx-tensorrt",
+                               "path": "docs/operators.md", "commit": "0123456789abcdef"},
+                     "ready": True, "op_counts": {"Conv": 100}, "unsupported": [], "issues": [],
+                     "trtexec": "trtexec --onnx=deploy/student.onnx"},
+    }
+    render_export_report(report, console)
+    return [c["case"] for c in cases]
+
+
+def _inspect_case(console) -> list[str]:
+    from segkd.data.report import render_inspect
+
+    split = {"pairs": 2975, "sizes_hxw": {"1024x2048": 2975}, "ignore_share_pct": 11.2,
+             "class_share_pct": {n: 100 / len(CITYSCAPES) for n in CITYSCAPES}}
+    report = {"root": "/data/cityscapes", "format": "cityscapes", "num_classes": 19, "ignore_index": 255,
+              "class_names": CITYSCAPES, "problems": [],
+              "splits": {"train": split, "val": {**split, "pairs": 500}, "test": {**split, "pairs": 1525}}}
+    render_inspect(report, console)
+    return [*CITYSCAPES, "(ignore)"]
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
+@pytest.mark.parametrize("width", [60, 80])
+@pytest.mark.parametrize("case", [_models_case, _bench_case, _eval_case, _export_case, _inspect_case],
+                         ids=["models", "bench", "eval", "export", "data-inspect"])
+def test_no_table_cuts_or_wraps_its_identifying_column(case, width: int, terminal: bool) -> None:
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    names = case(Console(file=buf, width=width, force_terminal=terminal, color_system=None, soft_wrap=not terminal))
+    text = buf.getvalue()
+    assert "…" not in text
+    lines = text.splitlines()
+    for name in names:  # each identifying cell whole on one line: not cut, folded nor wrapped
+        assert any(name in line for line in lines), (name, text)
+
+
+# ----------------------------------------------------------------------- issue 13: one --json / --json-out rule
+@pytest.fixture(scope="module")
+def json_commands(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """Each command that prints a result, as a tiny invocation (without its JSON options)."""
+    import torch
+
+    from segkd.checkpoint import CheckpointMeta, save_checkpoint
+    from segkd.data.synth import synthesize
+    from segkd.models import create_model
+
+    work = tmp_path_factory.mktemp("json")
+    data = synthesize(work / "data", n_train=1, n_val=1, size=(32, 32), num_classes=3)
+    ckpt = save_checkpoint(work / "b0.safetensors", create_model("segformer-b0", num_classes=3),
+                           CheckpointMeta(model="segformer-b0", num_classes=3))
+    foreign = work / "tv.pth"  # a torchvision-layout DeepLabV3 state dict, as `segkd convert` imports
+    torch.save(create_model("deeplabv3-resnet18", num_classes=2).state_dict(), foreign)
+    return {
+        "models": ["models", "segformer-b0", "--no-flops"],
+        "bench": ["bench", "segformer-b0", "--input", "32x32", "--no-latency"],
+        "data inspect": ["data", "inspect", str(data)],
+        "eval": ["eval", str(ckpt), "--data", str(data), "--device", "cpu", "--no-progress"],
+        "export": ["export", str(ckpt), "-o", str(work / "b0.onnx"), "--size", "32x32", "--no-verify"],
+        "convert": ["convert", str(foreign), "-m", "deeplabv3-resnet18", "-o", str(work / "r18.safetensors")],
+    }
+
+
+@pytest.mark.parametrize("command", ["models", "bench", "data inspect", "eval", "export", "convert"])
+def test_every_command_follows_one_json_convention(monkeypatch, capsys, json_commands, command: str,
+                                                   tmp_path: Path) -> None:
+    args = json_commands[command]
+    code, stdout, err = run_cli(monkeypatch, capsys, *args, "--json")  # `segkd X --json | jq`
+    assert code == 0, err
+    doc = json.loads(stdout)  # stdout is exactly one JSON document
+    assert not any(box in stdout + err for box in "│┃─━"), err  # and no table went anywhere
+    path = tmp_path / "result.json"
+    code, stdout, err = run_cli(monkeypatch, capsys, *args, "--json-out", str(path))
+    assert code == 0, err
+    assert stdout.rstrip().splitlines()[-1] == f"wrote {path}"  # the human output stays, then the file it wrote
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(stdout)
+    saved = json.loads(path.read_text())
+    assert type(saved) is type(doc)
+    assert (saved.keys() if isinstance(doc, dict) else [r["name"] for r in saved]) == (
+        doc.keys() if isinstance(doc, dict) else [r["name"] for r in doc])

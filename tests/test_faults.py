@@ -204,7 +204,7 @@ def test_non_finite_numbers_are_usage_errors(tmp_path: Path, small_ckpt: Path) -
                          ([*T, "--clip-grad", "-inf"], "--clip-grad"),
                          ([*kd, "--lr", "nan"], "--lr"),
                          (["bench", "segformer-b0", "--max-latency-ms", "nan"], "--max-latency-ms")):
-        res = _cli([*args, "--out" if args[0] != "bench" else "--json", tmp_path / "x"])
+        res = _cli([*args, "--out" if args[0] != "bench" else "--json-out", tmp_path / "x"])
         assert res.exit_code == 2, res.output
         assert f"Invalid value for '{option}'" in res.output and "not a finite number" in res.output
         assert len(res.output.strip().splitlines()) == 1
@@ -248,7 +248,8 @@ def test_a_file_where_a_directory_is_expected_and_the_reverse(tmp_path: Path, sm
              (["convert", small_ckpt, "-m", "segformer-b0", "-o", a_dir], "--out", "is a directory"),
              (["eval", small_ckpt, "--json-out", a_dir], "--json-out", "is a directory"),
              (["eval", small_ckpt, "--save-preds", a_file], "--save-preds", "is a file, but a directory"),
-             (["bench", "segformer-b0", "--json", a_dir], "--json", "is a directory"),
+             (["bench", "segformer-b0", "--json-out", a_dir], "--json-out", "is a directory"),
+             (["models", "segformer-b0", "--json-out", a_dir], "--json-out", "is a directory"),
              (["export", small_ckpt, "-o", a_dir], "--out", "is a directory"))
     for args, option, problem in cases:
         res = _cli(args)
@@ -276,7 +277,7 @@ def test_read_only_destinations_are_one_line(tmp_path: Path, small_ckpt: Path, r
              (["eval", small_ckpt, "--data", "synth", "--resize", "32x32", "--json-out", ro / "old" / "m.json"],
               "m.json: Read-only file system (EROFS); the previous m.json is kept unchanged"),
              (["bench", "segformer-b0", "--input", "32x32", "--iters", "1", "--warmup", "0", "--no-flops",
-               "--json", ro / "b.json"], "b.json: Read-only file system (EROFS)"),
+               "--json-out", ro / "b.json"], "b.json: Read-only file system (EROFS)"),
              (["data", "synth", "-o", ro / "synth", "--train", "1", "--val", "1"],
               "Read-only file system (EROFS); the set in"))
     for args, needle in cases:

@@ -143,12 +143,13 @@ def test_bench_times_int8_beside_fp32_and_torch(setup, tmp_path):
     export_checkpoint(ckpt, fp32, ExportConfig(size=SIZE, threads=1))
     report_path = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["bench", str(fp32), str(out), str(ckpt), "--input", SIZE, "--threads", "1",
-                                   "--iters", "1", "--warmup", "0", "--no-flops", "--json", str(report_path)])
+                                   "--iters", "1", "--warmup", "0", "--no-flops", "--json-out", str(report_path)])
     assert res.exit_code == 0, res.output
     models = json.loads(report_path.read_text())["models"]
+    # one model three times: each row named by the model, with the file that tells them apart
     assert [(m["name"], m["precision"], m["runs"][0]["backend"]) for m in models] == [
-        ("sf.onnx", "fp32", "onnxruntime"), ("sf.int8.onnx", "int8", "onnxruntime"),
-        ("sf.safetensors", "fp32", "torch")]
+        ("segformer-b0 (sf.onnx)", "fp32", "onnxruntime"), ("segformer-b0 (sf.int8.onnx)", "int8", "onnxruntime"),
+        ("segformer-b0 (sf.safetensors)", "fp32", "torch")]
     # the int8 file's weights are counted (int8/int32 initializers feeding DequantizeLinear), not its scales. Not
     # exactly equal: the fp32 exporter stores identical tensors once (this random model's all-zero conv biases),
     # the quantiser gives each conv its own int32 bias (its scale depends on that conv's weight scale)

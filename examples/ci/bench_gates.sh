@@ -44,7 +44,7 @@ gates=()
 status=0
 "${SEGKD_CMD[@]}" bench "$CKPT" "$OUT_DIR/student.onnx" --input "$INPUT" --threads "$THREADS" \
   --backend torch --providers cpu --warmup "$WARMUP" --iters "$ITERS" \
-  --json "$OUT_DIR/bench.json" "${gates[@]}" || status=$?
+  --json-out "$OUT_DIR/bench.json" "${gates[@]}" || status=$?
 
 if [[ $status -eq 3 ]]; then
   echo "bench gates failed; report: $OUT_DIR/bench.json" >&2

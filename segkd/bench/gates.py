@@ -3,9 +3,10 @@
 Every gate applies to every model in the report (bench only the student when gating a student). Latency gates use
 the p50 of each run (backend x input x batch); ``--max-gflops`` uses GFLOPs per image (2 x GMACs) at each input size;
 ``--max-params`` the deploy parameter count. A gate that cannot be evaluated (e.g. GFLOPs of an ONNX file without
-segkd metadata) fails rather than passing silently. A baseline is matched by model name (zoo name or file name),
-backend and input shape; pairs missing on either side are listed as skipped, and a baseline sharing nothing with
-the run is an error (exit 1), not a pass.
+segkd metadata) fails rather than passing silently. A baseline row is matched by model name (else by file path,
+else, in a report from before rows were named by model, by file name), then by backend and input shape; pairs
+missing on either side are listed as skipped, and a baseline sharing nothing with the run is an error (exit 1),
+not a pass.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _shape(s: list[int]) -> str:
 
 
 def load_baseline(path: Path) -> dict[str, Any]:
-    """A previous ``segkd bench --json`` report, checked enough to compare against."""
+    """A previous ``segkd bench`` JSON report, checked enough to compare against."""
     from segkd.bench.run import SCHEMA_VERSION
 
     if not path.is_file():
@@ -59,7 +60,7 @@ def load_baseline(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SegkdError(f"--baseline {path}: not valid JSON ({getattr(e, 'msg', e)})") from None
     if not isinstance(data, dict) or data.get("kind") != "segkd.bench" or not isinstance(data.get("models"), list):
-        raise SegkdError(f"--baseline {path}: not a segkd bench report (run `segkd bench --json` to make one)")
+        raise SegkdError(f"--baseline {path}: not a segkd bench report (make one with `segkd bench --json-out FILE`)")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise SegkdError(f"--baseline {path}: schema_version {data.get('schema_version')!r}, this segkd writes "
                          f"{SCHEMA_VERSION}")
@@ -102,8 +103,22 @@ def apply_gates(report: dict[str, Any], gates: Gates) -> list[dict[str, Any]]:
     return results
 
 
+def _baseline_match(base: dict[str, Any]) -> Any:
+    """``row -> its baseline row or None``: the same name, else the same file path, else (a baseline from before
+    rows were named by model, without ``path``: files were named by their file name) the row named by its file."""
+    by_name = {m["name"]: m for m in base["models"]}
+    by_path = {m["path"]: m for m in base["models"] if m.get("path")}
+    legacy = {m["name"]: m for m in base["models"] if "path" not in m}
+
+    def match(row: dict[str, Any]) -> dict[str, Any] | None:
+        path = row.get("path")
+        return by_name.get(row["name"]) or (path and (by_path.get(path) or legacy.get(Path(path).name))) or None
+
+    return match
+
+
 def _baseline_gates(report: dict[str, Any], base: dict[str, Any], limit: float, source: str) -> list[dict[str, Any]]:
-    old_models = {m["name"]: m for m in base["models"]}
+    baseline_of = _baseline_match(base)
     results: list[dict[str, Any]] = []
     compared = 0
 
@@ -122,7 +137,7 @@ def _baseline_gates(report: dict[str, Any], base: dict[str, Any], limit: float, 
                         "passed": passed, "message": msg, "baseline": old, "current": new})
 
     for m in report["models"]:
-        old = old_models.get(m["name"])
+        old = baseline_of(m)
         if old is None:
             results.append({"gate": "baseline", "model": m["name"], "where": "-", "value": None, "limit": limit,
                             "passed": None, "message": f"baseline: {m['name']} not in {source}: skipped"})

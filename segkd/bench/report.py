@@ -12,12 +12,13 @@ from segkd.textout import print_table
 
 
 def _table(title: str, cols: list[str]) -> Table:
-    """A compact table whose name columns never wrap or truncate (numbers are right-aligned)."""
+    """A compact table whose identifying columns (model, backend, input) never wrap or truncate; numbers are
+    right-aligned."""
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False,
                   collapse_padding=True)
     for c in cols:
         left = c in ("model", "backend", "input")
-        table.add_column(c, justify="left" if left else "right", no_wrap=c in ("model", "input"))
+        table.add_column(c, justify="left" if left else "right", no_wrap=left)
     return table
 
 
@@ -128,7 +129,7 @@ def _render_detail(name: str, c: dict[str, Any], console: Console) -> None:
     total = next((row["gflops"] for row in c["modules"] if row["depth"] == 0), None) or c.get("gflops") or 0.0
     t = Table(title=f"{name} @ {_shape(c['input'])}: FLOPs by module")
     for col in ("module", "GMACs", "GFLOPs", "share"):
-        t.add_column(col, justify="left" if col == "module" else "right")
+        t.add_column(col, justify="left" if col == "module" else "right", no_wrap=col == "module")
     for row in c["modules"]:
         label = "  " * row["depth"] + row["module"].split(".")[-1] if row["depth"] else row["module"]
         share = f"{100 * row['gflops'] / total:.1f}%" if total else "-"
@@ -147,7 +148,8 @@ def render_train_step(entries: list[dict[str, Any]], console: Console) -> None:
     t = Table(title="distillation train step vs its lower bound")
     for col in ("method", "student", "teacher/peer", "input", "adapter params (M)", "step p50 ms", "bound p50 ms",
                 "overhead", "peak MB", "CPU util"):
-        t.add_column(col, justify="left" if col in ("method", "student", "teacher/peer", "input") else "right")
+        name = col in ("method", "student", "teacher/peer", "input")  # what identifies a row: never cut
+        t.add_column(col, justify="left" if name else "right", no_wrap=name)
     for e in entries:
         step, bound = e["method_step"], e["lower_bound"]
         util = f"{step['cpu_util']:.2f}/{bound['cpu_util']:.2f}"

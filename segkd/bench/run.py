@@ -24,6 +24,7 @@ from segkd.bench.latency import RunResult, bench_onnxruntime, bench_torch, resol
 from segkd.bench.specs import (
     ModelSpec,
     expand_inputs,
+    name_models,
     onnx_param_count,
     onnx_precision,
     parse_backends,
@@ -228,6 +229,7 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
     if cfg.warmup < 0 or cfg.iters < 1 or cfg.min_time < 0:
         raise SegkdError("--warmup and --min-time must be >= 0 and --iters >= 1")
     specs = [resolve_model(m, cfg.num_classes) for m in cfg.models]  # all resolved first: bad input fails fast
+    name_models(specs)
     hw_list = list(dict.fromkeys((s[2], s[3]) for s in shapes))
     _check_input_sizes(cfg, specs, hw_list)
     report: dict[str, Any] = {
@@ -321,6 +323,7 @@ def _bench_one(spec: ModelSpec, shapes: list[tuple[int, int, int, int]], hw_list
                         onnx_precision(spec.onnx_meta) == "int8" else ""))
     entry: dict[str, Any] = {
         "name": spec.name,
+        "path": None if spec.path is None else str(spec.path),
         "arg": spec.arg,
         "source": spec.source,
         "architecture": spec.architecture,
@@ -347,7 +350,7 @@ def _bench_one(spec: ModelSpec, shapes: list[tuple[int, int, int, int]], hw_list
             if backend == "onnxruntime":
                 if onnx_file is None:
                     assert spec.module is not None
-                    onnx_file = tmp / f"{len(list(tmp.iterdir()))}-{spec.name}.onnx"
+                    onnx_file = tmp / f"{len(list(tmp.iterdir()))}-{spec.architecture}.onnx"  # name: maybe a path
                     export_temp_onnx(spec.module, shape, onnx_file)
                     notes.append("onnxruntime: exported to a temporary ONNX file with segkd export's pipeline "
                                  "(TorchScript exporter, opset 17, dynamic batch/height/width, ORT basic optimisation)")

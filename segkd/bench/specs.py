@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,9 @@ def parse_percent(text: str) -> float:
 
 @dataclass
 class ModelSpec:
-    """One MODEL argument, resolved. ``module`` is set for zoo names and checkpoints; ``onnx_path`` for ONNX."""
+    """One MODEL argument, resolved. ``module`` is set for zoo names and checkpoints; ``onnx_path`` for ONNX.
+    ``name`` is the model's zoo name (for an ONNX file without segkd metadata, its file name) until
+    :func:`name_models` makes the names of one run distinct."""
 
     arg: str
     name: str
@@ -102,7 +105,7 @@ def resolve_model(arg: str, num_classes: int | None) -> ModelSpec:
         if not path.is_file():
             raise SegkdError(f"{arg}: ONNX file not found")
         arch, k, meta = _onnx_architecture(path)
-        return ModelSpec(arg, path.name, "onnx", k, arch, onnx_path=path, path=path, onnx_meta=meta)
+        return ModelSpec(arg, arch or path.name, "onnx", k, arch, onnx_path=path, path=path, onnx_meta=meta)
     if path.is_file() or _looks_like_path(arg):
         if not path.is_file():
             raise SegkdError(f"{arg}: checkpoint file not found")
@@ -115,10 +118,38 @@ def resolve_model(arg: str, num_classes: int | None) -> ModelSpec:
         meta = model.segkd_meta  # type: ignore[attr-defined]
         if num_classes is not None and num_classes != meta.num_classes:
             raise SegkdError(f"--num-classes {num_classes}: {arg} has {meta.num_classes} classes")
-        return ModelSpec(arg, path.name, "checkpoint", meta.num_classes, meta.model, module=model, path=path)
+        return ModelSpec(arg, meta.model, "checkpoint", meta.num_classes, meta.model, module=model, path=path)
     name = MODELS.canonical(arg)
     k = 19 if num_classes is None else num_classes
     return ModelSpec(arg, name, "zoo", k, name, module=create_model(name, num_classes=k))
+
+
+def name_models(specs: list[ModelSpec]) -> None:
+    """Make the names of one run distinct: where rows share a model name (two checkpoints of one model, a zoo name
+    and a checkpoint of it), each file's name gets the shortest suffix of its path that tells it from the other
+    files of that name, e.g. ``deeplabv3-resnet18 (teacher/best.safetensors)``. Unique names stay as they are."""
+    groups: dict[str, list[ModelSpec]] = {}
+    for spec in specs:
+        groups.setdefault(spec.name, []).append(spec)
+    for group in groups.values():
+        files = [s for s in group if s.path is not None]
+        if len(group) < 2:
+            continue
+        for spec in files:
+            assert spec.path is not None
+            others = [o.path for o in files if o is not spec and o.path is not None]
+            spec.name = f"{spec.name} ({_distinguishing_suffix(spec.path, others) or spec.arg})"
+
+
+def _distinguishing_suffix(path: Path, others: list[Path]) -> str | None:
+    """The last components of ``path`` (as few as possible) that no path in ``others`` ends with; None when one of
+    them is the same file."""
+    parts = Path(os.path.abspath(path)).parts
+    other_parts = [Path(os.path.abspath(o)).parts for o in others]
+    for k in range(1, len(parts) + 1):
+        if all(o[-k:] != parts[-k:] for o in other_parts):
+            return "/".join(parts[-k:])
+    return None
 
 
 def _onnx_architecture(path: Path) -> tuple[str | None, int | None, dict[str, Any] | None]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from segkd.textout import print_table
+
 
 def render_inspect(report: dict, console: Console) -> None:
     """Header line, one table of class pixel shares per split, image sizes, then every problem."""
@@ -13,15 +15,15 @@ def render_inspect(report: dict, console: Console) -> None:
     splits = report["splits"]
     if splits:
         table = Table(title="class pixel share (% of all pixels)")
-        table.add_column("id", justify="right")
-        table.add_column("class")
+        table.add_column("id", justify="right", no_wrap=True)
+        table.add_column("class", no_wrap=True)  # what a row is about: never cut (the split columns wrap)
         for split, s in splits.items():
             table.add_column(f"{split} ({s['pairs']} images)", justify="right")
         for i, name in enumerate(report["class_names"]):
             table.add_row(str(i), name, *(f"{s['class_share_pct'][name]:.2f}" for s in splits.values()))
         table.add_row(str(report["ignore_index"]), "(ignore)",
                       *(f"{s['ignore_share_pct']:.2f}" for s in splits.values()), style="dim")
-        console.print(table)
+        print_table(console, table)
     for split, s in splits.items():
         shown = list(s["sizes_hxw"].items())
         sizes = ", ".join(f"{k} ({v})" for k, v in shown[:5]) + (f", +{len(shown) - 5} more" if len(shown) > 5 else "")

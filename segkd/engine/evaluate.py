@@ -381,6 +381,8 @@ def render_eval(result: EvalResult, console: Any) -> None:
     """A rich table: per-class IoU / Acc / Dice (%), GT pixel share, then the summary row."""
     from rich.table import Table
 
+    from segkd.textout import print_table
+
     def pct(v: float) -> str:
         return "-" if v != v else f"{100 * v:.2f}"
 
@@ -392,13 +394,13 @@ def render_eval(result: EvalResult, console: Any) -> None:
     table = Table(title=f"{result.extra.get('model', 'model')} on {where}{result.extra.get('split', 'eval')} "
                         f"({result.n_images} images)", title_justify="left")
     for col in ("class", "IoU", "Acc", "Dice", "GT %"):
-        table.add_column(col, justify="left" if col == "class" else "right")
+        table.add_column(col, justify="left" if col == "class" else "right", no_wrap=col == "class")
     for i, name in enumerate(result.names()):
         table.add_row(name, pct(result.per_class_iou[i]), pct(result.per_class_acc[i]),
                       pct(result.per_class_dice[i]), f"{100 * float(gt[i]) / total:.2f}")
     table.add_section()
     table.add_row("[bold]mean[/]", f"[bold]{pct(result.miou)}[/]", pct(result.macc), pct(result.mdice), "")
-    console.print(table)
+    print_table(console, table)
     console.print(f"mIoU {pct(result.miou)}  aAcc {pct(result.aacc)}  mAcc {pct(result.macc)}  "
                   f"fwIoU {pct(result.fwiou)}  mDice {pct(result.mdice)}  ({result.seconds:.1f} s)")
     if any(v != v for v in result.per_class_iou):

@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from segkd.textout import print_table
+
 
 def _num(v: Any) -> str:
     return "-" if v is None else f"{v:.3g}"
@@ -48,14 +50,14 @@ def render_export_report(report: dict[str, Any], console: Console) -> None:
     if ver:
         table = Table(title="verification: ONNX Runtime vs PyTorch", title_justify="left")
         for col in ("case", "max |diff|", "mean |diff|", "label agreement", "ok"):
-            table.add_column(col)
+            table.add_column(col, no_wrap=col == "case")  # the case names the input: never cut it
         for c in ver["cases"]:
             if "error" in c:
                 table.add_row(c["case"], "-", "-", "-", f"[red]{c['error']}[/]")
                 continue
             table.add_row(c["case"], _num(c["max_abs_diff"]), _num(c["mean_abs_diff"]),
                           f"{c['label_agreement']:.5f}", "yes" if c["passed"] else "[red]no[/]")
-        console.print(table)
+        print_table(console, table)
         if ver.get("static_other_size"):
             probe = ver["static_other_size"]
             verdict = "rejected (as it must)" if probe["rejected"] else "[red]accepted[/]"
