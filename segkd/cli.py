@@ -330,55 +330,46 @@ def _train_parameters() -> list[inspect.Parameter]:
 
 
 # ------------------------------------------------------------------------------------------------------- eval
-@app.command("eval")
-def eval_cmd(
+def _eval_options(
     source: Annotated[Path, typer.Argument(help="segkd checkpoint (.safetensors) or exported model (.onnx).")],
-    data: Annotated[str | None, typer.Option(help="Dataset root, or 'synth' for the built-in procedural dataset "
-                                             "(the default, with a note saying so).")] = None,
-    data_format: Annotated[str | None, typer.Option(help="Dataset format (default: detected from the root).")] = None,
-    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
-    resize: Annotated[str | None, typer.Option(help="Resize images to HxW before inference.")] = None,
-    mode: Annotated[str, typer.Option(help="Inference mode: whole or slide (sliding window).")] = "whole",
-    crop: Annotated[str | None, typer.Option(help="Sliding-window size HxW (--mode slide).")] = None,
-    stride: Annotated[str | None, typer.Option(help="Sliding-window stride HxW (default 2/3 of --crop).")] = None,
-    flip: Annotated[bool, typer.Option("--flip", help="Horizontal-flip test-time augmentation.")] = False,
-    scales: Annotated[str | None, typer.Option(help="Multi-scale TTA, e.g. 0.75,1.0,1.25.")] = None,
-    batch: Annotated[int, typer.Option(help="Images per forward pass (per process).")] = 1,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch and ONNX Runtime (default: theirs).")
-                       ] = None,
-    log_every: Annotated[int, typer.Option(help="A plain progress line every N batches when there is no progress "
-                                           "bar (not a terminal, or --no-progress); 0 = none.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    amp: Annotated[bool, typer.Option("--amp", help="Autocast inference: bf16 on CPU, fp16 on CUDA.")] = False,
     as_json: JsonFlag = False,
     json_out: JsonOutOption = None,
-    save_preds: Annotated[Path | None, typer.Option(help="Write colourised masks and overlays (PNG) here.")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
+    """(signature only: eval's argument and output options beside EvalConfig's)"""
+
+
+def eval_cmd(**values: Any) -> None:
     """Evaluate a checkpoint or ONNX model: mIoU, per-class IoU/Acc, aAcc, mAcc, fwIoU (DDP under torchrun)."""
-    from segkd.engine.evaluate import render_eval, run_eval
+    from segkd.cliopts import resolve_config
+    from segkd.engine.evaluate import EvalConfig, render_eval, run_eval
     from segkd.safeio import check_output
 
-    json_output = JsonOutput(as_json, json_out)
-    if save_preds is not None:
-        check_output(save_preds, "dir", "--save-preds")
-    if data is None:
-        data = "synth"
+    json_output = JsonOutput(values["as_json"], values["json_out"])
+    cfg, _ = resolve_config(EvalConfig, values, None)
+    if cfg.save_preds is not None:
+        check_output(Path(cfg.save_preds), "dir", "--save-preds")
+    if cfg.data is None:
+        cfg.data = "synth"
         console.print("note: no --data given: scoring the built-in synthetic set (synth)", highlight=False)
-    result = run_eval(source, data=data, data_format=data_format, split=split, resize=resize, mode=mode, crop=crop,
-                      stride=stride, flip=flip, scales=scales, batch=batch, workers=workers, device=device,
-                      save_preds=save_preds, amp=amp, progress=not no_progress, threads=threads,
-                      log_every=log_every)
+    result = run_eval(values["source"], cfg)
     if result.rank != 0:
         return
 
     def render(view: Console) -> None:
         render_eval(result, view)
-        if save_preds is not None:
-            view.print(f"wrote predictions to {save_preds}", highlight=False, soft_wrap=True)
+        if cfg.save_preds is not None:
+            view.print(f"wrote predictions to {cfg.save_preds}", highlight=False, soft_wrap=True)
 
     json_output.emit(result.to_dict(), render)
+
+
+def _eval_parameters() -> list[inspect.Parameter]:
+    from segkd.cliopts import config_parameters
+    from segkd.engine.evaluate import EvalConfig
+
+    own = list(inspect.signature(_eval_options, eval_str=True).parameters.values())
+    return own[:1] + config_parameters(EvalConfig) + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                                                      for p in own[1:]]
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -575,10 +566,11 @@ def _distill_parameters() -> list[inspect.Parameter]:
 
 
 def _register_run_commands() -> None:
-    """train and distill take the options their config dataclasses define (generated, see segkd.cliopts)."""
+    """train, distill and eval take the options their config dataclasses define (generated, see segkd.cliopts)."""
     from segkd.cliopts import with_signature
 
     app.command("train")(with_signature(train_cmd, _train_parameters()))
+    app.command("eval")(with_signature(eval_cmd, _eval_parameters()))
     app.command("distill")(with_signature(distill_cmd, _distill_parameters()))
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from segkd.engine.config import option
 from segkd.engine.metrics import (
     CONVENTION,
     ConfusionMeter,
@@ -238,107 +239,117 @@ def _check_sizes(fn: Any, meta: Any, kind: str, sizes: dict[str, tuple[int, int]
             stride = zoo_stride(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
         except SegkdError:
             return
-    for option, hw in given.items():
-        check_min_size(hw, stride, option, meta.model)
+    for flag, hw in given.items():
+        check_min_size(hw, stride, flag, meta.model)
 
 
-def run_eval(
-    source: str | Path,
-    data: str | Path | None = None,
-    data_format: str | None = None,
-    split: str = "val",
-    resize: str | None = None,
-    mode: str = "whole",
-    crop: str | None = None,
-    stride: str | None = None,
-    flip: bool = False,
-    scales: str | None = None,
-    batch: int = 1,
-    workers: int = 0,
-    device: str = "auto",
-    save_preds: str | Path | None = None,
-    amp: bool = False,
-    progress: bool = True,
-    dataset: Dataset | None = None,
-    threads: int | None = None,
-    log_every: int = 0,
-) -> EvalResult:
+@dataclass
+class EvalConfig:
+    """Everything ``segkd eval`` depends on besides the model file; the command's options are generated from these
+    fields (one definition, :mod:`segkd.cliopts`)."""
+
+    data: str | None = option(None, "Dataset root, or 'synth' for the built-in procedural dataset (the default, with "
+                              "a note saying so).")
+    data_format: str | None = option(None, "Dataset format (default: detected from the root).")
+    split: str = option("val", "Split to evaluate.")
+    resize: str | None = option(None, "Resize images to HxW before inference.")
+    mode: str = option("whole", "Inference mode: whole or slide (sliding window).")
+    crop: str | None = option(None, "Sliding-window size HxW (--mode slide).")
+    stride: str | None = option(None, "Sliding-window stride HxW (default 2/3 of --crop).")
+    flip: bool = option(False, "Horizontal-flip test-time augmentation.")
+    scales: str | None = option(None, "Multi-scale TTA, e.g. 0.75,1.0,1.25.")
+    batch: int = option(1, "Images per forward pass (per process).")
+    workers: int = option(0, "DataLoader worker processes.")
+    threads: int | None = option(None, "CPU threads for torch and ONNX Runtime (default: theirs).")
+    log_every: int = option(0, "A plain progress line every N batches when there is no progress bar (not a "
+                            "terminal, or --no-progress); 0 = none.")
+    device: str = option("auto", "auto, cpu or cuda.")
+    amp: bool = option(False, "Autocast inference: bf16 on CPU, fp16 on CUDA.")
+    save_preds: str | None = option(None, "Write colourised masks and overlays (PNG) to this folder.")
+    progress: bool = option(True, "A progress bar on a terminal.")
+
+    def check(self) -> None:
+        """One-line errors for impossible values, before the model or the data is read."""
+        for name, low in (("batch", 1), ("workers", 0), ("log_every", 0)):
+            if getattr(self, name) < low:
+                raise SegkdError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise SegkdError(f"--threads must be >= 1, got {self.threads}")
+
+
+def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset | None = None,
+             **options: Any) -> EvalResult:
     """Everything ``segkd eval`` does: load the model alone, build the dataset from its metadata, evaluate.
 
-    ``dataset`` (already transformed, yielding ``(image, label)``) replaces ``data``/``data_format``/``resize``.
+    ``cfg`` (or :class:`EvalConfig` field values as keywords) says how; ``dataset`` (already transformed, yielding
+    ``(image, label)``) replaces ``data``/``data_format``/``resize``.
     """
+    from segkd.engine.distributed import init_distributed
     from segkd.engine.inference import make_predictor, parse_scales
     from segkd.shapes import parse_hw
 
-    if batch < 1:
-        raise SegkdError(f"--batch must be >= 1, got {batch}")
-    if workers < 0:
-        raise SegkdError(f"--workers must be >= 0, got {workers}")
-    if threads is not None and threads < 1:
-        raise SegkdError(f"--threads must be >= 1, got {threads}")
-    if log_every < 0:
-        raise SegkdError(f"--log-every must be >= 0, got {log_every}")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    resize_hw = parse_hw(resize, "--resize")
-    scale_list = parse_scales(scales)
-    from segkd.engine.distributed import init_distributed
-
-    info = init_distributed(device)
-    dev = info.device
-    fn, meta, kind = load_predictor_source(source, dev, threads=threads or 0)
-    _check_sizes(fn, meta, kind, {"--resize": resize_hw, "--crop": parse_hw(crop, "--crop")})
-    predict = make_predictor(fn, mode=mode, crop=crop, stride=stride, flip=flip, scales=scale_list,  # type: ignore
-                             amp=amp)
-    if dataset is None:
-        if data is None:
-            raise SegkdError("--data is required (a dataset root, or 'synth')")
-        dataset = build_eval_dataset(data, data_format, split, resize_hw, meta)
-    ds_classes, ds_ignore = _dataset_classes(dataset)
-    if ds_classes is not None and ds_classes != meta.num_classes:
-        where = f"the dataset {data}" if data is not None else "the dataset"
-        raise SegkdError(f"{source}: the model predicts {meta.num_classes} classes but {where} has {ds_classes}")
-    ignore = ds_ignore if ds_ignore is not None else meta.ignore_index
-    distributed, rank, world = info.enabled, info.rank, info.world_size
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        raise SegkdError(f"{data}: split {split!r} has no samples")
-    indices = list(range(rank, len(dataset), world))  # type: ignore[arg-type]
-    shard = Subset(dataset, indices) if world > 1 else dataset
-    loader = DataLoader(shard, batch_size=batch, shuffle=False, num_workers=workers,
-                        pin_memory=dev.type == "cuda", drop_last=False)
-    hook = None
-    if save_preds is not None:
-        from segkd.engine.visualize import save_prediction
-
-        out_dir = Path(save_preds)
-
-        def hook(first: int, images: Tensor, labels: Tensor, pred: Tensor) -> None:
-            for j in range(pred.shape[0]):
-                index = indices[first + j]
-                save_prediction(out_dir, _sample_stem(dataset, index), pred[j], meta.palette, image=images[j],
-                                mean=meta.mean, std=meta.std)
-
-    result = evaluate(predict, loader, meta.num_classes, ignore_index=ignore, device=dev, distributed=distributed,
-                      progress=progress, class_names=report_names(meta.class_names, dataset), on_batch=hook,
-                      log_every=log_every)
+    cfg = replace(cfg or EvalConfig(), **options)
+    cfg.check()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    resize_hw = parse_hw(cfg.resize, "--resize")
+    scale_list = parse_scales(cfg.scales)
+    info = init_distributed(cfg.device)
+    fn, meta, kind = load_predictor_source(source, info.device, threads=cfg.threads or 0)
+    _check_sizes(fn, meta, kind, {"--resize": resize_hw, "--crop": parse_hw(cfg.crop, "--crop")})
+    predict = make_predictor(fn, mode=cfg.mode, crop=cfg.crop, stride=cfg.stride, flip=cfg.flip,  # type: ignore
+                             scales=scale_list, amp=cfg.amp)
+    dataset = _eval_dataset(source, cfg, dataset, resize_hw, meta)
+    ds_ignore = _dataset_classes(dataset)[1]
+    indices = list(range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]
+    loader = DataLoader(Subset(dataset, indices) if info.world_size > 1 else dataset, batch_size=cfg.batch,
+                        shuffle=False, num_workers=cfg.workers, pin_memory=info.device.type == "cuda",
+                        drop_last=False)
+    hook = _save_hook(Path(cfg.save_preds), dataset, indices, meta) if cfg.save_preds is not None else None
+    result = evaluate(predict, loader, meta.num_classes, ignore_index=ds_ignore if ds_ignore is not None else
+                      meta.ignore_index, device=info.device, distributed=info.enabled, progress=cfg.progress,
+                      class_names=report_names(meta.class_names, dataset), on_batch=hook, log_every=cfg.log_every)
     result.extra = {
-        "source": str(source),
-        "kind": kind,
-        "model": meta.model,
-        "data": str(data) if data is not None else None,
-        "data_format": getattr(getattr(dataset, "info", None), "format", data_format),
-        "split": split,
-        "resize": list(resize_hw) if resize_hw else None,
-        "mode": mode,
-        "crop": list(parse_hw(crop)) if crop else None,
-        "stride": list(parse_hw(stride, "--stride")) if stride else None,
-        "flip": flip,
-        "scales": list(scale_list),
-        "device": str(dev),
-        "world_size": world,
-        **provenance(dev, threads),  # the block run.json and the bench report carry
+        "source": str(source), "kind": kind, "model": meta.model,
+        "data": str(cfg.data) if cfg.data is not None else None,
+        "data_format": getattr(getattr(dataset, "info", None), "format", cfg.data_format), "split": cfg.split,
+        "resize": list(resize_hw) if resize_hw else None, "mode": cfg.mode,
+        "crop": list(parse_hw(cfg.crop, "--crop")) if cfg.crop else None,
+        "stride": list(parse_hw(cfg.stride, "--stride")) if cfg.stride else None,
+        "flip": cfg.flip, "scales": list(scale_list), "device": str(info.device), "world_size": info.world_size,
+        **provenance(info.device, cfg.threads),  # the block run.json and the bench report carry
     }
     return result
+
+
+def _eval_dataset(source: str | Path, cfg: EvalConfig, dataset: Dataset | None, resize: tuple[int, int] | None,
+                  meta: Any) -> Dataset:
+    """The dataset to score (given, or built from ``cfg.data`` with the checkpoint's normalisation), checked to
+    hold samples of the model's classes."""
+    if dataset is None:
+        if cfg.data is None:
+            raise SegkdError("--data is required (a dataset root, or 'synth')")
+        dataset = build_eval_dataset(cfg.data, cfg.data_format, cfg.split, resize, meta)
+    ds_classes = _dataset_classes(dataset)[0]
+    if ds_classes is not None and ds_classes != meta.num_classes:
+        where = f"the dataset {cfg.data}" if cfg.data is not None else "the dataset"
+        raise SegkdError(f"{source}: the model predicts {meta.num_classes} classes but {where} has {ds_classes}")
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise SegkdError(f"{cfg.data}: split {cfg.split!r} has no samples")
+    return dataset
+
+
+def _save_hook(out_dir: Path, dataset: Any, indices: list[int], meta: Any) -> BatchHook:
+    """``--save-preds``: each prediction as a colourised mask and an overlay, named after its image."""
+    from segkd.engine.visualize import save_prediction
+
+    def hook(first: int, images: Tensor, labels: Tensor, pred: Tensor) -> None:
+        for j in range(pred.shape[0]):
+            index = indices[first + j]
+            save_prediction(out_dir, _sample_stem(dataset, index), pred[j], meta.palette, image=images[j],
+                            mean=meta.mean, std=meta.std)
+
+    return hook
 
 
 def build_eval_dataset(data: str | Path, data_format: str | None, split: str, resize: tuple[int, int] | None,
