@@ -373,100 +373,43 @@ def _eval_parameters() -> list[inspect.Parameter]:
 
 
 # ----------------------------------------------------------------------------------------------------- export
-@app.command("export")
-def export_cmd(
+def _export_options(
     ckpt: Annotated[Path, typer.Argument(help="segkd checkpoint (.safetensors) of the model to deploy.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write (only after verification).")],
-    opset: Annotated[int, typer.Option(help="ONNX opset (17 or newer: native LayerNormalization).")] = 17,
-    static: Annotated[str | None, typer.Option(help="Fixed input shape BxCxHxW (trtexec syntax), e.g. "
-                                               "1x3x512x1024; dynamic batch/H/W when omitted.")] = None,
-    output: Annotated[str, typer.Option(help="Graph output: logits (model stride), probs or labels (input size).")
-                      ] = "logits",
-    fold_normalize: Annotated[bool, typer.Option("--fold-normalize", help="Put mean/std into the graph; the "
-                                                 "model then takes 0..255 RGB.")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="fp16 weights/activations; LayerNorm, softmax, reductions "
-                                       "and normalisation stay fp32.")] = False,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check ORT against PyTorch before writing.")
-                      ] = True,
-    data: Annotated[str | None, typer.Option(help="Dataset root whose first images join verification, or 'synth'.")
-                    ] = None,
-    size: Annotated[str | None, typer.Option(help="Export/verification size HxW (dynamic exports; default "
-                                             "512x1024).")] = None,
-    atol: Annotated[float | None, typer.Option(help="Max abs output difference allowed (default 1e-4 fp32, "
-                                               "none for fp16).")] = None,
-    min_agreement: Annotated[float | None, typer.Option(help="Min label agreement (default 0.999 fp32, 0.99 fp16).")
-                             ] = None,
-    providers: Annotated[str, typer.Option(help="ONNX Runtime providers for verification: cpu, cuda, tensorrt "
-                                           "(comma-separated); never a silent fallback.")] = "cpu",
-    num_images: Annotated[int, typer.Option(help="Real images used from --data.")] = 4,
-    trt_min: Annotated[str | None, typer.Option(help="TensorRT profile min shape (default 1x3xH/2xW/2).")] = None,
-    trt_max: Annotated[str | None, typer.Option(help="TensorRT profile max shape (default 4x3xHxW).")] = None,
-    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = its default).")] = 0,
-    int8: Annotated[bool, typer.Option("--int8", help="Static INT8 (QDQ) quantisation calibrated on --data, "
-                                       "written only if the mIoU drop on --eval-split is within --max-miou-drop.")
-                    ] = False,
-    int8_target: Annotated[str, typer.Option(help="--int8: tensorrt (symmetric int8 activations) or cpu (uint8 "
-                                             "activations, ONNX Runtime's fast x86 kernels).")] = "tensorrt",
-    calib_split: Annotated[str, typer.Option(help="--int8: split whose images calibrate.")] = "train",
-    calib_images: Annotated[int, typer.Option(help="--int8: calibration images (a seeded random subset).")] = 64,
-    calib_method: Annotated[str, typer.Option(help="--int8: minmax, entropy or percentile.")] = "minmax",
-    eval_split: Annotated[str, typer.Option(help="--int8: split on which fp32 and INT8 mIoU are compared.")
-                          ] = "val",
-    max_miou_drop: Annotated[float, typer.Option(help="--int8: largest allowed mIoU drop in points (exit 3 "
-                                                 "beyond).")] = 1.0,
-    resize: Annotated[str | None, typer.Option(help="--int8: resize calibration and evaluation images to HxW "
-                                               "(default: as stored).")] = None,
-    data_format: Annotated[str | None, typer.Option(help="--int8: dataset format (default: detected).")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
     as_json: JsonFlag = False,
     json_out: JsonOutOption = None,
 ) -> None:
+    """(signature only: export's argument, --out and output options beside ExportConfig's)"""
+
+
+def export_cmd(**values: Any) -> None:
     """Export the deployable model to verified ONNX, with a TensorRT readiness report and trtexec line."""
+    from segkd.cliopts import resolve_config
     from segkd.export.onnx_export import ExportConfig, export_checkpoint
     from segkd.export.render import render_export_report
     from segkd.safeio import check_output
 
-    check_output(out_path, "file", "--out")
-    json_output = JsonOutput(as_json, json_out)
-    if int8 and data is None:
+    check_output(values["out_path"], "file", "--out")
+    json_output = JsonOutput(values["as_json"], values["json_out"])
+    cfg, _ = resolve_config(ExportConfig, values, None)
+    if cfg.int8 and cfg.data is None:
         raise typer.BadParameter("--int8 needs --data ROOT (real training images to calibrate on)",
                                  param_hint="'--data'")
-    cfg = ExportConfig(opset=opset, static=static, output=output, fold_normalize=fold_normalize, fp16=fp16,
-                       verify=verify, data=data, size=size, atol=atol, min_agreement=min_agreement,
-                       providers=providers, num_images=num_images, trt_min=trt_min, trt_max=trt_max, threads=threads,
-                       int8=int8, int8_target=int8_target, calib_split=calib_split, calib_images=calib_images,
-                       calib_method=calib_method,
-                       eval_split=eval_split, max_miou_drop=max_miou_drop, resize=resize, data_format=data_format,
-                       progress=not no_progress)
-    report = export_checkpoint(ckpt, out_path, cfg)
+    report = export_checkpoint(values["ckpt"], values["out_path"], cfg)
     json_output.emit(report, lambda view: render_export_report(report, view))
 
 
+def _export_parameters() -> list[inspect.Parameter]:
+    from segkd.cliopts import config_parameters
+    from segkd.export.onnx_export import ExportConfig
+
+    own = list(inspect.signature(_export_options, eval_str=True).parameters.values())
+    return own[:1] + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[1:2]] + config_parameters(
+        ExportConfig) + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[2:]]
+
+
 # ------------------------------------------------------------------------------------------------------ bench
-@app.command("bench")
-def bench_cmd(
-    models: Annotated[list[str] | None, typer.Argument(help="Zoo names, segkd checkpoints (.safetensors) or .onnx "
-                                                       "files; the first is the reference for ratios.")] = None,
-    inputs: Annotated[list[str] | None, typer.Option("--input", help="Input shape BxCxHxW or HxW (repeatable); "
-                                                     "default 1x3x512x1024.")] = None,
-    batch: Annotated[str | None, typer.Option(help="Batch sizes replacing each input's batch, e.g. 1,8.")] = None,
-    device: Annotated[str, typer.Option(help="Device for torch backends: cpu or cuda.")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch and ONNX Runtime (default: torch's).")
-                       ] = None,
-    backend: Annotated[list[str] | None, typer.Option("--backend", help="torch, torch-compile or onnxruntime "
-                                                      "(repeatable); default torch.")] = None,
-    providers: Annotated[str | None, typer.Option(help="ONNX Runtime provider: cpu, cuda or tensorrt (default "
-                                                  "follows --device); never a silent fallback.")] = None,
-    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 3,
-    iters: Annotated[int, typer.Option(help="Minimum timed calls.")] = 10,
-    min_time: Annotated[float, typer.Option(help="Keep timing until this many seconds have passed.")] = 0.0,
-    num_classes: Annotated[int | None, typer.Option(help="Classes of zoo models (default 19).")] = None,
-    detail: Annotated[bool, typer.Option("--detail", help="Per-module FLOPs table and the ops counted as 0.")
-                      ] = False,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format (torch).")
-                             ] = False,
-    flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count FLOPs.")] = True,
-    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Time the models.")] = True,
+def _bench_options(
     as_json: JsonFlag = False,
     json_out: JsonOutOption = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="Gate: p50 latency of every run (ms).")] = None,
@@ -477,36 +420,38 @@ def bench_cmd(
                         ] = None,
     max_regression: Annotated[str, typer.Option(help="Gate with --baseline: allowed increase of p50 latency, GMACs "
                                                 "and params, e.g. 10%.")] = "10%",
-    train_step: Annotated[bool, typer.Option("--train-step", help="Time one distillation step of --method against "
-                                             "its lower bound (batch 2 unless --batch).")] = False,
-    method: Annotated[str | None, typer.Option(help="With --train-step: the distillation method, e.g. kd.")] = None,
-    teacher: Annotated[str | None, typer.Option(help="With --train-step: teacher zoo model (the peer for online "
-                                                "methods such as dml).")] = None,
-    student: Annotated[str | None, typer.Option(help="With --train-step: student zoo model.")] = None,
-    teacher_cache: Annotated[bool, typer.Option("--teacher-cache", help="With --train-step: time the step as "
-                                                "`distill --teacher-cache` runs it (teacher targets from the batch, "
-                                                "no teacher forward) against the student alone.")] = False,
 ) -> None:
+    """(signature only: bench's output and gate options beside BenchConfig's)"""
+
+
+def bench_cmd(**values: Any) -> None:
     """Parameters, FLOPs (GMACs), latency percentiles, throughput and memory; JSON report and CI gates (exit 3)."""
     from segkd.bench.gates import Gates, enforce, parse_count
     from segkd.bench.report import render
     from segkd.bench.run import BenchConfig, run_bench_command
     from segkd.bench.specs import parse_percent
+    from segkd.cliopts import resolve_config
 
-    _refuse_json_paths(models or [], as_json)
-    json_output = JsonOutput(as_json, json_out)
-    cfg = BenchConfig(models=list(models or []), inputs=list(inputs or ["1x3x512x1024"]), batch=batch,
-                      device=device, threads=threads, backends=list(backend or ["torch"]), providers=providers,
-                      warmup=warmup, iters=iters, min_time=min_time, num_classes=num_classes, detail=detail,
-                      channels_last=channels_last, flops=flops, latency=latency, train_step=train_step,
-                      method=method, teacher=teacher, student=student, teacher_cache=teacher_cache)
-    gates = Gates(max_latency_ms=max_latency_ms, max_gflops=max_gflops,
-                  max_params=None if max_params is None else parse_count(max_params), baseline=baseline,
-                  max_regression=parse_percent(max_regression))
+    _refuse_json_paths(values["models"] or [], values["as_json"])
+    json_output = JsonOutput(values["as_json"], values["json_out"])
+    cfg, _ = resolve_config(BenchConfig, values, None)
+    max_params = values["max_params"]
+    gates = Gates(max_latency_ms=values["max_latency_ms"], max_gflops=values["max_gflops"],
+                  max_params=None if max_params is None else parse_count(max_params), baseline=values["baseline"],
+                  max_regression=parse_percent(values["max_regression"]))
     with console.status("benchmarking") as status:
         report = run_bench_command(cfg, gates, progress=lambda label: status.update(f"benchmarking {label}"))
     json_output.emit(report, lambda view: render(report, view))
     enforce(report)
+
+
+def _bench_parameters() -> list[inspect.Parameter]:
+    from segkd.bench.run import BenchConfig
+    from segkd.cliopts import config_parameters
+
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+           for p in inspect.signature(_bench_options, eval_str=True).parameters.values()]
+    return config_parameters(BenchConfig, exclude=("detail_depth",)) + own
 
 
 def _refuse_json_paths(models: list[str], as_json: bool) -> None:
@@ -566,11 +511,14 @@ def _distill_parameters() -> list[inspect.Parameter]:
 
 
 def _register_run_commands() -> None:
-    """train, distill and eval take the options their config dataclasses define (generated, see segkd.cliopts)."""
+    """train, distill, eval, export and bench take the options their config dataclasses define (generated, see
+    segkd.cliopts)."""
     from segkd.cliopts import with_signature
 
     app.command("train")(with_signature(train_cmd, _train_parameters()))
     app.command("eval")(with_signature(eval_cmd, _eval_parameters()))
+    app.command("export")(with_signature(export_cmd, _export_parameters()))
+    app.command("bench")(with_signature(bench_cmd, _bench_parameters()))
     app.command("distill")(with_signature(distill_cmd, _distill_parameters()))
 
 

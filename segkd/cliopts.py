@@ -42,27 +42,32 @@ def _option(hint: Any, default: Any, decls: Iterable[str], help_text: str) -> tu
 def config_parameters(cls: type, *, exclude: Iterable[str] = (), relabel: dict[str, tuple[tuple[str, ...], str]]
                       | None = None) -> list[inspect.Parameter]:
     """Typer options for the fields of ``cls`` (``relabel`` maps a field to other ``(flags, help)``, e.g. distill's
-    ``model`` spelled ``--student``). Required fields default to ``None`` so a missing one is caught with the
-    ``--config`` file and ``--resume`` in view (:func:`resolve_config`)."""
+    ``model`` spelled ``--student``), positional arguments first (``option(..., argument=True)``). Required fields
+    default to ``None`` so a missing one is caught with the ``--config`` file and ``--resume`` in view
+    (:func:`resolve_config`); a list field given no value keeps its factory default."""
     hints = typing.get_type_hints(cls)
     relabel = relabel or {}
-    params = []
+    arguments, params = [], []
     for f in fields(cls):
         if f.name in exclude or not f.metadata.get("cli", True):
             continue
         flags, help_text = relabel.get(f.name, (tuple(f.metadata.get("flags") or ()), f.metadata.get("help", "")))
-        flags = flags or (_flag_of(f),)
         hint = hints[f.name]
         default = None if f.metadata.get("required") else (f.default if f.default is not MISSING else None)
+        if f.metadata.get("argument"):  # a positional argument (a list field takes any number of them)
+            arguments.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                               annotation=Annotated[hint | None, typer.Argument(help=help_text)]))
+            continue
+        flags = flags or (_flag_of(f),)
         if hint is bool:
             long = next(d for d in flags if d.startswith("--"))
             flags = (f"{long}/--no-{long[2:]}", *(d for d in flags if not d.startswith("--")))
-        elif f.metadata.get("required"):
+        elif f.metadata.get("required") or f.default is MISSING:  # a list's default comes from its factory
             hint = hint | None
         annotation, default = _option(hint, default, flags, help_text)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=annotation))
-    return params
+    return arguments + params
 
 
 def method_flags() -> dict[str, tuple[str, Field]]:

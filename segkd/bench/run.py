@@ -11,7 +11,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from segkd.bench.specs import (
     parse_batches,
     resolve_model,
 )
+from segkd.engine.config import option
 from segkd.errors import SegkdError
 from segkd.provenance import command_line
 
@@ -53,29 +54,37 @@ CONVENTIONS = {
 
 @dataclass
 class BenchConfig:
-    """Options of ``segkd bench`` (see the CLI help for each)."""
+    """Options of ``segkd bench`` (the gates are :class:`~segkd.bench.gates.Gates`); the command's flags are
+    generated from these fields (one definition)."""
 
-    models: list[str]
-    inputs: list[str] = field(default_factory=lambda: ["1x3x512x1024"])
-    batch: str | None = None
-    device: str = "cpu"
-    threads: int | None = None
-    backends: list[str] = field(default_factory=lambda: ["torch"])
-    providers: str | None = None
-    warmup: int = 3
-    iters: int = 10
-    min_time: float = 0.0
-    num_classes: int | None = None
-    detail: bool = False
-    detail_depth: int = 3
-    channels_last: bool = False
-    flops: bool = True
-    latency: bool = True
-    train_step: bool = False
-    method: str | None = None
-    teacher: str | None = None
-    student: str | None = None
-    teacher_cache: bool = False
+    models: list[str] = option(help="Zoo names, segkd checkpoints (.safetensors) or .onnx files; the first is the "
+                               "reference for ratios.", argument=True, default_factory=list)
+    inputs: list[str] = option(MISSING, "Input shape BxCxHxW or HxW (repeatable); default 1x3x512x1024.", "--input",
+                               default_factory=lambda: ["1x3x512x1024"])
+    batch: str | None = option(None, "Batch sizes replacing each input's batch, e.g. 1,8.")
+    device: str = option("cpu", "Device for torch backends: cpu or cuda.")
+    threads: int | None = option(None, "CPU threads for torch and ONNX Runtime (default: torch's).")
+    backends: list[str] = option(MISSING, "torch, torch-compile or onnxruntime (repeatable); default torch.",
+                                 "--backend", default_factory=lambda: ["torch"])
+    providers: str | None = option(None, "ONNX Runtime provider: cpu, cuda or tensorrt (default follows --device); "
+                                   "never a silent fallback.")
+    warmup: int = option(3, "Untimed calls before timing.")
+    iters: int = option(10, "Minimum timed calls.")
+    min_time: float = option(0.0, "Keep timing until this many seconds have passed.")
+    num_classes: int | None = option(None, "Classes of zoo models (default 19).")
+    detail: bool = option(False, "Per-module FLOPs table and the ops counted as 0.")
+    detail_depth: int = option(3, "Module depth of the --detail table.")
+    channels_last: bool = option(False, "channels_last memory format (torch).")
+    flops: bool = option(True, "Count FLOPs.")
+    latency: bool = option(True, "Time the models.")
+    train_step: bool = option(False, "Time one distillation step of --method against its lower bound (batch 2 "
+                              "unless --batch).")
+    method: str | None = option(None, "With --train-step: the distillation method, e.g. kd.")
+    teacher: str | None = option(None, "With --train-step: teacher zoo model (the peer for online methods such as "
+                                 "dml).")
+    student: str | None = option(None, "With --train-step: student zoo model.")
+    teacher_cache: bool = option(False, "With --train-step: time the step as `distill --teacher-cache` runs it "
+                                 "(teacher targets from the batch, no teacher forward) against the student alone.")
 
 
 def cpu_model() -> str:

@@ -29,11 +29,13 @@ KEEP_CHOICES = ("best", "last", "resume")
 
 
 def option(default: Any = MISSING, help: str = "", *flags: str, machine: bool = False, required: bool = False,
-           cli: bool = True, default_factory: Any = MISSING) -> Any:
+           cli: bool = True, argument: bool = False, default_factory: Any = MISSING) -> Any:
     """A config field with its CLI metadata: ``help``; ``flags`` (default ``--field-name``, bools get
     ``--x/--no-x``); ``machine`` = describes the machine, not the run (on ``--resume`` it comes from the new
-    command line); ``required`` = the command needs it unless ``--resume``; ``cli=False`` = config files only."""
-    meta = {"help": help, "flags": flags, "machine": machine, "required": required, "cli": cli}
+    command line); ``required`` = the command needs it unless ``--resume``; ``cli=False`` = config files only;
+    ``argument`` = a positional argument rather than an option."""
+    meta = {"help": help, "flags": flags, "machine": machine, "required": required, "cli": cli,
+            "argument": argument}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from segkd import __version__
 from segkd.checkpoint import META_KEY, atomic_write, file_sha256
+from segkd.engine.config import option
 from segkd.errors import GateFailure, SegkdError
 from segkd.export.runtime import EXPORT_KEY, parse_providers, probe_providers
 from segkd.models.loading import load_model
@@ -60,34 +61,38 @@ FP16_KEEP_FP32 = (
 
 @dataclass
 class ExportConfig:
-    """Options of ``segkd export`` (CLI names in the help of each field)."""
+    """Options of ``segkd export``: the command's flags are generated from these fields (one definition)."""
 
-    opset: int = MIN_OPSET
-    static: str | None = None
-    output: str = "logits"
-    fold_normalize: bool = False
-    fp16: bool = False
-    verify: bool = True
-    data: str | None = None
-    size: str | None = None
-    atol: float | None = None
-    min_agreement: float | None = None
-    providers: str = "cpu"
-    num_images: int = 4
-    trt_min: str | None = None
-    trt_max: str | None = None
-    threads: int = 0
-    seed: int = 0
-    int8: bool = False
-    int8_target: str = "tensorrt"
-    calib_split: str = "train"
-    calib_images: int = 64
-    calib_method: str = "minmax"
-    eval_split: str = "val"
-    max_miou_drop: float = 1.0
-    resize: str | None = None
-    data_format: str | None = None
-    progress: bool = True
+    opset: int = option(MIN_OPSET, "ONNX opset (17 or newer: native LayerNormalization).")
+    static: str | None = option(None, "Fixed input shape BxCxHxW (trtexec syntax), e.g. 1x3x512x1024; dynamic "
+                                      "batch/H/W when omitted.")
+    output: str = option("logits", "Graph output: logits (model stride), probs or labels (input size).")
+    fold_normalize: bool = option(False, "Put mean/std into the graph; the model then takes 0..255 RGB.")
+    fp16: bool = option(False, "fp16 weights/activations; LayerNorm, softmax, reductions and normalisation stay fp32.")
+    verify: bool = option(True, "Check ORT against PyTorch before writing.")
+    data: str | None = option(None, "Dataset root whose first images join verification, or 'synth'.")
+    size: str | None = option(None, "Export/verification size HxW (dynamic exports; default 512x1024).")
+    atol: float | None = option(None, "Max abs output difference allowed (default 1e-4 fp32, none for fp16).")
+    min_agreement: float | None = option(None, "Min label agreement (default 0.999 fp32, 0.99 fp16).")
+    providers: str = option("cpu", "ONNX Runtime providers for verification: cpu, cuda, tensorrt (comma-separated); "
+                                   "never a silent fallback.")
+    num_images: int = option(4, "Real images used from --data.")
+    trt_min: str | None = option(None, "TensorRT profile min shape (default 1x3xH/2xW/2).")
+    trt_max: str | None = option(None, "TensorRT profile max shape (default 4x3xHxW).")
+    threads: int = option(0, "ONNX Runtime intra-op threads (0 = its default).")
+    seed: int = option(0, "Seed of the random verification inputs and of the calibration subset.")
+    int8: bool = option(False, "Static INT8 (QDQ) quantisation calibrated on --data, written only if the mIoU drop on "
+                               "--eval-split is within --max-miou-drop.")
+    int8_target: str = option("tensorrt", "--int8: tensorrt (symmetric int8 activations) or cpu (uint8 activations, "
+                                          "ONNX Runtime's fast x86 kernels).")
+    calib_split: str = option("train", "--int8: split whose images calibrate.")
+    calib_images: int = option(64, "--int8: calibration images (a seeded random subset).")
+    calib_method: str = option("minmax", "--int8: minmax, entropy or percentile.")
+    eval_split: str = option("val", "--int8: split on which fp32 and INT8 mIoU are compared.")
+    max_miou_drop: float = option(1.0, "--int8: largest allowed mIoU drop in points (exit 3 beyond).")
+    resize: str | None = option(None, "--int8: resize calibration and evaluation images to HxW (default: as stored).")
+    data_format: str | None = option(None, "--int8: dataset format (default: detected).")
+    progress: bool = option(True, "Progress bars on a terminal.")
 
 
 @dataclass
