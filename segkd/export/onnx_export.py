@@ -373,14 +373,10 @@ def finalize_graph(path: Path, fp16: bool, fold: bool) -> tuple[Any, dict[str, A
     return model, summary
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> dict[str, Any]:
-    """Export, verify and write ``out`` atomically; returns the report (also raised GateFailure on failed checks)."""
-    import onnx
+def _check_export_options(cfg: ExportConfig, out: Path) -> tuple[list[str], float | None, float | None]:
+    """Every option checked before the checkpoint is read: the providers (probed when verifying), the gates."""
+    from segkd.export.verify import resolve_gates
 
-    from segkd.export.tensorrt import trt_readiness
-    from segkd.export.verify import resolve_gates, verify_onnx
-
-    t0 = time.perf_counter()
     check_opset(cfg.opset)
     if cfg.output not in OUTPUT_KINDS:
         raise SegkdError(f"--output {cfg.output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
@@ -392,24 +388,16 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
         from segkd.export.quantize import check_int8_options
 
         check_int8_options(cfg)
-    out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise SegkdError(f"--out {out}: give a path ending in .onnx")
     if out.exists() and out.is_dir():
         raise SegkdError(f"--out {out}: is a directory")
-    ckpt = Path(ckpt)
-    model = load_model(ckpt).float()
-    meta = model.segkd_meta  # type: ignore[attr-defined]
-    stride = required_stride(model)
-    plan = plan_shapes(cfg, stride, meta.model)
-    wrapper = DeployModel(model, cfg.output, meta.mean, meta.std, cfg.fold_normalize).eval()
-    calibration = None
-    if cfg.int8:  # read the calibration images first: a split with too few fails before any tracing
-        from segkd.export.quantize import calibration_batches
+    return providers, atol, min_agree
 
-        calibration = calibration_batches(cfg, meta, cfg.fold_normalize, cfg.progress)
 
-    export_info: dict[str, Any] = {
+def _export_info(cfg: ExportConfig, plan: ExportPlan, model: nn.Module, ckpt: Path) -> dict[str, Any]:
+    """What the export is (recorded in the ONNX metadata and the report)."""
+    return {
         "output": cfg.output,
         "fold_normalize": cfg.fold_normalize,
         "fp16": cfg.fp16,
@@ -423,7 +411,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
         "input_range": "0..255 RGB (normalisation folded into the graph)" if cfg.fold_normalize
         else "(RGB/255 - mean) / std",
         "output_stride": int(getattr(model, "output_stride", 1)) if cfg.output == "logits" else 1,
-        "required_stride": stride,
+        "required_stride": plan.stride,
         "export_size": [plan.height, plan.width],
         "trt_profile": {k: list(v) for k, v in plan.profile.items()},
         "checkpoint": ckpt.name,
@@ -431,6 +419,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
         "segkd_version": __version__,
         "exporter": f"torch.onnx TorchScript (dynamo=False), torch {torch.__version__}",
     }
+
+
+def _build_graph(wrapper: nn.Module, plan: ExportPlan, cfg: ExportConfig, meta: Any, info: dict[str, Any],
+                 ckpt: Path) -> tuple[Any, dict[str, Any]]:
+    """Trace, finalise (fp16, folded normalisation) and stamp the ONNX graph with segkd's metadata."""
     with tempfile.TemporaryDirectory(prefix="segkd-export-") as tmp:
         traced = Path(tmp) / "traced.onnx"
         trace_to_onnx(wrapper, plan, cfg.opset, traced)
@@ -439,29 +432,62 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
     onnx_model.producer_version = __version__
     onnx_model.doc_string = f"segkd export of {meta.model} ({cfg.output}) from {ckpt.name}"
     del onnx_model.metadata_props[:]
-    for key, value in build_metadata(meta, export_info).items():
+    for key, value in build_metadata(meta, info).items():
         onnx_model.metadata_props.add(key=key, value=value)
     if onnx_model.ByteSize() > 2**31 - 1:
         raise SegkdError(f"{ckpt}: the model exceeds ONNX's 2 GB single-file limit")
-    trt = trt_readiness(onnx_model, plan, out, cfg.fp16)
+    return onnx_model, graph_summary
 
-    report: dict[str, Any] = {
-        "checkpoint": str(ckpt),
-        "out": str(out),
-        "model": meta.model,
-        "export": export_info,
-        "graph": graph_summary,
-        "tensorrt": trt,
-        "verification": None,
-    }
+
+def _trt_engine(trt: dict[str, Any], out: Path, plan: ExportPlan, providers: list[str], fp16: bool) -> None:
+    """The TensorRT engine entry of the report: built and run only when ``--providers`` asks for tensorrt."""
+    from segkd.export.tensorrt import run_trt_ep, trt_ep_status
+
+    if "tensorrt" not in providers:  # not asked for: no probe, and no "not run" message
+        trt["engine"] = {"built": False, "requested": False,
+                         "reason": "not requested (add tensorrt to --providers to build and run the engine)"}
+    else:
+        usable, reason = trt_ep_status()
+        trt["engine"] = ({"built": True, "requested": True, **run_trt_ep(out, INPUT_NAME, plan.profile, fp16)}
+                         if usable else {"built": False, "requested": True, "reason": reason})
+    opt_hw = tuple(plan.profile["opt"][2:])
+    if opt_hw != (plan.height, plan.width):
+        trt["profile_note"] = (f"the TensorRT profile is at multiples of the stride {plan.stride}: "
+                               f"{opt_hw[0]}x{opt_hw[1]} for --size {plan.height}x{plan.width} (verified here at "
+                               f"{plan.height}x{plan.width}); export --size {opt_hw[0]}x{opt_hw[1]} to verify the "
+                               "engine's own shape")
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> dict[str, Any]:
+    """Export, verify and write ``out`` atomically; returns the report (also raised GateFailure on failed checks)."""
+    import onnx
+
+    from segkd.export.tensorrt import trt_readiness
+    from segkd.export.verify import verify_onnx
+
+    t0 = time.perf_counter()
+    out, ckpt = Path(out), Path(ckpt)
+    providers, atol, min_agree = _check_export_options(cfg, out)
+    model = load_model(ckpt).float()
+    meta = model.segkd_meta  # type: ignore[attr-defined]
+    plan = plan_shapes(cfg, required_stride(model), meta.model)
+    wrapper = DeployModel(model, cfg.output, meta.mean, meta.std, cfg.fold_normalize).eval()
+    calibration = None
+    if cfg.int8:  # read the calibration images first: a split with too few fails before any tracing
+        from segkd.export.quantize import calibration_batches
+
+        calibration = calibration_batches(cfg, meta, cfg.fold_normalize, cfg.progress)
+    info = _export_info(cfg, plan, model, ckpt)
+    onnx_model, graph_summary = _build_graph(wrapper, plan, cfg, meta, info, ckpt)
+    trt = trt_readiness(onnx_model, plan, out, cfg.fp16)
+    report: dict[str, Any] = {"checkpoint": str(ckpt), "out": str(out), "model": meta.model, "export": info,
+                              "graph": graph_summary, "tensorrt": trt, "verification": None}
 
     def write_and_verify(tmp_path: Path) -> None:
         onnx.save(onnx_model, str(tmp_path))
         if not cfg.verify:
             return
-        result = verify_onnx(
-            tmp_path, wrapper, plan, cfg, providers=providers, atol=atol, min_agreement=min_agree
-        )
+        result = verify_onnx(tmp_path, wrapper, plan, cfg, providers=providers, atol=atol, min_agreement=min_agree)
         report["verification"] = result
         if not result["passed"]:
             raise GateFailure(f"verification failed, nothing written to {out}: {result['failure']}")
@@ -476,24 +502,6 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
         trt = report["tensorrt"] = trt_readiness(onnx.load(str(out)), plan, out, False, int8=True)  # the QDQ graph
     else:
         atomic_write(out, write_and_verify)
-    from segkd.export.tensorrt import run_trt_ep, trt_ep_status
-
-    if "tensorrt" not in providers:  # not asked for: no probe, and no "not run" message
-        trt["engine"] = {"built": False, "requested": False,
-                         "reason": "not requested (add tensorrt to --providers to build and run the engine)"}
-    else:
-        usable, reason = trt_ep_status()
-        trt["engine"] = (
-            {"built": True, "requested": True, **run_trt_ep(out, INPUT_NAME, plan.profile, cfg.fp16)} if usable
-            else {"built": False, "requested": True, "reason": reason}
-        )
-    opt_hw = tuple(plan.profile["opt"][2:])
-    if opt_hw != (plan.height, plan.width):
-        trt["profile_note"] = (f"the TensorRT profile is at multiples of the stride {plan.stride}: "
-                               f"{opt_hw[0]}x{opt_hw[1]} for --size {plan.height}x{plan.width} (verified here at "
-                               f"{plan.height}x{plan.width}); export --size {opt_hw[0]}x{opt_hw[1]} to verify the "
-                               "engine's own shape")
-    report["bytes"] = out.stat().st_size
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    report["config"] = asdict(cfg)
+    _trt_engine(trt, out, plan, providers, cfg.fp16)
+    report.update(bytes=out.stat().st_size, seconds=round(time.perf_counter() - t0, 2), config=asdict(cfg))
     return report
