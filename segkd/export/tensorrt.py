@@ -57,91 +57,60 @@ def _issue(severity: str, node: Any, message: str) -> dict[str, str]:
     return {"severity": severity, "op": node.op_type, "node": node.name, "message": message}
 
 
-def check_graph(model: Any) -> dict[str, Any]:
-    """Op counts, unsupported ops and issues of ``model`` (an ``onnx.ModelProto``) for the parser's matrix."""
+def _text_attr(node: Any, name: str, default: bytes) -> str:
+    value = _attr(node, name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _resize_issues(node: Any, consts: set[str]) -> tuple[list[dict[str, str]], bool]:
+    """The parser's limits on a Resize node, and whether its sizes/scales are computed at run time."""
+    issues = []
+    mode = _text_attr(node, "mode", b"nearest")
+    coord = _text_attr(node, "coordinate_transformation_mode", b"half_pixel")
+    if mode not in ("nearest", "linear"):
+        issues.append(_issue("error", node, f"Resize mode {mode!r} (TensorRT: nearest, linear)"))
+    if coord not in RESIZE_COORD:
+        issues.append(_issue("error", node, f"Resize coordinate_transformation_mode {coord!r}"))
+    if _attr(node, "antialias", 0):
+        issues.append(_issue("error", node, "Resize antialias=1 is not supported"))
+    if _text_attr(node, "keep_aspect_ratio_policy", b"stretch") != "stretch":
+        issues.append(_issue("error", node, "Resize keep_aspect_ratio_policy must be 'stretch'"))
+    scales = node.input[2] if len(node.input) > 2 else ""
+    sizes = node.input[3] if len(node.input) > 3 else ""
+    axes = _attr(node, "axes")
+    if scales and scales not in consts and axes is not None and list(axes) != list(range(len(axes))):
+        issues.append(_issue("error", node, "run-time Resize scales need axes = 0..rank-1"))
+    return issues, bool((scales and scales not in consts) or (sizes and sizes not in consts))
+
+
+def _op_issues(node: Any, entry: dict[str, Any], dtypes: dict[str, int], consts: set[str],
+               consumed: Counter) -> list[dict[str, str]]:
+    """The parser's limits on one supported standard-domain node (dtypes, constant axes, op-specific rules)."""
+    op, issues = node.op_type, []
+    dt = DTYPE_NAMES.get(dtypes.get(node.input[0] if node.input else "", 0))
+    if dt and entry["types"] and dt not in entry["types"] and op not in ("Shape", "Size"):
+        issues.append(_issue("warning", node, f"input dtype {dt} not in the parser's types {entry['types']}"))
+    idx = AXES_INPUT.get(op)
+    if idx is not None and len(node.input) > idx and node.input[idx] and node.input[idx] not in consts:
+        issues.append(_issue("error", node, f"input {idx} (axes) must be an initializer/constant"))
+    if op == "LayerNormalization" and any(consumed[o] for o in node.output[1:] if o):
+        issues.append(_issue("error", node, "only output Y of LayerNormalization is supported"))
+    if op == "MaxPool" and len(node.output) > 1 and node.output[1] and consumed[node.output[1]]:
+        issues.append(_issue("error", node, "MaxPool Indices output is not supported"))
+    if op in ("MaxPool", "AveragePool", "LpPool") and any(d != 1 for d in (_attr(node, "dilations") or [])):
+        issues.append(_issue("error", node, "pooling dilations must be all ones"))
+    if op == "Dropout":
+        ok = len(node.input) < 3 or not node.input[2] or node.input[2] in consts
+        issues.append(_issue("warning" if ok else "error", node,
+                             "Dropout in a deploy graph (training_mode must be a constant False)"))
+    return issues
+
+
+def _initializer_issues(graph: Any) -> list[dict[str, str]]:
+    """INT64 constants beyond INT32 (TensorRT <= 8.6 clamps them) and DOUBLE initializers."""
     import onnx
 
-    table = load_table()
-    ops_table = table["ops"]
-    graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    consts = {t.name for t in graph.initializer}
-    consts |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumed = Counter(i for n in graph.node for i in n.input) + Counter(o.name for o in graph.output)
-    dtypes = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input)
-              + list(graph.output)}
-    dtypes.update({t.name: t.data_type for t in graph.initializer})
-
-    def from_shape_chain(name: str, depth: int = 0) -> bool:
-        node = producers.get(name)
-        if node is None or depth > 12:
-            return False
-        if node.op_type == "Shape":
-            return True
-        return any(from_shape_chain(i, depth + 1) for i in node.input if i)
-
-    issues: list[dict[str, str]] = []
-    unsupported: list[str] = []
-    dynamic_reshape = 0
-    dynamic_resize = 0
-    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in graph.node)
-    if not table["opset_min"] <= opset <= table["opset_max"]:
-        issues.append({"severity": "warning", "op": "", "node": "",
-                       "message": f"opset {opset} is outside the parser's documented range "
-                                  f"{table['opset_min']}-{table['opset_max']} (TensorRT "
-                                  f"{table['source']['tensorrt_version']})"})
-    for node in graph.node:
-        op = node.op_type
-        if node.domain not in ("", "ai.onnx"):
-            issues.append(_issue("error", node, f"custom op in domain {node.domain!r}: TensorRT needs a plugin"))
-            unsupported.append(f"{node.domain}::{op}")
-            continue
-        entry = ops_table.get(op)
-        if entry is None or not entry["supported"]:
-            issues.append(_issue("error", node, "not supported by the ONNX-TensorRT parser"))
-            unsupported.append(op)
-            continue
-        first = node.input[0] if node.input else ""
-        dt = DTYPE_NAMES.get(dtypes.get(first, 0))
-        if dt and entry["types"] and dt not in entry["types"] and op not in ("Shape", "Size"):
-            issues.append(_issue("warning", node, f"input dtype {dt} not in the parser's types {entry['types']}"))
-        idx = AXES_INPUT.get(op)
-        if idx is not None and len(node.input) > idx and node.input[idx] and node.input[idx] not in consts:
-            issues.append(_issue("error", node, f"input {idx} (axes) must be an initializer/constant"))
-        if op == "Reshape" and len(node.input) > 1 and node.input[1] not in consts:
-            dynamic_reshape += 1
-        if op == "Resize":
-            mode = _attr(node, "mode", b"nearest")
-            mode = mode.decode() if isinstance(mode, bytes) else mode
-            coord = _attr(node, "coordinate_transformation_mode", b"half_pixel")
-            coord = coord.decode() if isinstance(coord, bytes) else coord
-            if mode not in ("nearest", "linear"):
-                issues.append(_issue("error", node, f"Resize mode {mode!r} (TensorRT: nearest, linear)"))
-            if coord not in RESIZE_COORD:
-                issues.append(_issue("error", node, f"Resize coordinate_transformation_mode {coord!r}"))
-            if _attr(node, "antialias", 0):
-                issues.append(_issue("error", node, "Resize antialias=1 is not supported"))
-            policy = _attr(node, "keep_aspect_ratio_policy", b"stretch")
-            if (policy.decode() if isinstance(policy, bytes) else policy) != "stretch":
-                issues.append(_issue("error", node, "Resize keep_aspect_ratio_policy must be 'stretch'"))
-            scales = node.input[2] if len(node.input) > 2 else ""
-            sizes = node.input[3] if len(node.input) > 3 else ""
-            axes = _attr(node, "axes")
-            if scales and scales not in consts and axes is not None and list(axes) != list(range(len(axes))):
-                issues.append(_issue("error", node, "run-time Resize scales need axes = 0..rank-1"))
-            if (scales and scales not in consts) or (sizes and sizes not in consts):
-                dynamic_resize += 1
-        if op == "LayerNormalization" and any(consumed[o] for o in node.output[1:] if o):
-            issues.append(_issue("error", node, "only output Y of LayerNormalization is supported"))
-        if op == "MaxPool" and len(node.output) > 1 and node.output[1] and consumed[node.output[1]]:
-            issues.append(_issue("error", node, "MaxPool Indices output is not supported"))
-        if op in ("MaxPool", "AveragePool", "LpPool") and any(d != 1 for d in (_attr(node, "dilations") or [])):
-            issues.append(_issue("error", node, "pooling dilations must be all ones"))
-        if op == "Dropout":
-            ok = len(node.input) < 3 or not node.input[2] or node.input[2] in consts
-            issues.append(_issue("warning" if ok else "error", node,
-                                 "Dropout in a deploy graph (training_mode must be a constant False)"))
+    issues = []
     for t in graph.initializer:
         if t.data_type == 7 and t.dims and np.prod(t.dims) <= 64:
             vals = onnx.numpy_helper.to_array(t)
@@ -151,20 +120,68 @@ def check_graph(model: Any) -> dict[str, Any]:
         if t.data_type == 11:
             issues.append({"severity": "warning", "op": "", "node": t.name,
                            "message": "DOUBLE initializer (TensorRT casts it down to FP32)"})
+    return issues
+
+
+def _dynamic_notes(graph: Any, dynamic_reshape: int, dynamic_resize: int) -> list[dict[str, str]]:
+    notes = []
+    if dynamic_reshape:
+        notes.append({"severity": "info", "op": "Reshape", "node": "",
+                      "message": f"{dynamic_reshape} Reshape(s) take their shape from a run-time Shape chain "
+                                 "(fine with shape tensors; requires an optimisation profile)"})
+    if dynamic_resize:
+        notes.append({"severity": "info", "op": "Resize", "node": "",
+                      "message": f"{dynamic_resize} Resize(s) take sizes/scales computed at run time"})
+    sym = [d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim if d.dim_param]
+    if sym:
+        notes.append({"severity": "info", "op": "", "node": graph.input[0].name,
+                      "message": f"dynamic input dims {sym}: build with --minShapes/--optShapes/--maxShapes"})
+    return notes
+
+
+def check_graph(model: Any) -> dict[str, Any]:
+    """Op counts, unsupported ops and issues of ``model`` (an ``onnx.ModelProto``) for the parser's matrix."""
+    table = load_table()
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    consts = {t.name for t in graph.initializer}
+    consts |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumed = Counter(i for n in graph.node for i in n.input) + Counter(o.name for o in graph.output)
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input)
+              + list(graph.output)}
+    dtypes.update({t.name: t.data_type for t in graph.initializer})
+    issues: list[dict[str, str]] = []
+    unsupported: list[str] = []
+    dynamic_reshape = dynamic_resize = 0
+    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in graph.node)
+    if not table["opset_min"] <= opset <= table["opset_max"]:
+        issues.append({"severity": "warning", "op": "", "node": "",
+                       "message": f"opset {opset} is outside the parser's documented range "
+                                  f"{table['opset_min']}-{table['opset_max']} (TensorRT "
+                                  f"{table['source']['tensorrt_version']})"})
+    for node in graph.node:
+        entry = table["ops"].get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if node.domain not in ("", "ai.onnx"):
+            issues.append(_issue("error", node, f"custom op in domain {node.domain!r}: TensorRT needs a plugin"))
+            unsupported.append(f"{node.domain}::{node.op_type}")
+            continue
+        if entry is None or not entry["supported"]:
+            issues.append(_issue("error", node, "not supported by the ONNX-TensorRT parser"))
+            unsupported.append(node.op_type)
+            continue
+        issues += _op_issues(node, entry, dtypes, consts, consumed)
+        if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] not in consts:
+            dynamic_reshape += 1
+        if node.op_type == "Resize":
+            resize_issues, dynamic = _resize_issues(node, consts)
+            issues += resize_issues
+            dynamic_resize += dynamic
+    issues += _initializer_issues(graph)
     if _has_decomposed_layernorm(graph, producers):
         issues.append({"severity": "warning", "op": "ReduceMean", "node": "",
                        "message": "decomposed LayerNorm (ReduceMean/Pow/Sqrt); fp16 engines may overflow"})
-    if dynamic_reshape:
-        issues.append({"severity": "info", "op": "Reshape", "node": "",
-                       "message": f"{dynamic_reshape} Reshape(s) take their shape from a run-time Shape chain "
-                                  "(fine with shape tensors; requires an optimisation profile)"})
-    if dynamic_resize:
-        issues.append({"severity": "info", "op": "Resize", "node": "",
-                       "message": f"{dynamic_resize} Resize(s) take sizes/scales computed at run time"})
-    sym = [d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim if d.dim_param]
-    if sym:
-        issues.append({"severity": "info", "op": "", "node": graph.input[0].name,
-                       "message": f"dynamic input dims {sym}: build with --minShapes/--optShapes/--maxShapes"})
+    issues += _dynamic_notes(graph, dynamic_reshape, dynamic_resize)
     return {
         "table": table["source"],
         "opset": opset,
