@@ -102,24 +102,14 @@ def second_size(h: int, w: int, stride: int) -> tuple[int, int]:
     return h + stride, (w - stride if w - stride >= stride else w + stride)
 
 
-def verify_onnx(
-    path: str | Path,
-    wrapper: nn.Module,
-    plan: Any,
-    cfg: Any,
-    providers: Sequence[str] = ("cpu",),
-    atol: float | None = 1e-4,
-    min_agreement: float = 0.999,
-) -> dict[str, Any]:
-    """Run every case through ONNX Runtime and PyTorch; returns the cases, the providers used and the verdict."""
-    sess = create_session(path, providers, threads=cfg.threads)
-    input_name = sess.get_inputs()[0].name
+def _verification_batches(plan: Any, cfg: Any) -> list[tuple[str, Tensor]]:
+    """The named 0..255 RGB batches verification runs: random ones at the export size (and a second size for
+    dynamic exports), plus synthetic images or the first ``--num-images`` of ``--data``."""
     gen = torch.Generator().manual_seed(cfg.seed)
     sizes = [(plan.batch, plan.height, plan.width)]
     if not plan.static:
         sizes.append((2, *second_size(plan.height, plan.width, plan.stride)))
     image_paths = find_images(cfg.data, cfg.num_images) if cfg.data and cfg.data != "synth" else []
-
     batches: list[tuple[str, Tensor]] = []
     for b, h, w in sizes:
         batches.append((f"random {b}x3x{h}x{w}", torch.rand(b, 3, h, w, generator=gen) * 255.0))
@@ -132,38 +122,55 @@ def verify_onnx(
                 if len(chunk) < b:  # static batch: repeat to fill it
                     chunk = torch.cat([chunk, imgs[: b - len(chunk)]])
                 batches.append((f"data {b}x3x{h}x{w} [{start}:{start + len(chunk)}]", chunk))
+    return batches
 
-    cases: list[dict[str, Any]] = []
-    failure = ""
-    for name, raw in batches:
-        x = _to_model_input(raw, wrapper)
-        with torch.inference_mode():
-            ref = wrapper(x)
-        try:
-            got = sess.run(None, {input_name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0]
-        except Exception as e:
-            case = {"case": name, "error": f"ONNX Runtime failed: {_first_line(e)}"}
-        else:
-            case = {"case": name, **compare(ref, got, wrapper.output)}
-        ok = "error" not in case and case["label_agreement"] >= min_agreement and (
-            atol is None or case["max_abs_diff"] is None or case["max_abs_diff"] <= atol
-        )
-        case["passed"] = ok
-        cases.append(case)
-        if not ok and not failure:
-            failure = _failure_text(case, atol, min_agreement)
 
-    static_probe = None
-    if plan.static:
-        oh, ow = plan.height + plan.stride, plan.width
-        x = torch.zeros(plan.batch, 3, oh, ow)
-        try:
-            sess.run(None, {input_name: x.numpy()})
-        except Exception as e:
-            static_probe = {"shape": [plan.batch, 3, oh, ow], "rejected": True, "reason": _first_line(e)}
-        else:
-            static_probe = {"shape": [plan.batch, 3, oh, ow], "rejected": False, "reason": ""}
-            failure = failure or f"static export accepted another size {plan.batch}x3x{oh}x{ow}"
+def _run_case(sess: Any, input_name: str, wrapper: nn.Module, name: str, raw: Tensor, atol: float | None,
+              min_agreement: float) -> dict[str, Any]:
+    """One batch through PyTorch and ONNX Runtime, compared; ``passed`` against the gates."""
+    x = _to_model_input(raw, wrapper)
+    with torch.inference_mode():
+        ref = wrapper(x)
+    try:
+        got = sess.run(None, {input_name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0]
+    except Exception as e:
+        case = {"case": name, "error": f"ONNX Runtime failed: {_first_line(e)}"}
+    else:
+        case = {"case": name, **compare(ref, got, wrapper.output)}
+    case["passed"] = "error" not in case and case["label_agreement"] >= min_agreement and (
+        atol is None or case["max_abs_diff"] is None or case["max_abs_diff"] <= atol)
+    return case
+
+
+def _static_probe(sess: Any, input_name: str, plan: Any) -> dict[str, Any]:
+    """A static export must refuse another input size (one stride taller)."""
+    shape = [plan.batch, 3, plan.height + plan.stride, plan.width]
+    try:
+        sess.run(None, {input_name: torch.zeros(*shape).numpy()})
+    except Exception as e:
+        return {"shape": shape, "rejected": True, "reason": _first_line(e)}
+    return {"shape": shape, "rejected": False, "reason": ""}
+
+
+def verify_onnx(
+    path: str | Path,
+    wrapper: nn.Module,
+    plan: Any,
+    cfg: Any,
+    providers: Sequence[str] = ("cpu",),
+    atol: float | None = 1e-4,
+    min_agreement: float = 0.999,
+) -> dict[str, Any]:
+    """Run every case through ONNX Runtime and PyTorch; returns the cases, the providers used and the verdict."""
+    sess = create_session(path, providers, threads=cfg.threads)
+    input_name = sess.get_inputs()[0].name
+    cases = [_run_case(sess, input_name, wrapper, name, raw, atol, min_agreement)
+             for name, raw in _verification_batches(plan, cfg)]
+    failure = next((_failure_text(c, atol, min_agreement) for c in cases if not c["passed"]), "")
+    static_probe = _static_probe(sess, input_name, plan) if plan.static else None
+    if static_probe is not None and not static_probe["rejected"]:
+        shape = "x".join(map(str, static_probe["shape"]))
+        failure = failure or f"static export accepted another size {shape}"
     return {
         "providers_requested": list(providers),
         "providers_used": sess.get_providers(),
