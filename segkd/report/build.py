@@ -164,6 +164,30 @@ def sample_figures(entries: list[Entry], data: str | None, n: int, class_names: 
     return out
 
 
+def _teacher_entries(runs: list[Any], teacher: Path | None, data: str | None, n_classes: int,
+                     say: Callable[[str], None]) -> tuple[list[Any], list[str]]:
+    """The teachers to show next to the runs (each evaluated on ``data`` or its run's own set), and notes for a
+    teacher that is already a run on the page or could not be evaluated (``--data`` given: an error instead)."""
+    refs, notes = resolve_teachers(runs, teacher)
+    entries = []
+    for ref in refs:
+        same = shown_as_run(ref, runs)
+        if same is not None:
+            notes.append(f"the teacher of {ref.run.name} ({ref.weights.name}) is {same} on this page: its rows are "
+                         "the teacher's")
+            continue
+        say(f"evaluating teacher {ref.name}")
+        entry = teacher_entry(ref, n_classes or int(ref.run.config.get("num_classes") or 0))
+        try:
+            evaluate_teacher(entry, data)
+        except SegkdError as e:
+            if data is not None:
+                raise
+            notes.append(f"{entry.label}: not evaluated ({e})")
+        entries.append(entry)
+    return entries, list(notes)
+
+
 def build_report(run_dirs: Sequence[str | Path], teacher: Path | None = None, data: str | None = None,
                  samples: int = 4, latency: bool = True,
                  progress: Callable[[str], None] | None = None) -> Report:
@@ -183,23 +207,9 @@ def build_report(run_dirs: Sequence[str | Path], teacher: Path | None = None, da
     entries = [e for r in runs for e in run_entries(r)]
     notes += [f"{e.label}: no checkpoint yet, so no GMACs, latency or samples" for e in entries if e.model is None]
     class_names = next((r.classes for r in runs if r.classes), [])
-    refs, teacher_notes = resolve_teachers(runs, teacher)
+    teacher_rows, teacher_notes = _teacher_entries(runs, teacher, data, len(class_names), say)
+    entries += teacher_rows
     notes += teacher_notes
-    for ref in refs:
-        same = shown_as_run(ref, runs)
-        if same is not None:
-            notes.append(f"the teacher of {ref.run.name} ({ref.weights.name}) is {same} on this page: its rows are "
-                         "the teacher's")
-            continue
-        say(f"evaluating teacher {ref.name}")
-        entry = teacher_entry(ref, len(class_names) or int(ref.run.config.get("num_classes") or 0))
-        try:
-            evaluate_teacher(entry, data)
-        except SegkdError as e:
-            if data is not None:
-                raise
-            notes.append(f"{entry.label}: not evaluated ({e})")
-        entries.append(entry)
     for e in entries:
         say(f"measuring {e.label}")
         measure_cost(e, latency)
