@@ -47,6 +47,10 @@ def test_config_file_values_are_typed_like_the_flags(tmp_path: Path) -> None:
         "model": "segformer-b0", "iters": 3, "method_opts": {"temperature": "2"}}
     js = _write(tmp_path / "run.json", json.dumps({"batch": 4.0, "keep": "best"}))
     assert config_values(TrainConfig, read_config_file(js), str(js)) == {"batch": 4, "keep": "best"}
+    # a field may be named by its flag too: distill's --student is the field model
+    assert config_values(DistillConfig, {"student": "segformer-b1"}, "d.yaml") == {"model": "segformer-b1"}
+    with pytest.raises(SegkdError, match="d.yaml: option 'model' is given twice"):
+        config_values(DistillConfig, {"model": "segformer-b0", "student": "segformer-b1"}, "d.yaml")
 
 
 @pytest.mark.parametrize(("text", "message"), [

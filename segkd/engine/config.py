@@ -204,12 +204,18 @@ def config_values(cls: type, data: dict[str, Any], source: str) -> dict[str, Any
     """``data`` (a config file's mapping) checked against the fields of ``cls`` and converted to their types;
     unknown keys and wrong types are one-line errors naming ``source`` and the key."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
+    names = {f.name: f.name for f in fields(cls)}
+    # a field may also be named by its flag: `student` (distill's --student) is the field `model`
+    names.update({flag[2:].replace("-", "_"): f.name for f in fields(cls) for flag in f.metadata.get("flags", ())
+                  if flag.startswith("--")})
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
-        key = str(raw_key).replace("-", "_")
-        if key not in names:
+        key = names.get(str(raw_key).replace("-", "_"))
+        if key is None:
+            key = str(raw_key).replace("-", "_")
             raise SegkdError(f"{source}: unknown option {raw_key!r} for {_command_of(cls)}{_unknown_hint(cls, key)}")
+        if key in out:
+            raise SegkdError(f"{source}: option {key!r} is given twice (as {raw_key!r} too)")
         out[key] = _coerce(value, hints[key], f"{source}: {key}")
     return out
 
@@ -287,5 +293,7 @@ def write_resolved_config(cfg: TrainConfig, run_dir: str | Path, command: str) -
     path = Path(run_dir) / CONFIG_FILE
     header = (f"# {command}: the resolved configuration of this run. Repeat it with\n"
               f"#   {command.split(' --')[0]} --config {path} --out NEW_RUN_DIR\n")
+    if any(f.name == "method" for f in fields(cfg)):
+        header += "# model is the student (--student)\n"
     body = yaml.safe_dump(asdict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
     return atomic_write_text(path, header + body)
