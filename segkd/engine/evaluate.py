@@ -223,22 +223,24 @@ def _sample_stem(dataset: Any, index: int) -> str:
     return f"{index:06d}"
 
 
-def _check_sizes(fn: Any, meta: Any, kind: str, sizes: dict[str, tuple[int, int] | None]) -> None:
-    """The model's input sizes (``--resize``, the slide ``--crop``) against its coarsest stride, before any data."""
+def _check_sizes(fn: Any, meta: Any, kind: str, sizes: dict[str, tuple[int, int] | None], scaled: bool) -> int:
+    """The model's input sizes (``--resize``, the slide ``--crop``) against its coarsest stride, before any data.
+    Returns that stride (1 when unknown) for the per-image check of whole images and their ``--scales`` views."""
     from segkd.shapes import check_min_size, model_stride, zoo_stride
 
     given = {k: v for k, v in sizes.items() if v is not None}
-    if not given:
-        return
     if kind == "checkpoint":
         stride = model_stride(fn)
+    elif not given and not scaled:
+        return 1
     else:
         try:  # an ONNX file's metadata names its zoo architecture
             stride = zoo_stride(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
         except SegkdError:
-            return
+            return 1
     for option, hw in given.items():
         check_min_size(hw, stride, option, meta.model)
+    return stride
 
 
 def run_eval(
@@ -285,9 +287,10 @@ def run_eval(
     info = init_distributed(device)
     dev = info.device
     fn, meta, kind = load_predictor_source(source, dev, threads=threads or 0)
-    _check_sizes(fn, meta, kind, {"--resize": resize_hw, "--crop": parse_hw(crop, "--crop")})
+    min_side = _check_sizes(fn, meta, kind, {"--resize": resize_hw, "--crop": parse_hw(crop, "--crop")},
+                            scaled=scale_list != (1.0,))
     predict = make_predictor(fn, mode=mode, crop=crop, stride=stride, flip=flip, scales=scale_list,  # type: ignore
-                             amp=amp)
+                             amp=amp, min_side=min_side, model_name=meta.model)
     if dataset is None:
         if data is None:
             raise SegkdError("--data is required (a dataset root, or 'synth')")

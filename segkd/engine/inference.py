@@ -117,12 +117,15 @@ def make_predictor(
     scales: Sequence[float] | str = (1.0,),
     tta_average: Literal["probs", "logits"] = "probs",
     amp: bool = False,
+    min_side: int = 1,
+    model_name: str = "the model",
 ) -> Predictor:
     """``predict(images) -> B x K x H x W`` scores at the input size (see the module docstring for the choices).
 
     ``model`` is called under ``torch.inference_mode()``; put an ``nn.Module`` in eval mode first. ``stride``
     defaults to two thirds of ``crop`` (mmseg's usual 512/341 ratio). ``amp`` runs the model under autocast
-    (bf16 on CPU, fp16 on CUDA) while the averaging stays fp32.
+    (bf16 on CPU, fp16 on CUDA) while the averaging stays fp32. ``min_side`` (the model's coarsest stride) makes a
+    whole-image input, or a ``scales`` view of one, smaller than that a one-line error instead of a conv traceback.
     """
     if mode not in ("whole", "slide"):
         raise SegkdError(f"--mode {mode!r}: expected whole or slide")
@@ -143,6 +146,13 @@ def make_predictor(
         raise SegkdError(f"tta_average {tta_average!r}: expected probs or logits")
     use_tta = flip or len(scale_list) > 1 or scale_list[0] != 1.0
 
+    def check_side(hw: Sequence[int], size: Sequence[int], s: float) -> None:
+        if mode == "whole" and min(hw) < min_side:  # slide windows are --crop sized, checked by the caller
+            what = (f"--scales {s:g}: scales a {size[0]}x{size[1]} image to {hw[0]}x{hw[1]}" if s != 1.0
+                    else f"a {hw[0]}x{hw[1]} image")
+            raise SegkdError(f"{what}, below the {min_side}x{min_side} {model_name} needs (its coarsest feature "
+                             "stride)" + ("" if s != 1.0 else "; resize it with --resize"))
+
     def single(images: Tensor) -> Tensor:
         if mode == "slide":
             assert crop_hw is not None and stride_hw is not None
@@ -156,15 +166,14 @@ def make_predictor(
         dtype = torch.bfloat16 if images.device.type == "cpu" else torch.float16
         with torch.inference_mode(), torch.autocast(images.device.type, dtype=dtype, enabled=amp):
             if not use_tta:
+                check_side(size, size, 1.0)
                 return single(images).float()
             acc: Tensor | None = None
             views = 0
             for s in scale_list:
-                if s == 1.0:
-                    scaled = images
-                else:
-                    hw = (max(1, round(size[0] * s)), max(1, round(size[1] * s)))
-                    scaled = F.interpolate(images, size=hw, mode="bilinear", align_corners=False)
+                hw = tuple(size) if s == 1.0 else (max(1, round(size[0] * s)), max(1, round(size[1] * s)))
+                check_side(hw, size, s)
+                scaled = images if s == 1.0 else F.interpolate(images, size=hw, mode="bilinear", align_corners=False)
                 for flipped in (False, True) if flip else (False,):
                     view = scaled.flip(-1) if flipped else scaled
                     logits = single(view).float()
