@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -23,8 +25,6 @@ def load_example(filename: str) -> ModuleType:
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run ``segkd ARGS`` in-process through the console entry point; (exit code, stdout, stderr)."""
-    import pytest
-
     from segkd.cli import main
 
     monkeypatch.setattr(sys, "argv", ["segkd", *args])
@@ -33,3 +33,27 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
         main()
     captured = capsys.readouterr()
     return int(exc.value.code or 0), captured.out, captured.err
+
+
+def one_error_line(err: str, *needles: str) -> str:
+    """The one ``error:`` line of a failed command's stderr (no traceback), checked to contain every needle."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def small_ckpt(tmp_path: Path) -> Path:
+    """A segformer-b0 checkpoint for the 6 classes of the synthetic set."""
+    import torch
+
+    from segkd.checkpoint import CheckpointMeta, save_checkpoint
+    from segkd.data.synth import SHAPE_NAMES
+    from segkd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("segformer-b0", num_classes=6)
+    return save_checkpoint(tmp_path / "b0.safetensors", model,
+                           CheckpointMeta(model="segformer-b0", num_classes=6, class_names=SHAPE_NAMES[:6]))
