@@ -200,10 +200,10 @@ def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: st
     model.load_state_dict(dict(state), strict=strict)
 
 
-def _load_refusal(e: Exception) -> str:
+def load_refusal(e: Exception, fix: str = "save a state_dict of tensors (torch.save(model.state_dict(), path)) "
+                 "instead") -> str:
     """What ``torch.load(weights_only=True)`` refused, in one short clause (its own message is a page long)."""
     text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
-    fix = "save a state_dict of tensors (torch.save(model.state_dict(), path)) instead"
     if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
         return (f"refused: it pickles the Python object {m[1]}, and segkd loads weights only, never code from a "
                 f"file; {fix}")
@@ -223,7 +223,7 @@ def torch_load_weights(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SegkdError(f"{path}: cannot be read as a PyTorch weights file ({_load_refusal(e)})") from None
+        raise SegkdError(f"{path}: cannot be read as a PyTorch weights file ({load_refusal(e)})") from None
     if not isinstance(obj, dict):
         raise SegkdError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return obj

@@ -607,6 +607,8 @@ def report_cmd(
 
 def main() -> None:
     """Console-script entry point: one ``error:`` line and a non-zero exit for every expected failure."""
+    from rich.markup import escape
+
     from segkd.safeio import guard_broken_pipes
 
     guard_broken_pipes()  # a closed stdout/stderr (`| head`) must not end a run
@@ -615,12 +617,12 @@ def main() -> None:
     try:
         app()
     except SegkdError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # paths may hold [..]
         sys.exit(e.exit_code)
     except OSError as e:  # read-only file system, disk full, permissions: the path, the cause, what was kept
         from segkd.safeio import os_error_message
 
-        console.print(f"[red]error:[/] {os_error_message(e)}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(os_error_message(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)

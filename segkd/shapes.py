@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Sequence
 from typing import overload
@@ -28,8 +29,11 @@ def parse_hw(text: str | Sequence[int] | None, option: str = "size") -> tuple[in
             vals = tuple(int(p) for p in parts)
         except ValueError:
             raise SegkdError(f"{option} {text!r}: expected HxW with positive integers, e.g. 512x1024") from None
-    else:
-        vals = tuple(int(v) for v in text)
+    else:  # the Python API: integers only (int() would floor 1.5 and raise on "a" or nan)
+        try:
+            vals = tuple(operator.index(v) for v in text)
+        except TypeError:
+            raise SegkdError(f"{option} {text!r}: expected HxW with positive integers, e.g. 512x1024") from None
     if len(vals) == 1:
         vals = (vals[0], vals[0])
     if len(vals) != 2 or min(vals) < 1:

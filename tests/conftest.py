@@ -8,6 +8,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -24,8 +26,6 @@ def load_example(filename: str) -> ModuleType:
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run ``segkd ARGS`` in-process through the console entry point; (exit code, stdout, stderr)."""
-    import pytest
-
     from segkd.cli import main
 
     monkeypatch.setattr(sys, "argv", ["segkd", *args])
@@ -47,3 +47,27 @@ def build_distill_task(cfg: Any, data: Any) -> Any:
     builder = DistillBuilder()
     builder.check(cfg)
     return builder.build(cfg, data, DistInfo(device=torch.device("cpu")))
+
+
+def one_error_line(err: str, *needles: str) -> str:
+    """The one ``error:`` line of a failed command's stderr (no traceback), checked to contain every needle."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def small_ckpt(tmp_path: Path) -> Path:
+    """A segformer-b0 checkpoint for the 6 classes of the synthetic set."""
+    import torch
+
+    from segkd.checkpoint import CheckpointMeta, save_checkpoint
+    from segkd.data.synth import SHAPE_NAMES
+    from segkd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("segformer-b0", num_classes=6)
+    return save_checkpoint(tmp_path / "b0.safetensors", model,
+                           CheckpointMeta(model="segformer-b0", num_classes=6, class_names=SHAPE_NAMES[:6]))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_error_line
 from test_train import bundle, cfg_for
 
-from segkd.checkpoint import CheckpointMeta, save_checkpoint
 from segkd.engine.state import load_resume
 from segkd.engine.trainer import Trainer, run_train
 from segkd.errors import SegkdError
@@ -29,21 +29,10 @@ T = ["train", "--model", "segformer-b0", "--data", "synth", "--batch", "2", "--c
      "--no-progress", "--device", "cpu"]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CAMVID_R18 = SHARED / "checkpoints" / "camvid-deeplabv3-resnet18-torchvision.pth"
-# runs the CLI in a fresh process and SIGKILLs it when resume.pt is about to be renamed into place: after
-# last.safetensors and best.safetensors landed, with the resume state's temp file fully written (an orphan)
-KILL_BEFORE_RESUME = """
-import os, signal, sys
-import segkd.checkpoint as ck
-real = os.replace
-def replace(src, dst, *a, **k):
-    if str(dst).endswith("resume.pt"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(src, dst, *a, **k)
-ck.os.replace = replace
-from segkd.cli import main
-sys.argv = ["segkd", *sys.argv[1:]]
-main()
-"""
+# `python KILL_HOOK SPEC segkd-args...` runs the CLI in a fresh process that SIGKILLs itself at SPEC: "rename:NAME:K"
+# just before the K-th rename onto NAME (its temp file complete), "write:NAME:K" inside that write (temp cut midway),
+# "step:N" right after the N-th optimiser step (see its docstring; benchmarks/kill_resume.py uses it too)
+KILL_HOOK = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_hook.py"
 
 
 def _cli(args: list[str]):
@@ -68,30 +57,10 @@ def _main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
     return int(e.value.code or 0), capsys.readouterr().err
 
 
-def _one_line_error(err: str, *needles: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
 def _env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def small_ckpt(tmp_path: Path) -> Path:
-    """A segformer-b0 checkpoint for the 6 classes of the synthetic set."""
-    from segkd.data.synth import SHAPE_NAMES
-    from segkd.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("segformer-b0", num_classes=6)
-    return save_checkpoint(tmp_path / "b0.safetensors", model,
-                           CheckpointMeta(model="segformer-b0", num_classes=6, class_names=SHAPE_NAMES[:6]))
 
 
 @pytest.fixture
@@ -141,8 +110,8 @@ def readonly(monkeypatch: pytest.MonkeyPatch):
 def test_run_killed_during_its_first_checkpoint_restarts(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [*T, "--iters", "2", "--val-every", "1", "--out", str(run)]
-    proc = subprocess.run([sys.executable, "-c", KILL_BEFORE_RESUME, *args], env=_env(), capture_output=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, str(KILL_HOOK), "rename:resume.pt:1", *args], env=_env(),
+                          capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert (run / "last.safetensors").is_file() and not (run / "resume.pt").exists()
     assert len(list(run.glob(".resume.pt.*.tmp"))) == 1 and (run / LOCK_FILE).is_file()  # orphan + stale lock
@@ -158,6 +127,68 @@ def test_run_killed_during_its_first_checkpoint_restarts(tmp_path: Path) -> None
     for d in (run, copy):
         assert load_resume(d)["iteration"] == 2
         assert not list(d.glob(".*.tmp")) and not (d / LOCK_FILE).exists()
+
+
+def _check_run_files(run: Path) -> dict[str, int]:
+    """Every file a killed run left must load (checkpoints through segkd's loader, resume.pt through load_resume,
+    run.json and each metrics.jsonl line as JSON); returns the iteration each run file says it holds."""
+    from segkd.models.loading import load_model
+
+    seen: dict[str, int] = {}
+    for path in sorted(run.iterdir()):
+        if path.suffix == ".safetensors":
+            seen[path.name] = load_model(path).segkd_meta.metrics["iteration"]
+        elif path.name == "resume.pt":
+            seen[path.name] = load_resume(path)["iteration"]
+        elif path.name == "run.json":
+            assert "summary" not in json.loads(path.read_text())  # killed: the run never finished
+        elif path.name == "metrics.jsonl":
+            recs = [json.loads(line) for line in path.read_text().splitlines()]
+            seen[path.name] = max((r["iter"] for r in recs if r["type"] == "train"), default=0)
+        else:  # the temp file of a killed write, or the lock no process holds any more
+            assert path.name == LOCK_FILE or (path.name.startswith(".") and path.suffix == ".tmp"), path
+    return seen
+
+
+def test_distill_killed_mid_checkpoint_and_mid_training_resumes_bit_identical(
+        tmp_path: Path, small_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import random
+
+    from segkd.checkpoint import read_checkpoint
+
+    machine = ["--workers", "0", "--no-progress", "--device", "cpu", "--threads", "1", "--log-every", "1"]
+    kd = ["distill", "--method", "kd", "--student", "segformer-b0", "--teacher", "segformer-b0", "--teacher-weights",
+          str(small_ckpt), "--data", "synth", "--batch", "2", "--crop", "64x64", "--iters", "4", "--val-every", "2",
+          *machine]
+    code, err = _main([*kd, "--out", tmp_path / "ref"], capsys)
+    assert code == 0, err
+    step = random.Random(13).randint(1, 3)  # a random iteration, the same on every run of the test
+    for spec in ("write:last.safetensors:2", f"step:{step}"):
+        run = tmp_path / spec.replace(":", "-")
+        proc = subprocess.run([sys.executable, str(KILL_HOOK), spec, *kd, "--out", str(run)], env=_env(),
+                              capture_output=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+        seen = _check_run_files(run)
+        temps = list(run.glob(".*.tmp"))
+        if spec.startswith("write"):  # killed while writing iteration 4's checkpoint: iteration 2's is intact
+            assert seen == {"best.safetensors": 2, "last.safetensors": 2, "resume.pt": 2, "metrics.jsonl": 4}, seen
+            assert [t.name.split(".")[1] for t in temps] == ["last"] and temps[0].stat().st_size < (
+                run / "last.safetensors").stat().st_size  # the torn half of the new one
+        else:  # killed right after optimiser step `step`: its log line and checkpoint were never written
+            assert seen.get("metrics.jsonl") == step - 1 and seen.get("resume.pt", 0) == 2 * ((step - 1) // 2), seen
+            assert not temps
+        code, err = _main(["distill", "--resume", run, *machine], capsys)
+        assert code == 0, err
+        assert not list(run.glob(".*.tmp")) and not (run / LOCK_FILE).exists()
+        for name in ("last.safetensors", "best.safetensors"):
+            ref, got = read_checkpoint(tmp_path / "ref" / name)[0], read_checkpoint(run / name)[0]
+            assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref), (spec, name)
+
+        def losses(d: Path) -> list[tuple[int, float]]:
+            recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            return [(r["iter"], r["loss"]) for r in recs if r["type"] == "train"]
+
+        assert losses(run) == losses(tmp_path / "ref")
 
 
 # -------------------------------------------------------------------------------------- 2. two runs, one --out
@@ -283,7 +314,7 @@ def test_read_only_destinations_are_one_line(tmp_path: Path, small_ckpt: Path, r
     for args, needle in cases:
         code, err = _main(args, capsys)
         assert code == 1, err
-        _one_line_error(err, needle)
+        one_error_line(err, needle)
     assert not (ro / "run").exists() and (ro / "old" / "m.json").read_text() == "{}"
 
 
@@ -302,7 +333,7 @@ def test_disk_full_at_the_second_checkpoint_keeps_the_first(tmp_path: Path, monk
     monkeypatch.setattr(os, "replace", replace)
     code, err = _main([*T, "--iters", "4", "--val-every", "2", "--out", run], capsys)
     assert code == 1
-    line = _one_line_error(err, f"{run / 'last.safetensors'}: No space left on device (ENOSPC)",
+    line = one_error_line(err, f"{run / 'last.safetensors'}: No space left on device (ENOSPC)",
                            "the previous last.safetensors is kept unchanged",
                            f"{run / 'resume.pt'} (iteration 2) is intact: continue with --resume {run}")
     assert ".tmp" not in line and not list(run.glob(".*.tmp")) and not (run / LOCK_FILE).exists()
@@ -362,3 +393,74 @@ def test_usage_errors_are_one_plain_line() -> None:
         assert "--help'" in lines[0] and "╭" not in res.output
     res = _cli(["--version"])
     assert res.exit_code == 0 and res.output.startswith("segkd ")
+
+
+# ------------------------------------------------------------------------------- issue 13: a malicious pickle
+class _Payload:
+    """Unpickling it calls ``Path(target).touch()``: code that runs by merely loading the file (no os.system)."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.target,))
+
+
+def _pickle_entry_points(d: Path) -> dict[str, tuple[list, Path]]:
+    """Every way a pickle reaches segkd: ``segkd ARGS`` and the file it must name (``d/r18.safetensors``: a
+    DeepLabV3 teacher for the c2vkd entry)."""
+    evil, raw, hf, run, r18 = d / "evil.pth", d / "raw.pth", d / "hf", d / "run", d / "r18.safetensors"
+    kd = ["--student", "segformer-b0", "--data", "synth", "--batch", "2", "--crop", "64x64", "--iters", "1",
+          "--workers", "0", "--no-progress", "--device", "cpu", "--out", d / "out"]
+    return {
+        "convert": (["convert", evil, "-m", "segformer-b0", "-o", d / "c.safetensors"], evil),
+        "convert-raw-pickle": (["convert", raw, "-m", "segformer-b0", "-o", d / "c.safetensors"], raw),
+        "convert-hf-folder-bin": (["convert", hf, "-m", "segformer-b0", "-o", d / "c.safetensors"],
+                                  hf / "pytorch_model.bin"),
+        "distill-teacher-weights": (["distill", "--method", "kd", "--teacher", "segformer-b0", "--teacher-weights",
+                                     evil, *kd], evil),
+        "distill-c2vkd-pool-weights": (["distill", "--method", "c2vkd", "--teacher", "deeplabv3-resnet18",
+                                        "--teacher-weights", r18, "--c2vkd-pool-weights", evil, *kd], evil),
+        "eval": (["eval", evil, "--data", "synth", "--device", "cpu", "--no-progress"], evil),
+        "train-resume": (["train", "--resume", run, "--no-progress", "--device", "cpu"], run / "resume.pt"),
+        "distill-resume": (["distill", "--resume", run, "--no-progress", "--device", "cpu"], run / "resume.pt"),
+        "train-pretrained-segformer": ([*T, "--pretrained", evil, "--iters", "1", "--out", d / "out"], evil),
+        "train-pretrained-deeplab": ([*T[:2], "deeplabv3-resnet18", *T[3:], "--pretrained", evil, "--iters", "1",
+                                      "--out", d / "out"], evil),
+    }
+
+
+@pytest.mark.parametrize("entry", ["convert", "convert-raw-pickle", "convert-hf-folder-bin", "distill-teacher-weights",
+                                   "distill-c2vkd-pool-weights", "eval", "train-resume", "distill-resume",
+                                   "train-pretrained-segformer", "train-pretrained-deeplab"])
+def test_a_malicious_pickle_is_refused_unexecuted(entry: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import pickle
+
+    from segkd.engine.state import STATE_VERSION
+
+    sentinel = tmp_path / "sentinel"
+    payload = {"weight": torch.zeros(2), "x": _Payload(sentinel)}
+    torch.save(payload, tmp_path / "evil.pth")
+    (tmp_path / "raw.pth").write_bytes(pickle.dumps({"x": _Payload(sentinel)}))
+    (tmp_path / "hf").mkdir()
+    torch.save(payload, tmp_path / "hf" / "pytorch_model.bin")
+    (tmp_path / "run").mkdir()
+    torch.save({"version": STATE_VERSION, "iteration": 1, "x": _Payload(sentinel)}, tmp_path / "run" / "resume.pt")
+    if entry == "distill-c2vkd-pool-weights":
+        from segkd.checkpoint import CheckpointMeta, save_checkpoint
+        from segkd.models import create_model
+
+        save_checkpoint(tmp_path / "r18.safetensors", create_model("deeplabv3-resnet18", num_classes=6),
+                        CheckpointMeta(model="deeplabv3-resnet18", num_classes=6))
+    args, named = _pickle_entry_points(tmp_path)[entry]
+    code, err = _main(args, capsys)
+    assert code == 1, err
+    one_error_line(err, f"{named}: ", "refused" if entry != "eval" else "not a readable safetensors file")
+    assert not sentinel.exists()
+    # the payload is live: an unrestricted load of the same file runs it
+    if named.name == "raw.pth":
+        pickle.loads(named.read_bytes())
+    else:
+        torch.load(named, weights_only=False)
+    assert sentinel.exists()

@@ -176,10 +176,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
     task = NanAt(create_model("segformer-b0", num_classes=2), at=3)
     cfg = cfg_for(tmp_path, val_every=2)
     trainer = Trainer(task, cfg, bundle(), None)
+    written: list[dict[str, bytes]] = []  # the files as each checkpoint left them
+    real_checkpoint = trainer._checkpoint
+
+    def checkpoint(results: dict) -> None:
+        real_checkpoint(results)
+        written.append({n: (tmp_path / n).read_bytes() for n in ("last.safetensors", "best.safetensors", "resume.pt")})
+
+    trainer._checkpoint = checkpoint  # type: ignore[method-assign]
     with pytest.raises(NonFiniteLoss) as err:
         trainer.fit()
     msg = str(err.value)
-    assert "\n" not in msg and "non-finite loss at iteration 3" in msg and "last.safetensors" in msg
+    assert isinstance(err.value, SegkdError)  # the CLI prints it as its one `error:` line
+    assert "\n" not in msg and msg.startswith("non-finite loss at iteration 3 (loss = nan")
+    assert f"the last good checkpoint {tmp_path / 'last.safetensors'} is kept" in msg
+    assert len(written) == 1 and all((tmp_path / n).read_bytes() == b for n, b in written[0].items())  # untouched
     good = tensors(tmp_path / "last.safetensors")
     assert all(bool(t.isfinite().all()) for t in good.values() if t.is_floating_point())
     assert read_checkpoint(tmp_path / "last.safetensors")[1].metrics["iteration"] == 2

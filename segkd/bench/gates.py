@@ -12,6 +12,7 @@ not a pass.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,10 @@ def parse_count(text: str, option: str = "--max-params") -> float:
     m = _COUNT_RE.match(text or "")
     if not m:
         raise SegkdError(f"{option} {text!r}: expected a count such as 3.8M, 500k or 3800000")
-    return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    count = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if not math.isfinite(count):  # '1e999' is inf: a gate that can never fail
+        raise SegkdError(f"{option} {text!r}: not a finite count")
+    return count
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ def parse_batches(text: str | None) -> list[int] | None:
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) < 1:
+        if not (part.isascii() and part.isdigit()) or int(part) < 1:  # isdigit() alone takes '²', int() does not
             raise SegkdError(f"--batch {text!r}: expected positive integers separated by commas (e.g. 1,8)")
         if int(part) not in out:
             out.append(int(part))
@@ -69,8 +70,8 @@ def parse_percent(text: str) -> float:
         value = float(raw)
     except ValueError:
         raise SegkdError(f"--max-regression {text!r}: expected a percentage such as 10%") from None
-    if not value >= 0:
-        raise SegkdError(f"--max-regression {text!r}: must be >= 0")
+    if not (math.isfinite(value) and value >= 0):
+        raise SegkdError(f"--max-regression {text!r}: must be a finite percentage >= 0")
     return value / 100.0
 
 

@@ -120,7 +120,11 @@ def _read_classes_file(root: Path) -> dict | None:
                 return {**data, "_path": p}
     p = root / "classes.txt"
     if p.is_file():
-        return {"classes": [ln.strip() for ln in p.read_text().splitlines() if ln.strip()], "_path": p}
+        try:
+            text = p.read_text()
+        except UnicodeDecodeError as e:
+            raise SegkdError(f"{p}: not a UTF-8 text class file ({e.reason} at byte {e.start})") from None
+        return {"classes": [ln.strip() for ln in text.splitlines() if ln.strip()], "_path": p}
     return None
 
 

@@ -145,8 +145,8 @@ def parse_scale(text: str) -> tuple[float, float]:
         raise SegkdError(f"--scale must be MIN,MAX (e.g. 0.5,2.0), got {text!r}") from None
     if len(vals) == 1:
         vals = vals * 2
-    if len(vals) != 2 or not all(map(math.isfinite, vals)) or vals[0] <= 0 or vals[1] < vals[0]:
-        raise SegkdError(f"--scale must be MIN,MAX with 0 < MIN <= MAX, got {text!r}")
+    if len(vals) != 2 or not all(map(math.isfinite, vals)) or vals[0] <= 0 or not vals[0] <= vals[1] <= 16:
+        raise SegkdError(f"--scale must be MIN,MAX with 0 < MIN <= MAX <= 16, got {text!r}")
     return vals[0], vals[1]
 
 

@@ -225,22 +225,24 @@ def _sample_stem(dataset: Any, index: int) -> str:
     return f"{index:06d}"
 
 
-def _check_sizes(fn: Any, meta: Any, kind: str, sizes: dict[str, tuple[int, int] | None]) -> None:
-    """The model's input sizes (``--resize``, the slide ``--crop``) against its coarsest stride, before any data."""
+def _check_sizes(fn: Any, meta: Any, kind: str, sizes: dict[str, tuple[int, int] | None], scaled: bool) -> int:
+    """The model's input sizes (``--resize``, the slide ``--crop``) against its coarsest stride, before any data.
+    Returns that stride (1 when unknown) for the per-image check of whole images and their ``--scales`` views."""
     from segkd.shapes import check_min_size, model_stride, zoo_stride
 
     given = {k: v for k, v in sizes.items() if v is not None}
-    if not given:
-        return
     if kind == "checkpoint":
         stride = model_stride(fn)
+    elif not given and not scaled:
+        return 1
     else:
         try:  # an ONNX file's metadata names its zoo architecture
             stride = zoo_stride(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
         except SegkdError:
-            return
+            return 1
     for flag, hw in given.items():
         check_min_size(hw, stride, flag, meta.model)
+    return stride
 
 
 @dataclass
@@ -296,9 +298,10 @@ def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset
     scale_list = parse_scales(cfg.scales)
     info = init_distributed(cfg.device)
     fn, meta, kind = load_predictor_source(source, info.device, threads=cfg.threads or 0)
-    _check_sizes(fn, meta, kind, {"--resize": resize_hw, "--crop": parse_hw(cfg.crop, "--crop")})
+    min_side = _check_sizes(fn, meta, kind, {"--resize": resize_hw, "--crop": parse_hw(cfg.crop, "--crop")},
+                            scaled=scale_list != (1.0,))
     predict = make_predictor(fn, mode=cfg.mode, crop=cfg.crop, stride=cfg.stride, flip=cfg.flip,  # type: ignore
-                             scales=scale_list, amp=cfg.amp)
+                             scales=scale_list, amp=cfg.amp, min_side=min_side, model_name=meta.model)
     dataset = _eval_dataset(source, cfg, dataset, resize_hw, meta)
     ds_ignore = _dataset_classes(dataset)[1]
     indices = list(range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]

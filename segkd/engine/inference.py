@@ -124,6 +124,11 @@ def _windows(mode: str, crop: tuple[int, int] | str | None, stride: tuple[int, i
     return crop_hw, stride_hw
 
 
+def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
+    """The size of a ``--scales`` view: each side times ``scale``, rounded, at least 1."""
+    return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))) if scale != 1.0 else (size[0], size[1])
+
+
 def _tta(single: Predictor, images: Tensor, scales: Sequence[float], flip: bool, average: str) -> Tensor:
     """Scores averaged over the rescaled (and flipped) views, each upsampled back to the input size: mean of the
     softmax probabilities (returned as log-probabilities) or of the logits."""
@@ -131,9 +136,8 @@ def _tta(single: Predictor, images: Tensor, scales: Sequence[float], flip: bool,
     acc: Tensor | None = None
     views = 0
     for s in scales:
-        scaled = images if s == 1.0 else F.interpolate(
-            images, size=(max(1, round(size[0] * s)), max(1, round(size[1] * s))), mode="bilinear",
-            align_corners=False)
+        scaled = images if s == 1.0 else F.interpolate(images, size=scaled_size(size, s), mode="bilinear",
+                                                       align_corners=False)
         for flipped in (False, True) if flip else (False,):
             logits = single(scaled.flip(-1) if flipped else scaled).float()
             logits = upsample_logits(logits.flip(-1) if flipped else logits, size)
@@ -154,18 +158,28 @@ def make_predictor(
     scales: Sequence[float] | str = (1.0,),
     tta_average: Literal["probs", "logits"] = "probs",
     amp: bool = False,
+    min_side: int = 1,
+    model_name: str = "the model",
 ) -> Predictor:
     """``predict(images) -> B x K x H x W`` scores at the input size (see the module docstring for the choices).
 
     ``model`` is called under ``torch.inference_mode()``; put an ``nn.Module`` in eval mode first. ``stride``
     defaults to two thirds of ``crop`` (mmseg's usual 512/341 ratio). ``amp`` runs the model under autocast
-    (bf16 on CPU, fp16 on CUDA) while the averaging stays fp32.
+    (bf16 on CPU, fp16 on CUDA) while the averaging stays fp32. ``min_side`` (the model's coarsest stride) makes a
+    whole-image input, or a ``scales`` view of one, smaller than that a one-line error instead of a conv traceback.
     """
     crop_hw, stride_hw = _windows(mode, crop, stride)
     scale_list = parse_scales(scales)
     if tta_average not in ("probs", "logits"):
         raise SegkdError(f"tta_average {tta_average!r}: expected probs or logits")
     use_tta = flip or len(scale_list) > 1 or scale_list[0] != 1.0
+
+    def check_side(hw: Sequence[int], size: Sequence[int], s: float) -> None:
+        if mode == "whole" and min(hw) < min_side:  # slide windows are --crop sized, checked by the caller
+            what = (f"--scales {s:g}: scales a {size[0]}x{size[1]} image to {hw[0]}x{hw[1]}" if s != 1.0
+                    else f"a {hw[0]}x{hw[1]} image")
+            raise SegkdError(f"{what}, below the {min_side}x{min_side} {model_name} needs (its coarsest feature "
+                             "stride)" + ("" if s != 1.0 else "; resize it with --resize"))
 
     def single(images: Tensor) -> Tensor:
         if stride_hw is not None:
@@ -177,9 +191,13 @@ def make_predictor(
         if images.ndim != 4:
             raise SegkdError(f"expected an image batch B x C x H x W, got shape {tuple(images.shape)}")
         dtype = torch.bfloat16 if images.device.type == "cpu" else torch.float16
+        size = tuple(images.shape[-2:])
         with torch.inference_mode(), torch.autocast(images.device.type, dtype=dtype, enabled=amp):
             if not use_tta:
+                check_side(size, size, 1.0)
                 return single(images).float()
+            for scale in scale_list:  # every view checked before any forward
+                check_side(scaled_size(size, scale), size, scale)
             return _tta(single, images, scale_list, flip, tta_average)
 
     return predict

@@ -81,8 +81,10 @@ def load_resume(path: str | Path) -> dict[str, Any]:
     path = resolve_resume_path(path)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+    except Exception as e:  # a crafted pickle gets the refusal in one clause (torch's own text is a page of ANSI)
+        from segkd.checkpoint import load_refusal
+
+        reason = load_refusal(e, fix="segkd writes resume files of tensors and plain values only")
         raise SegkdError(f"{path}: not a readable segkd resume file ({reason})") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "iteration" not in state:
         raise SegkdError(f"{path}: not a segkd resume file (version {STATE_VERSION} expected)")

@@ -168,8 +168,19 @@ def _convert(value: str, typ: Any, key: str, method: str) -> Any:
     return value
 
 
+def _as_text(value: Any) -> str:
+    """A value given through the Python API (or a saved run) as the text the command line would give, so that it
+    is type-checked like one: ``2.0`` -> ``"2.0"``, ``(1, 2)`` -> ``"1,2"``, ``None`` -> ``"none"``."""
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_as_text(v) for v in value)
+    return str(value)
+
+
 def make_options(spec: MethodSpec, overrides: dict[str, Any] | None = None) -> Any:
-    """The method's options dataclass with ``overrides`` applied (strings are converted to the field types).
+    """The method's options dataclass with ``overrides`` applied (converted to the field types; a non-string value
+    is checked as its text, so nan, a list for a number or a float for an int fail as on the command line).
 
     Unknown keys fail with the method's option names; each options class may define ``check()`` for ranges."""
     overrides = dict(overrides or {})
@@ -177,12 +188,12 @@ def make_options(spec: MethodSpec, overrides: dict[str, Any] | None = None) -> A
     names = [f.name for f in dataclasses.fields(spec.options)]
     values: dict[str, Any] = {}
     for key, value in overrides.items():
-        k = key.replace("-", "_")
+        k = str(key).replace("-", "_")
         if k not in names:
             close = difflib.get_close_matches(k, names, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; options: {', '.join(names)}"
             raise SegkdError(f"{spec.name} has no option {key!r}{hint}")
-        values[k] = _convert(value, hints[k], k, spec.name) if isinstance(value, str) else value
+        values[k] = _convert(value if isinstance(value, str) else _as_text(value), hints[k], k, spec.name)
     opts = spec.options(**values)
     if hasattr(opts, "check"):
         opts.check()

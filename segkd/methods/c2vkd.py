@@ -377,8 +377,9 @@ class C2VKDOptions:
         check_positive(self, "global_weight", "patch_weight", "ling_weight", "pdd_weight", "pdd_alpha", "pdd_beta",
                        "pdd_nckd", "ce_weight")
         check_positive(self, "pdd_temperature", allow_zero=False)
-        if self.gram_chunk < 1:
-            raise SegkdError(f"option gram_chunk must be >= 1, got {self.gram_chunk}")
+        for name in ("gram_chunk", "pool_heads", "ling_dim"):
+            if getattr(self, name) < 1:
+                raise SegkdError(f"option {name} must be >= 1, got {getattr(self, name)}")
         if self.pool_weights is not None and not Path(self.pool_weights).is_file():
             raise SegkdError(f"--c2vkd-pool-weights {self.pool_weights}: file not found")
 

@@ -74,7 +74,15 @@ def _backbone(arch: str, output_stride: int, pretrained: str | None) -> nn.Modul
     kwargs: dict = dict(features_only=True, output_stride=output_stride, out_indices=(1, 2, 3, 4))
     if pretrained:
         # local file only: timm reads it through pretrained_cfg_overlay and never touches the network
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=pretrained), **kwargs)
+        try:
+            return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=pretrained), **kwargs)
+        except Exception as e:  # timm raises RuntimeError/KeyError/pickle errors: one line naming the file instead
+            from segkd.checkpoint import torch_load_weights
+            from segkd.errors import SegkdError
+
+            torch_load_weights(pretrained)  # a pickle it refuses gets the same one line as every other entry point
+            reason = " ".join(str(e).split())[:160] or type(e).__name__
+            raise SegkdError(f"--pretrained {pretrained}: not loadable as {arch} backbone weights ({reason})") from None
     return timm.create_model(arch, pretrained=False, **kwargs)
 
 
