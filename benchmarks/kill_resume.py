@@ -90,6 +90,11 @@ def check_file(path: Path) -> dict[str, Any]:
         if name == "run.json":
             doc = json.loads(path.read_text())
             return {**row, "loads": True, "what": "finished" if "summary" in doc else "started"}
+        if name == "config.yaml":
+            import yaml
+
+            iters = yaml.safe_load(path.read_text())["iters"]
+            return {**row, "loads": True, "what": f"resolved options (iters {iters})"}
         if name == "metrics.jsonl":
             lines = path.read_text().splitlines()
             good = []

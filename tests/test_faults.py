@@ -142,6 +142,10 @@ def _check_run_files(run: Path) -> dict[str, int]:
             seen[path.name] = load_resume(path)["iteration"]
         elif path.name == "run.json":
             assert "summary" not in json.loads(path.read_text())  # killed: the run never finished
+        elif path.name == "config.yaml":
+            import yaml
+
+            assert yaml.safe_load(path.read_text())["iters"] > 0  # the resolved options, written at the start
         elif path.name == "metrics.jsonl":
             recs = [json.loads(line) for line in path.read_text().splitlines()]
             seen[path.name] = max((r["iter"] for r in recs if r["type"] == "train"), default=0)

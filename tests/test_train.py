@@ -177,13 +177,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
     cfg = cfg_for(tmp_path, val_every=2)
     trainer = Trainer(task, cfg, bundle(), None)
     written: list[dict[str, bytes]] = []  # the files as each checkpoint left them
-    real_checkpoint = trainer._checkpoint
+    real_checkpoint = trainer.checkpoint
 
     def checkpoint(results: dict) -> None:
         real_checkpoint(results)
         written.append({n: (tmp_path / n).read_bytes() for n in ("last.safetensors", "best.safetensors", "resume.pt")})
 
-    trainer._checkpoint = checkpoint  # type: ignore[method-assign]
+    trainer.checkpoint = checkpoint  # type: ignore[method-assign]
     with pytest.raises(NonFiniteLoss) as err:
         trainer.fit()
     msg = str(err.value)
