@@ -169,6 +169,30 @@ class NanAt(SupervisedTask):
         return out
 
 
+def test_the_loop_runs_step_then_callbacks_log_validation_checkpoint(tmp_path: Path) -> None:
+    from segkd.models import create_model
+
+    torch.manual_seed(0)
+    task = SupervisedTask(create_model("segformer-b0", num_classes=2), 255, 0.0, OptimConfig())
+    trainer = Trainer(task, cfg_for(tmp_path, iters=5, val_every=2, log_every=2), bundle(), None,
+                      callbacks=[lambda t, it: events.append(("callback", it))])
+    events: list[tuple[str, int]] = []
+    real_validate, real_checkpoint, real_log = trainer.validate, trainer.checkpoint, trainer.log
+    trainer.validate = lambda: events.append(("validate", trainer.iteration)) or real_validate()  # type: ignore
+    trainer.checkpoint = lambda r: events.append(("checkpoint", trainer.iteration)) or real_checkpoint(r)  # type: ignore
+    trainer.log = lambda rec: (events.append((rec["type"], rec["iter"])) if rec["type"] != "val" else None,  # type: ignore
+                               real_log(rec))
+    summary = trainer.fit()
+    expected = []
+    for it in range(1, 6):
+        expected.append(("callback", it))
+        if it % 2 == 0 or it == 5:
+            expected += [("train", it), ("validate", it), ("checkpoint", it)]
+    assert events == expected
+    assert summary["iterations"] == 5 and load_resume(tmp_path)["iteration"] == 5
+    assert trainer.last_results["student"]["miou"] == summary["final"]["student"]["miou"]
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     from segkd.models import create_model
 

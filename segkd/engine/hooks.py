@@ -3,10 +3,13 @@
 * :class:`TrainLog`: averages the loss terms over a window of ``log_every`` steps, writes the ``train`` record of
   metrics.jsonl and updates the progress display. Its open window is part of the resume state, so the first
   record after ``--resume`` averages the same steps as in an uninterrupted run.
-* :class:`Validation`: every ``val_every`` steps and at the last one, evaluates each deploy model, logs the ``val``
-  records, writes the checkpoints and the resume state (:meth:`Trainer.checkpoint`).
+* :class:`Validation`: every ``val_every`` steps and at the last one, evaluates each deploy model and logs the
+  ``val`` records.
+* :class:`Checkpointing`: right after each validation, writes the checkpoints and the resume state
+  (:meth:`Trainer.checkpoint`).
 * :class:`CallbackHook`: the plain ``callback(trainer, iteration)`` functions of :func:`~segkd.engine.trainer.run_task`
-  (tests and notebooks use them to watch or interrupt a run); they run before the log and the validation.
+  (tests and notebooks use them to watch or interrupt a run); they run first, then the log, the validation and
+  the checkpoints.
 
 A hook is any object with ``after_step(trainer, result)``; ``start(trainer)`` is optional.
 """
@@ -83,14 +86,19 @@ class TrainLog:
         self.window, self.iters, self.images, self.t0 = {}, 0, 0, time.perf_counter()
 
 
+def at_validation(trainer: Trainer, every: int) -> bool:
+    """Whether this step validates (and checkpoints): every ``every`` steps and at the last one."""
+    return trainer.iteration % every == 0 or trainer.last_step
+
+
 class Validation:
-    """Validate and checkpoint every ``val_every`` steps and at the last step (see the module docstring)."""
+    """Evaluate each deploy model every ``val_every`` steps and at the last step, and log the results."""
 
     def __init__(self, val_every: int) -> None:
         self.val_every = val_every
 
     def after_step(self, trainer: Trainer, result: StepResult) -> None:
-        if trainer.iteration % self.val_every and not trainer.last_step:
+        if not at_validation(trainer, self.val_every):
             return
         results = trainer.validate()
         for name, res in results.items():
@@ -99,5 +107,16 @@ class Validation:
                          "per_class_iou": res.get("per_class_iou")})
             trainer.note(f"val @ {trainer.iteration}: {trainer.label(name)} mIoU {100 * res['miou']:.2f}  "
                          f"aAcc {100 * res['aacc']:.2f}")
-        trainer.checkpoint(results)
         trainer.last_results = results
+
+
+class Checkpointing:
+    """After each validation: ``last`` (and ``best`` when the val mIoU improved) per deploy model, then the resume
+    state (:meth:`Trainer.checkpoint`), so a resume restarts from a validated step."""
+
+    def __init__(self, val_every: int) -> None:
+        self.val_every = val_every
+
+    def after_step(self, trainer: Trainer, result: StepResult) -> None:
+        if at_validation(trainer, self.val_every):
+            trainer.checkpoint(trainer.last_results)

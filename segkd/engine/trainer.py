@@ -54,7 +54,7 @@ from segkd.engine.distributed import (
     gather_objects,
     init_distributed,
 )
-from segkd.engine.hooks import CallbackHook, Hook, TrainLog, Validation
+from segkd.engine.hooks import CallbackHook, Checkpointing, Hook, TrainLog, Validation
 from segkd.engine.optim_step import OptimizerStep, StepResult
 from segkd.engine.schedule import lr_factor
 from segkd.engine.state import RESUME_FILE, capture_rng, load_resume, resolve_resume_path, restore_rng, save_resume
@@ -167,7 +167,7 @@ class Trainer:
     """Runs a :class:`~segkd.engine.task.Task` for ``cfg.iters`` iterations; see the module docstring.
 
     The loop (:meth:`fit`) is short: each iteration is one :class:`~segkd.engine.optim_step.OptimizerStep`, then the
-    hooks of :mod:`segkd.engine.hooks` (user callbacks, the train log, validation + checkpoints) in that order.
+    hooks of :mod:`segkd.engine.hooks` (user callbacks, the train log, validation, checkpoints) in that order.
     ``cfg`` is taken as checked (:func:`start_run` checks it once)."""
 
     def __init__(self, task: Task, cfg: TrainConfig, data: DataBundle, info: DistInfo | None = None,
@@ -192,7 +192,8 @@ class Trainer:
             self.device, accum=cfg.accum, amp=cfg.amp, clip_grad=cfg.clip_grad, channels_last=cfg.channels_last,
             distributed=self.info.enabled, batch_images=cfg.batch, check_finite=self._check_finite)
         self.train_log = TrainLog(cfg.log_every)
-        self.hooks: list[Hook] = [*(CallbackHook(cb) for cb in callbacks), self.train_log, Validation(cfg.val_every)]
+        self.hooks: list[Hook] = [*(CallbackHook(cb) for cb in callbacks), self.train_log, Validation(cfg.val_every),
+                                  Checkpointing(cfg.val_every)]
         self.iteration = 0
         self.epoch = 0
         self.step_in_epoch = 0
