@@ -64,6 +64,17 @@ def test_register_method_names_a_method_once() -> None:
         register_method("kd", "again", object)(lambda *a, **k: nn.Identity())
 
 
+@pytest.mark.parametrize(("method", "option"), [("kd", "temperature"), ("dkd", "temperature"), ("dml", "temperature"),
+                                                 ("collab", "temperature"), ("cwd", "feat_temperature"),
+                                                 ("c2vkd", "pdd_temperature")])
+def test_a_vanishing_temperature_is_refused(method: str, option: str) -> None:
+    # 1e-300 was accepted and turned the loss NaN at iteration 1 (logits / T overflow); 0.01 is the floor
+    for bad in ("1e-300", "0.001", "0"):
+        with pytest.raises(SegkdError, match=f"option {option} must be >= 0.01"):
+            make_options(METHODS.get(method), {option: bad})
+    assert getattr(make_options(METHODS.get(method), {option: "0.01"}), option) == 0.01
+
+
 def test_kd_by_hand() -> None:
     s, t = px(0.0, 0.0), px(L3, 0.0)
     assert kd_loss(s, t, 1.0).item() == pytest.approx(KL_75_50, rel=1e-5)

@@ -219,6 +219,18 @@ def check_positive(opts: Any, *names: str, allow_zero: bool = True) -> None:
             raise SegkdError(f"option {n} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
 
+MIN_TEMPERATURE = 0.01
+
+
+def check_temperature(opts: Any, *names: str) -> None:
+    """Softmax temperatures must be >= 0.01: below that the softened distributions are one-hot to float precision
+    (nothing is softened), and far below it ``logits / T`` overflows to inf and the loss turns NaN at step 1."""
+    for n in names:
+        v = getattr(opts, n)
+        if not v >= MIN_TEMPERATURE:
+            raise SegkdError(f"option {n} must be >= {MIN_TEMPERATURE} (a softmax temperature), got {v}")
+
+
 # ---------------------------------------------------------------------------------------------- alignment
 def nearest_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     """Labels resized by nearest neighbour (void stays void)."""

@@ -56,6 +56,7 @@ from segkd.methods.base import (
     Method,
     align_logits,
     check_positive,
+    check_temperature,
     distill_labels,
     register_method,
     resize_to,
@@ -376,7 +377,7 @@ class C2VKDOptions:
     def check(self) -> None:
         check_positive(self, "global_weight", "patch_weight", "ling_weight", "pdd_weight", "pdd_alpha", "pdd_beta",
                        "pdd_nckd", "ce_weight")
-        check_positive(self, "pdd_temperature", allow_zero=False)
+        check_temperature(self, "pdd_temperature")
         for name in ("gram_chunk", "pool_heads", "ling_dim"):
             if getattr(self, name) < 1:
                 raise SegkdError(f"option {name} must be >= 1, got {getattr(self, name)}")

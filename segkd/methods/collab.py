@@ -40,7 +40,16 @@ from torch import Tensor, nn
 
 from segkd.engine.losses import seg_cross_entropy
 from segkd.errors import SegkdError
-from segkd.methods.base import Method, align_logits, check_positive, register_method, resize_to, resolve_tap, valid_mask
+from segkd.methods.base import (
+    Method,
+    align_logits,
+    check_positive,
+    check_temperature,
+    register_method,
+    resize_to,
+    resolve_tap,
+    valid_mask,
+)
 from segkd.methods.kd import pixel_kl
 from segkd.models import SegModel, SegOutput, upsample_logits
 
@@ -150,7 +159,7 @@ class CollabOptions:
 
     def check(self) -> None:
         check_positive(self, "hfd_weight", "rbsd_weight", "pbsd_weight", "ce_weight")
-        check_positive(self, "temperature", allow_zero=False)
+        check_temperature(self, "temperature")
         if self.rbsd_region < 1:
             raise SegkdError(f"option rbsd_region must be >= 1 pixel, got {self.rbsd_region}")
         if not self.hfd_stages:

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkd.engine.losses import seg_cross_entropy
-from segkd.methods.base import Method, align_logits, check_positive, register_method, resize_to, resolve_tap
+from segkd.methods.base import (
+    Method,
+    align_logits,
+    check_positive,
+    check_temperature,
+    register_method,
+    resize_to,
+    resolve_tap,
+)
 from segkd.models import SegModel, SegOutput
 
 
@@ -44,7 +52,7 @@ class CWDOptions:
 
     def check(self) -> None:
         check_positive(self, "weight", "feat_weight", "ce_weight")
-        check_positive(self, "temperature", "feat_temperature", allow_zero=False)
+        check_temperature(self, "temperature", "feat_temperature")
 
 
 class CWD(Method):

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segkd.engine.losses import seg_cross_entropy
-from segkd.methods.base import Method, align_logits, check_positive, distill_labels, register_method, valid_mask
+from segkd.methods.base import (
+    Method,
+    align_logits,
+    check_positive,
+    check_temperature,
+    distill_labels,
+    register_method,
+    valid_mask,
+)
 from segkd.models import SegModel, SegOutput
 
 EPS = 1e-8
@@ -81,7 +89,7 @@ class DKDOptions:
 
     def check(self) -> None:
         check_positive(self, "alpha", "beta", "weight", "ce_weight")
-        check_positive(self, "temperature", allow_zero=False)
+        check_temperature(self, "temperature")
 
 
 class DKD(Method):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from segkd.engine.losses import seg_cross_entropy
-from segkd.methods.base import Method, align_logits, check_positive, register_method, valid_mask
+from segkd.methods.base import Method, align_logits, check_positive, check_temperature, register_method, valid_mask
 from segkd.methods.kd import kd_loss
 from segkd.models import SegModel, SegOutput
 
@@ -27,7 +27,7 @@ class DMLOptions:
 
     def check(self) -> None:
         check_positive(self, "weight", "ce_weight")
-        check_positive(self, "temperature", allow_zero=False)
+        check_temperature(self, "temperature")
 
 
 class DML(Method):
