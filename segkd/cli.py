@@ -21,17 +21,14 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from segkd import __version__
+from segkd.cliopts import ParameterSource, get_current_context  # one place that knows where click lives
 from segkd.errors import SegkdError
 from segkd.textout import make_console
 
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as _click_errors
-    from typer._click.core import ParameterSource as _ParameterSource
-    from typer._click.globals import get_current_context as _click_context
 except ImportError:  # pragma: no cover - older typer runs on click itself
     import click.exceptions as _click_errors
-    from click.core import ParameterSource as _ParameterSource
-    from click.globals import get_current_context as _click_context
 
 
 def _finite(value: Any) -> bool:
@@ -185,7 +182,7 @@ def _warn_ignored_on_resume(values: dict[str, Any], resume: Path) -> None:
     from segkd.engine.trainer import RUN_FILE, run_dir_of
 
     own = _RESUME_OWN | set(machine_options())
-    ctx = _click_context(silent=True)
+    ctx = get_current_context(silent=True)
     if ctx is None:
         return
     run_dir = run_dir_of(None, resume)  # type: ignore[arg-type]
@@ -195,13 +192,13 @@ def _warn_ignored_on_resume(values: dict[str, Any], resume: Path) -> None:
         return  # no readable run.json: the trainer's own checks report the run directory
     ignored = []
     for param in ctx.command.params:
-        if param.name in own or ctx.get_parameter_source(param.name) != _ParameterSource.COMMANDLINE:
+        name = param.name
+        if name in own or ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+            continue
+        if name in saved and saved[name] == values.get(name):
             continue
         flag = max(param.opts, key=len)
-        field = param.name
-        if field in saved and saved[field] == values.get(param.name):
-            continue
-        ignored.append(f"{flag} (the run has {saved[field]})" if field in saved else flag)
+        ignored.append(f"{flag} (the run has {saved[name]})" if name in saved else flag)
     if ignored:
         console.print(f"warning: --resume continues {run_dir} with its saved settings; ignored: {', '.join(ignored)}",
                       highlight=False)
@@ -275,15 +272,6 @@ def _run_options(
     """(signature only: the options every run command adds to its config's)"""
 
 
-def _run_parameters(cls: type, extra: Any = None, **kw: Any) -> list[inspect.Parameter]:
-    """A run command's options: its config's fields (:mod:`segkd.cliopts`), ``extra``'s, then the run options."""
-    from segkd.cliopts import config_parameters
-
-    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for f in (extra, _run_options) if f is not None
-           for p in inspect.signature(f, eval_str=True).parameters.values()]
-    return config_parameters(cls, **kw) + own
-
-
 def _run_config(cls: type, values: dict[str, Any]) -> Any:
     """The config of a ``train``/``distill`` command line: defaults < ``--config`` file < typed flags; one-line
     errors for a missing required option or ``--config`` with ``--resume``."""
@@ -324,9 +312,10 @@ def _render_train(summary: dict[str, Any], view: Console) -> None:
 
 
 def _train_parameters() -> list[inspect.Parameter]:
+    from segkd.cliopts import command_parameters
     from segkd.engine.config import TrainConfig
 
-    return _run_parameters(TrainConfig)
+    return command_parameters(TrainConfig, _run_options)
 
 
 # ------------------------------------------------------------------------------------------------------- eval
@@ -364,12 +353,10 @@ def eval_cmd(**values: Any) -> None:
 
 
 def _eval_parameters() -> list[inspect.Parameter]:
-    from segkd.cliopts import config_parameters
+    from segkd.cliopts import command_parameters
     from segkd.engine.evaluate import EvalConfig
 
-    own = list(inspect.signature(_eval_options, eval_str=True).parameters.values())
-    return own[:1] + config_parameters(EvalConfig) + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-                                                      for p in own[1:]]
+    return command_parameters(EvalConfig, _eval_options)
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -400,12 +387,10 @@ def export_cmd(**values: Any) -> None:
 
 
 def _export_parameters() -> list[inspect.Parameter]:
-    from segkd.cliopts import config_parameters
+    from segkd.cliopts import command_parameters
     from segkd.export.onnx_export import ExportConfig
 
-    own = list(inspect.signature(_export_options, eval_str=True).parameters.values())
-    return own[:1] + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[1:2]] + config_parameters(
-        ExportConfig) + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[2:]]
+    return command_parameters(ExportConfig, _export_options)
 
 
 # ------------------------------------------------------------------------------------------------------ bench
@@ -447,11 +432,9 @@ def bench_cmd(**values: Any) -> None:
 
 def _bench_parameters() -> list[inspect.Parameter]:
     from segkd.bench.run import BenchConfig
-    from segkd.cliopts import config_parameters
+    from segkd.cliopts import command_parameters
 
-    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-           for p in inspect.signature(_bench_options, eval_str=True).parameters.values()]
-    return config_parameters(BenchConfig, exclude=("detail_depth",)) + own
+    return command_parameters(BenchConfig, _bench_options, exclude=("detail_depth",))
 
 
 def _refuse_json_paths(models: list[str], as_json: bool) -> None:
@@ -465,7 +448,7 @@ def _refuse_json_paths(models: list[str], as_json: bool) -> None:
         else:
             message = "--json takes no value: it prints the report on stdout" + (
                 "" if arg == "-" else f" (to write {arg}, use --json-out {arg})")
-        raise _click_errors.UsageError(message, ctx=_click_context(silent=True))
+        raise _click_errors.UsageError(message, ctx=get_current_context(silent=True))
 
 
 # ---------------------------------------------------------------------------------------------------- distill
@@ -503,11 +486,10 @@ def _render_distill(summary: dict[str, Any], view: Console) -> None:
 
 
 def _distill_parameters() -> list[inspect.Parameter]:
-    from segkd.cliopts import method_flag_parameters
+    from segkd.cliopts import command_parameters, method_flag_parameters
     from segkd.methods.task import DistillConfig
 
-    params = _run_parameters(DistillConfig, _distill_extra)
-    return params[:-4] + method_flag_parameters() + params[-4:]
+    return command_parameters(DistillConfig, _distill_extra, _run_options, between=method_flag_parameters())
 
 
 def _register_run_commands() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, Field, fields
 from typing import Annotated, Any
 
@@ -39,19 +39,16 @@ def _option(hint: Any, default: Any, decls: Iterable[str], help_text: str) -> tu
     return Annotated[hint, typer.Option(*decls, help=help_text)], default
 
 
-def config_parameters(cls: type, *, exclude: Iterable[str] = (), relabel: dict[str, tuple[tuple[str, ...], str]]
-                      | None = None) -> list[inspect.Parameter]:
-    """Typer options for the fields of ``cls`` (``relabel`` maps a field to other ``(flags, help)``, e.g. distill's
-    ``model`` spelled ``--student``), positional arguments first (``option(..., argument=True)``). Required fields
-    default to ``None`` so a missing one is caught with the ``--config`` file and ``--resume`` in view
-    (:func:`resolve_config`); a list field given no value keeps its factory default."""
+def config_parameters(cls: type, *, exclude: Iterable[str] = ()) -> list[inspect.Parameter]:
+    """Typer options for the fields of ``cls``, positional arguments first (``option(..., argument=True)``).
+    Required fields default to ``None`` so a missing one is caught with the ``--config`` file and ``--resume`` in
+    view (:func:`resolve_config`); a list field given no value keeps its factory default."""
     hints = typing.get_type_hints(cls)
-    relabel = relabel or {}
     arguments, params = [], []
     for f in fields(cls):
         if f.name in exclude or not f.metadata.get("cli", True):
             continue
-        flags, help_text = relabel.get(f.name, (tuple(f.metadata.get("flags") or ()), f.metadata.get("help", "")))
+        flags, help_text = tuple(f.metadata.get("flags") or ()), f.metadata.get("help", "")
         hint = hints[f.name]
         default = None if f.metadata.get("required") else (f.default if f.default is not MISSING else None)
         if f.metadata.get("argument"):  # a positional argument (a list field takes any number of them)
@@ -68,6 +65,18 @@ def config_parameters(cls: type, *, exclude: Iterable[str] = (), relabel: dict[s
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=annotation))
     return arguments + params
+
+
+def command_parameters(cls: type, *stubs: Callable[..., Any], exclude: Iterable[str] = (),
+                       between: Sequence[inspect.Parameter] = ()) -> list[inspect.Parameter]:
+    """A command's whole signature: the ``stubs``' parameters without a default (arguments, required options)
+    first, as declared; then the options of ``cls``'s fields; then ``between``; then the stubs' other parameters
+    (output options, ``--resume``...), keyword-only. A stub is a function whose signature declares the command's
+    options that are not config fields."""
+    own = [p for stub in stubs for p in inspect.signature(stub, eval_str=True).parameters.values()]
+    leading = [p for p in own if p.default is inspect.Parameter.empty]
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not inspect.Parameter.empty]
+    return leading + config_parameters(cls, exclude=exclude) + list(between) + rest
 
 
 def method_flags() -> dict[str, tuple[str, Field]]:

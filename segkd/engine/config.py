@@ -136,7 +136,6 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-
 def parse_scale(text: str) -> tuple[float, float]:
     """``"0.5,2.0"`` -> ``(0.5, 2.0)``; ``"1"`` or ``"1,1"`` disables rescaling."""
     try:
