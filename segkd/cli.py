@@ -64,6 +64,14 @@ class _SegkdGroup(TyperGroup):
         cmd = super().get_command(ctx, cmd_name)
         return None if cmd is None else _finite_floats(cmd)
 
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        """The command to run; a generated one (:data:`_GENERATED`) is built here, only when it is the one run,
+        so ``segkd --version``, ``--help`` and the light commands never import torch for the others' options."""
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name in _GENERATED:
+            cmd = _finite_floats(_build_generated(name))
+        return name, cmd, rest
+
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
@@ -492,19 +500,38 @@ def _distill_parameters() -> list[inspect.Parameter]:
     return command_parameters(DistillConfig, _distill_extra, _run_options, between=method_flag_parameters())
 
 
-def _register_run_commands() -> None:
-    """train, distill, eval, export and bench take the options their config dataclasses define (generated, see
-    segkd.cliopts)."""
+# commands whose options are generated from config dataclasses (segkd.cliopts): name -> (function, signature)
+_GENERATED: dict[str, tuple[Callable[..., None], Callable[[], list[inspect.Parameter]]]] = {
+    "train": (train_cmd, _train_parameters), "distill": (distill_cmd, _distill_parameters),
+    "eval": (eval_cmd, _eval_parameters), "export": (export_cmd, _export_parameters),
+    "bench": (bench_cmd, _bench_parameters),
+}
+
+
+def _build_generated(name: str) -> Any:
+    """The click command of a generated command, with its full signature (this imports the config modules)."""
     from segkd.cliopts import with_signature
 
-    app.command("train")(with_signature(train_cmd, _train_parameters()))
-    app.command("eval")(with_signature(eval_cmd, _eval_parameters()))
-    app.command("export")(with_signature(export_cmd, _export_parameters()))
-    app.command("bench")(with_signature(bench_cmd, _bench_parameters()))
-    app.command("distill")(with_signature(distill_cmd, _distill_parameters()))
+    fn, parameters = _GENERATED[name]
+    single = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False, add_completion=False)
+    single.command(name)(with_signature(fn, parameters()))
+    cmd = typer.main.get_command(single)
+    cmd.name = name
+    return cmd
 
 
-_register_run_commands()
+def _register_generated() -> None:
+    """Each generated command is listed in the root help by a placeholder holding only its name and docstring;
+    :meth:`_SegkdGroup.resolve_command` swaps in the real command when it is run."""
+    for name, (fn, _) in _GENERATED.items():
+        def placeholder() -> None:  # pragma: no cover - never run: resolve_command replaces it
+            raise AssertionError("a generated command was run without its options")
+
+        placeholder.__doc__ = fn.__doc__
+        app.command(name)(placeholder)
+
+
+_register_generated()
 
 
 # ------------------------------------------------------------------------------------------------------- data
