@@ -57,6 +57,7 @@ from segkd.engine.distributed import (
 from segkd.engine.hooks import CallbackHook, Checkpointing, Hook, TrainLog, Validation
 from segkd.engine.optim_step import OptimizerStep, StepResult
 from segkd.engine.schedule import lr_factor
+from segkd.engine.seeding import weights_sha256
 from segkd.engine.state import RESUME_FILE, capture_rng, load_resume, resolve_resume_path, restore_rng, save_resume
 from segkd.engine.task import SupervisedTask, Task, build_optimizer, supports_aux
 from segkd.errors import SegkdError
@@ -206,6 +207,8 @@ class Trainer:
         self._wrapped: nn.Module | None = None
         self._metrics_fh = None
         self._provenance: dict[str, Any] | None = None
+        # sha256 of each deploy model's weights as built, before any step (run_task sets it; run.json records it)
+        self.initial_weights: dict[str, str] = {}
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -348,6 +351,7 @@ class Trainer:
             "trainable_params": {n: sum(p.numel() for p in part.module.parameters() if p.requires_grad)
                                  for n, part in self.parts.items()},
             "deploy_params": {n: deploy_param_count(m) for n, m in self.task.deploy_models().items()},
+            "initial_weights_sha256": self.initial_weights,
         }
         if summary is not None:
             doc["summary"] = summary
@@ -733,7 +737,10 @@ class SupervisedBuilder:
         return prepare_data(cfg, info)
 
     def build(self, cfg: TrainConfig, data: DataBundle, info: DistInfo) -> Task:
-        return SupervisedTask(build_model(cfg, data.num_classes), data.ignore_index, cfg.aux_weight, cfg.optim())
+        from segkd.engine.seeding import build_student
+
+        model = build_student(cfg.seed, lambda: build_model(cfg, data.num_classes))
+        return SupervisedTask(model, data.ignore_index, cfg.aux_weight, cfg.optim())
 
 
 def run_task(cfg: TrainConfig, builder: TaskBuilder, resume: str | Path | None = None,
@@ -789,6 +796,7 @@ def _run_task_locked(cfg: TrainConfig, builder: TaskBuilder, resume: str | Path 
                 nn.SyncBatchNorm.convert_sync_batchnorm(part.module)  # converts the BN children in place
         torch.manual_seed(cfg.seed + 7919 * info.rank)  # rank-specific dropout / drop-path streams
         trainer = Trainer(task, cfg, bundle, info, callbacks, source=builder.source(cfg))
+        trainer.initial_weights = {n: weights_sha256(m) for n, m in task.deploy_models().items()}
         if state is not None:
             if state["iteration"] >= cfg.iters:
                 raise SegkdError(f"{cfg.out}: the run already finished ({state['iteration']}/{cfg.iters} iterations)")

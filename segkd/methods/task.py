@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from segkd.checkpoint import META_KEY, CheckpointMeta, atomic_write_text, read_safetensors
 from segkd.engine.config import TrainConfig, option
 from segkd.engine.distributed import DistInfo
+from segkd.engine.seeding import build_seeded, build_student
 from segkd.engine.task import NoExtraState, OptimConfig, Part
 from segkd.engine.trainer import Callback, DataBundle, deploy_param_count, parse_hw, run_task
 from segkd.errors import SegkdError
@@ -329,10 +330,13 @@ def load_teacher(name: str, path: str | Path, num_classes: int, mean: Sequence[f
 
 # ---------------------------------------------------------------------------------------------------- build
 def assemble_task(spec: MethodSpec, opts: Any, student: SegModel, other: SegModel, optim: OptimConfig,
-                  peer_optim: OptimConfig | None = None, ignore_index: int = 255) -> DistillTask | OnlineTask:
+                  peer_optim: OptimConfig | None = None, ignore_index: int = 255, seed: int = 0,
+                  ) -> DistillTask | OnlineTask:
     """The method's adapters built on a checked pair and the task around them: the one constructor ``segkd
-    distill`` and ``segkd bench --train-step`` share (``other`` is the teacher, or the peer of online methods)."""
-    method = spec.build(opts, student, other, ignore_index=ignore_index)
+    distill`` and ``segkd bench --train-step`` share (``other`` is the teacher, or the peer of online methods).
+    The adapters draw from their own stream of ``seed`` (:func:`~segkd.engine.seeding.build_seeded`), so they start
+    the same whether the teacher was built before them (cache) or not."""
+    method = build_seeded(seed, "method", lambda: spec.build(opts, student, other, ignore_index=ignore_index))
     if spec.peer:
         return OnlineTask(spec, method, student, other, optim, peer_optim or optim)
     return DistillTask(spec, method, student, other, optim)
@@ -373,12 +377,15 @@ class DistillBuilder:
             self.check(cfg)
         spec = self.spec
         assert spec is not None
-        student = create_model(cfg.model, num_classes=data.num_classes, pretrained=cfg.pretrained)
+        # the student from the run seed, whatever was built before it (a teacher for the cache): paired starts
+        student = build_student(cfg.seed, lambda: create_model(cfg.model, num_classes=data.num_classes,
+                                                               pretrained=cfg.pretrained))
         if spec.peer:
             peer = create_model(cfg.peer, num_classes=data.num_classes, pretrained=cfg.peer_pretrained)  # type: ignore[arg-type]
-            return assemble_task(spec, self.opts, student, peer, cfg.optim(), cfg.peer_optim(), data.ignore_index)
+            return assemble_task(spec, self.opts, student, peer, cfg.optim(), cfg.peer_optim(), data.ignore_index,
+                                 cfg.seed)
         return assemble_task(spec, self.opts, student, self.load_teacher(cfg, data), cfg.optim(),
-                             ignore_index=data.ignore_index)
+                             ignore_index=data.ignore_index, seed=cfg.seed)
 
 
 def cache_key(cfg: DistillConfig, teacher: SegModel, data: DataBundle) -> Any:
