@@ -1,39 +1,48 @@
 """The converged CamVid protocol: does distillation beat the same student trained alone, once training has flattened?
 
 Rows (CamVid train split for training, val split for reporting; every val image whole, scored against its
-180x240 labels):
+180x240 labels). Each row names its teacher (``TEACHERS``):
 
-* ``b0``               SegFormer-B0 trained alone (no KD)
-* ``kd``, ``cwd``, ``dkd``, ``c2vkd``, ``c2vkd+ce``   the shared DeepLabV3-R18 -> B0, through the teacher cache
-  (``cwd`` with CIRKD's SegFormer-B0 weights: logits 0.3, features 5)
-* ``kd-online``        kd with the teacher run on every (clean) crop instead of the cache: the cache's effect
-* ``kd-mask``          kd averaged over labelled pixels only (``mask_ignore``): no KD on the crop's padding, where
-  the cache has no teacher output (uniform targets)
-* ``dml``              B0 + B0 trained together (online baseline); ``collab`` B0 + R18 (with ``r18`` alone as the
-  peer's baseline)
-* ``transkd``          a note, not a result: it needs a transformer teacher at least 10 mIoU above B0 alone, and
-  none can be trained here (SegFormer-B1 from scratch reached 27.6 against B0's 23.2 in docs/results-short.md)
-* label-scarce: ``quarter-b0`` (B0 alone on every 4th training image, 92 labelled), ``quarter-kd+unl`` and
-  ``quarter-c2vkd+unl`` (the same 92 labelled images plus the other 275 as ``--unlabeled`` images: distillation
-  terms only there; each step has the 8 labelled crops of the row alone plus 8 unlabelled ones)
+* ``all``      the shared DeepLabV3-R18, trained on all 367 labelled training images; selected on val (best of its
+  periodic validations, shared/checkpoints/README.md). Used by the full-label rows.
+* ``quarter``  a DeepLabV3-R18 trained with ``segkd train`` on the labelled quarter only (every 4th training
+  image, 92 images, the rows' split), final iteration, nothing chosen on val: it never saw the labels of the 275
+  images the label-scarce rows treat as unlabeled. A step of this protocol (lane 0): the shared file
+  ``camvid-quarter-deeplabv3-resnet18.safetensors`` is used when its recorded training config equals
+  ``quarter_teacher_config``, otherwise the teacher is trained here (resumable).
+* ``b1``       SegFormer-B1 distilled from ``all`` with CWD through the cache, twice the schedule, final iteration:
+  the transformer teacher of the TransKD rows (a job of this protocol).
+
+* ``b0`` SegFormer-B0 trained alone (no KD); ``r18`` a DeepLabV3-R18 alone (the collab peer's baseline)
+* ``kd``, ``cwd``, ``dkd``, ``c2vkd``, ``c2vkd+ce``, ``kd-mask``: teacher ``all`` -> B0 through the teacher cache
+  (``cwd`` with CIRKD's SegFormer-B0 weights: logits 0.3, features 5); ``kd-online``: the teacher on each clean crop
+* ``dml`` B0 + B0, ``collab`` B0 + R18 (online, no teacher)
+* ``b0-4x``, ``cwd-4x``: b0 and the best full-label method at a 4x schedule (does a patient student gain more?)
+* ``transkd``, ``transkd-ea``, ``kd-b1``: teacher ``b1`` -> B0, online
+* label-scarce: ``quarter-b0`` (B0 alone on the 92 labelled images); ``quarter-<m>+unl`` for kd, cwd, dkd,
+  c2vkd+ce with teacher ``quarter``: the same 92 labelled images plus the other 275 as ``--unlabeled`` images
+  (distillation terms only there; each step has the 8 labelled crops of the row alone plus 8 unlabelled ones).
+  ``quarter-kd+unl-t367`` and ``quarter-c2vkd+unl-t367``: the same with teacher ``all``, which saw the labels of
+  the "unlabeled" images (kept from the first table, labelled as such).
 
 Protocol (the budget of two CPU cores): inputs resized to 60x80 (one third), random rescale 0.75-1.5, crop
 60x80, flip, jitter (the teacher sees the un-jittered view), batch 8, AdamW lr 6e-4 (head x10), 50 warm-up
-iterations then poly decay, 1600 iterations, validation every 100; seeds 0, 1, 2. Val inputs are resized to
-60x80 too and the upsampled logits are scored against the native 180x240 labels (``val_labels="native"``).
-The teacher runs once per training image on the whole 180x240 clean image (``--teacher-cache``), so KD costs no
-teacher forward per step and the teacher's targets keep its full-resolution accuracy (57.99 val mIoU) instead of
-what it manages on a 60x80 crop.
+iterations then poly decay, 1600 iterations, validation every 100. Val inputs are resized to 60x80 too and the
+upsampled logits are scored against the native 180x240 labels (``val_labels="native"``). Finals are reported: no
+student is selected on val.
 
-Table: final val mIoU as mean ± sample std over seeds; Δ = the paired difference with the baseline row at the
-same seed (same initial draw; same data order and crops for the full-data rows), mean with a 95 % t-interval;
-"flat" = the spread (max - min) of the val mIoU over the last 25 % of the schedule, worst seed, and whether every
-seed stays within ±1 mIoU (spread <= 2).
+Paired: at seed s every row's student starts from the same weights (``segkd.engine.seeding``; run.json records
+their sha256 and the table checks it against the draw this code makes), sees the same data order and, for rows on
+the same data, the same crops. Δ = the paired difference with the baseline row at the same seed, mean and 95 %
+t-interval; "flat" = the spread (max - min) of the val mIoU over the last 25 % of the schedule, worst seed.
 
-Resumable and parallel: every run lives in ``OUT/<row>_s<seed>``; a finished run is read back from its
-``run.json``, an interrupted one continues from its ``resume.pt``. ``--lane K/N`` runs every N-th job (start N
-processes); lane 0 prepares the data splits and the teacher cache, the others wait for it. ``--report-only``
-writes docs/results.md + docs/results.json from whatever has finished.
+Runs survive a new machine: each finished run's summary (final and periodic mIoU, per-class IoU, config, teacher
+sha256, initial-weights sha256) is written to ``--summaries`` (``docs/runs/``, committed), and a job whose summary
+is there is done: it is never trained twice. Resumable and parallel: every run lives in ``OUT/<row>_s<seed>``; an
+interrupted one continues from its ``resume.pt``. ``--lane K/N`` runs every N-th job (start N processes); lane 0
+prepares the splits and the quarter teacher, the others wait for it. ``--report-only`` writes docs/results.md +
+docs/results.json from the summaries. One row alone: ``--only quarter-kd+unl --seeds 0`` (its teacher, splits and
+cache are prepared as needed).
 
     python examples/reproduce_camvid.py --out runs/conv --lane 0/2 &  python examples/reproduce_camvid.py \\
         --out runs/conv --lane 1/2 ;  python examples/reproduce_camvid.py --out runs/conv --report-only
@@ -43,26 +52,29 @@ writes docs/results.md + docs/results.json from whatever has finished.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from segkd.checkpoint import atomic_write_text
+from segkd.checkpoint import atomic_write_text, file_sha256
 from segkd.engine.trainer import TrainConfig, finished_run, run_train
-from segkd.methods.task import DistillConfig, prepare_distill_data, run_distill
+from segkd.methods.task import DistillConfig, run_distill
 from segkd.safeio import write_generated
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository
 TEACHER = str(SHARED / "checkpoints" / "camvid-deeplabv3-resnet18-torchvision.pth")
+QUARTER_SHARED = SHARED / "checkpoints" / "camvid-quarter-deeplabv3-resnet18.safetensors"
 CAMVID = str(SHARED / "data" / "camvid")
+REPO = Path(__file__).resolve().parents[1]
 FINDINGS = "<!-- findings: written by hand, kept when the table above is regenerated -->"
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -83,17 +95,20 @@ class Protocol:
     workers: int = 0
     amp: bool = False
     lanes: int = 1  # parallel processes --spawn starts by default
+    teacher_iters: int = 1200  # the quarter teacher's schedule
+    teacher_batch: int = 8
 
-    def train_kwargs(self) -> dict[str, Any]:
+    def train_kwargs(self, mult: int = 1) -> dict[str, Any]:
         return dict(resize=self.resize, crop=self.crop, scale=self.scale, batch=self.batch, lr=self.lr,
-                    warmup=self.warmup, iters=self.iters, val_every=self.val_every, device=self.device,
-                    workers=self.workers, amp=self.amp, aux_weight=0.0, val_labels="native", log_every=10)
+                    warmup=self.warmup, iters=self.iters * mult, val_every=self.val_every * mult,
+                    device=self.device, workers=self.workers, amp=self.amp, aux_weight=0.0, val_labels="native",
+                    log_every=10)
 
 
 # One GPU: native 180x240 crops (3x the CPU protocol's side), scale 0.5-2 (mmseg's), batch 16, 2000 iterations
 # (2.5x the images of the CPU protocol, at 9x the pixels), bf16/fp16 autocast, four rows at a time on the one GPU
 # (small SegFormer-B0 steps leave it mostly idle) with 3 loader workers each. Budget estimate, not a measurement (no
-# GPU in the session that wrote it): ~60 s per B0 row, 39 jobs over 4 lanes.
+# GPU in the session that wrote it): ~60 s per B0 row.
 GPU_RECIPE = Protocol(resize=None, crop="180x240", scale="0.5,2.0", batch=16, lr=6e-4, warmup=100, iters=2000,
                       val_every=250, device="cuda", workers=3, amp=True, lanes=4)
 
@@ -108,48 +123,86 @@ class Row:
     unlabeled: bool = False
     cache: bool = True
     peer: str | None = None
+    teacher: str | None = "all"  # a TEACHERS name (None for rows trained alone and online methods)
     baseline: str | None = "b0"
     peer_baseline: str | None = None
+    seeds: int = 3
+    schedule: int = 1  # multiple of the protocol's iterations
+    # summaries from the first table (docs/runs/legacy) count as this row's runs: the row's start did not change
+    # with the paired-start fix (trained alone, or online with the student built first), or the row is kept as run
+    legacy_ok: bool = False
     note: str | None = None  # a row that reports why it was not run
 
 
+CWD = {"weight": "0.3", "feature": "true", "feat_weight": "5"}  # CIRKD's SegFormer-B0 weights
+
+
 def rows() -> list[Row]:
+    q = dict(data="quarter", unlabeled=True, baseline="quarter-b0", teacher="quarter")
     return [
-        Row("b0", baseline=None),
-        Row("kd", method="kd"),
-        Row("cwd", method="cwd", opts={"weight": "0.3", "feature": "true", "feat_weight": "5"}),
+        Row("b0", baseline=None, teacher=None, seeds=5, legacy_ok=True),
+        Row("kd", method="kd", seeds=5),
+        Row("cwd", method="cwd", opts=CWD, seeds=5),
         Row("dkd", method="dkd"),
         Row("c2vkd", method="c2vkd"),
         Row("c2vkd+ce", method="c2vkd", opts={"add_ce": "true"}),
-        Row("kd-online", method="kd", cache=False),
+        Row("kd-online", method="kd", cache=False, legacy_ok=True),
         Row("kd-mask", method="kd", opts={"mask_ignore": "true"}),
-        Row("dml", method="dml", peer="segformer-b0", peer_baseline="b0"),
-        Row("transkd", method="transkd", note="not run: TransKD needs a transformer teacher at least 10 mIoU above "
-            "B0 alone; none can be trained here (SegFormer-B1 from scratch: 27.6 vs B0 23.2, docs/results-short.md)"
-            " and no ImageNet weights exist on this machine"),
-        Row("r18", model="deeplabv3-resnet18", baseline=None),
-        Row("collab", method="collab", peer="deeplabv3-resnet18", peer_baseline="r18"),
-        Row("quarter-b0", data="quarter", baseline=None),
-        Row("quarter-kd+unl", method="kd", data="quarter", unlabeled=True, baseline="quarter-b0"),
-        Row("quarter-c2vkd+unl", method="c2vkd", opts={"add_ce": "true"}, data="quarter", unlabeled=True,
-            baseline="quarter-b0"),
+        Row("dml", method="dml", peer="segformer-b0", peer_baseline="b0", teacher=None, legacy_ok=True),
+        Row("r18", model="deeplabv3-resnet18", baseline=None, teacher=None, legacy_ok=True),
+        Row("collab", method="collab", peer="deeplabv3-resnet18", peer_baseline="r18", teacher=None),
+        Row("b0-4x", baseline=None, teacher=None, schedule=4),
+        Row("cwd-4x", method="cwd", opts=CWD, baseline="b0-4x", schedule=4),
+        Row("transkd", method="transkd", teacher="b1", cache=False),
+        Row("transkd-ea", method="transkd", opts={"variant": "ea"}, teacher="b1", cache=False),
+        Row("kd-b1", method="kd", teacher="b1", cache=False),
+        Row("quarter-b0", data="quarter", baseline=None, teacher=None, seeds=5, legacy_ok=True),
+        Row("quarter-kd+unl", method="kd", seeds=5, **q),  # type: ignore[arg-type]
+        Row("quarter-cwd+unl", method="cwd", opts=CWD, **q),  # type: ignore[arg-type]
+        Row("quarter-dkd+unl", method="dkd", **q),  # type: ignore[arg-type]
+        Row("quarter-c2vkd+unl", method="c2vkd", opts={"add_ce": "true"}, **q),  # type: ignore[arg-type]
+        Row("quarter-kd+unl-t367", method="kd", **{**q, "teacher": "all"}, legacy_ok=True),  # type: ignore[arg-type]
+        Row("quarter-c2vkd+unl-t367", method="c2vkd", opts={"add_ce": "true"}, **{**q, "teacher": "all"},  # type: ignore[arg-type]
+            legacy_ok=True),
     ]
 
 
-# run order: the method rows at every seed first; then the online/diagnostic rows at the first seed, then at the
-# others; the ResNet-18 rows last (the most expensive: a ResNet-18 trained from scratch). A cut budget leaves
-# whole rows, and one seed of every diagnostic, rather than seedless rows.
-MAIN = ["b0", "quarter-b0", "quarter-kd+unl", "quarter-c2vkd+unl", "kd", "cwd", "c2vkd+ce", "dkd", "c2vkd"]
-EXTRA = ["kd-online", "kd-mask", "dml"]
-LATE = ["r18", "collab"]
+# Run order (a cut budget leaves whole rows at 3 seeds rather than seedless rows): the clean label-scarce rows; the
+# cache rows the paired-start fix changed; the fourth and fifth seeds; the remaining reruns and kd-online's seeds;
+# collab (a ResNet-18 beside the B0: ~6x a B0 row); the 4x rows; the transformer teacher and its rows.
+ORDER = [
+    (["quarter-kd+unl", "quarter-cwd+unl", "quarter-dkd+unl", "quarter-c2vkd+unl"], range(3)),
+    (["kd", "cwd"], range(3)),
+    (["b0", "quarter-b0", "quarter-kd+unl", "kd", "cwd"], range(3, 5)),
+    (["dkd", "c2vkd+ce", "kd-mask", "c2vkd", "kd-online", "dml", "r18", "b0", "quarter-b0"], range(3)),
+    (["collab"], range(3)),
+    (["b0-4x", "cwd-4x"], range(3)),
+    (["teacher:b1"], range(1)),
+    (["transkd", "kd-b1", "transkd-ea"], range(3)),
+    (["quarter-kd+unl-t367", "quarter-c2vkd+unl-t367"], range(3)),
+]
 
 
-def jobs(table: list[Row], seeds: list[int]) -> list[tuple[Row, int]]:
-    """(row, seed) in run order (see above); note rows are not jobs."""
+def jobs(table: list[Row], seeds: list[int] | None = None) -> list[tuple[Row | str, int]]:
+    """(row, seed), and ("teacher:b1", 0) before the rows that need it, in run order; a row's seeds are
+    ``range(row.seeds)`` unless ``seeds`` is given. Pairs ORDER does not list come last."""
     by_name = {r.name: r for r in table}
-    plan = [(MAIN, seeds), (EXTRA, seeds[:1]), (EXTRA, seeds[1:]), (LATE, seeds)]
-    order = [(by_name[n], s) for names, group_seeds in plan for s in group_seeds for n in names if n in by_name]
-    return [(r, s) for r, s in order if r.note is None]
+    needs_b1 = any(r.teacher == "b1" for r in table)
+
+    def wanted(row: Row) -> list[int]:
+        return list(seeds) if seeds is not None else list(range(row.seeds))
+
+    out: list[tuple[Row | str, int]] = []
+    for names, group in ORDER:
+        for s in group:
+            for n in names:
+                row = by_name.get(n)
+                if n == "teacher:b1" and needs_b1:
+                    out.append((n, 0))
+                elif row is not None and row.note is None and s in wanted(row) and (row, s) not in out:
+                    out.append((row, s))
+    rest = [(r, s) for r in table if r.note is None for s in wanted(r) if (r, s) not in out]
+    return out + rest
 
 
 def run_dir(out: Path, name: str, seed: int) -> Path:
@@ -182,62 +235,168 @@ def make_splits(out: Path, source: str = CAMVID) -> tuple[Path, Path]:
     return quarter, unl
 
 
-def config(row: Row, seed: int, args: argparse.Namespace) -> TrainConfig:
-    out = run_dir(Path(args.out), row.name, seed)
-    data = str(Path(args.out) / "data" / "camvid-quarter") if row.data == "quarter" else args.data
-    common = dict(data=data, out=str(out), seed=seed, progress=not args.no_progress, **args.protocol.train_kwargs())
-    if row.method is None:
-        return TrainConfig(model=row.model, **common)
-    teacher = {} if row.peer else {"teacher": "deeplabv3-resnet18", "teacher_weights": args.teacher}
-    return DistillConfig(model=row.model, method=row.method, peer=row.peer, method_opts=dict(row.opts),
-                         teacher_cache=str(Path(args.out) / "teacher-cache") if row.cache and not row.peer else None,
-                         unlabeled=str(Path(args.out) / "data" / "camvid-unlabeled") if row.unlabeled else None,
-                         **teacher, **common)
+TEACHER_KEYS = ("model", "iters", "batch", "lr", "wd", "head_lr_mult", "warmup", "poly_power", "crop", "scale",
+                "jitter", "aux_weight", "flip", "resize", "seed", "optimizer", "accum")
+
+
+def quarter_teacher_config(args: argparse.Namespace) -> TrainConfig:
+    """The clean label-scarce teacher: the shared teacher's recipe (native 180x240, crop 160x224, rescale 0.75-1.5,
+    no jitter, AdamW 2e-3, weight decay 1e-4, head LR x1, poly 0.9, no aux head) on the 92 labelled images, a fixed
+    1200 iterations; its final checkpoint is used (``keep`` has no best)."""
+    p = args.protocol
+    return TrainConfig(model="deeplabv3-resnet18", data=str(Path(args.out) / "data" / "camvid-quarter"),
+                       out=str(Path(args.out) / "teacher-quarter"), iters=p.teacher_iters, batch=p.teacher_batch,
+                       lr=2e-3, wd=1e-4, head_lr_mult=1.0, warmup=min(100, p.teacher_iters // 2), poly_power=0.9,
+                       crop="160x224", scale="0.75,1.5", jitter=False, aux_weight=0.0,
+                       val_every=max(1, p.teacher_iters // 4), workers=p.workers, channels_last=True,
+                       device=p.device, amp=p.amp, seed=0,
+                       keep="last,resume", progress=not args.no_progress)
+
+
+def _recorded_config(path: Path) -> dict[str, Any] | None:
+    """The training config a segkd checkpoint's metadata recorded (``args``), or None."""
+    from segkd.checkpoint import META_KEY, read_safetensors
+
+    raw = read_safetensors(path, tensors=False)[1]
+    args = json.loads(raw.get(META_KEY, "{}")).get("args")
+    try:
+        return ast.literal_eval(args) if isinstance(args, str) else args
+    except (ValueError, SyntaxError):
+        return None
+
+
+def ensure_quarter_teacher(args: argparse.Namespace) -> Path:
+    """The quarter teacher's checkpoint: ``--quarter-teacher PATH``; with ``auto`` the shared file when its recorded
+    config is this protocol's, else ``OUT/teacher-quarter/last.safetensors``, trained (or continued) here."""
+    cfg = quarter_teacher_config(args)
+    if args.quarter_teacher not in ("auto", "train"):
+        return Path(args.quarter_teacher)
+    want = {k: getattr(cfg, k) for k in TEACHER_KEYS}
+    if args.quarter_teacher == "auto" and QUARTER_SHARED.is_file():
+        rec = _recorded_config(QUARTER_SHARED) or {}
+        if {k: rec.get(k) for k in TEACHER_KEYS} == want:
+            return QUARTER_SHARED
+    out = Path(cfg.out)
+    if finished_run(out) is None:
+        make_splits(Path(args.out), args.data)
+        print("== teacher: DeepLabV3-R18 on the labelled quarter", file=sys.stderr, flush=True)
+        run_train(cfg, resume=out if (out / "resume.pt").exists() else None)
+    return out / "last.safetensors"
+
+
+def teacher_record(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """What results.json says of a teacher: file, sha256, the images whose labels it saw, val mIoU, selection.
+    A foreign file (the shared torchvision .pth) is converted to ``OUT/teacher-<name>.safetensors`` to be scored."""
+    from segkd.engine.evaluate import run_eval
+    from segkd.models.convert import run_convert
+
+    rec = TEACHERS[name] | {"weights": str(path), "sha256": file_sha256(path)}
+    scored = path
+    if path.suffix != ".safetensors":
+        scored = Path(args.out) / f"teacher-{name}.safetensors"
+        run_convert(path, TEACHERS[name]["model"], scored)
+    res = run_eval(scored, data=args.data, device=args.protocol.device, progress=False, threads=args.threads)
+    rec["val_miou"] = res.miou
+    rec["val_per_class_iou"] = list(res.per_class_iou)
+    rec["val_scored"] = "every val image whole at its native size, no test-time augmentation"
+    if name == "quarter":
+        quarter = Path(args.out) / "data" / "camvid-quarter" / "images" / "train"
+        rec["trained_on"] = sorted(p.name for p in quarter.iterdir())
+    return rec
+
+
+TEACHERS: dict[str, dict[str, Any]] = {
+    "all": {"model": "deeplabv3-resnet18", "labels": "all 367 labelled training images, including the 275 the "
+            "label-scarce rows treat as unlabeled", "selection": "best of its periodic validations on val (the "
+            "reported split; shared/checkpoints/README.md)"},
+    "quarter": {"model": "deeplabv3-resnet18", "labels": "the 92 labelled images of the label-scarce rows only",
+                "selection": "none: the final iteration of a fixed schedule"},
+    "b1": {"model": "segformer-b1", "labels": "all 367 labelled images, distilled (cwd, cache) from teacher 'all'",
+           "selection": "none: the final iteration of a fixed schedule (twice the protocol's)"},
+}
+
+
+def b1_teacher_config(args: argparse.Namespace) -> DistillConfig:
+    return DistillConfig(model="segformer-b1", method="cwd", method_opts=dict(CWD), teacher="deeplabv3-resnet18",
+                         teacher_weights=args.teacher, teacher_cache=str(Path(args.out) / "teacher-cache"),
+                         data=args.data, out=str(Path(args.out) / "teacher-b1"), seed=0, keep="last,resume",
+                         progress=not args.no_progress, **args.protocol.train_kwargs(2))
+
+
+def teacher_path(name: str, args: argparse.Namespace) -> Path:
+    """The weights file of teacher ``name``: lane 0 makes the quarter teacher, other lanes wait for its path; the
+    B1 teacher is a job of some lane, the rows that need it wait for it."""
+    if name == "all":
+        return Path(args.teacher)
+    if name == "quarter":
+        if args.lane_k == 0 or args.quarter_teacher not in ("auto", "train"):
+            return ensure_quarter_teacher(args)
+        while made_teacher(name, args) is None:
+            time.sleep(5)
+    while made_teacher(name, args) is None:
+        time.sleep(10)
+    return made_teacher(name, args)  # type: ignore[return-value]
+
+
+def made_teacher(name: str, args: argparse.Namespace) -> Path | None:
+    """The teacher's file if it exists already (never trains one)."""
+    if name == "all":
+        return Path(args.teacher)
+    if name == "quarter":
+        marker = Path(args.out) / "teacher-quarter.path"
+        return Path(marker.read_text().strip()) if marker.is_file() else None
+    path = Path(args.out) / "teacher-b1" / "last.safetensors"
+    return path if finished_run(path.parent) is not None else None
 
 
 def prepare(args: argparse.Namespace) -> None:
-    """Data splits and the teacher cache (built on the 367 training images; the label-scarce rows use the same
-    images, so the same cache)."""
+    """Lane 0: the data splits and the quarter teacher (its path in ``OUT/teacher-quarter.path``). The teacher
+    caches are built by the first run that needs them (the build holds the cache's lock; others wait)."""
     make_splits(Path(args.out), args.data)
-    cfg = config(Row("cache", method="c2vkd"), 0, args)
-    t0 = time.perf_counter()
-    prepare_distill_data(cfg)  # type: ignore[arg-type]
-    print(f"teacher cache ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    if any(getattr(r, "teacher", None) == "quarter" for r, _ in args.jobs):
+        path = ensure_quarter_teacher(args)
+        atomic_write_text(Path(args.out) / "teacher-quarter.path", f"{path}\n")
     atomic_write_text(Path(args.out) / "prepared", "ok\n")
 
 
-def run_job(row: Row, seed: int, args: argparse.Namespace) -> None:
-    cfg = config(row, seed, args)
-    out = Path(cfg.out)
-    doc = finished_run(out)
-    if doc is not None:
-        check_same(doc["config"], cfg, out)
-        return
-    resume = out if (out / "resume.pt").exists() else None
-    print(f"== {row.name} seed {seed}", file=sys.stderr, flush=True)
-    (run_train if row.method is None else run_distill)(cfg, resume=resume)  # type: ignore[operator]
+def config(row: Row, seed: int, args: argparse.Namespace, teacher: Path | None = None) -> TrainConfig:
+    out = run_dir(Path(args.out), row.name, seed)
+    data = str(Path(args.out) / "data" / "camvid-quarter") if row.data == "quarter" else args.data
+    common = dict(data=data, out=str(out), seed=seed, progress=not args.no_progress,
+                  **args.protocol.train_kwargs(row.schedule))
+    if row.method is None:
+        return TrainConfig(model=row.model, **common)
+    extra: dict[str, Any] = {}
+    if row.teacher is not None:
+        model = TEACHERS[row.teacher]["model"]
+        extra = {"teacher": model, "teacher_weights": str(teacher or teacher_path(row.teacher, args))}
+        if row.cache:
+            extra["teacher_cache"] = str(Path(args.out) / ("teacher-cache" if row.teacher == "all"
+                                                           else f"teacher-cache-{row.teacher}"))
+    return DistillConfig(model=row.model, method=row.method, peer=row.peer, method_opts=dict(row.opts),
+                         unlabeled=str(Path(args.out) / "data" / "camvid-unlabeled") if row.unlabeled else None,
+                         **extra, **common)
 
 
-PROTOCOL_KEYS = ("model", "data", "iters", "batch", "lr", "warmup", "crop", "resize", "scale", "val_every", "seed",
-                 "val_labels", "method", "method_opts", "teacher_weights", "teacher_cache", "unlabeled",
-                 "unlabeled_ratio", "peer")
+# ------------------------------------------------------------------------------------------------ summaries
+PROTOCOL_KEYS = ("model", "iters", "batch", "lr", "warmup", "crop", "resize", "scale", "val_every", "seed",
+                 "val_labels", "method", "method_opts", "unlabeled_ratio", "peer")
 
 
-def check_same(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
-    """A finished run is reused only if it ran this row's protocol (an option newer than the run counts as its
-    default)."""
-    from dataclasses import fields
+def summary_path(args: argparse.Namespace, name: str, seed: int) -> Path:
+    return Path(args.summaries) / f"{name.replace('+', '_')}_s{seed}.json"
 
-    want = vars(cfg)
+
+def legacy_path(args: argparse.Namespace, name: str, seed: int) -> Path:
+    return Path(args.summaries) / "legacy" / f"{name.replace('+', '_')}_s{seed}.json"
+
+
+def protocol_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a finished run is compared on (paths left out: they differ between machines)."""
     defaults = {f.name: f.default for f in fields(type(cfg))}
-    for k in PROTOCOL_KEYS:
-        have = saved.get(k, defaults.get(k))
-        if k in want and have != want[k]:
-            raise SystemExit(f"{out}: finished with {k}={have!r}, this protocol wants {want[k]!r}; "
-                             "use another --out")
+    return {k: getattr(cfg, k, defaults.get(k)) for k in PROTOCOL_KEYS if hasattr(cfg, k)}
 
 
-# ------------------------------------------------------------------------------------------------------ report
 def val_curve(out: Path, model: str = "student") -> list[tuple[int, float]]:
     log = out / "metrics.jsonl"
     if not log.exists():
@@ -246,30 +405,131 @@ def val_curve(out: Path, model: str = "student") -> list[tuple[int, float]]:
     return [(r["iter"], r["miou"]) for r in recs if r.get("model") == model]
 
 
+def write_summary(row: Row, seed: int, cfg: TrainConfig, doc: dict[str, Any], args: argparse.Namespace) -> None:
+    """The few KB of a finished run that results.json needs, committed under ``--summaries``."""
+    s, out = doc["summary"], Path(cfg.out)
+    teacher = None
+    if getattr(cfg, "teacher_weights", None):
+        teacher = {"name": row.teacher, "sha256": file_sha256(Path(cfg.teacher_weights))}  # type: ignore[attr-defined]
+    roles = {role: {"miou": s["final"][role]["miou"], "best": s["best"][role]["miou"],
+                    "per_class_iou": s["final"][role].get("per_class_iou"), "curve": val_curve(out, role)}
+             for role in s["final"]}
+    rec = {"row": row.name, "seed": seed, "legacy": None, "protocol_config": protocol_config(cfg),
+           "teacher": teacher, "initial_weights_sha256": doc.get("initial_weights_sha256", {}),
+           "iters": s["iterations"], "wall_s": s["wall_time_s"], "torch": doc.get("torch"),
+           "finished": time.strftime("%Y-%m-%d", time.gmtime()), "roles": roles}
+    path = summary_path(args, row.name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
+
+
+def check_summary(rec: dict[str, Any], row: Row, cfg: TrainConfig, sha: str | None, where: Path) -> None:
+    """A finished run counts for this row only if it ran this protocol with this teacher; mixing is refused."""
+    have_sha = (rec.get("teacher") or {}).get("sha256")
+    if sha is not None and have_sha is not None and have_sha != sha:
+        raise SystemExit(f"{row.name} seed {rec['seed']}: {where} was distilled from a teacher with sha256 "
+                         f"{have_sha}, this protocol's teacher has sha256 {sha}; refusing to mix them in one row "
+                         "(move the summary away or use another --summaries)")
+    if rec.get("legacy"):
+        return
+    want = protocol_config(cfg)
+    for k, v in want.items():
+        have = rec["protocol_config"].get(k, v)
+        if have != v:
+            raise SystemExit(f"{where}: finished with {k}={have!r}, this protocol wants {v!r}; use another --out "
+                             "(and --summaries)")
+
+
+def job_done(row: Row, seed: int, cfg: TrainConfig, args: argparse.Namespace) -> bool:
+    """A committed summary (or, for legacy-ok rows, a legacy one) or a finished run directory."""
+    sha = file_sha256(Path(cfg.teacher_weights)) if getattr(cfg, "teacher_weights", None) else None  # type: ignore[attr-defined]
+    for path in [summary_path(args, row.name, seed)] + [legacy_path(args, row.name, seed)] * row.legacy_ok:
+        if path.is_file():
+            check_summary(json.loads(path.read_text()), row, cfg, sha, path)
+            return True
+    doc = finished_run(cfg.out)
+    if doc is None:
+        return False
+    check_summary({"seed": seed, "protocol_config": doc["config"], "teacher": {"sha256": _run_teacher_sha(doc)}},
+                  row, cfg, sha, Path(cfg.out))
+    write_summary(row, seed, cfg, doc, args)
+    return True
+
+
+def _run_teacher_sha(doc: dict[str, Any]) -> str | None:
+    path = doc["config"].get("teacher_weights")
+    return file_sha256(Path(path)) if path and Path(path).is_file() else None
+
+
+def run_job(row: Row | str, seed: int, args: argparse.Namespace) -> None:
+    if isinstance(row, str):  # the transformer teacher
+        cfg = b1_teacher_config(args)
+        if finished_run(cfg.out) is None:
+            print("== teacher: SegFormer-B1 (cwd from the R18 through the cache)", file=sys.stderr, flush=True)
+            run_distill(cfg, resume=cfg.out if (Path(cfg.out) / "resume.pt").exists() else None)
+        return
+    cfg = config(row, seed, args)
+    if job_done(row, seed, cfg, args):
+        return
+    resume = cfg.out if (Path(cfg.out) / "resume.pt").exists() else None
+    print(f"== {row.name} seed {seed}", file=sys.stderr, flush=True)
+    (run_train if row.method is None else run_distill)(cfg, resume=resume)  # type: ignore[operator]
+    doc = finished_run(cfg.out)
+    assert doc is not None
+    write_summary(row, seed, cfg, doc, args)
+
+
+# ------------------------------------------------------------------------------------------------------ report
 def flat_spread(curve: list[tuple[int, float]], iters: int) -> float | None:
     """max - min of the val mIoU (points) over the last 25 % of the schedule; None without two such points."""
     tail = [m for it, m in curve if it >= 0.75 * iters]
     return 100 * (max(tail) - min(tail)) if len(tail) >= 2 else None
 
 
-def collect(table: list[Row], seeds: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    """Per row and seed: final mIoU, spread of the flat tail, wall time (peer figures for online rows)."""
-    res: dict[str, Any] = {}
+def expected_start(model: str, seed: int, num_classes: int = 11) -> str:
+    """The sha256 of the student this code builds at ``seed`` (the draw every row must start from)."""
+    from segkd.engine.seeding import build_student, weights_sha256
+    from segkd.models import create_model
+
+    return weights_sha256(build_student(seed, lambda: create_model(model, num_classes=num_classes)))
+
+
+def load_summaries(table: list[Row], args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per row and seed, the committed summary: a current one, else (rows whose start the paired-start fix did not
+    change, and the -t367 rows kept as run) a legacy one, flagged. Legacy runs of the rows the fix changed stay in
+    ``legacy/`` and are not shown: those rows are rerun."""
+    res: dict[str, dict[str, dict[str, Any]]] = {}
     for row in table:
-        for seed in seeds:
-            out = run_dir(Path(args.out), row.name, seed)
-            doc = finished_run(out)
-            if doc is None:
-                continue
-            s = doc["summary"]
-            iters = s["iterations"]
-            for role in s["final"]:
-                name = row.name if role == "student" else f"{row.name} (peer)"
-                curve = val_curve(out, role)
-                res.setdefault(name, {})[str(seed)] = {
-                    "miou": s["final"][role]["miou"], "best": s["best"][role]["miou"],
-                    "spread": flat_spread(curve, iters), "curve": curve, "wall_s": s["wall_time_s"],
-                    "iters": iters, "per_class_iou": s["final"][role].get("per_class_iou")}
+        for seed in range(10):
+            for path in [summary_path(args, row.name, seed)] + [legacy_path(args, row.name, seed)] * row.legacy_ok:
+                if path.is_file():
+                    res.setdefault(row.name, {})[str(seed)] = json.loads(path.read_text())
+                    break
+    return res
+
+
+def collect(table: list[Row], args: argparse.Namespace) -> dict[str, Any]:
+    """Per row (and ``<row> (peer)``) and seed: final and best mIoU, flat-tail spread, curve, per-class IoU, wall
+    time, teacher sha256, and whether the student started from this code's draw at that seed."""
+    res: dict[str, Any] = {}
+    starts: dict[tuple[str, int], str] = {}
+    for row_name, by_seed in load_summaries(table, args).items():
+        row = next(r for r in table if r.name == row_name)
+        for seed, rec in sorted(by_seed.items()):
+            for role, r in rec["roles"].items():
+                name = row_name if role == "student" else f"{row_name} (peer)"
+                init = rec.get("initial_weights_sha256", {}).get(role)
+                model = row.model if role == "student" else row.peer
+                key = (model, int(seed))
+                if init is not None and role == "student" and key not in starts:
+                    starts[key] = expected_start(model, int(seed), len(r["per_class_iou"]))  # type: ignore[arg-type]
+                res.setdefault(name, {})[seed] = {
+                    "miou": r["miou"], "best": r["best"], "spread": flat_spread(r["curve"], rec["iters"]),
+                    "curve": r["curve"], "per_class_iou": r["per_class_iou"], "wall_s": rec["wall_s"],
+                    "iters": rec["iters"], "teacher_sha256": (rec.get("teacher") or {}).get("sha256"),
+                    "initial_weights_sha256": init, "legacy": rec.get("legacy"),
+                    "start": ("legacy" if rec.get("legacy") else "paired" if init == starts.get(key)
+                              else "own draw" if role != "student" else "NOT PAIRED")}
     return res
 
 
@@ -280,94 +540,156 @@ def mean_std(xs: list[float]) -> str:
     return f"{m:.2f}" if len(xs) == 1 else f"{m:.2f} ± {statistics.stdev(xs):.2f}"
 
 
+def interval(ds: list[float]) -> tuple[float, float, float] | None:
+    """Mean and 95 % t-interval of paired differences (None for fewer than 2)."""
+    if len(ds) < 2:
+        return None
+    m = statistics.fmean(ds)
+    half = T975[len(ds) - 1] * statistics.stdev(ds) / math.sqrt(len(ds))
+    return m, m - half, m + half
+
+
 def paired(vals: dict[str, Any], base: dict[str, Any]) -> tuple[str, list[float]]:
     """Paired Δ (points) by seed: ``mean [lo, hi]`` with a 95 % t-interval (n >= 2)."""
     ds = [100 * (vals[s]["miou"] - base[s]["miou"]) for s in sorted(vals) if s in base]
     if not ds:
         return "", []
-    m = statistics.fmean(ds)
-    if len(ds) == 1:
-        return f"{m:+.2f} (one seed)", ds
-    half = T975[len(ds) - 1] * statistics.stdev(ds) / math.sqrt(len(ds))
-    return f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]", ds
+    ci = interval(ds)
+    if ci is None:
+        return f"{ds[0]:+.2f} (one seed)", ds
+    return f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]", ds
 
 
-def render(table: list[Row], res: dict[str, Any], args: argparse.Namespace) -> str:
-    p = args.protocol
-    lines = [
-        "# CamVid: distillation against the student trained alone, converged protocol",
-        "",
-        "Generated by `examples/reproduce_camvid.py` (raw figures in `results.json`). CamVid 11 classes, train split "
-        "(367 images) for training, val split (101 images) for reporting. "
-        f"Schedule of every row: inputs resized to {p.resize or 'native size'}, rescale {p.scale}, crop {p.crop}, "
-        f"flip, jitter, batch {p.batch}, AdamW lr {p.lr:g} (head x10), {p.warmup} warm-up iterations then poly "
-        f"decay, {p.iters} iterations, validation every {p.val_every}; random initialisation (no ImageNet weights "
-        "here). Validation: every val image whole, input resized like training, logits upsampled to and scored "
-        "against the native 180x240 labels. Teacher: the shared DeepLabV3-ResNet18 (57.99 val mIoU at 180x240), "
-        "through the teacher cache (its whole-image outputs warped onto each crop) unless the row says online.",
-        "",
-        "val mIoU = final val mIoU, mean ± sample std over seeds (each seed listed); best val = the best periodic "
-        "validation, mean over seeds. Δ = paired difference "
-        "with the baseline row at the same seed, mean and 95 % t-interval. flat = the worst seed's spread (max - "
-        "min) of the val mIoU over the last 25 % of the schedule; ✓ when every seed stays within ±1 mIoU "
-        "(spread ≤ 2).",
-        "",
-        "| row | method (options) | data | val mIoU | per seed | best val | baseline | Δ [95 % CI] | flat (spread) |",
-        "|---|---|---|---:|---|---:|---|---:|---:|",
-    ]
+def row_stats(table: list[Row], res: dict[str, Any]) -> dict[str, Any]:
+    """Mean, std, n and the paired Δ with its interval per row: the figures the findings quote."""
+    out: dict[str, Any] = {}
     for row in table:
-        names = [row.name] + ([f"{row.name} (peer)"] if row.peer else [])
-        for name in names:
-            peer = name.endswith("(peer)")
-            method = (row.method or "CE alone") + "".join(f" {k}={v}" for k, v in row.opts.items())
-            method += "" if row.method is None or row.peer or row.note else (
-                " (cache)" if row.cache else " (teacher online)")
-            data = ("1/4 labelled" + (" + 3/4 unlabeled" if row.unlabeled else "")) if row.data == "quarter" \
-                else "all labelled"
-            label = name + (f" [{row.peer}]" if peer else "")
-            if row.note:
-                lines.append(f"| {label} | {method} | {data} | {row.note} | | | | | |")
-                continue
-            vals = res.get(name, {})
+        for name, base in [(row.name, row.baseline)] + ([(f"{row.name} (peer)", row.peer_baseline)] * bool(row.peer)):
+            vals = res.get(name)
             if not vals:
-                lines.append(f"| {label} | {method} | {data} | not run yet | | | | | |")
                 continue
             xs = [100 * v["miou"] for _, v in sorted(vals.items())]
-            base = row.peer_baseline if peer else row.baseline
-            delta, _ = paired(vals, res.get(base, {})) if base else ("", [])
-            spreads = [v["spread"] for v in vals.values() if v["spread"] is not None]
-            flat = "—" if not spreads else f"{'✓' if max(spreads) <= 2 else '✗'} ({max(spreads):.2f})"
-            best = statistics.fmean(100 * v["best"] for v in vals.values())
-            lines.append(f"| {label} | {method} | {data} | {mean_std(xs)} | {' / '.join(f'{x:.2f}' for x in xs)} | "
-                         f"{best:.2f} | {base or '—'} | {delta} | {flat} |")
+            st: dict[str, Any] = {"n": len(xs), "mean": statistics.fmean(xs),
+                                  "std": statistics.stdev(xs) if len(xs) > 1 else None,
+                                  "finals_span": max(xs) - min(xs),
+                                  "worst_flat_spread": max((v["spread"] for v in vals.values()
+                                                            if v["spread"] is not None), default=None)}
+            if base and res.get(base):
+                _, ds = paired(vals, res[base])
+                ci = interval(ds)
+                st["delta"] = {"baseline": base, "per_seed": ds, "mean": statistics.fmean(ds) if ds else None,
+                               "ci95": [ci[1], ci[2]] if ci else None,
+                               "seeds": [s for s in sorted(vals) if s in res[base]]}
+            out[name] = st
+    return out
+
+
+def _row_line(row: Row, name: str, res: dict[str, Any], teachers: dict[str, Any]) -> str:
+    peer = name.endswith("(peer)")
+    method = (row.method or "CE alone") + "".join(f" {k}={v}" for k, v in row.opts.items())
+    method += "" if row.method is None or row.peer or row.note else (" (cache)" if row.cache else " (online)")
+    if row.schedule > 1:
+        method += f", {row.schedule}x schedule"
+    data = ("1/4 labelled" + (" + 3/4 unlabeled" if row.unlabeled else "")) if row.data == "quarter" \
+        else "all labelled"
+    teacher = "—" if row.teacher is None else f"{row.teacher}"
+    label = name + (f" [{row.peer}]" if peer else "")
+    vals = res.get(name, {})
+    if not vals:
+        return f"| {label} | {teacher} | {method} | {data} | not run yet | | | | | | |"
+    xs = [100 * v["miou"] for _, v in sorted(vals.items())]
+    seeds = " / ".join(f"{x:.2f}" for x in xs)
+    base = row.peer_baseline if peer else row.baseline
+    delta, _ = paired(vals, res.get(base, {})) if base else ("", [])
+    spreads = [v["spread"] for v in vals.values() if v["spread"] is not None]
+    flat = "—" if not spreads else f"{'✓' if max(spreads) <= 2 else '✗'} ({max(spreads):.2f})"
+    best = statistics.fmean(100 * v["best"] for v in vals.values())
+    starts = sorted({v["start"] for v in vals.values()})
+    return (f"| {label} | {teacher} | {method} | {data} | {mean_std(xs)} (n={len(xs)}) | {seeds} | {best:.2f} | "
+            f"{base or '—'} | {delta} | {', '.join(starts)} | {flat} |")
+
+
+def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args: argparse.Namespace) -> str:
+    p = args.protocol
+    lines = [
+        "# CamVid: distillation against the student trained alone, converged protocol", "",
+        "Generated by `examples/reproduce_camvid.py` from the committed run summaries in `docs/runs/` (raw figures "
+        "in `results.json`). CamVid 11 classes, train split (367 images) for training, val split (101 images) for "
+        f"reporting. Schedule of every row: inputs resized to {p.resize or 'native size'}, rescale {p.scale}, crop "
+        f"{p.crop}, flip, jitter, batch {p.batch}, AdamW lr {p.lr:g} (head x10), {p.warmup} warm-up iterations then "
+        f"poly decay, {p.iters} iterations (x the row's schedule), validation every {p.val_every}; random "
+        "initialisation (no ImageNet weights here). Validation: every val image whole, input resized like "
+        "training, logits upsampled to and scored against the native 180x240 labels. The **final** validation is "
+        "reported; no student is selected on val.", "",
+        "## Teachers", "", "| teacher | model | labels it saw | selected | val mIoU (180x240) | sha256 |",
+        "|---|---|---|---|---:|---|"]
+    for name, t in teachers.items():
+        miou = f"{100 * t['val_miou']:.2f}" if t.get("val_miou") is not None else "not made yet"
+        lines.append(f"| {name} | {t['model']} | {t['labels']} | {t['selection']} | {miou} | "
+                     f"`{t.get('sha256', '—')[:16]}…` |")
+    lines += [
+        "", "## Rows", "",
+        "val mIoU = final val mIoU, mean ± sample std over seeds (n seeds, each listed); best val = the best periodic "
+        "validation, mean over seeds (shown, never used to pick). Δ = paired difference with the baseline row at the "
+        "same seed, mean and 95 % t-interval. start: `paired` = run.json's initial-weights sha256 equals the draw "
+        "this code makes for the student at that seed; `legacy` = a run of the first table (2026-12-02), before "
+        "hashes were recorded (rows whose start the fix did not change: trained alone, online with the student "
+        "built first; the `-t367` rows, cache rows kept as run, did **not** start paired). flat = the worst seed's "
+        "spread (max - min) of the val mIoU over the last 25 % of the schedule; ✓ when within ±1 mIoU.", "",
+        "| row | teacher | method (options) | data | val mIoU | per seed | best val | baseline | Δ [95 % CI] | start "
+        "| flat (spread) |", "|---|---|---|---|---:|---|---:|---|---:|---|---:|"]
+    for row in table:
+        for name in [row.name] + ([f"{row.name} (peer)"] if row.peer else []):
+            lines.append(f"| {name} | | {row.note} | | | | | | | | |" if row.note else
+                         _row_line(row, name, res, teachers))
     lines += ["", "## How to reproduce", "", "```",
               f"python examples/reproduce_camvid.py --out {args.out} --lane 0/2 &",
               f"python examples/reproduce_camvid.py --out {args.out} --lane 1/2",
-              f"python examples/reproduce_camvid.py --out {args.out} --report-only", "```", "",
+              f"python examples/reproduce_camvid.py --out {args.out} --report-only",
+              "# one row alone, e.g. the clean label-scarce KD row at seed 0 (its splits, teacher and cache first):",
+              f"python examples/reproduce_camvid.py --out {args.out} --only quarter-kd+unl --seeds 0", "```", "",
               f"Environment: Python {platform.python_version()}, torch {torch.__version__}, {args.threads} thread(s) "
               "per process, two processes on the 2-core machine.", ""]
     return "\n".join(lines)
 
 
-def write_docs(path: Path, table_md: str) -> None:
-    """Write the generated table, keeping whatever follows the FINDINGS marker in the existing file."""
-    write_generated(path, table_md, FINDINGS)
+def teacher_table(args: argparse.Namespace) -> dict[str, Any]:
+    """Teacher records kept in ``--summaries/teachers.json`` (made once: evaluating a teacher takes a minute)."""
+    path = Path(args.summaries) / "teachers.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def report(table: list[Row], seeds: list[int], args: argparse.Namespace) -> None:
-    res = collect(table, seeds, args)
-    atomic_write_text(Path(args.json), json.dumps({"protocol": vars(args.protocol), "seeds": seeds, "rows": res},
-                                                  indent=1, default=str) + "\n")
-    write_docs(Path(args.docs), render(table, res, args))
+def record_teachers(args: argparse.Namespace, names: list[str]) -> None:
+    """Add the records of teachers that exist now and are not recorded (or whose file changed)."""
+    have = teacher_table(args)
+    for name in names:
+        path = made_teacher(name, args)
+        if path is None or not path.is_file() or have.get(name, {}).get("sha256") == file_sha256(path):
+            continue
+        have[name] = teacher_record(name, path, args)
+        Path(args.summaries).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.summaries) / "teachers.json", json.dumps(have, indent=1) + "\n")
+
+
+def report(table: list[Row], args: argparse.Namespace) -> None:
+    res = collect(table, args)
+    teachers = {n: {**TEACHERS[n], **teacher_table(args).get(n, {})} for n in TEACHERS}
+    doc = {"protocol": vars(args.protocol), "teachers": teachers, "stats": row_stats(table, res), "rows": res}
+    atomic_write_text(Path(args.json), json.dumps(doc, indent=1, default=str) + "\n")
+    write_generated(Path(args.docs), render(table, res, teachers, args), FINDINGS)
 
 
 # -------------------------------------------------------------------------------------------------------- main
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/camvid-converged", help="Folder of every run, the splits and the cache.")
+    p.add_argument("--out", default="runs/camvid-converged", help="Folder of every run, the splits and the caches.")
     p.add_argument("--data", default=CAMVID, help="CamVid root (folder layout, as in ../shared/data/camvid).")
-    p.add_argument("--teacher", default=TEACHER, help="The CNN teacher's weights.")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--teacher", default=TEACHER, help="Teacher 'all': the CNN trained on every label.")
+    p.add_argument("--quarter-teacher", default="auto", help="Teacher 'quarter': auto (the shared file if its "
+                   "recorded config is this protocol's, else train it), train, or a weights file.")
+    p.add_argument("--summaries", default=str(REPO / "docs" / "runs"), help="Where finished runs' summaries are "
+                   "written and read (committed: a summary here marks the job done).")
+    p.add_argument("--seeds", default=None, help="Comma-separated seeds (default: each row's own, 0..2 or 0..4).")
     p.add_argument("--only", default=None, help="Comma-separated row names to run.")
     p.add_argument("--lane", default="0/1", help="K/N: run every N-th job starting at K (N parallel processes).")
     p.add_argument("--spawn", type=int, default=None, help="Start N lanes as child processes and wait for them "
@@ -378,29 +700,35 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "(refuses to start without CUDA).")
     p.add_argument("--dry-run", action="store_true", help="With --gpu-recipe: a few iterations on the CPU, to "
                    "check the recipe runs end to end.")
-    p.add_argument("--docs", default="docs/results.md")
-    p.add_argument("--json", default="docs/results.json")
+    p.add_argument("--docs", default=str(REPO / "docs" / "results.md"))
+    p.add_argument("--json", default=str(REPO / "docs" / "results.json"))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
     try:
         k, n = (int(v) for v in args.lane.split("/"))
         assert 0 <= k < n
     except (ValueError, AssertionError):
         p.error(f"--lane takes K/N with 0 <= K < N, got {args.lane!r}")
     args.lane_k, args.lane_n = k, n
-    args.protocol = Protocol()
+    args.protocol = _protocol(p, args)
+    return args
+
+
+def _protocol(p: argparse.ArgumentParser, args: argparse.Namespace) -> Protocol:
+    proto = Protocol()
     if args.gpu_recipe:
         if not torch.cuda.is_available() and not args.dry_run:
             p.error("--gpu-recipe needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run checks it on CPU")
-        args.protocol = GPU_RECIPE if not args.dry_run else Protocol(
+        proto = GPU_RECIPE if not args.dry_run else Protocol(
             **{**vars(GPU_RECIPE), "device": "cpu", "iters": 2, "val_every": 2, "warmup": 0, "workers": 0,
-               "batch": 2, "amp": False, "lanes": 2})
+               "batch": 2, "amp": False, "lanes": 2, "teacher_iters": 2, "teacher_batch": 2})
     if args.iters is not None:
-        args.protocol.iters, args.protocol.val_every = args.iters, min(args.protocol.val_every, args.iters)
-        args.protocol.warmup = min(args.protocol.warmup, args.iters // 2)
-    return args
+        proto.iters, proto.val_every = args.iters, min(proto.val_every, args.iters)
+        proto.warmup = min(proto.warmup, args.iters // 2)
+        proto.teacher_iters = args.iters
+    return proto
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,8 +741,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"--only: unknown row(s) {', '.join(sorted(unknown))}")
         table = [r for r in table if r.name in keep]
+    args.jobs = jobs(table, args.seeds)
     if args.report_only:
-        report(table, args.seeds, args)
+        report(table, args)
         print(f"wrote {args.docs} and {args.json}", file=sys.stderr)
         return 0
     spawn = args.spawn if args.spawn is not None else (args.protocol.lanes if args.gpu_recipe else 1)
@@ -422,16 +751,17 @@ def main(argv: list[str] | None = None) -> int:
         return spawn_lanes(spawn, argv if argv is not None else sys.argv[1:], table, args)
     marker = Path(args.out) / "prepared"
     if args.lane_k == 0:
-        if not marker.exists():
-            prepare(args)
+        prepare(args)  # idempotent: splits made once, the quarter teacher found, trained or continued
+        record_teachers(args, sorted({r.teacher for r, _ in args.jobs if isinstance(r, Row) and r.teacher}))
     else:
         while not marker.exists():
             time.sleep(5)
-    for i, (row, seed) in enumerate(jobs(table, args.seeds)):
+    for i, (row, seed) in enumerate(args.jobs):
         if i % args.lane_n == args.lane_k:
             run_job(row, seed, args)
     if args.lane_k == 0:
-        report(table, args.seeds, args)
+        record_teachers(args, sorted(TEACHERS))
+        report(table, args)
     return 0
 
 
@@ -450,7 +780,7 @@ def spawn_lanes(n: int, argv: list[str], table: list[Row], args: argparse.Namesp
         base.append(a)
     procs = [subprocess.Popen([sys.executable, __file__, *base, "--lane", f"{k}/{n}"]) for k in range(n)]
     codes = [p.wait() for p in procs]
-    report(table, args.seeds, args)
+    report(table, args)
     bad = [k for k, c in enumerate(codes) if c]
     if bad:
         print(f"lane(s) {', '.join(map(str, bad))} failed; finished runs are in the report", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from conftest import load_example
 
-from segkd.checkpoint import CheckpointMeta, save_checkpoint
+from segkd.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
 from segkd.data import synthesize
 from segkd.models import create_model
 
@@ -37,21 +38,26 @@ def test_flat_spread_is_the_last_quarter(rc: ModuleType) -> None:
     assert rc.flat_spread(curve[:3], 1600) is None  # one point is no curve
 
 
-def test_jobs_put_resnet_rows_last_and_skip_notes(rc: ModuleType) -> None:
+def test_jobs_run_the_clean_label_scarce_rows_first(rc: ModuleType) -> None:
     table = rc.rows()
-    jobs = [(r.name, s) for r, s in rc.jobs(table, [0, 1])]
-    assert jobs[0] == ("b0", 0) and ("b0", 1) in jobs
-    assert [n for n, _ in jobs[-4:]] == ["r18", "collab", "r18", "collab"]
-    # every method row at every seed before any diagnostic; each diagnostic at the first seed before the others
-    first_extra = next(i for i, (n, _) in enumerate(jobs) if n in rc.EXTRA)
-    assert all(n in rc.MAIN for n, _ in jobs[:first_extra]) and len(jobs[:first_extra]) == 2 * len(rc.MAIN)
-    assert jobs[first_extra:first_extra + 3] == [("kd-online", 0), ("kd-mask", 0), ("dml", 0)]
-    assert all(n != "transkd" for n, _ in jobs)  # a note row, not a job
-    names = {r.name for r in table}
-    assert {"b0", "kd", "cwd", "dkd", "c2vkd", "c2vkd+ce", "dml", "collab", "quarter-b0", "quarter-kd+unl",
-            "quarter-c2vkd+unl"} <= names
-    cwd = next(r for r in table if r.name == "cwd")
-    assert cwd.opts == {"weight": "0.3", "feature": "true", "feat_weight": "5"}  # CIRKD's SegFormer-B0 weights
+    jobs = [(r if isinstance(r, str) else r.name, s) for r, s in rc.jobs(table)]
+    assert jobs[:4] == [("quarter-kd+unl", 0), ("quarter-cwd+unl", 0), ("quarter-dkd+unl", 0),
+                        ("quarter-c2vkd+unl", 0)]
+    assert len(jobs) == len(set(jobs))  # no job twice
+    by_name = {r.name: r for r in table}
+    for r in table:  # every row at each of its seeds, nothing more
+        assert sorted(s for n, s in jobs if n == r.name) == list(range(r.seeds)), r.name
+    assert {n for n in ("b0", "kd", "cwd", "quarter-b0", "quarter-kd+unl") if by_name[n].seeds == 5} == {
+        "b0", "kd", "cwd", "quarter-b0", "quarter-kd+unl"}
+    first_b1 = min(i for i, (n, _) in enumerate(jobs) if by_name.get(n) and by_name[n].teacher == "b1")
+    assert jobs.index(("teacher:b1", 0)) < first_b1  # the transformer teacher before its rows
+    assert [(n, s) for n, s in rc.jobs([by_name["dkd"]], [4])] == [(by_name["dkd"], 4)]  # seeds outside ORDER
+    assert by_name["cwd"].opts == {"weight": "0.3", "feature": "true", "feat_weight": "5"}  # CIRKD's B0 weights
+    # the rows the paired-start fix changed are rerun, not read from the first table
+    assert {r.name for r in table if r.legacy_ok} == {"b0", "kd-online", "dml", "r18", "quarter-b0",
+                                                     "quarter-kd+unl-t367", "quarter-c2vkd+unl-t367"}
+    assert {r.name for r in table if r.data == "quarter" and r.unlabeled and r.teacher == "quarter"} == {
+        "quarter-kd+unl", "quarter-cwd+unl", "quarter-dkd+unl", "quarter-c2vkd+unl"}
 
 
 def test_gpu_recipe_refuses_without_cuda(rc: ModuleType, capsys: pytest.CaptureFixture) -> None:
@@ -63,26 +69,49 @@ def test_gpu_recipe_refuses_without_cuda(rc: ModuleType, capsys: pytest.CaptureF
 
 
 def test_gpu_recipe_dry_run_on_cpu(rc: ModuleType, tmp_path: Path) -> None:
-    """The recipe end to end (two spawned lanes: splits, teacher cache, train, cached KD with unlabeled images;
-    then the report) for 2 iterations on CPU, on an 8-image synthetic set with a random teacher."""
+    """The recipe end to end (two spawned lanes: splits, the quarter teacher trained as a protocol step, teacher
+    caches, train, cached KD with unlabeled images; committed summaries; the report) for 2 iterations on CPU, on an
+    8-image synthetic set with a random 'all' teacher. Then: summaries count as done on a machine without the run
+    directories, and a restart with another teacher for finished rows is refused."""
+    import shutil
+
     data = synthesize(tmp_path / "data", n_train=8, n_val=2, size=(32, 48), num_classes=3, seed=1)
     teacher = tmp_path / "t.safetensors"
     torch.manual_seed(0)
     save_checkpoint(teacher, create_model("deeplabv3-resnet18", num_classes=3),
                     CheckpointMeta(model="deeplabv3-resnet18", num_classes=3))
-    out, docs = tmp_path / "runs", tmp_path / "results.md"
-    code = rc.main(["--gpu-recipe", "--dry-run", "--out", str(out), "--data", str(data), "--teacher", str(teacher),
-                    "--seeds", "0", "--only", "b0,kd,quarter-b0,quarter-kd+unl,transkd", "--docs", str(docs),
-                    "--json", str(tmp_path / "results.json"), "--no-progress"])
-    assert code == 0
+    out, docs, summ = tmp_path / "runs", tmp_path / "results.md", tmp_path / "summaries"
+    base = ["--gpu-recipe", "--dry-run", "--out", str(out), "--data", str(data), "--teacher", str(teacher),
+            "--quarter-teacher", "train", "--seeds", "0", "--only", "b0,kd,quarter-b0,quarter-kd+unl",
+            "--docs", str(docs), "--json", str(tmp_path / "results.json"), "--summaries", str(summ), "--no-progress"]
+    assert rc.main(base) == 0
     assert len(list((out / "data" / "camvid-quarter" / "images" / "train").iterdir())) == 2  # every 4th of 8
     assert len(list((out / "data" / "camvid-unlabeled").iterdir())) == 6
+    assert (out / "teacher-quarter" / "last.safetensors").is_file()  # lane 0 trained the clean teacher
     text = docs.read_text()
-    assert "| quarter-kd+unl | kd (cache) | 1/4 labelled + 3/4 unlabeled |" in text
-    assert "| transkd |" in text and "not run: TransKD needs a transformer teacher" in text
-    assert (out / "kd_s0" / "run.json").exists() and (out / "teacher-cache" / "cache.json").exists()
+    assert "| quarter-kd+unl | quarter | kd (cache) | 1/4 labelled + 3/4 unlabeled |" in text
+    doc = json.loads((tmp_path / "results.json").read_text())
+    q = doc["teachers"]["quarter"]
+    assert q["sha256"] == file_sha256(out / "teacher-quarter" / "last.safetensors") and len(q["trained_on"]) == 2
+    assert 0 <= q["val_miou"] <= 1
+    rows = doc["rows"]
+    assert rows["quarter-kd+unl"]["0"]["teacher_sha256"] == q["sha256"]
+    assert rows["kd"]["0"]["teacher_sha256"] == file_sha256(teacher)
+    assert {rows[n]["0"]["start"] for n in ("b0", "kd", "quarter-b0", "quarter-kd+unl")} == {"paired"}
+    assert (out / "teacher-cache" / "cache.json").exists() and (out / "teacher-cache-quarter" / "cache.json").exists()
+    # a new machine: no run directories, only the committed summaries: nothing is trained again
+    kept = shutil.copy(out / "teacher-quarter" / "last.safetensors", tmp_path / "quarter.safetensors")
+    shutil.rmtree(out)
+    assert rc.main([*base, "--quarter-teacher", str(kept), "--spawn", "1"]) == 0
+    assert not (out / "b0_s0").exists() and not (out / "kd_s0").exists()
+    # a restart with another teacher for finished rows refuses to mix them, naming the row and both sha256s
+    torch.manual_seed(1)
+    other = tmp_path / "t2.safetensors"
+    save_checkpoint(other, create_model("deeplabv3-resnet18", num_classes=3),
+                    CheckpointMeta(model="deeplabv3-resnet18", num_classes=3))
+    with pytest.raises(SystemExit, match=rf"kd seed 0: .* sha256 {file_sha256(teacher)}.* sha256 "
+                                         rf"{file_sha256(other)}"):
+        rc.main([*base[:7], str(other), *base[8:], "--spawn", "1"])
     # a finished run is only reused when it ran this protocol
     with pytest.raises(SystemExit, match="finished with iters=2"):
-        rc.main(["--gpu-recipe", "--dry-run", "--spawn", "1", "--iters", "3", "--out", str(out), "--data", str(data),
-                 "--teacher", str(teacher), "--seeds", "0", "--only", "b0", "--docs", str(docs), "--json",
-                 str(tmp_path / "results.json"), "--no-progress"])
+        rc.main([*base, "--spawn", "1", "--iters", "3", "--only", "b0"])
