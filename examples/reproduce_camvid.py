@@ -66,8 +66,10 @@ from typing import Any
 import torch
 
 from segkd.checkpoint import atomic_write_text, file_sha256
-from segkd.engine.trainer import TrainConfig, finished_run, run_train
-from segkd.methods.task import DistillConfig, run_distill
+from segkd.engine.config import TrainConfig
+from segkd.runs.distill import DistillConfig, run_distill
+from segkd.runs.rundir import finished_run
+from segkd.runs.train import run_train
 from segkd.safeio import write_generated
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository

@@ -44,10 +44,14 @@ from typing import Any
 import torch
 
 from segkd.checkpoint import atomic_write_text
-from segkd.engine.trainer import TrainConfig, finished_run, parse_hw, prepare_data, run_train
-from segkd.methods.task import DistillConfig, deploy_gmacs, load_teacher, run_distill
+from segkd.engine.config import TrainConfig
 from segkd.models import count_params, create_model
+from segkd.models.loading import load_teacher
+from segkd.runs.distill import DistillConfig, deploy_gmacs, run_distill
+from segkd.runs.rundir import finished_run
+from segkd.runs.train import prepare_data, run_train
 from segkd.safeio import write_generated
+from segkd.shapes import parse_hw
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository
 SHARED_TEACHER = str(SHARED / "checkpoints" / "camvid-deeplabv3-resnet18-torchvision.pth")

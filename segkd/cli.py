@@ -170,8 +170,9 @@ class JsonOutput:
             out.print(f"wrote {self.path}", highlight=False, soft_wrap=True)
 
 
-# on --resume these come from the new command line (with the machine options); the rest from the saved run
-_RESUME_OWN = {"resume", "as_json", "json_out", "config", "method_opt"}
+# on --resume these come from the new command line (with the machine options and --iters, which extends the
+# schedule); the rest from the saved run
+_RESUME_OWN = {"resume", "as_json", "json_out", "config", "method_opt", "iters"}
 
 
 def _print_run(summary: dict[str, Any], view: Console, *extra: str) -> None:
@@ -187,7 +188,7 @@ def _warn_ignored_on_resume(values: dict[str, Any], resume: Path) -> None:
     """One ``warning:`` line naming each option typed with ``--resume`` that the saved run overrides, so
     ``--resume RUN --iters 10 --lr 0.5`` does not silently train with the old values."""
     from segkd.engine.config import machine_options
-    from segkd.engine.trainer import RUN_FILE, run_dir_of
+    from segkd.runs.rundir import RUN_FILE, run_dir_of
 
     own = _RESUME_OWN | set(machine_options())
     ctx = get_current_context(silent=True)
@@ -280,34 +281,51 @@ def _run_options(
     """(signature only: the options every run command adds to its config's)"""
 
 
-def _run_config(cls: type, values: dict[str, Any]) -> Any:
+def _run_config(cls: type, values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The config of a ``train``/``distill`` command line: defaults < ``--config`` file < typed flags; one-line
-    errors for a missing required option or ``--config`` with ``--resume``."""
+    errors for a missing required option or ``--config`` with ``--resume``. With ``--resume``, also the options
+    typed that change the resumed run (machine options, ``--iters``): everything else is the run's own."""
     from dataclasses import fields
 
     from segkd.cliopts import resolve_config
+    from segkd.engine.config import machine_options
 
     if values["config"] is not None and values["resume"] is not None:
         raise SegkdError("--config cannot be combined with --resume: a resumed run keeps its saved settings")
-    cfg, given = resolve_config(cls, values, values["config"])
+    cfg, given = resolve_config(cls, values, values["config"], siblings=_run_configs)
     if values["resume"] is not None:
         _warn_ignored_on_resume(values, values["resume"])
-        return cfg
+        return cfg, {k: getattr(cfg, k) for k in (*machine_options(cls), "iters") if k in given}
     missing = [max(f.metadata["flags"], key=len) if f.metadata.get("flags") else f"--{f.name.replace('_', '-')}"
                for f in fields(cls) if f.metadata.get("required") and f.name not in given]
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         raise SegkdError(f"{' and '.join(missing)} {verb} required (in --config or as flags; or --resume RUN_DIR to "
                          "continue a run)")
-    return cfg
+    return cfg, {}
+
+
+def _run_configs() -> list[type]:
+    """The config classes of the run commands (for a config file's "a distill option" hint)."""
+    from segkd.engine.config import TrainConfig
+    from segkd.runs.distill import DistillConfig
+
+    return [TrainConfig, DistillConfig]
+
+
+def _run_options_of(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """What ``run_train``/``run_distill`` get from the command line besides the config."""
+    return {"config_file": values["config"], "overrides": overrides if values["resume"] is not None else None}
 
 
 def train_cmd(**values: Any) -> None:
     """Train a zoo model supervised (teachers, and the no-KD student baseline); resumable, DDP under torchrun."""
-    from segkd.engine.trainer import TrainConfig, run_train
+    from segkd.engine.config import TrainConfig
+    from segkd.runs.train import run_train
 
     json_out = JsonOutput(values["as_json"], values["json_out"])
-    summary = run_train(_run_config(TrainConfig, values), resume=values["resume"])
+    cfg, overrides = _run_config(TrainConfig, values)
+    summary = run_train(cfg, resume=values["resume"], **_run_options_of(values, overrides))
     if summary.get("rank", 0) == 0:
         json_out.emit(summary, lambda view: _render_train(summary, view))
 
@@ -468,20 +486,30 @@ def _distill_extra(
 
 
 def distill_cmd(**values: Any) -> None:
-    """Distil a teacher into a student (kd, cwd, dkd, c2vkd, transkd) or train two students together (collab,
-    dml) on the shared engine; the checkpoints hold the students alone."""
+    """Distil a teacher into a student or train two students together (online methods) on the shared engine; the
+    checkpoints hold the students alone (the methods: ``segkd distill --help``, generated from the registry)."""
     from segkd.cliopts import method_opts_from_flags
     from segkd.methods.base import parse_method_opts
-    from segkd.methods.task import DistillConfig, run_distill
+    from segkd.runs.distill import DistillConfig, run_distill
 
     json_out = JsonOutput(values["as_json"], values["json_out"])
-    cfg = _run_config(DistillConfig, values)
+    cfg, overrides = _run_config(DistillConfig, values)
     if values["resume"] is None:
         cfg.method_opts = {**cfg.method_opts, **method_opts_from_flags(cfg.method, values),
                            **parse_method_opts(values["method_opt"])}
-    summary = run_distill(cfg, resume=values["resume"])
+    summary = run_distill(cfg, resume=values["resume"], **_run_options_of(values, overrides))
     if summary.get("rank", 0) == 0:
         json_out.emit(summary, lambda view: _render_distill(summary, view))
+
+
+def _distill_doc() -> str:
+    """distill's help text, generated from the method registry (a method registered later is named too)."""
+    from segkd.methods import METHODS
+
+    teacher = [n for n in METHODS.names() if METHODS.get(n).teacher]
+    online = [n for n in METHODS.names() if not METHODS.get(n).teacher]
+    return (f"Distil a teacher into a student ({', '.join(teacher)}) or train two students together "
+            f"({', '.join(online)}) on the shared engine; the checkpoints hold the students alone.")
 
 
 def _render_distill(summary: dict[str, Any], view: Console) -> None:
@@ -495,8 +523,9 @@ def _render_distill(summary: dict[str, Any], view: Console) -> None:
 
 def _distill_parameters() -> list[inspect.Parameter]:
     from segkd.cliopts import command_parameters, method_flag_parameters
-    from segkd.methods.task import DistillConfig
+    from segkd.runs.distill import DistillConfig
 
+    distill_cmd.__doc__ = _distill_doc()
     return command_parameters(DistillConfig, _distill_extra, _run_options, between=method_flag_parameters())
 
 

@@ -49,6 +49,7 @@ def config_parameters(cls: type, *, exclude: Iterable[str] = ()) -> list[inspect
         if f.name in exclude or not f.metadata.get("cli", True):
             continue
         flags, help_text = tuple(f.metadata.get("flags") or ()), f.metadata.get("help", "")
+        help_text = help_text() if callable(help_text) else help_text  # generated from a registry when built
         hint = hints[f.name]
         default = None if f.metadata.get("required") else (f.default if f.default is not MISSING else None)
         if f.metadata.get("argument"):  # a positional argument (a list field takes any number of them)
@@ -140,16 +141,20 @@ def explicit_names(values: dict[str, Any]) -> set[str]:
     return {k for k in values if ctx.get_parameter_source(k) in EXPLICIT}
 
 
-def resolve_config(cls: type, values: dict[str, Any], config: str | None) -> tuple[Any, set[str]]:
+def resolve_config(cls: type, values: dict[str, Any], config: str | None,
+                   siblings: Callable[[], Sequence[type]] | None = None) -> tuple[Any, set[str]]:
     """The ``cls`` config of one command line: its defaults, overridden by the ``--config`` file, overridden by
-    the flags actually typed; and the names that were set (by the file or a flag), for required-option checks."""
-    from segkd.engine.config import config_values, read_config_file
+    the flags actually typed; and the names that were set (by the file or a flag), for required-option checks.
+    The config's ``sources`` attribute maps the names the file set to ``--config FILE`` (for error lines)."""
+    from segkd.engine.config import config_values, read_config_file  # lazy CLI start: the config modules load torch
 
-    base = config_values(cls, read_config_file(config), str(config)) if config else {}
+    base = config_values(cls, read_config_file(config), str(config), siblings) if config else {}
     names = {f.name for f in fields(cls)}
     typed = {k: values[k] for k in explicit_names(values) if k in names}
     merged = {**base, **typed}
-    return cls(**merged), set(merged)
+    cfg = cls(**merged)
+    cfg.sources = {k: f"--config {config}" for k in base if k not in typed}
+    return cfg, set(merged)
 
 
 def with_signature(fn: Callable[..., Any], params: list[inspect.Parameter]) -> Callable[..., Any]:

@@ -41,7 +41,7 @@ def build_distill_task(cfg: Any, data: Any) -> Any:
     import torch
 
     from segkd.engine.distributed import DistInfo
-    from segkd.methods.task import DistillBuilder
+    from segkd.runs.distill import DistillBuilder
 
     cfg.check()
     builder = DistillBuilder()

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from segkd.bench.flops import count_flops, module_table
 from segkd.bench.gates import Gates, apply_gates, enforce, parse_count
 from segkd.bench.latency import summarize, time_loop
 from segkd.bench.run import BenchConfig, bench_models, export_temp_onnx, load_schema, run_bench_command
 from segkd.bench.specs import expand_inputs, parse_percent, parse_shape
 from segkd.errors import GateFailure, SegkdError
 from segkd.models import create_model
+from segkd.models.flops import count_flops, module_table
 
 TINY = "1x3x64x64"
 

@@ -162,8 +162,7 @@ def test_data_synth_refuses_an_existing_set_unless_force(tmp_path: Path) -> None
 
 
 def test_deploy_params_has_one_definition() -> None:
-    from segkd.engine.trainer import deploy_param_count, deploy_state
-    from segkd.models import count_params, create_model
+    from segkd.models import count_params, create_model, deploy_param_count, deploy_state
 
     model = create_model("deeplabv3-resnet18", num_classes=6, aux=True)
     n = deploy_param_count(model)

@@ -13,8 +13,8 @@ import yaml
 from segkd.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint
 from segkd.engine.config import MACHINE_OPTIONS, TrainConfig, config_values, read_config_file
 from segkd.errors import SegkdError
-from segkd.methods.task import DistillConfig
 from segkd.models import create_model
+from segkd.runs.distill import DistillConfig
 from tests.conftest import run_cli
 
 SMALL = {"model": "segformer-b0", "data": "synth", "crop": 32, "batch": 2, "iters": 2, "val_every": 2,

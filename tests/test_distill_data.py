@@ -12,12 +12,14 @@ import torch
 from segkd.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
 from segkd.data import build_dataset, build_eval_transform, build_train_transform, synthesize
 from segkd.data.transforms import Geometry, TrainTransform, collate_pairs
+from segkd.engine.batch import Batch
 from segkd.errors import SegkdError
 from segkd.methods import teacher_cache as tc
 from segkd.methods.distill_data import DistillDataset, UnlabeledImages, pseudo_labels
-from segkd.methods.task import DistillConfig, cache_key, load_teacher, prepare_distill_data
 from segkd.models import create_model
 from segkd.models.base import upsample_logits
+from segkd.models.loading import load_teacher
+from segkd.runs.distill import DistillConfig, cache_key, prepare_distill_data
 from tests.conftest import build_distill_task
 
 K = 3
@@ -69,7 +71,7 @@ def test_teacher_sees_the_unjittered_crop_bit_for_bit(tiny: dict[str, Path], tmp
     seen: list[torch.Tensor] = []
     task.teacher.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     x, y, extras = dds[0]
-    task.losses(x[None], y[None], {"teacher_images": extras["teacher_images"][None]})
+    task.losses(Batch(x[None], y[None], teacher_images=extras["teacher_images"][None]))
     assert torch.equal(seen[0][0], ref[0][0])
 
 
@@ -175,15 +177,15 @@ def test_cached_targets_replace_the_teacher_forward(tiny: dict[str, Path], tmp_p
     ds = data.train
     assert isinstance(ds, DistillDataset) and ds.cache is not None
     x, y, extras = ds[0]
-    assert set(extras) == {"teacher_logits", "teacher_layer4", "inside"}
-    assert tuple(extras["teacher_logits"].shape) == (K, 32, 32) and tuple(extras["teacher_layer4"].shape)[1:] == (4, 4)
+    assert set(extras) == {"teacher_logits", "tap.layer4", "inside"}
+    assert tuple(extras["teacher_logits"].shape) == (K, 32, 32) and tuple(extras["tap.layer4"].shape)[1:] == (4, 4)
     # with no rescale and no crop, the cached logits are the teacher's own upsampled logits on the clean image
     whole = build_dataset(tiny["data"], "train", transform=build_eval_transform())
     model = load_teacher("deeplabv3-resnet18", tiny["teacher1"], K)
     with torch.no_grad():
         direct = upsample_logits(model(whole[0][0][None]), (32, 48))[0]
     g = Geometry((32, 48), (32, 48), 0, 0, (32, 48), (32, 48), False)
-    cached = tc.cached_targets(ds.cache, ds.sha(0), g)["teacher_logits"]
+    cached = tc.cached_targets(ds.cache, ds.sha(0), g).logits
     assert torch.allclose(cached, direct, atol=2e-2 * float(direct.abs().max()))  # fp16 storage
 
     task = build_distill_task(cfg, data)
@@ -193,7 +195,7 @@ def test_cached_targets_replace_the_teacher_forward(tiny: dict[str, Path], tmp_p
 
     task.teacher.register_forward_pre_hook(refuse)
     batch = {k: v[None] for k, v in extras.items()}
-    terms = task.losses(x[None], y[None], batch)
+    terms = task.losses(Batch.from_loader((x[None], y[None], batch)))
     assert torch.isfinite(terms["loss"]) and {"loss_pdd", "loss_vlfd_patch"} <= set(terms)
 
 
@@ -255,12 +257,13 @@ def test_unlabeled_images_get_only_distillation_terms(tiny: dict[str, Path], tmp
     x, y, extras = x3[1], y3[1], {k: v[1] for k, v in e3.items()}
     assert bool((y == 255).all()) and bool(extras["inside"].any())
     task = build_distill_task(cfg, data)
-    terms = task.losses(x[None], y[None], {k: v[None] for k, v in extras.items()})
+    terms = task.losses(Batch.from_loader((x[None], y[None], {k: v[None] for k, v in extras.items()})))
     assert float(terms["raw_ce"]) == 0.0 and float(terms["raw_dkd"]) > 0.0  # no label: CE skips it, DKD does not
     xl, yl, el = x3[0], y3[0], {k: v[0] for k, v in e3.items()}
     task.train(False)  # batch-norm statistics must not depend on the batch for this comparison
-    both = task.losses(torch.stack([xl, x]), torch.stack([yl, y]), {k: torch.stack([el[k], extras[k]]) for k in el})
-    alone = task.losses(xl[None], yl[None], {k: v[None] for k, v in el.items()})
+    both = task.losses(Batch.from_loader((torch.stack([xl, x]), torch.stack([yl, y]),
+                                          {k: torch.stack([el[k], extras[k]]) for k in el})))
+    alone = task.losses(Batch.from_loader((xl[None], yl[None], {k: v[None] for k, v in el.items()})))
     assert float(both["raw_ce"]) == pytest.approx(float(alone["raw_ce"]), rel=1e-5)  # CE over labelled pixels only
     with pytest.raises(SegkdError, match="--unlabeled-ratio must be >= 1, got 0"):
         _cfg(tiny, tmp_path, unlabeled=str(folder), unlabeled_ratio=0).check()

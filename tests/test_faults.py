@@ -20,9 +20,10 @@ from conftest import one_error_line
 from test_train import bundle, cfg_for
 
 from segkd.engine.state import load_resume
-from segkd.engine.trainer import Trainer, run_train
+from segkd.engine.trainer import Trainer
 from segkd.errors import SegkdError
 from segkd.runlock import LOCK_FILE
+from segkd.runs.train import run_train
 
 torch.set_num_threads(1)
 T = ["train", "--model", "segformer-b0", "--data", "synth", "--batch", "2", "--crop", "64x64", "--workers", "0",

@@ -31,9 +31,10 @@ from test_eval import _conv1x1
 from segkd.bench.gates import parse_count
 from segkd.bench.specs import expand_inputs, parse_batches, parse_percent
 from segkd.data import build_dataset, inspect_dataset, validate_dataset
+from segkd.engine.batch import Batch
+from segkd.engine.config import TrainConfig, parse_scale
 from segkd.engine.inference import make_predictor, parse_scales
 from segkd.engine.task import OptimConfig
-from segkd.engine.trainer import TrainConfig, parse_scale
 from segkd.errors import SegkdError
 from segkd.methods import METHODS, make_options
 from segkd.methods.base import parse_method_opts
@@ -444,7 +445,7 @@ def test_method_options_good_values_train(case: tuple[str, dict[str, tuple[str, 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 3, (2, 32, 32), generator=g)
     try:
-        loss = task.losses(x, y)["loss"]
+        loss = task.losses(Batch(x, y))["loss"]
     except SegkdError as e:  # every weight drawn 0
         assert "no loss term" in str(e)
         return

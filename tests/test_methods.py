@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from segkd.checkpoint import CheckpointMeta, save_checkpoint
+from segkd.engine.batch import Batch
 from segkd.engine.task import build_optimizer
 from segkd.engine.trainer import DataBundle
 from segkd.errors import SegkdError
@@ -35,9 +36,10 @@ from segkd.methods.collab import pbsd_loss, pbsd_masks, rbsd_loss, region_scores
 from segkd.methods.cwd import cwd_loss
 from segkd.methods.dkd import dkd_loss
 from segkd.methods.kd import kd_loss
-from segkd.methods.task import DistillBuilder, DistillConfig, load_teacher, run_distill
 from segkd.methods.transkd import SK, hcl_loss, pea_loss
 from segkd.models import create_model
+from segkd.models.loading import load_teacher
+from segkd.runs.distill import DistillBuilder, DistillConfig, run_distill
 from tests.conftest import build_distill_task
 
 L3 = math.log(3.0)
@@ -397,7 +399,7 @@ def test_gradients_reach_student_and_adapters_never_teacher(method: str, teacher
     opt = build_optimizer(task.parts()["student"])
     task.train(True)
     x, y = Tiny()[0]
-    terms = task.losses(torch.stack([x, Tiny()[1][0]]), torch.stack([y, Tiny()[1][1]]))
+    terms = task.losses(Batch(torch.stack([x, Tiny()[1][0]]), torch.stack([y, Tiny()[1][1]])))
     terms["loss"].backward()
     assert all(p.grad is None for p in task.teacher.parameters())
     assert all(not p.requires_grad for p in task.teacher.parameters())
@@ -438,7 +440,7 @@ def test_collab_updates_both_students(tmp_path: Path, teachers: dict[str, str]) 
     snap = {n: [p.detach().clone() for p in m.parameters()] for n, m in task.deploy_models().items()}
     task.train(True)
     ds = Tiny()
-    terms = task.losses(torch.stack([ds[0][0], ds[1][0]]), torch.stack([ds[0][1], ds[1][1]]))
+    terms = task.losses(Batch(torch.stack([ds[0][0], ds[1][0]]), torch.stack([ds[0][1], ds[1][1]])))
     assert {"loss_hfd", "loss_rbsd", "loss_pbsd", "loss_ce", "loss_peer_ce"} <= set(terms)
     terms["loss"].backward()
     for o in opts.values():

@@ -17,10 +17,11 @@ import torch
 from segkd.checkpoint import CheckpointMeta, save_checkpoint
 from segkd.data import synthesize
 from segkd.engine import trainer as trainer_mod
+from segkd.engine.config import TrainConfig
 from segkd.engine.seeding import build_seeded, build_student, role_seed, weights_sha256
-from segkd.engine.trainer import TrainConfig, run_train
-from segkd.methods.task import DistillConfig, run_distill
 from segkd.models import create_model
+from segkd.runs.distill import DistillConfig, run_distill
+from segkd.runs.train import run_train
 
 K = 3
 

@@ -14,14 +14,18 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from segkd.engine.batch import Batch
+from segkd.engine.config import TrainConfig
 from segkd.engine.distributed import StepSampler
+from segkd.engine.hooks import Checkpointing, Validation
 from segkd.engine.schedule import apply_lr, lr_factor
 from segkd.engine.state import load_resume
 from segkd.engine.task import OptimConfig, Part, SupervisedTask, build_optimizer
-from segkd.engine.trainer import DataBundle, NonFiniteLoss, TrainConfig, Trainer, TrainingInterrupted, run_train
+from segkd.engine.trainer import DataBundle, NonFiniteLoss, Trainer, TrainingInterrupted
 from segkd.errors import SegkdError
 from segkd.models import SegModel
 from segkd.models.loading import load_model, read_checkpoint
+from segkd.runs.train import run_train
 
 torch.set_num_threads(1)
 
@@ -161,9 +165,9 @@ class NanAt(SupervisedTask):
         super().__init__(model, 255, 0.0, OptimConfig())
         self.calls, self.at = 0, at
 
-    def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
         self.calls += 1
-        out = super().losses(images, labels)
+        out = super().losses(batch)
         if self.calls == self.at:
             out["loss"] = out["loss"] * float("nan")
         return out
@@ -177,9 +181,10 @@ def test_the_loop_runs_step_then_callbacks_log_validation_checkpoint(tmp_path: P
     trainer = Trainer(task, cfg_for(tmp_path, iters=5, val_every=2, log_every=2), bundle(), None,
                       callbacks=[lambda t, it: events.append(("callback", it))])
     events: list[tuple[str, int]] = []
-    real_validate, real_checkpoint, real_log = trainer.validate, trainer.checkpoint, trainer.log
-    trainer.validate = lambda: events.append(("validate", trainer.iteration)) or real_validate()  # type: ignore
-    trainer.checkpoint = lambda r: events.append(("checkpoint", trainer.iteration)) or real_checkpoint(r)  # type: ignore
+    validation, ckpt = trainer.hook(Validation), trainer.hook(Checkpointing)
+    real_validate, real_checkpoint, real_log = validation.validate, ckpt.checkpoint, trainer.log
+    validation.validate = lambda t: events.append(("validate", t.iteration)) or real_validate(t)  # type: ignore
+    ckpt.checkpoint = lambda t, r: events.append(("checkpoint", t.iteration)) or real_checkpoint(t, r)  # type: ignore
     trainer.log = lambda rec: (events.append((rec["type"], rec["iter"])) if rec["type"] != "val" else None,  # type: ignore
                                real_log(rec))
     summary = trainer.fit()
@@ -201,13 +206,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
     cfg = cfg_for(tmp_path, val_every=2)
     trainer = Trainer(task, cfg, bundle(), None)
     written: list[dict[str, bytes]] = []  # the files as each checkpoint left them
-    real_checkpoint = trainer.checkpoint
+    ckpt = trainer.hook(Checkpointing)
+    real_checkpoint = ckpt.checkpoint
 
-    def checkpoint(results: dict) -> None:
-        real_checkpoint(results)
+    def checkpoint(t: Trainer, results: dict) -> None:
+        real_checkpoint(t, results)
         written.append({n: (tmp_path / n).read_bytes() for n in ("last.safetensors", "best.safetensors", "resume.pt")})
 
-    trainer.checkpoint = checkpoint  # type: ignore[method-assign]
+    ckpt.checkpoint = checkpoint  # type: ignore[method-assign]
     with pytest.raises(NonFiniteLoss) as err:
         trainer.fit()
     msg = str(err.value)

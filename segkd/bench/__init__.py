@@ -1,8 +1,8 @@
 """Complexity and latency measurement (``segkd bench``): FLOPs, latency, throughput, memory, CI gates."""
 
-from segkd.bench.flops import FlopCount, count_flops, module_table
 from segkd.bench.gates import Gates, apply_gates, enforce
 from segkd.bench.run import BenchConfig, bench_models, run_bench_command
+from segkd.models.flops import FlopCount, count_flops, module_table
 
 __all__ = [
     "BenchConfig",

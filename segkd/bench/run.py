@@ -7,8 +7,6 @@ batch 1 (figures are per image); latency runs cover every backend x input shape 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 import time
 from dataclasses import MISSING, dataclass
@@ -18,8 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from segkd import __version__
-from segkd.bench.flops import count_flops, module_table
 from segkd.bench.latency import RunResult, bench_onnxruntime, bench_torch, resolve_device
 from segkd.bench.specs import (
     ModelSpec,
@@ -31,9 +27,10 @@ from segkd.bench.specs import (
     parse_batches,
     resolve_model,
 )
-from segkd.engine.config import option
 from segkd.errors import SegkdError
-from segkd.provenance import command_line
+from segkd.models.flops import count_flops, module_table
+from segkd.options import option
+from segkd.provenance import command_line, environment
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
@@ -85,46 +82,6 @@ class BenchConfig:
     student: str | None = option(None, "With --train-step: student zoo model.")
     teacher_cache: bool = option(False, "With --train-step: time the step as `distill --teacher-cache` runs it "
                                  "(teacher targets from the batch, no teacher forward) against the student alone.")
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device, threads: int) -> dict[str, Any]:
-    """Versions, machine, thread count and load: what a reader needs to judge the figures."""
-    try:
-        import onnxruntime as ort
-
-        ort_version: str | None = ort.__version__
-    except ImportError:
-        ort_version = None
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
-    return {
-        "segkd": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": ort_version,
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "device": str(device),
-        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "load_avg": load,
-    }
 
 
 def export_temp_onnx(model: nn.Module, shape: tuple[int, int, int, int], path: Path) -> None:

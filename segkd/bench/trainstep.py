@@ -29,8 +29,16 @@ import torch
 from torch import Tensor, nn
 
 from segkd.bench.latency import peak_rss_bytes, time_loop
+from segkd.data.transforms import Geometry
+from segkd.engine.batch import Batch
+from segkd.engine.losses import seg_cross_entropy
+from segkd.engine.task import OptimConfig
 from segkd.errors import SegkdError
-from segkd.methods.teacher_cache import REFUSED_METHODS
+from segkd.methods import METHODS, check_pair, make_options
+from segkd.methods.targets import teacher_targets
+from segkd.methods.task import DistillTask, assemble_task
+from segkd.methods.teacher_cache import warp
+from segkd.models import count_params, create_model
 
 LR = 6e-5
 
@@ -59,14 +67,12 @@ def _measure(step: Any, device: torch.device, warmup: int, iters: int, min_time:
 
 
 def _supervised_step(model: nn.Module, opt: torch.optim.Optimizer, images: Tensor, labels: Tensor) -> None:
-    from segkd.engine.losses import seg_cross_entropy
-
     opt.zero_grad(set_to_none=True)
     seg_cross_entropy(model(images), labels, 255).backward()
     opt.step()
 
 
-def _method_step(task: Any, images: Tensor, labels: Tensor, extras: dict[str, Tensor]) -> Any:
+def _method_step(task: Any, batch: Batch) -> Any:
     """One step of the distillation task: its losses, backward through student + adapters, AdamW over both."""
     params = [p for part in task.parts().values() for p in part.module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
@@ -74,7 +80,7 @@ def _method_step(task: Any, images: Tensor, labels: Tensor, extras: dict[str, Te
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        (task.losses(images, labels, extras) if extras else task.losses(images, labels))["loss"].backward()
+        task.losses(batch)["loss"].backward()
         opt.step()
 
     return step
@@ -121,17 +127,12 @@ def bench_train_step(
     cached: bool = False,
 ) -> dict[str, Any]:
     """Time ``method``'s training step and its lower bound on one batch shape; returns a report entry."""
-    from segkd.engine.task import OptimConfig
-    from segkd.methods import METHODS, check_pair, make_options
-    from segkd.methods.task import assemble_task
-    from segkd.models import count_params, create_model
-
     if shape[0] < 2:
         raise SegkdError(f"--train-step: batch {shape[0]} is too small; use --batch 2 or more "
                          "(BatchNorm in train mode needs more than one value per channel)")
     spec = METHODS.get(method)
-    if cached and (spec.peer or spec.name in REFUSED_METHODS):
-        why = "it has no teacher" if spec.peer else REFUSED_METHODS[spec.name]
+    if cached and not spec.can_cache:
+        why = "it has no teacher" if not spec.teacher else spec.cache_refusal
         raise SegkdError(f"--teacher-cache cannot serve {spec.name}: {why}")
     s_model = create_model(student, num_classes=num_classes).to(device)
     o_model = create_model(teacher, num_classes=num_classes).to(device)
@@ -140,8 +141,8 @@ def bench_train_step(
     # the task segkd distill builds (one constructor), with the method's default options
     task = assemble_task(spec, make_options(spec, {}), s_model, o_model, OptimConfig(), OptimConfig())
     task.method.to(device)
-    extras, warp_fn = _cached_extras(task, images) if cached else ({}, None)
-    measured = _measure(_method_step(task, images, labels, extras), device, warmup, iters, min_time, threads)
+    batch, warp_fn = _cached_batch(task, images, labels) if cached else (Batch(images, labels), None)  # type: ignore[arg-type]
+    measured = _measure(_method_step(task, batch), device, warmup, iters, min_time, threads)
     bound_fn, bound_definition = _bound_step(s_model, o_model, images, labels, spec.peer, cached)
     bound = _measure(bound_fn, device, warmup, iters, min_time, threads)
     extra: dict[str, Any] = {}
@@ -169,20 +170,15 @@ def bench_train_step(
     }
 
 
-def _cached_extras(task: Any, images: Tensor) -> tuple[dict[str, Tensor], Any]:
-    """The batch extras of a cached run (teacher outputs at the label size / their own stride, computed once) and
-    a function that warps one batch of whole-image maps of those sizes, as the DataLoader does per batch."""
-    from segkd.data.transforms import Geometry
-    from segkd.methods.teacher_cache import warp
-    from segkd.models.base import upsample_logits
-
-    t_out = task.teacher_outputs(images)
+def _cached_batch(task: DistillTask, images: Tensor, labels: Tensor) -> tuple[Batch, Any]:
+    """The batch of a cached run (teacher targets at the label size / their taps' own stride, computed once, as
+    the cache serves them) and a function that warps one batch of whole-image maps of those sizes, as the
+    DataLoader does per batch."""
     h, w = images.shape[-2:]
-    extras = {"teacher_logits": upsample_logits(t_out.logits, (h, w))}
-    extras.update({f"teacher_{k}": v for k, v in t_out.features.items()})
-    # whole-image maps as stored (teacher grid, fp16), warped with a rescaled crop's geometry
-    stored = {"logits": (t_out.logits[0].half().cpu(), 1)}
-    for k, v in t_out.features.items():
+    targets = teacher_targets(task.teacher, task.teacher_taps(), images, size=(h, w))
+    raw = teacher_targets(task.teacher, task.teacher_taps(), images)  # whole-image maps as stored (teacher grid)
+    stored = {"logits": (raw.logits[0].half().cpu(), 1)}
+    for k, v in raw.features.items():
         stored[k] = (v[0].half().cpu(), max(1, round(h / v.shape[-2])))
     geom = Geometry((h, w), (round(h * 1.25), round(w * 1.25)), 3, 5, (h, w), (h, w), True)
 
@@ -191,4 +187,4 @@ def _cached_extras(task: Any, images: Tensor) -> tuple[dict[str, Tensor], Any]:
             for m, stride in stored.values():
                 warp(m.float(), geom, stride)
 
-    return extras, warp_batch
+    return Batch(images, labels, teacher=targets), warp_batch

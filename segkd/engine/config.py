@@ -10,16 +10,19 @@ repeats it.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from segkd.engine.schedule import lr_factor
 from segkd.engine.task import OptimConfig
 from segkd.errors import SegkdError
+from segkd.options import option
 from segkd.shapes import parse_hw
 
 CONFIG_FILE = "config.yaml"
@@ -28,30 +31,17 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
 KEEP_CHOICES = ("best", "last", "resume")
 
 
-def option(default: Any = MISSING, help: str = "", *flags: str, machine: bool = False, required: bool = False,
-           cli: bool = True, argument: bool = False, default_factory: Any = MISSING) -> Any:
-    """A config field with its CLI metadata: ``help``; ``flags`` (default ``--field-name``, bools get
-    ``--x/--no-x``); ``machine`` = describes the machine, not the run (on ``--resume`` it comes from the new
-    command line); ``required`` = the command needs it unless ``--resume``; ``cli=False`` = config files only;
-    ``argument`` = a positional argument rather than an option."""
-    meta = {"help": help, "flags": flags, "machine": machine, "required": required, "cli": cli,
-            "argument": argument}
-    if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; recorded in run.json, config.yaml, the resume file and every
     checkpoint."""
 
     model: str = option("segformer-b0", "Zoo model to train, e.g. segformer-b0.", "--model", "-m", required=True)
-    data: str = option("synth", "Dataset root, or 'synth' for the built-in procedural dataset.")
+    data: str = option("synth", "Dataset root, or 'synth' for the built-in procedural dataset.", path="dir")
     data_format: str | None = option(None, "Dataset format (default: detected from the root).")
     num_classes: int | None = option(None, "Classes, for the 'folder' format.")
     ignore_index: int = option(255, "Label value ignored by the loss and the metrics.")
-    out: str = option("runs/train", "Run directory for checkpoints and logs.", "--out", "-o")
+    out: str = option("runs/train", "Run directory for checkpoints and logs.", "--out", "-o", path="out")
     iters: int = option(2000, "Optimiser steps.")
     batch: int = option(8, "Images per forward pass, summed over all processes.")
     accum: int = option(1, "Micro-batches accumulated per optimiser step.")
@@ -77,7 +67,7 @@ class TrainConfig:
     clip_grad: float | None = option(None, "Clip the gradient norm of each part to X.")
     workers: int = option(2, "DataLoader worker processes.", machine=True)
     seed: int = option(0, "Seed of initialisation, data order and augmentation.")
-    pretrained: str | None = option(None, "Local backbone weights file (never downloaded).")
+    pretrained: str | None = option(None, "Local backbone weights file (never downloaded).", path="file")
     device: str = option("auto", "auto, cpu or cuda.", machine=True)
     sync_bn: bool = option(False, "SyncBatchNorm across processes under torchrun.")
     aux_weight: float = option(0.4, "Weight of DeepLabV3's auxiliary head loss (0 = no aux head).")
@@ -93,6 +83,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """One-line errors for impossible values, before anything is built."""
+        if not str(self.out).strip():
+            raise SegkdError("--out must name a directory, got an empty string (it would write into the current "
+                             "directory)")
+        self.check_inputs()
         positive = {"iters": self.iters, "batch": self.batch, "accum": self.accum, "val_every": self.val_every,
                     "val_batch": self.val_batch, "log_every": self.log_every}
         for name, value in positive.items():
@@ -119,6 +113,26 @@ class TrainConfig:
         if self.val_labels not in ("resized", "native"):
             raise SegkdError(f"--val-labels must be resized or native, got {self.val_labels!r}")
 
+    def check_inputs(self) -> None:
+        """Every input path option (``option(path="file"|"dir")``) names what exists; the error says when the
+        value came from a ``--config`` file."""
+        for f in fields(self):
+            kind, value = f.metadata.get("path"), getattr(self, f.name)
+            if kind not in ("file", "dir") or value is None or (f.name == "data" and value == "synth"):
+                continue
+            path = Path(value)
+            if path.is_dir() if kind == "dir" else path.is_file():
+                continue
+            what = "dataset folder" if f.name == "data" else "folder" if kind == "dir" else "file"
+            hint = " (use --data synth for the built-in synthetic set)" if f.name == "data" else ""
+            found = "is not a " + ("folder" if kind == "dir" else "file") if path.exists() else "not found"
+            raise SegkdError(f"{flag_of(f)} {value}{self.origin(f.name)}: {what} {found}{hint}")
+
+    def origin(self, name: str) -> str:
+        """`` (from --config FILE ...)`` when the value of ``name`` came from a config file (for error lines)."""
+        source = getattr(self, "sources", {}).get(name)
+        return f" (from {source}; relative paths are read from the current directory)" if source else ""
+
     def kept(self) -> set[str]:
         """The ``--keep`` choices as a set (one-line error for an unknown or empty one)."""
         items = {k.strip() for k in str(self.keep).split(",") if k.strip()}
@@ -134,6 +148,12 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def flag_of(f: Any) -> str:
+    """The long CLI flag of a config field (``--student`` for distill's ``model``)."""
+    longs = [x for x in f.metadata.get("flags", ()) if x.startswith("--")]
+    return max(longs, key=len) if longs else f"--{f.name.replace('_', '-')}"
 
 
 def parse_scale(text: str) -> tuple[float, float]:
@@ -199,9 +219,12 @@ def _parse(text: str, kind: str) -> Any:
     return json.loads(text)
 
 
-def config_values(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+def config_values(cls: type, data: dict[str, Any], source: str,
+                  siblings: Callable[[], Sequence[type]] | None = None) -> dict[str, Any]:
     """``data`` (a config file's mapping) checked against the fields of ``cls`` and converted to their types;
-    unknown keys and wrong types are one-line errors naming ``source`` and the key."""
+    unknown keys and wrong types are one-line errors naming ``source`` and the key. ``siblings`` gives the config
+    classes of the other run commands (only called for an unknown key: their modules are not imported otherwise),
+    so a distill option in a train file says so."""
     hints = typing.get_type_hints(cls)
     names = {f.name: f.name for f in fields(cls)}
     # a field may also be named by its flag: `student` (distill's --student) is the field `model`
@@ -212,7 +235,8 @@ def config_values(cls: type, data: dict[str, Any], source: str) -> dict[str, Any
         key = names.get(str(raw_key).replace("-", "_"))
         if key is None:
             key = str(raw_key).replace("-", "_")
-            raise SegkdError(f"{source}: unknown option {raw_key!r} for {_command_of(cls)}{_unknown_hint(cls, key)}")
+            hint = _unknown_hint(cls, key, siblings() if siblings else ())
+            raise SegkdError(f"{source}: unknown option {raw_key!r} for {_command_of(cls)}{hint}")
         if key in out:
             raise SegkdError(f"{source}: option {key!r} is given twice (as {raw_key!r} too)")
         out[key] = _coerce(value, hints[key], f"{source}: {key}")
@@ -223,13 +247,10 @@ def _command_of(cls: type) -> str:
     return "segkd distill" if any(f.name == "method" for f in fields(cls)) else "segkd train"
 
 
-def _unknown_hint(cls: type, key: str) -> str:
-    import difflib
-
-    from segkd.methods.task import DistillConfig
-
-    if cls is not DistillConfig and key in {f.name for f in fields(DistillConfig)}:
-        return " (a distill option: run this file with segkd distill --config)"
+def _unknown_hint(cls: type, key: str, siblings: Sequence[type]) -> str:
+    for other in siblings:
+        if other is not cls and key in {f.name for f in fields(other)}:
+            return f" (a {_command_of(other).split()[-1]} option: run this file with {_command_of(other)} --config)"
     close = difflib.get_close_matches(key, [f.name for f in fields(cls)], n=3)
     return f"; did you mean {', '.join(close)}?" if close else ""
 
@@ -281,18 +302,3 @@ def _option_text(value: Any, where: str) -> str:
     if isinstance(value, list) and all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value):
         return ",".join(str(v) for v in value)
     raise SegkdError(f"{where} must be a number, string, boolean or list of numbers, got {value!r}")
-
-
-def write_resolved_config(cfg: TrainConfig, run_dir: str | Path, command: str) -> Path:
-    """``RUN_DIR/config.yaml``: every option of the run as resolved (defaults, file, flags), atomically written."""
-    import yaml
-
-    from segkd.checkpoint import atomic_write_text
-
-    path = Path(run_dir) / CONFIG_FILE
-    header = (f"# {command}: the resolved configuration of this run. Repeat it with\n"
-              f"#   {command.split(' --')[0]} --config {path} --out NEW_RUN_DIR\n")
-    if any(f.name == "method" for f in fields(cfg)):
-        header += "# model is the student (--student)\n"
-    body = yaml.safe_dump(asdict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
-    return atomic_write_text(path, header + body)

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from segkd.engine.config import option
 from segkd.engine.metrics import (
     CONVENTION,
     ConfusionMeter,
@@ -34,6 +33,7 @@ from segkd.engine.metrics import (
 )
 from segkd.errors import SegkdError
 from segkd.models.base import upsample_logits
+from segkd.options import option
 from segkd.provenance import provenance
 
 BatchHook = Callable[[int, Tensor, Tensor, Tensor], None]
@@ -109,7 +109,7 @@ def shard_dataset(dataset: Dataset, rank: int, world: int) -> Dataset:
     return Subset(dataset, list(range(rank, len(dataset), world)))  # type: ignore[arg-type]
 
 
-def _progress(enabled: bool, total: int | None, label: str = "eval"):
+def progress_bar(enabled: bool, total: int | None, label: str = "eval"):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -165,7 +165,7 @@ def evaluate(
         total = len(loader)
     except TypeError:
         total = None
-    with _progress(progress and rank == 0, total) as bar:
+    with progress_bar(progress and rank == 0, total) as bar:
         task = bar.add_task("eval", total=total)
         plain = log_every > 0 and rank == 0 and bar.disable
         for done, batch in enumerate(loader, 1):
@@ -211,7 +211,7 @@ def load_predictor_source(path: str | Path, device: torch.device,
     return model, model.segkd_meta, "checkpoint"  # type: ignore[attr-defined]
 
 
-def _sample_stem(dataset: Any, index: int) -> str:
+def sample_stem(dataset: Any, index: int) -> str:
     """A file stem for sample ``index`` when the dataset knows its files, else the zero-padded index."""
     names = getattr(dataset, "names", None)
     if isinstance(names, Sequence) and index < len(names):
@@ -349,7 +349,7 @@ def _save_hook(out_dir: Path, dataset: Any, indices: list[int], meta: Any) -> Ba
     def hook(first: int, images: Tensor, labels: Tensor, pred: Tensor) -> None:
         for j in range(pred.shape[0]):
             index = indices[first + j]
-            save_prediction(out_dir, _sample_stem(dataset, index), pred[j], meta.palette, image=images[j],
+            save_prediction(out_dir, sample_stem(dataset, index), pred[j], meta.palette, image=images[j],
                             mean=meta.mean, std=meta.std)
 
     return hook

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from segkd.engine.batch import Batch
 from segkd.engine.schedule import apply_lr
 from segkd.errors import SegkdError
-
-Batch = tuple[Tensor, Tensor, dict[str, Tensor]]
 
 
 @dataclass
@@ -72,14 +71,11 @@ class OptimizerStep:
 
     def _micro_batch(self, forward: nn.Module, batch: Batch, last: bool) -> dict[str, Tensor]:
         """Forward and backward of one micro-batch; DDP syncs gradients only on the last one."""
-        images, labels = (t.to(self.device, non_blocking=True) for t in batch[:2])
-        extras = {k: v.to(self.device, non_blocking=True) for k, v in batch[2].items()}
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        batch = batch.to(self.device, channels_last=self.channels_last)
         sync = last or not self.distributed
         with nullcontext() if sync else forward.no_sync():  # type: ignore[operator]
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                terms = forward(images, labels, extras)
+                terms = forward(batch)
             if "loss" not in terms:
                 raise SegkdError("the task returned no 'loss' term")
             self.scaler.scale(terms["loss"] / self.accum).backward()

@@ -10,8 +10,9 @@ A task is any object with:
     and its :class:`OptimConfig`; each part gets its own optimiser. ``head_params`` (optional) are put in a group
     with ``lr * head_lr_mult``. A frozen teacher is *not* a part: keep it on the task, in eval mode, and run it
     under ``torch.inference_mode()``.
-``losses(images, labels) -> dict[str, Tensor]``
-    Named scalar loss terms for one micro-batch; ``"loss"`` is their weighted sum, the one back-propagated. Every
+``losses(batch) -> dict[str, Tensor]``
+    Named scalar loss terms for one micro-batch (a :class:`~segkd.engine.batch.Batch`: images, labels and what
+    the data brought for a teacher); ``"loss"`` is their weighted sum, the one back-propagated. Every
     term is logged. It runs inside the trainer's autocast; it must only use the modules of ``parts()`` (plus frozen
     ones), because under DDP the trainer calls it through one ``DistributedDataParallel`` wrapping all parts.
 ``deploy_models() -> dict[str, SegModel]``
@@ -38,6 +39,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from segkd.engine.batch import Batch
 from segkd.engine.losses import seg_cross_entropy
 from segkd.errors import SegkdError
 from segkd.models import MODELS, SegModel
@@ -90,7 +92,7 @@ class Part:
 class Task(Protocol):
     def parts(self) -> dict[str, Part]: ...
 
-    def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]: ...
+    def losses(self, batch: Batch) -> dict[str, Tensor]: ...
 
     def deploy_models(self) -> dict[str, SegModel]: ...
 
@@ -170,7 +172,8 @@ class SupervisedTask(NoExtraState):
     def parts(self) -> dict[str, Part]:
         return {"student": Part(self.model, self.optim, list(self.model.classifier_parameters()))}
 
-    def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        images, labels = batch.images, batch.labels
         if self.has_aux and self.aux_weight > 0:
             logits, aux = self.model.forward_aux(images)  # type: ignore[operator]
             ce = seg_cross_entropy(logits, labels, self.ignore_index)

@@ -42,10 +42,10 @@ from torch import Tensor, nn
 
 from segkd import __version__
 from segkd.checkpoint import META_KEY, atomic_write, file_sha256
-from segkd.engine.config import option
 from segkd.errors import GateFailure, SegkdError
 from segkd.export.runtime import EXPORT_KEY, parse_providers, probe_providers
 from segkd.models.loading import load_model
+from segkd.options import option
 from segkd.shapes import check_min_size, model_stride, parse_hw, parse_shape
 
 OutputKind = Literal["logits", "probs", "labels"]

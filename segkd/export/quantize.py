@@ -73,7 +73,7 @@ def calibration_batches(cfg: Any, meta: Any, fold: bool, progress: bool = True) 
     """``--calib-images`` inputs of ``--calib-split`` as the exported graph takes them, and how many exist.
 
     Raises a one-line error naming the count when the split has fewer images than asked."""
-    from segkd.engine.evaluate import _progress, build_eval_dataset
+    from segkd.engine.evaluate import build_eval_dataset, progress_bar
     from segkd.shapes import parse_hw
 
     resize = parse_hw(cfg.resize, "--resize") if cfg.resize else None
@@ -86,7 +86,7 @@ def calibration_batches(cfg: Any, meta: Any, fold: bool, progress: bool = True) 
     mean = torch.tensor(meta.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(meta.std, dtype=torch.float32).view(3, 1, 1)
     out = []
-    with _progress(progress, len(order), "calibration images") as bar:
+    with progress_bar(progress, len(order), "calibration images") as bar:
         task = bar.add_task("calibration images", total=len(order))
         for i in order:
             image = dataset[i][0].float()
@@ -106,11 +106,11 @@ class _Reader:
         self._bar: Any = None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        from segkd.engine.evaluate import _progress
+        from segkd.engine.evaluate import progress_bar
 
         if self._iter is None:
             self._iter = iter(self.batches)
-            self._bar = _progress(self.progress, len(self.batches), "calibrating")
+            self._bar = progress_bar(self.progress, len(self.batches), "calibrating")
             self._bar.start()
             self._task = self._bar.add_task("calibrating", total=len(self.batches))
         batch = next(self._iter, None)

@@ -21,7 +21,9 @@ drop void pixels), this is what C2VKD's code does (both logits at crop size) and
 cheaper (16x fewer pixels at stride 4), at the price of a coarser ignore mask.
 
 Adding a method = one file defining an options dataclass and a builder ``build(opts, student, other) -> nn.Module``
-decorated with ``@register_method(name, summary, options, ...)``, plus its import in ``segkd/methods/__init__.py``.
+decorated with ``@register_method(name, summary, options, ...)``, plus its import in ``segkd/methods/__init__.py``
+(a method registered from anywhere else, e.g. a test or a plugin, works the same). The CLI help, the distill
+command's docstring and the method tests are generated from ``METHODS``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class MethodSpec:
     ``taps`` maps a role to the tap names it reads (``"stage1"``, ``"embed4"``, ``"layer4"`` ...); an entry
     ``"low"`` / ``"deep"`` means "the model's shallowest / deepest feature tap", resolved per model by
     :func:`resolve_tap`. ``online`` methods train the student and the peer together (no teacher).
+    ``cache_refusal``: why ``--teacher-cache`` cannot serve the method (None: it can, when it has a teacher).
+    What a method says about itself in distill.json beyond its options is :meth:`Method.report`.
     """
 
     name: str
@@ -67,10 +71,16 @@ class MethodSpec:
     same_classes: bool = True
     reconstruction: bool = False
     pair_check: Callable[[SegModel, SegModel], str | None] | None = None
+    cache_refusal: str | None = None
 
     @property
     def online(self) -> bool:
         return self.peer
+
+    @property
+    def can_cache(self) -> bool:
+        """Whether ``--teacher-cache`` can serve the method (a teacher, and no refusal)."""
+        return self.teacher and self.cache_refusal is None
 
     @property
     def other_role(self) -> str:
@@ -311,3 +321,8 @@ class Method(nn.Module):
 
     def peer_modules(self) -> nn.Module | None:
         return None
+
+    def report(self) -> dict[str, Any]:
+        """What the run's distill.json records about this method beyond its options (e.g. which CLIP pool C2VKD
+        used); nothing by default."""
+        return {}

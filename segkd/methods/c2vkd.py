@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -409,6 +409,10 @@ class C2VKD(Method):
         if self.pool is not None:
             self.pool.eval()
         return self
+
+    def report(self) -> dict[str, Any]:
+        """Which pool the linguistic term used (a CLIP checkpoint, or a random frozen one): distill.json says it."""
+        return {"pool_source": self.pool_source}
 
     def forward(self, images: Tensor, labels: Tensor, outs: dict[str, SegOutput],
                 kd_labels: Tensor | None = None) -> dict[str, Tensor]:

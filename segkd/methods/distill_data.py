@@ -1,14 +1,15 @@
 """The training data of a distillation run: the student's crop, plus what the teacher needs to answer for it.
 
 :class:`DistillDataset` wraps the labelled training split (and, with ``--unlabeled DIR``, a folder of images
-without labels). Items are ``(student image, labels, extras)``; the extras the task reads are
+without labels). Items are ``(student image, labels, extras)`` (extras written by
+:func:`~segkd.engine.batch.item_extras`, read back as a :class:`~segkd.engine.batch.Batch`); they carry
 
 * ``teacher_images`` (``--teacher-view clean``, the default, with jitter on): the student's crop with the *same*
   geometry (rescale, crop, flip, padding) but without photometric jitter. The teacher never saw jittered images in
   its own training; the student still gets its augmentation. ``--teacher-view same`` hands the teacher the
   student's jittered tensor (segkd < 0.2 behaviour) and adds no extra.
-* ``teacher_logits`` / ``teacher_<tap>`` (``--teacher-cache DIR``): the cached whole-image teacher outputs
-  warped onto this crop (:mod:`segkd.methods.teacher_cache`); no teacher forward at train time.
+* ``teacher`` (``--teacher-cache DIR``; :class:`~segkd.engine.batch.TeacherTargets`): the cached whole-image
+  teacher outputs warped onto this crop (:mod:`segkd.methods.teacher_cache`); no teacher forward at train time.
 * ``labeled`` (bool per image) and ``inside`` (the crop's real pixels) with ``--unlabeled``: unlabelled images
   come with void labels, so every cross-entropy term skips them, and the task fills in the teacher's argmax as
   the class the distillation terms decouple on (DKD/PDD need one per pixel). Each labelled image brings
@@ -30,8 +31,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from segkd.data.datasets import IMAGE_EXTS, DatasetInfo, SegDataset, item_rng, read_image
+from segkd.engine.batch import item_extras
 from segkd.errors import SegkdError
 from segkd.methods.teacher_cache import CacheImage, TeacherCache, cached_targets, image_sha256, inside_mask
+from segkd.models.base import upsample_logits
 
 TEACHER_VIEWS = ("clean", "same")
 
@@ -142,17 +145,13 @@ class DistillDataset(Dataset):
         rng = item_rng(ds.seed, ds.epoch, j, 0 if is_lab else 1)  # type: ignore[union-attr]
         clean = self.cache is None and self.teacher_view == "clean"
         x, y, geom, tx = self.transform.apply(img, lab, rng, clean=clean)
-        extras: dict[str, Tensor] = {}
-        if self.cache is not None:
-            extras.update(cached_targets(self.cache, self._sha_of(is_lab, j), geom, self.taps))
-        elif clean:
-            extras["teacher_images"] = tx  # type: ignore[assignment]
-        if self.cache is not None or self.unlabeled is not None:
-            extras["inside"] = inside_mask(geom)  # the crop's real pixels (padding has no teacher output)
-        if self.unlabeled is not None:
-            extras["labeled"] = torch.tensor(is_lab)
-            if not is_lab:
-                y = torch.full_like(y, self.info.ignore_index)
+        teacher = cached_targets(self.cache, self._sha_of(is_lab, j), geom, self.taps) if self.cache else None
+        # the crop's real pixels (padding has no teacher output), with the cache or unlabelled images
+        inside = inside_mask(geom) if self.cache is not None or self.unlabeled is not None else None
+        labeled = torch.tensor(is_lab) if self.unlabeled is not None else None
+        if self.unlabeled is not None and not is_lab:
+            y = torch.full_like(y, self.info.ignore_index)
+        extras = item_extras(teacher, tx if clean else None, inside, labeled)  # type: ignore[arg-type]
         return x, y, extras
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -178,8 +177,6 @@ def pseudo_labels(labels: Tensor, teacher_logits: Tensor, labeled: Tensor, insid
                   ignore_index: int) -> Tensor:
     """Labels for the distillation terms: the ground truth on labelled images, the teacher's argmax (at the label
     size) on the real pixels of unlabelled ones, void on their padding."""
-    from segkd.models.base import upsample_logits
-
     if bool(labeled.all()):
         return labels
     arg = upsample_logits(teacher_logits.detach().float(), labels.shape[-2:]).argmax(1)

@@ -32,8 +32,9 @@ Where the cache is approximate (also in docs/methods.md):
   the real pixels. A teacher run on the padded crop would predict *something* for the black border; methods that
   average over every pixel (kd without ``mask_ignore``, cwd) see uniform targets there instead.
 * **Transformer teachers** (SegFormer): attention is global, so a crop changes every token, not just the border;
-  cached logits are served (they are the teacher's best full-image answer) but ``transkd`` is refused, because
-  its patch-embedding and stage-token terms compare token maps whose meaning is tied to the crop's patch grid.
+  cached logits are served (they are the teacher's best full-image answer) but ``transkd`` is refused (its spec's
+  ``cache_refusal``), because its patch-embedding and stage-token terms compare token maps whose meaning is tied to
+  the crop's patch grid.
 * Online methods (``collab``, ``dml``) have no teacher to cache and are refused.
 """
 
@@ -52,16 +53,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segkd.checkpoint import atomic_write_text, file_sha256
-from segkd.data.transforms import Geometry
+from segkd.checkpoint import atomic_write_bytes, atomic_write_text, file_sha256
+from segkd.data.transforms import Geometry, to_tensors
+from segkd.engine.batch import TeacherTargets
 from segkd.errors import SegkdError
+from segkd.methods.targets import teacher_targets
+from segkd.runlock import acquire_run_lock
+from segkd.safeio import remove_orphan_tmps
 
 MANIFEST = "cache.json"
 FORMAT = "segkd-teacher-cache"
 VERSION = 1
 SHARD_SIZE = 32
-REFUSED_METHODS = {"transkd": "its PEA/CSF terms compare the teacher's patch embeddings and stage tokens, which "
-                              "depend on the crop through global attention; run it with the teacher online"}
 
 
 @dataclass
@@ -196,8 +199,6 @@ def build_cache(root: str | Path, key: CacheKey, images: Sequence[CacheImage], t
         return TeacherCache(root, manifest)
     lock = _lock(root, progress)
     try:
-        from segkd.safeio import remove_orphan_tmps
-
         remove_orphan_tmps(root)
         manifest = read_manifest(root)
         if manifest is None:
@@ -235,8 +236,6 @@ def _complete(root: Path, manifest: dict[str, Any], key: CacheKey, images: Seque
 
 
 def _lock(root: Path, progress: bool) -> Any:
-    from segkd.runlock import acquire_run_lock
-
     waited = False
     while True:
         try:
@@ -257,10 +256,6 @@ def _fill(root: Path, manifest: dict[str, Any], todo: list[CacheImage], key: Cac
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from safetensors.torch import save
 
-    from segkd.checkpoint import atomic_write_bytes
-    from segkd.data.transforms import to_tensors
-    from segkd.methods.task import _outputs
-
     teacher = teacher.to(device).eval()
     console = Console(stderr=True)
     bar = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -275,11 +270,10 @@ def _fill(root: Path, manifest: dict[str, Any], todo: list[CacheImage], key: Cac
             for im in chunk:
                 img = im.load()
                 x, _ = to_tensors(img, img[..., 0], mean, std)
-                with torch.inference_mode():
-                    out = _outputs(teacher, x[None].to(device), bool(key.taps))
+                out = teacher_targets(teacher, key.taps, x[None].to(device))
                 tensors[f"{im.sha256}.logits"] = out.logits[0].half().cpu().contiguous()
-                for tap in key.taps:
-                    tensors[f"{im.sha256}.{tap}"] = out.tap(tap)[0].half().cpu().contiguous()
+                for tap, value in out.features.items():
+                    tensors[f"{im.sha256}.{tap}"] = value[0].half().cpu().contiguous()
                 bar.advance(task)
             name = f"shard-{n_shards:05d}.safetensors"
             atomic_write_bytes(root / name, save(tensors))
@@ -322,16 +316,14 @@ def inside_mask(g: Geometry) -> Tensor:
 
 
 def cached_targets(cache: TeacherCache, sha: str, g: Geometry, taps: Sequence[str] | None = None
-                   ) -> dict[str, Tensor]:
-    """The extras a :class:`~segkd.methods.task.DistillTask` reads instead of running the teacher: warped logits
-    at the crop's pixel grid (the label grid, where the methods align logits by default) and warped taps on
-    their own stride (all cached taps, or only ``taps``)."""
+                   ) -> TeacherTargets:
+    """What a :class:`~segkd.methods.task.DistillTask` reads instead of running the teacher: warped logits at the
+    crop's pixel grid (the label grid, where the methods align logits by default) and warped taps on their own
+    stride (all cached taps, or only ``taps``)."""
     maps = cache.tensors(sha, taps)
-    out = {"teacher_logits": warp(maps.pop("logits"), g, 1)}
+    logits = warp(maps.pop("logits"), g, 1)
     strides = cache.taps
-    for tap, m in maps.items():
-        out[f"teacher_{tap}"] = warp(m, g, strides[tap])
-    return out
+    return TeacherTargets(logits, {tap: warp(m, g, strides[tap]) for tap, m in maps.items()})
 
 
 def open_cache(root: str | Path) -> dict[str, Any]:

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from functools import partial
 
 from segkd.errors import SegkdError
-from segkd.models.base import FeatureSpec, SegModel, SegOutput, count_params, upsample_logits
+from segkd.models.base import (
+    FeatureSpec,
+    SegModel,
+    SegOutput,
+    count_params,
+    deploy_param_count,
+    deploy_state,
+    upsample_logits,
+)
 from segkd.models.deeplab import DeepLabV3, DeepLabV3Plus
 from segkd.models.segformer import SegFormer
 from segkd.registry import Registry
@@ -23,6 +31,8 @@ __all__ = [
     "SegOutput",
     "count_params",
     "create_model",
+    "deploy_param_count",
+    "deploy_state",
     "upsample_logits",
 ]
 

@@ -58,6 +58,9 @@ class SegModel(nn.Module):
     family: Family = "cnn"
     output_stride: int = 8
     feature_info: list[FeatureSpec]
+    # parameter-name prefixes of training-only parts (an auxiliary head): left out of deploy checkpoints and
+    # parameter counts, ignored when present in a checkpoint; each architecture names its own (one place)
+    training_only: tuple[str, ...] = ()
 
     def __init__(self, name: str, num_classes: int) -> None:
         super().__init__()
@@ -92,3 +95,19 @@ def upsample_logits(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tenso
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def is_training_only(model: nn.Module, key: str) -> bool:
+    """Whether the state-dict ``key`` belongs to a training-only part of ``model`` (its ``training_only``)."""
+    return key.startswith(tuple(getattr(model, "training_only", ())))
+
+
+def deploy_state(model: nn.Module) -> dict[str, Tensor]:
+    """The deployable weights: ``model.state_dict()`` without its training-only parts (DeepLabV3's aux head)."""
+    return {k: v for k, v in model.state_dict().items() if not is_training_only(model, k)}
+
+
+def deploy_param_count(model: nn.Module) -> int:
+    """Parameters of the deployable model: the one definition run.json, distill.json and ``segkd bench`` report
+    (buffers such as BatchNorm statistics are not parameters; training-only parts are left out)."""
+    return sum(p.numel() for k, p in model.named_parameters() if not is_training_only(model, k))

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from segkd.checkpoint import load_state_checked, read_safetensors, torch_load_weights
 from segkd.errors import SegkdError
-from segkd.models.base import SegModel
+from segkd.models.base import SegModel, is_training_only
 
 
 @dataclass
@@ -225,7 +225,7 @@ def convert_state(src: dict[str, Tensor], model: SegModel) -> tuple[dict[str, Te
                              f"{next(iter(src))!r})")
         own = model.state_dict()
         for key, v in src.items():
-            if key.startswith("aux_classifier.") and key not in own:
+            if is_training_only(model, key) and key not in own:
                 report.skipped.append(key)
             elif key in own:
                 out[key] = v

@@ -106,6 +106,7 @@ class _ResNetSeg(SegModel):
 
 class DeepLabV3(_ResNetSeg):
     output_stride = 8
+    training_only = ("aux_classifier.",)  # the FCN auxiliary head (torchvision's layout): trained, never deployed
 
     def __init__(
         self,

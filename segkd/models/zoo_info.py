@@ -11,7 +11,7 @@ from segkd.textout import print_table
 
 
 def describe_models(name: str | None, num_classes: int, size: str, flops: bool = True) -> list[dict]:
-    from segkd.bench.flops import count_flops
+    from segkd.models.flops import count_flops
 
     h, w = parse_hw(size, "--size")
     names = [MODELS.canonical(name)] if name else MODELS.names()

@@ -120,8 +120,8 @@ def run_entries(run: Run) -> list[Entry]:
 
 def teacher_entry(ref: TeacherRef, num_classes: int) -> Entry:
     """The teacher loaded as distillation loads it (every weight, or a one-line refusal)."""
-    from segkd.engine.trainer import deploy_state
-    from segkd.methods.task import load_teacher
+    from segkd.models import deploy_state
+    from segkd.models.loading import load_teacher
 
     model = load_teacher(ref.name, ref.weights, num_classes)
     return Entry(label=f"teacher {ref.name}", role="teacher", zoo=ref.name, run=ref.run, checkpoint=ref.weights,
@@ -132,7 +132,7 @@ def measure_cost(entry: Entry, latency: bool, calls: int = 5) -> None:
     """GMACs at the entry's input size (as distill.json counts them) and, with ``latency``, the median CPU time
     of ``calls`` batch-1 forwards after one warm-up."""
     from segkd.bench.latency import time_loop
-    from segkd.methods.task import deploy_gmacs
+    from segkd.runs.distill import deploy_gmacs
 
     if entry.model is None:
         return
@@ -201,7 +201,7 @@ def sample_indices(total: int, n: int) -> list[int]:
 
 def predict_samples(entries: list[Entry], data: str | None, n: int, mean: Any, std: Any) -> list[Sample]:
     """The first entry's run gives the images; each model sees them preprocessed as its own run validated."""
-    from segkd.engine.evaluate import _sample_stem
+    from segkd.engine.evaluate import sample_stem
     from segkd.engine.inference import make_predictor
     from segkd.engine.visualize import denormalize
     from segkd.models.base import upsample_logits
@@ -214,7 +214,7 @@ def predict_samples(entries: list[Entry], data: str | None, n: int, mean: Any, s
     samples = []
     for i in indices:
         image, label = plain[i]
-        samples.append(Sample(_sample_stem(plain, i), denormalize(image, mean, std), label.numpy(), {}))
+        samples.append(Sample(sample_stem(plain, i), denormalize(image, mean, std), label.numpy(), {}))
     for e in shown:
         ds = val_dataset(e.run, data, resize=True, mean=mean, std=std)  # type: ignore[arg-type]
         predict = make_predictor(e.model, mode="whole")  # type: ignore[arg-type]

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segkd.engine.trainer import METRICS_FILE, RUN_FILE, ckpt_name
 from segkd.errors import SegkdError
+from segkd.runs.rundir import METRICS_FILE, RUN_FILE, ckpt_name
 
 DISTILL_FILE = "distill.json"
 
