@@ -25,7 +25,7 @@ _LAZY = {
 def __getattr__(name: str):
     # imported on first use, so `segkd --version` and `--help` do not pay for torch/timm
     if name in _LAZY:
-        import importlib
+        import importlib  # lazy CLI start: this module is what `segkd --version` imports
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'segkd' has no attribute {name!r}")

@@ -292,7 +292,7 @@ def _run_config(cls: type, values: dict[str, Any]) -> tuple[Any, dict[str, Any]]
 
     if values["config"] is not None and values["resume"] is not None:
         raise SegkdError("--config cannot be combined with --resume: a resumed run keeps its saved settings")
-    cfg, given = resolve_config(cls, values, values["config"], siblings=_run_configs)
+    cfg, given = resolve_config(cls, values, values["config"])
     if values["resume"] is not None:
         _warn_ignored_on_resume(values, values["resume"])
         return cfg, {k: getattr(cfg, k) for k in (*machine_options(cls), "iters") if k in given}
@@ -303,14 +303,6 @@ def _run_config(cls: type, values: dict[str, Any]) -> tuple[Any, dict[str, Any]]
         raise SegkdError(f"{' and '.join(missing)} {verb} required (in --config or as flags; or --resume RUN_DIR to "
                          "continue a run)")
     return cfg, {}
-
-
-def _run_configs() -> list[type]:
-    """The config classes of the run commands (for a config file's "a distill option" hint)."""
-    from segkd.engine.config import TrainConfig
-    from segkd.runs.distill import DistillConfig
-
-    return [TrainConfig, DistillConfig]
 
 
 def _run_options_of(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

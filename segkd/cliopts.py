@@ -82,7 +82,7 @@ def command_parameters(cls: type, *stubs: Callable[..., Any], exclude: Iterable[
 
 def method_flags() -> dict[str, tuple[str, Field]]:
     """Every method option with a flag of its own: ``{flag: (method, field)}`` (one place: the options field)."""
-    from segkd.methods import METHODS
+    from segkd.methods import METHODS  # lazy CLI start: the methods import torch
 
     out: dict[str, tuple[str, Field]] = {}
     for name in METHODS:
@@ -111,7 +111,7 @@ def method_flag_parameters() -> list[inspect.Parameter]:
 
 
 def _owner(method: str) -> type:
-    from segkd.methods import METHODS
+    from segkd.methods import METHODS  # lazy CLI start: the methods import torch
 
     return METHODS.get(method).options
 
@@ -119,7 +119,7 @@ def _owner(method: str) -> type:
 def method_opts_from_flags(method: str, values: dict[str, Any]) -> dict[str, Any]:
     """The method options set by :func:`method_flag_parameters` on one command line; a flag of another method is
     refused in one line."""
-    from segkd.methods import METHODS
+    from segkd.methods import METHODS  # lazy CLI start: the methods import torch
 
     name = METHODS.canonical(method)
     opts: dict[str, Any] = {}
@@ -148,13 +148,21 @@ def resolve_config(cls: type, values: dict[str, Any], config: str | None,
     The config's ``sources`` attribute maps the names the file set to ``--config FILE`` (for error lines)."""
     from segkd.engine.config import config_values, read_config_file  # lazy CLI start: the config modules load torch
 
-    base = config_values(cls, read_config_file(config), str(config), siblings) if config else {}
+    base = config_values(cls, read_config_file(config), str(config), siblings or run_configs) if config else {}
     names = {f.name for f in fields(cls)}
     typed = {k: values[k] for k in explicit_names(values) if k in names}
     merged = {**base, **typed}
     cfg = cls(**merged)
     cfg.sources = {k: f"--config {config}" for k in base if k not in typed}
     return cfg, set(merged)
+
+
+def run_configs() -> list[type]:
+    """The config classes of the run commands (a config file's "a distill option" hint names the other one)."""
+    from segkd.engine.config import TrainConfig  # lazy CLI start: the run configs import torch
+    from segkd.runs.distill import DistillConfig  # lazy CLI start: imports the methods
+
+    return [TrainConfig, DistillConfig]
 
 
 def with_signature(fn: Callable[..., Any], params: list[inspect.Parameter]) -> Callable[..., Any]:

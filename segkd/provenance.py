@@ -53,7 +53,7 @@ def cpu_model() -> str:
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
     """Versions, machine, thread count and load: what a reader needs to judge the figures."""
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional here: run.json says null without it; heavy to import
 
         ort_version: str | None = ort.__version__
     except ImportError:

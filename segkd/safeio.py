@@ -74,7 +74,7 @@ def remove_orphan_tmps(folder: str | Path) -> tuple[int, int]:
 def write_generated(path: str | Path, text: str, marker: str) -> Path:
     """Write a generated page atomically, keeping whatever follows ``marker`` in the existing file (hand-written
     findings below a regenerated table)."""
-    from segkd.checkpoint import atomic_write_text
+    from segkd.checkpoint import atomic_write_text  # lazy CLI start: checkpoint imports torch; the CLI imports safeio
 
     path = Path(path)
     kept = ""

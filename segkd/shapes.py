@@ -66,13 +66,6 @@ def model_stride(model: object) -> int:
     return max((spec.stride for spec in info), default=getattr(model, "output_stride", 1))
 
 
-def zoo_stride(name: str, **model_kwargs: object) -> int:
-    """:func:`model_stride` of a zoo model by name (for sources without a module, e.g. an ONNX file's metadata)."""
-    from segkd.models import create_model
-
-    return model_stride(create_model(name, **model_kwargs))  # type: ignore[arg-type]
-
-
 def check_min_size(hw: Sequence[int], stride: int, option: str, model_name: str) -> None:
     """The one input-size check of every command: each side at least the model's coarsest stride."""
     h, w = int(hw[-2]), int(hw[-1])

@@ -103,7 +103,8 @@ def test_config_then_flags_and_the_written_config_repeats_the_run(tmp_path: Path
     b, _ = read_checkpoint(again / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same run, bit for bit
     code, out, err = run_cli(monkeypatch, capsys, "train", "--config", str(first / "config.yaml"))
-    assert code == 1 and "holds a finished run" in err  # its own --out is never overwritten
+    # its own --out is never overwritten, nor the config file it was given (issue 23 item 2)
+    assert code == 1 and f"--config {first / 'config.yaml'} is the config.yaml this run would write" in err
 
 
 def test_distill_config_merges_method_opts_file_flags(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -231,7 +231,8 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
 
 def _check_input_sizes(cfg: BenchConfig, specs: list[ModelSpec], hw_list: list[tuple[int, int]]) -> None:
     """Every ``--input`` at least the stride of every model (the train-step student and teacher included)."""
-    from segkd.shapes import check_min_size, model_stride, zoo_stride
+    from segkd.models import zoo_stride
+    from segkd.shapes import check_min_size, model_stride
 
     strides = []
     for spec in specs:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from segkd.engine.schedule import lr_factor
 from segkd.engine.task import OptimConfig
 from segkd.errors import SegkdError
@@ -207,12 +209,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def _parse(text: str, kind: str) -> Any:
     if kind == "YAML":
-        import yaml
 
         return yaml.safe_load(text)  # safe_load: plain data only, never a Python object
     if kind == "TOML":
         try:
-            import tomllib
+            import tomllib  # optional: the stdlib has it from Python 3.11
         except ImportError:  # Python 3.10
             raise SegkdError("TOML config files need Python 3.11 or newer (tomllib); use YAML or JSON") from None
         return tomllib.loads(text)

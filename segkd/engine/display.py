@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
 
 class Display:
     """A rich progress bar on a TTY; plain periodic lines otherwise (or with ``--no-progress``)."""
@@ -13,15 +16,6 @@ class Display:
         self.total, self.enabled = total, enabled
         self.bar = None
         if enabled and rich_ok:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
 
             self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"),

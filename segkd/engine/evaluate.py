@@ -20,9 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from segkd.data import build_dataset, build_eval_transform, resolve_data_root
+from segkd.engine.distributed import init_distributed
+from segkd.engine.inference import make_predictor, parse_scales
 from segkd.engine.metrics import (
     CONVENTION,
     ConfusionMeter,
@@ -31,10 +38,15 @@ from segkd.engine.metrics import (
     nan_to_none,
     scores_from_confusion,
 )
+from segkd.engine.visualize import save_prediction
 from segkd.errors import SegkdError
+from segkd.models import zoo_stride
 from segkd.models.base import upsample_logits
+from segkd.models.loading import load_model
 from segkd.options import option
 from segkd.provenance import provenance
+from segkd.shapes import check_min_size, model_stride, parse_hw
+from segkd.textout import print_table
 
 BatchHook = Callable[[int, Tensor, Tensor, Tensor], None]
 
@@ -95,7 +107,6 @@ class EvalResult(Scores):
 
 
 def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -110,8 +121,6 @@ def shard_dataset(dataset: Dataset, rank: int, world: int) -> Dataset:
 
 
 def progress_bar(enabled: bool, total: int | None, label: str = "eval"):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -198,12 +207,12 @@ def load_predictor_source(path: str | Path, device: torch.device,
     if not path.is_file():
         raise SegkdError(f"{path}: file not found")
     if path.suffix.lower() == ".onnx":
-        from segkd.export.runtime import load_onnx_predictor
+        from segkd.export.runtime import load_onnx_predictor  # the one upward import (docs/architecture.md)
+
 
         # ask for exactly the device's provider: load_onnx_predictor fails loudly instead of falling back to CPU
         fn, meta = load_onnx_predictor(path, ("cuda",) if device.type == "cuda" else ("cpu",), threads=threads)
         return fn, meta, "onnx"
-    from segkd.models.loading import load_model
 
     model = load_model(path, device=device)
     if device.type == "cuda":
@@ -228,7 +237,6 @@ def sample_stem(dataset: Any, index: int) -> str:
 def _check_sizes(fn: Any, meta: Any, kind: str, sizes: dict[str, tuple[int, int] | None], scaled: bool) -> int:
     """The model's input sizes (``--resize``, the slide ``--crop``) against its coarsest stride, before any data.
     Returns that stride (1 when unknown) for the per-image check of whole images and their ``--scales`` views."""
-    from segkd.shapes import check_min_size, model_stride, zoo_stride
 
     given = {k: v for k, v in sizes.items() if v is not None}
     if kind == "checkpoint":
@@ -286,9 +294,6 @@ def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset
     ``cfg`` (or :class:`EvalConfig` field values as keywords) says how; ``dataset`` (already transformed, yielding
     ``(image, label)``) replaces ``data``/``data_format``/``resize``.
     """
-    from segkd.engine.distributed import init_distributed
-    from segkd.engine.inference import make_predictor, parse_scales
-    from segkd.shapes import parse_hw
 
     cfg = replace(cfg or EvalConfig(), **options)
     cfg.check()
@@ -344,7 +349,6 @@ def _eval_dataset(source: str | Path, cfg: EvalConfig, dataset: Dataset | None, 
 
 def _save_hook(out_dir: Path, dataset: Any, indices: list[int], meta: Any) -> BatchHook:
     """``--save-preds``: each prediction as a colourised mask and an overlay, named after its image."""
-    from segkd.engine.visualize import save_prediction
 
     def hook(first: int, images: Tensor, labels: Tensor, pred: Tensor) -> None:
         for j in range(pred.shape[0]):
@@ -362,7 +366,6 @@ def build_eval_dataset(data: str | Path, data_format: str | None, split: str, re
     ``num_classes``/``ignore_index`` come from the checkpoint (they matter for the ``folder`` format, whose files
     do not name their classes); formats that know their classes report them, and a mismatch is an error.
     """
-    from segkd.data import build_dataset, build_eval_transform, resolve_data_root
 
     root = resolve_data_root(str(data))
     transform = build_eval_transform(resize=resize, mean=list(meta.mean), std=list(meta.std))
@@ -393,9 +396,7 @@ def _dataset_classes(dataset: Any) -> tuple[int | None, int | None]:
 
 def render_eval(result: EvalResult, console: Any) -> None:
     """A rich table: per-class IoU / Acc / Dice (%), GT pixel share, then the summary row."""
-    from rich.table import Table
 
-    from segkd.textout import print_table
 
     def pct(v: float) -> str:
         return "-" if v != v else f"{100 * v:.2f}"

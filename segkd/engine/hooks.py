@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,8 +69,6 @@ def worker_init(workers: int) -> Callable[[int], None] | None:
 
 
 def _ignore_sigint(_: int) -> None:
-    import signal  # stdlib, imported in the worker process only
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

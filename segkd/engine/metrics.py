@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from segkd.errors import SegkdError
@@ -73,7 +74,6 @@ def all_reduce_sum(conf: Tensor) -> Tensor:
 
     NCCL only reduces CUDA tensors, so a CPU matrix is moved to this rank's GPU for the reduction and back.
     """
-    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return conf

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segkd.checkpoint import atomic_write_bytes
+from segkd.checkpoint import atomic_write_bytes, load_refusal
 from segkd.errors import SegkdError
 
 RESUME_FILE = "resume.pt"
@@ -82,8 +82,6 @@ def load_resume(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # a crafted pickle gets the refusal in one clause (torch's own text is a page of ANSI)
-        from segkd.checkpoint import load_refusal
-
         reason = load_refusal(e, fix="segkd writes resume files of tensors and plain values only")
         raise SegkdError(f"{path}: not a readable segkd resume file ({reason})") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "iteration" not in state:

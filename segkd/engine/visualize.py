@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from segkd.checkpoint import atomic_write
@@ -51,7 +52,6 @@ def overlay(image_rgb: np.ndarray, colour_mask: np.ndarray, alpha: float = 0.5) 
 
 def save_png(path: str | Path, array: np.ndarray) -> Path:
     """Write an ``H x W`` or ``H x W x 3`` uint8 array as PNG, atomically."""
-    from PIL import Image
 
     img = Image.fromarray(np.ascontiguousarray(array))
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

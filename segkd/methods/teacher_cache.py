@@ -51,9 +51,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor
 
 from segkd.checkpoint import atomic_write_bytes, atomic_write_text, file_sha256
+from segkd.data.datasets import short_reason
 from segkd.data.transforms import Geometry, to_tensors
 from segkd.engine.batch import TeacherTargets
 from segkd.errors import SegkdError
@@ -145,13 +150,9 @@ class TeacherCache:
         try:
             handle = self._handles.get(shard)
             if handle is None:
-                from safetensors import safe_open
-
                 handle = self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
             return {n: handle.get_tensor(f"{sha}.{n}").float() for n in names}
         except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-            from segkd.data.datasets import short_reason
-
             raise SegkdError(f"{self.root / shard}: unreadable teacher-cache shard ({short_reason(e)}); delete it "
                              "and run again to recompute its images") from None
 
@@ -252,9 +253,6 @@ def _lock(root: Path, progress: bool) -> Any:
 
 def _fill(root: Path, manifest: dict[str, Any], todo: list[CacheImage], key: CacheKey, teacher: torch.nn.Module,
           mean: Sequence[float], std: Sequence[float], device: torch.device, progress: bool) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from safetensors.torch import save
 
     teacher = teacher.to(device).eval()
     console = Console(stderr=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from segkd.errors import SegkdError
 from segkd.models.base import (
@@ -19,9 +20,11 @@ from segkd.models.base import (
     deploy_state,
     upsample_logits,
 )
+from segkd.models.convert import load_pretrained_encoder
 from segkd.models.deeplab import DeepLabV3, DeepLabV3Plus
 from segkd.models.segformer import SegFormer
 from segkd.registry import Registry
+from segkd.shapes import model_stride
 
 __all__ = [
     "MODELS",
@@ -50,7 +53,6 @@ MODELS: Registry[ModelEntry] = Registry("model")
 def _segformer(name: str, variant: str, num_classes: int, pretrained: str | None = None, **kw) -> SegModel:
     model = SegFormer(name, variant, num_classes, **kw)
     if pretrained:
-        from segkd.models.convert import load_pretrained_encoder
 
         load_pretrained_encoder(model, pretrained)
     return model
@@ -90,9 +92,14 @@ def create_model(name: str, num_classes: int = 19, pretrained: str | None = None
     if num_classes < 1:
         raise SegkdError(f"num_classes must be >= 1, got {num_classes}")
     if pretrained is not None:
-        from pathlib import Path
 
         if not Path(pretrained).is_file():
             raise SegkdError(f"{pretrained}: pretrained weights file not found (segkd never downloads weights)")
     entry = MODELS.get(name)
     return entry.build(num_classes=num_classes, pretrained=pretrained, **kwargs)
+
+
+def zoo_stride(name: str, **model_kwargs: object) -> int:
+    """:func:`~segkd.shapes.model_stride` of a zoo model by name (for sources without a module, e.g. an ONNX
+    file's metadata)."""
+    return model_stride(create_model(name, **model_kwargs))  # type: ignore[arg-type]

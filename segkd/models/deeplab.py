@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segkd.checkpoint import torch_load_weights
+from segkd.errors import SegkdError
 from segkd.models.base import FeatureSpec, SegModel, SegOutput
 
 
@@ -77,9 +79,6 @@ def _backbone(arch: str, output_stride: int, pretrained: str | None) -> nn.Modul
         try:
             return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=pretrained), **kwargs)
         except Exception as e:  # timm raises RuntimeError/KeyError/pickle errors: one line naming the file instead
-            from segkd.checkpoint import torch_load_weights
-            from segkd.errors import SegkdError
-
             torch_load_weights(pretrained)  # a pickle it refuses gets the same one line as every other entry point
             reason = " ".join(str(e).split())[:160] or type(e).__name__
             raise SegkdError(f"--pretrained {pretrained}: not loadable as {arch} backbone weights ({reason})") from None

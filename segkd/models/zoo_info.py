@@ -6,12 +6,12 @@ from rich.console import Console
 from rich.table import Table
 
 from segkd.models import MODELS, count_params, create_model
+from segkd.models.flops import count_flops
 from segkd.shapes import check_min_size, model_stride, parse_hw
 from segkd.textout import print_table
 
 
 def describe_models(name: str | None, num_classes: int, size: str, flops: bool = True) -> list[dict]:
-    from segkd.models.flops import count_flops
 
     h, w = parse_hw(size, "--size")
     names = [MODELS.canonical(name)] if name else MODELS.names()
