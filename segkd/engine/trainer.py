@@ -120,7 +120,7 @@ class Trainer:
             self.device, accum=cfg.accum, amp=cfg.amp, clip_grad=cfg.clip_grad, channels_last=cfg.channels_last,
             distributed=self.info.enabled, batch_images=cfg.batch, check_finite=self._check_finite)
         self.hooks: list[Hook] = list(hooks) if hooks is not None else default_hooks(
-            cfg.log_every, cfg.val_every, cfg.kept(), tuple(callbacks), {"run_id": self.run_info.get("run_id")})
+            cfg.log_every, cfg.val_every, cfg.kept(), tuple(callbacks), self.run_info)
         self.iteration = self.epoch = self.step_in_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.display = Display(cfg.iters, 0, enabled=False, rich_ok=False)  # replaced when fit() starts
