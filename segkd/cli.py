@@ -11,7 +11,8 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,7 +23,7 @@ from typer.core import TyperGroup
 
 from segkd import __version__
 from segkd.cliopts import ParameterSource, get_current_context  # one place that knows where click lives
-from segkd.errors import SegkdError
+from segkd.errors import SegkdError, UsageError
 from segkd.textout import make_console
 
 try:  # typer >= 0.20 vendors its own click
@@ -106,6 +107,22 @@ app = typer.Typer(
 )
 console = make_console(stderr=True)
 out = make_console()  # never wraps when piped: scripts parse what segkd prints
+
+
+@contextmanager
+def option_values() -> Iterator[None]:
+    """The block checks option values only (before any file is read or any work starts): a ``SegkdError`` it raises
+    is a usage error, exit 2 with the ``--help`` hint, as click gives for the values it checks itself."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except SegkdError as e:
+        names, ctx = [], get_current_context(silent=True)
+        while ctx is not None and ctx.parent is not None:  # the subcommands, under the program's own name
+            names.append(ctx.info_name)
+            ctx = ctx.parent
+        raise UsageError(f"{e}; see '{' '.join(['segkd', *reversed(names)])} --help'") from None
 
 
 def _version(value: bool) -> None:
@@ -299,7 +316,25 @@ def _run_config(cls: type, values: dict[str, Any]) -> Any:
         verb = "is" if len(missing) == 1 else "are"
         raise SegkdError(f"{' and '.join(missing)} {verb} required (in --config or as flags; or --resume RUN_DIR to "
                          "continue a run)")
+    with option_values():
+        _check_run_values(cfg)
     return cfg
+
+
+def _check_run_values(cfg: Any) -> None:
+    """The option values of a train/distill command line: the shared range checks and the zoo and method names (the
+    command's own checks of the files it names follow in the run)."""
+    from segkd.engine.config import TrainConfig
+    from segkd.models import MODELS
+
+    TrainConfig.check(cfg)
+    for name in ("model", "teacher", "peer"):
+        if getattr(cfg, name, None):
+            MODELS.canonical(getattr(cfg, name))
+    if getattr(cfg, "method", None):
+        from segkd.methods import METHODS
+
+        METHODS.canonical(cfg.method)
 
 
 def train_cmd(**values: Any) -> None:
@@ -343,6 +378,8 @@ def eval_cmd(**values: Any) -> None:
 
     json_output = JsonOutput(values["as_json"], values["json_out"])
     cfg, _ = resolve_config(EvalConfig, values, None)
+    with option_values():
+        cfg.check()
     if cfg.save_preds is not None:
         check_output(Path(cfg.save_preds), "dir", "--save-preds")
     if cfg.data is None:
@@ -387,6 +424,8 @@ def export_cmd(**values: Any) -> None:
     check_output(values["out_path"], "file", "--out")
     json_output = JsonOutput(values["as_json"], values["json_out"])
     cfg, _ = resolve_config(ExportConfig, values, None)
+    with option_values():
+        cfg.check()
     if cfg.int8 and cfg.data is None:
         raise typer.BadParameter("--int8 needs --data ROOT (real training images to calibrate on)",
                                  param_hint="'--data'")
@@ -429,9 +468,11 @@ def bench_cmd(**values: Any) -> None:
     json_output = JsonOutput(values["as_json"], values["json_out"])
     cfg, _ = resolve_config(BenchConfig, values, None)
     max_params = values["max_params"]
-    gates = Gates(max_latency_ms=values["max_latency_ms"], max_gflops=values["max_gflops"],
-                  max_params=None if max_params is None else parse_count(max_params), baseline=values["baseline"],
-                  max_regression=parse_percent(values["max_regression"]))
+    with option_values():
+        gates = Gates(max_latency_ms=values["max_latency_ms"], max_gflops=values["max_gflops"],
+                      max_params=None if max_params is None else parse_count(max_params), baseline=values["baseline"],
+                      max_regression=parse_percent(values["max_regression"]))
+        cfg.check()
     with console.status("benchmarking") as status:
         report = run_bench_command(cfg, gates, progress=lambda label: status.update(f"benchmarking {label}"))
     json_output.emit(report, lambda view: render(report, view))
@@ -552,11 +593,15 @@ def data_synth_cmd(
 ) -> None:
     """Write the procedural dataset (textured shapes on noisy backgrounds) in seconds."""
     from segkd.data import synthesize
+    from segkd.data.synth import check_synth_options
     from segkd.shapes import parse_hw
 
+    with option_values():
+        hw = parse_hw(size, "--size")
+        check_synth_options(train, val, hw, classes, seed)
     try:
-        root = synthesize(out_dir, n_train=train, n_val=val, size=parse_hw(size, "--size"), num_classes=classes,
-                          seed=seed, progress=True, replace=force)
+        root = synthesize(out_dir, n_train=train, n_val=val, size=hw, num_classes=classes, seed=seed, progress=True,
+                          replace=force)
     except OSError as e:
         e.add_note(f"the set in {out_dir} is incomplete (no classes.json): run the command again once it is writable")
         raise

@@ -37,14 +37,15 @@ def parse_batches(text: str | None) -> list[int] | None:
 
 def expand_inputs(inputs: list[str], batches: list[int] | None) -> list[tuple[int, int, int, int]]:
     """Every ``--input`` at every ``--batch`` (or its own batch), duplicates removed, order kept."""
-    shapes: list[tuple[int, int, int, int]] = []
+    out: list[tuple[int, int, int, int]] = []
     for text in inputs:
         b, c, h, w = parse_shape(text)
         for bb in batches or [b]:
+            shapes.check_pixels(h, w, f"--batch {bb} with --input {text}", batch=bb)
             s = (bb, c, h, w)
-            if s not in shapes:
-                shapes.append(s)
-    return shapes
+            if s not in out:
+                out.append(s)
+    return out
 
 
 def parse_backends(items: list[str]) -> list[str]:

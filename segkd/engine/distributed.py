@@ -38,9 +38,10 @@ class DistInfo:
 
 def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
     """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error, not a silent CPU run."""
+    from segkd.engine.config import check_device
+
+    check_device(pref)
     pref = pref.strip().lower()
-    if pref not in ("auto", "cpu", "cuda") and not pref.startswith("cuda:"):
-        raise SegkdError(f"--device must be auto, cpu or cuda[:N], got {pref!r}")
     if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -94,6 +94,30 @@ class ExportConfig:
     data_format: str | None = option(None, "--int8: dataset format (default: detected).")
     progress: bool = option(True, "Progress bars on a terminal.")
 
+    def check(self) -> None:
+        """One-line errors for option values, before the checkpoint is read (sizes parse here; their fit to the
+        model's stride is checked by :func:`plan_shapes` once the model is known)."""
+        from segkd.engine.config import check_machine_values
+        from segkd.export.verify import resolve_gates
+
+        check_opset(self.opset)
+        if self.output not in OUTPUT_KINDS:
+            raise SegkdError(f"--output {self.output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
+        parse_providers(self.providers)
+        resolve_gates(self)
+        check_machine_values(seed=self.seed)
+        if self.threads < 0:
+            raise SegkdError(f"--threads must be >= 0, got {self.threads}")
+        for opt in ("size", "resize"):
+            parse_hw(getattr(self, opt), f"--{opt}")
+        for opt in ("static", "trt_min", "trt_max"):
+            if getattr(self, opt):
+                parse_shape(getattr(self, opt), f"--{opt.replace('_', '-')}")
+        if self.int8:
+            from segkd.export.quantize import check_int8_options
+
+            check_int8_options(self)
+
 
 @dataclass
 class ExportPlan:
@@ -377,17 +401,11 @@ def _check_export_options(cfg: ExportConfig, out: Path) -> tuple[list[str], floa
     """Every option checked before the checkpoint is read: the providers (probed when verifying), the gates."""
     from segkd.export.verify import resolve_gates
 
-    check_opset(cfg.opset)
-    if cfg.output not in OUTPUT_KINDS:
-        raise SegkdError(f"--output {cfg.output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
+    cfg.check()
     providers = parse_providers(cfg.providers)
     if cfg.verify:
         probe_providers(providers)
     atol, min_agree = resolve_gates(cfg)
-    if cfg.int8:
-        from segkd.export.quantize import check_int8_options
-
-        check_int8_options(cfg)
     if out.suffix.lower() != ".onnx":
         raise SegkdError(f"--out {out}: give a path ending in .onnx")
     if out.exists() and out.is_dir():

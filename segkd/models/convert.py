@@ -260,7 +260,7 @@ def load_pretrained_encoder(model: SegModel, path: str | Path) -> ConversionRepo
     missing = [k for k in need if k not in enc]
     if missing:
         raise SegkdError(f"{path}: not a MiT-{model.variant} encoder checkpoint: missing {missing[0]!r}")  # type: ignore[attr-defined]
-    load_state_checked(model, enc, str(path), strict=False)
+    load_state_checked(model, enc, str(path), strict=False, exact_dtype=False)
     return report
 
 
@@ -307,7 +307,7 @@ def convert_checkpoint(
         report.placed = len(state)
     if not state:
         raise SegkdError(f"{src_path}: no key could be placed in {model_name}")
-    load_state_checked(model, state, str(src_path), strict=False)
+    load_state_checked(model, state, str(src_path), strict=False, exact_dtype=False)
     return model, kwargs, report
 
 

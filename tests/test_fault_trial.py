@@ -1,0 +1,233 @@
+"""Issue 23's fault and new-user trial, items 5-18 (docs/faults.md): each case once through the CLI, one line naming
+the option or file, the exit code of its kind (2 bad option value, 1 bad input file), no traceback."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import one_error_line, run_cli
+
+torch.set_num_threads(1)
+T = ["train", "--model", "segformer-b0", "--data", "synth", "--batch", "2", "--crop", "64x64", "--workers", "0",
+     "--no-progress", "--device", "cpu"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _segkd(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "segkd", *map(str, args)], env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _bilevel_png(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit PNG of ``width x height`` written row by row (a 12000x12000 one is 18 KB and never sits in
+    memory whole): what a decompression bomb looks like to a dataset reader."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row, z = b"\0" + bytes((width + 7) // 8), zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+# ---------------------------------------------------------------------------- 5. memory and resource bombs
+@pytest.mark.parametrize("args, needle", [
+    ([*T, "--workers", "100000"], "--workers must be between 0 and"),
+    (["eval", "x.safetensors", "--resize", "100000x100000"], "--resize '100000x100000': 10,000,000,000 pixels"),
+    (["bench", "segformer-b0", "--input", "1x3x100000x100000"], "--input '1x3x100000x100000': 10,000,000,000"),
+    (["bench", "segformer-b0", "--batch", "100000", "--input", "512x512"], "pixels per batch"),
+    (["export", "x.safetensors", "-o", "x.onnx", "--size", "100000x100000"], "--size '100000x100000'"),
+    (["eval", "x.safetensors", "--workers", "100000"], "--workers must be between 0 and"),
+])
+def test_absurd_sizes_and_workers_are_refused_before_any_allocation(args: list[str], needle: str, monkeypatch,
+                                                                     capsys, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2
+    one_error_line(err, needle)
+    assert not any(tmp_path.iterdir())  # nothing written, not even a run folder
+
+
+def test_synth_of_an_absurd_size_leaves_no_folder(monkeypatch, capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(monkeypatch, capsys, "data", "synth", "--size", "100000x100000", "--out",
+                           str(tmp_path / "big"))
+    assert code == 2
+    one_error_line(err, "--size '100000x100000'", "above segkd's limit of 67,108,864")
+    assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.parametrize("side", [9000, 12000])  # between PIL's warning and its error; above both
+def test_a_pixel_bomb_png_is_named_without_decoding(side: int, monkeypatch, capsys, tmp_path: Path) -> None:
+    root = tmp_path / "bomb"
+    _bilevel_png(root / "images" / "train" / "a.png", side, side)
+    _bilevel_png(root / "labels" / "train" / "a.png", side, side)
+    code, out, err = run_cli(monkeypatch, capsys, "data", "inspect", str(root), "--num-classes", "2")
+    assert code == 1 and "DecompressionBomb" not in out + err
+    one_error_line(err, f"images/train/a.png: image of {side * side:,} pixels, above segkd's limit of 67,108,864")
+
+
+def test_pil_limit_is_segkds() -> None:
+    from PIL import Image
+
+    import segkd.data.datasets  # noqa: F401  (sets the limit)
+    from segkd.shapes import MAX_PIXELS
+
+    assert Image.MAX_IMAGE_PIXELS == MAX_PIXELS == 8192 * 8192
+
+
+# ---------------------------------------------------------------------------------------- 7. huge seeds
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-99999999999999999999999"])
+def test_a_seed_beyond_64_bits_is_a_usage_error(seed: str, monkeypatch, capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(monkeypatch, capsys, *T, "--seed", seed, "--out", str(tmp_path / "r"))
+    assert code == 2
+    one_error_line(err, "--seed must be a signed 64-bit integer", seed)
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_largest_seed_runs(tmp_path: Path) -> None:
+    from segkd.engine.config import SEED_RANGE
+    from segkd.engine.trainer import TrainConfig, run_train
+
+    cfg = TrainConfig(model="segformer-b0", data="synth", batch=2, crop="64x64", workers=0, device="cpu",
+                      progress=False, iters=1, val_every=1, seed=SEED_RANGE[1], out=str(tmp_path / "r"))
+    assert run_train(cfg)["iterations"] == 1
+
+
+# ------------------------------------------------------------------------------- 10. inspect and classes.txt
+def _small_set(root: Path) -> Path:
+    from segkd.data import synthesize
+
+    return synthesize(root, n_train=2, n_val=2, size=(32, 32), num_classes=3, seed=0)
+
+
+def test_inspect_reports_an_empty_val_split(monkeypatch, capsys, tmp_path: Path) -> None:
+    root = _small_set(tmp_path / "s")
+    for sub in ("images", "labels"):
+        for f in (root / sub / "val").iterdir():
+            f.unlink()
+    code, _, err = run_cli(monkeypatch, capsys, "data", "inspect", str(root))
+    assert code == 1
+    one_error_line(err, "split 'val' has no images")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("a\nb\n\nc\n", "classes.txt: line 3 is blank"),
+    ("a\nb\na\n", "classes.txt: class name 'a' is given twice (ids 0 and 2)"),
+])
+def test_classes_txt_blank_lines_and_duplicates_are_refused(text: str, needle: str, monkeypatch, capsys,
+                                                            tmp_path: Path) -> None:
+    root = _small_set(tmp_path / "s")
+    (root / "classes.json").unlink()
+    (root / "classes.txt").write_text(text)
+    code, _, err = run_cli(monkeypatch, capsys, "data", "inspect", str(root))
+    assert code == 1
+    one_error_line(err, needle)
+
+
+def test_classes_txt_trailing_blank_lines_are_fine(tmp_path: Path) -> None:
+    from segkd.data import inspect_dataset
+
+    root = _small_set(tmp_path / "s")
+    (root / "classes.json").unlink()
+    (root / "classes.txt").write_text("bg\n one \ntwo\n\n\n")
+    report = inspect_dataset(root)
+    assert report["class_names"] == ["bg", "one", "two"] and not report["problems"]
+
+
+# ------------------------------------------------------------------------------- 11. bad values exit 2
+@pytest.mark.parametrize("args, needle", [
+    ([*T, "--device", "gpu"], "--device must be auto, cpu or cuda[:N], got 'gpu'"),
+    ([*T, "--crop", "60by80"], "--crop '60by80': expected HxW"),
+    ([*T, "--model", "segformer-b9"], "unknown model 'segformer-b9'"),
+    (["distill", "--method", "c2vk", "--student", "segformer-b0"], "unknown method 'c2vk'; did you mean c2vkd"),
+    (["eval", "x.safetensors", "--device", "gpu"], "--device must be auto"),
+    (["bench", "segformer-b0", "--device", "gpu"], "--device must be auto"),
+    (["export", "x.safetensors", "-o", "x.onnx", "--output", "logitz"], "--output 'logitz'"),
+    (["data", "synth", "--out", "s", "--num-classes", "40"], "--num-classes must be 2..11"),
+])
+def test_bad_option_values_are_usage_errors(args: list[str], needle: str, monkeypatch, capsys,
+                                            tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2
+    line = one_error_line(err, needle)
+    assert line.endswith("--help'")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_bad_input_file_stays_exit_1(monkeypatch, capsys, tmp_path: Path) -> None:
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not safetensors")
+    code, _, err = run_cli(monkeypatch, capsys, "eval", str(bad))
+    assert code == 1
+    one_error_line(err, str(bad))
+
+
+# ------------------------------------------------------------------------------- 6. crafted checkpoint metadata
+def _crafted(small_ckpt: Path, name: str, tensors: dict | None = None, **changes: object) -> Path:
+    """``small_ckpt`` rewritten with its metadata changed (and its tensors replaced by ``tensors``)."""
+    import json
+
+    from safetensors.torch import save
+
+    from segkd.checkpoint import read_safetensors
+
+    state, raw = read_safetensors(small_ckpt)
+    meta = {**json.loads(raw["segkd"]), **changes}
+    out = small_ckpt.with_name(name)
+    out.write_bytes(save(tensors or state, metadata={"segkd": json.dumps(meta)}))
+    return out
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"num_classes": "six"}, 'metadata num_classes must be an integer from 1 to 65536, got "six"'),
+    ({"num_classes": -1}, "metadata num_classes must be an integer from 1 to 65536, got -1"),
+    ({"model_kwargs": {"evil": 1}}, "segformer-b0 takes no option 'evil' (it takes: drop_path_rate, ln_eps)"),
+    ({"model_kwargs": {"ln_eps": "tiny"}}, "option ln_eps='tiny' is not of the kind of its default"),
+    ({"palette": [[1, 2]]}, "metadata palette must be a list of [r, g, b] (0..255), got [[1, 2]]"),
+    ({"palette": [[1, 2, 3]]}, "metadata palette has 1 colours for 6 classes"),
+    ({"std": [0, 1, 1]}, "metadata std must be 3 positive numbers"),
+    ({"model": "segformer-b9"}, "metadata names the model 'segformer-b9'"),
+    ({"format_version": 99}, "written in checkpoint format 99"),
+])
+def test_crafted_metadata_is_one_line_naming_the_file(changes: dict, needle: str, small_ckpt: Path, monkeypatch,
+                                                      capsys, tmp_path: Path) -> None:
+    bad = _crafted(small_ckpt, "bad.safetensors", **changes)
+    code, _, err = run_cli(monkeypatch, capsys, "eval", str(bad), "--data", "synth", "--device", "cpu",
+                           "--no-progress", "--save-preds", str(tmp_path / "preds"))
+    assert code == 1
+    assert one_error_line(err, needle).startswith(f"error: {bad}: ")
+    assert not (tmp_path / "preds").exists() or not any((tmp_path / "preds").iterdir())  # refused before any work
+
+
+def test_unknown_metadata_keys_of_this_format_are_ignored(small_ckpt: Path) -> None:
+    from segkd.models.loading import load_model
+
+    ok = _crafted(small_ckpt, "newer.safetensors", trained_size=[64, 64])
+    assert load_model(ok).num_classes == 6
+
+
+def test_a_tensor_relabelled_to_another_dtype_is_refused(small_ckpt: Path, monkeypatch, capsys) -> None:
+    from segkd.checkpoint import read_safetensors
+
+    state, _ = read_safetensors(small_ckpt)
+    key = "decode_head.classifier.weight"
+    relabelled = {**state, key: state[key].view(torch.int32)}  # same bytes, same shape, another dtype
+    bad = _crafted(small_ckpt, "i32.safetensors", tensors=relabelled)
+    code, _, err = run_cli(monkeypatch, capsys, "eval", str(bad), "--data", "synth", "--device", "cpu")
+    assert code == 1
+    one_error_line(err, f"{bad}: tensor '{key}' is int32 but the model's parameter is float32")
