@@ -283,13 +283,24 @@ def load_refusal(e: Exception, fix: str = "save a state_dict of tensors (torch.s
                  "instead") -> str:
     """What ``torch.load(weights_only=True)`` refused, in one short clause (its own message is a page long)."""
     text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
-    if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
+    # torch < 2.6: "Unsupported global: GLOBAL x"; 2.6+: "Trying to load unsupported GLOBAL posix.system whose
+    # module posix is blocked" (the os.system payload): both name the object the pickle would have called
+    if m := re.search(r"GLOBAL ([\w.]+)", text):
         return (f"refused: it pickles the Python object {m[1]}, and segkd loads weights only, never code from a "
                 f"file; {fix}")
     if m := re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text):
         return (f"refused: not plain tensors (the weights-only unpickler stopped at: {m[1].strip()}), e.g. a raw "
                 f"Python pickle; {fix}")
-    return text[:160] or type(e).__name__
+    return _torch_reason(text) or type(e).__name__
+
+
+def _torch_reason(text: str) -> str:
+    """torch's own reason without its generic preamble (the weights_only history lesson) and documentation link:
+    the whole specific sentence, never cut mid-way."""
+    text = re.sub(r"^Weights only load failed\..*?trusted source\.\s*", "", text)
+    text = re.sub(r"Please file an issue .*?use case:\s*", "", text)
+    text = re.sub(r"\s*Check the documentation of torch\.load.*$", "", text)
+    return text.strip()
 
 
 def torch_load_weights(path: str | Path) -> dict[str, Any]:

@@ -231,3 +231,36 @@ def test_a_tensor_relabelled_to_another_dtype_is_refused(small_ckpt: Path, monke
     code, _, err = run_cli(monkeypatch, capsys, "eval", str(bad), "--data", "synth", "--device", "cpu")
     assert code == 1
     one_error_line(err, f"{bad}: tensor '{key}' is int32 but the model's parameter is float32")
+
+
+# ------------------------------------------------------------------------------- 9. what a pickle refusal refused
+class _SystemCall:
+    """The common payload: unpickling calls ``os.system`` (here a harmless ``true``; never run by segkd)."""
+
+    def __reduce__(self) -> tuple:
+        return (os.system, ("true",))
+
+
+def test_the_os_system_payload_refusal_names_the_global(monkeypatch, capsys, tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": _SystemCall()}, evil)
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(evil), "-m", "deeplabv3-resnet18", "-o",
+                           str(tmp_path / "c.safetensors"))
+    assert code == 1
+    line = one_error_line(err, f"{evil}: cannot be read", f"pickles the Python object {os.system.__module__}.system")
+    assert "In PyTorch 2.6" not in line and line.endswith("instead)")
+
+
+def test_refusals_torch_words_otherwise_are_kept_whole() -> None:
+    from segkd.checkpoint import load_refusal
+
+    generic = ("Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument "
+               "in `torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` "
+               "will likely succeed, but it can result in arbitrary code execution. Do it only if you got the file "
+               "from a trusted source.\n\nSome new reason torch gives in a later version, which is long enough to "
+               "have been cut at 160 characters before: it must reach the user whole.\n\nCheck the documentation of "
+               "torch.load to learn more about types accepted by default with weights_only https://pytorch.org/.")
+    assert load_refusal(RuntimeError(generic)) == ("Some new reason torch gives in a later version, which is long "
+                                                   "enough to have been cut at 160 characters before: it must reach "
+                                                   "the user whole.")
+    assert load_refusal(RuntimeError("")) == "RuntimeError"
