@@ -171,7 +171,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        from segkd.safeio import tmp_prefix
+
+        fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         write(tmp)

@@ -264,3 +264,67 @@ def test_refusals_torch_words_otherwise_are_kept_whole() -> None:
                                                    "enough to have been cut at 160 characters before: it must reach "
                                                    "the user whole.")
     assert load_refusal(RuntimeError("")) == "RuntimeError"
+
+
+# ------------------------------------------------------------------------------- 8. leftovers after kill -9
+KILL_HOOK = ROOT / "benchmarks" / "kill_hook.py"
+
+
+def _killed(spec: str, *args: object) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(KILL_HOOK), spec, *map(str, args)], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    return proc
+
+
+def test_an_export_killed_before_its_rename_is_cleaned_by_the_next(small_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    args = ["export", small_ckpt, "-o", out, "--size", "64x64", "--no-progress"]
+    _killed("rename:m.onnx:1", *args)
+    orphans = list(tmp_path.glob(".m.onnx.*.tmp"))
+    assert len(orphans) == 1 and orphans[0].stat().st_size > 1e6 and not out.exists()
+    r = _segkd(*args)
+    assert r.returncode == 0, r.stderr
+    assert out.is_file() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_scratch_folders_of_killed_processes_are_swept(tmp_path: Path) -> None:
+    """``export --int8`` verifies its fp32 graph (and ORT quantises) in a scratch folder of the system temp dir;
+    a kill -9 left it for good. The next segkd scratch folder removes those whose process is gone, not others."""
+    script = ("import os, signal\nfrom segkd.safeio import segkd_tempdir\nwith segkd_tempdir('export') as t:\n"
+              "    (t / 'fp32.onnx').write_bytes(b'x' * 1000)\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**_env(), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9
+    (dead,) = tmp_path.glob("segkd-export-*")
+    live = tmp_path / f"segkd-export-{os.getpid()}-keep"  # a live process's folder (this one)
+    live.mkdir()
+    script = ("from segkd.safeio import segkd_tempdir\nwith segkd_tempdir('int8') as t:\n    print(t)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and not dead.exists() and live.is_dir()
+    assert not Path(proc.stdout.strip()).exists()  # its own folder went on exit
+
+
+def _write_report_script(out: Path, version: str, spec: str) -> str:
+    return (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+            f"from kill_hook import plant\nplant({spec!r})\n"
+            "from segkd.report.build import Figure, Report\nfrom segkd.report.render import write_report\n"
+            f"figs = [Figure('{version}_a', 'a', b'png-{version}')]\n"
+            f"write_report(Report('{version}', 'now', [], figs, []), {str(out)!r})\n")
+
+
+def test_a_report_killed_while_written_leaves_the_earlier_one_whole(tmp_path: Path) -> None:
+    out = tmp_path / "r.html"
+    for version, spec in (("old", "none"), ("new", "rename:r.md:1")):  # killed while staging the new markdown
+        proc = subprocess.run([sys.executable, "-c", _write_report_script(out, version, spec)], env=_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == (0 if spec == "none" else -9), proc.stderr
+    assert "old" in out.read_text() and "old" in out.with_suffix(".md").read_text()
+    assert [p.name for p in (tmp_path / "r_figures").iterdir()] == ["old_a.png"]  # page, markdown, figures agree
+    assert len(list(tmp_path.glob(".r.html.*.tmp"))) == 1  # the staged report the kill left
+    proc = subprocess.run([sys.executable, "-c", _write_report_script(out, "third", "none")], env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "third" in out.read_text() and "third" in out.with_suffix(".md").read_text()
+    assert [p.name for p in (tmp_path / "r_figures").iterdir()] == ["third_a.png"]  # no stale figure
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "r.md", "r_figures"]  # no temp left

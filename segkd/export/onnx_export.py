@@ -29,7 +29,6 @@ inputs/outputs (``keep_io_types``), so callers feed and read fp32 either way.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from segkd.engine.config import option
 from segkd.errors import GateFailure, SegkdError
 from segkd.export.runtime import EXPORT_KEY, parse_providers, probe_providers
 from segkd.models.loading import load_model
+from segkd.safeio import remove_dead_tmps, segkd_tempdir
 from segkd.shapes import check_min_size, model_stride, parse_hw, parse_shape
 
 OutputKind = Literal["logits", "probs", "labels"]
@@ -442,8 +442,8 @@ def _export_info(cfg: ExportConfig, plan: ExportPlan, model: nn.Module, ckpt: Pa
 def _build_graph(wrapper: nn.Module, plan: ExportPlan, cfg: ExportConfig, meta: Any, info: dict[str, Any],
                  ckpt: Path) -> tuple[Any, dict[str, Any]]:
     """Trace, finalise (fp16, folded normalisation) and stamp the ONNX graph with segkd's metadata."""
-    with tempfile.TemporaryDirectory(prefix="segkd-export-") as tmp:
-        traced = Path(tmp) / "traced.onnx"
+    with segkd_tempdir("export") as tmp:
+        traced = tmp / "traced.onnx"
         trace_to_onnx(wrapper, plan, cfg.opset, traced)
         onnx_model, graph_summary = finalize_graph(traced, cfg.fp16, cfg.fold_normalize)
     onnx_model.producer_name = "segkd"
@@ -486,6 +486,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
     t0 = time.perf_counter()
     out, ckpt = Path(out), Path(ckpt)
     providers, atol, min_agree = _check_export_options(cfg, out)
+    remove_dead_tmps(out.parent, out.name)  # the temp file of an export killed while writing this --out
     model = load_model(ckpt).float()
     meta = model.segkd_meta  # type: ignore[attr-defined]
     plan = plan_shapes(cfg, required_stride(model), meta.model)
@@ -513,8 +514,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
     if cfg.int8:  # verify the fp32 graph (in a temp dir), then quantise, gate on mIoU and write the INT8 file
         from segkd.export.quantize import build_int8
 
-        with tempfile.TemporaryDirectory(prefix="segkd-export-") as tmp:
-            write_and_verify(Path(tmp) / "fp32.onnx")
+        with segkd_tempdir("export") as tmp:
+            write_and_verify(tmp / "fp32.onnx")
         assert calibration is not None
         report["int8"] = build_int8(onnx_model, out, cfg, calibration, progress=cfg.progress)
         trt = report["tensorrt"] = trt_readiness(onnx.load(str(out)), plan, out, False, int8=True)  # the QDQ graph

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from segkd.errors import GateFailure, SegkdError
+from segkd.safeio import segkd_tempdir
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_TARGETS = {  # activation type, symmetric activations, description
@@ -181,6 +182,17 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], m
         root.setLevel(level)
 
 
+@contextlib.contextmanager
+def _temp_root(folder: Path) -> Iterator[None]:
+    """``tempfile``'s default folder set to ``folder`` for the block (single-threaded CLI use)."""
+    old = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = old
+
+
 def evaluate_miou(path: Path, cfg: Any, progress: bool) -> tuple[float, int]:
     """mIoU (points) and image count of an ONNX file on ``--eval-split`` through ``segkd eval``'s ONNX path."""
     from segkd.engine.evaluate import run_eval
@@ -205,10 +217,11 @@ def build_int8(onnx_model: Any, out: Path, cfg: Any, calibration: tuple[list[np.
     from segkd.export.runtime import EXPORT_KEY
 
     batches, found = calibration
-    with tempfile.TemporaryDirectory(prefix="segkd-int8-") as tmp:
-        fp32_path, int8_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+    with segkd_tempdir("int8") as tmp:
+        fp32_path, int8_path = tmp / "fp32.onnx", tmp / "int8.onnx"
         onnx.save(onnx_model, str(fp32_path))
-        quantize_onnx(fp32_path, int8_path, batches, cfg.calib_method, progress, cfg.int8_target)
+        with _temp_root(tmp):  # ORT's quantiser makes scratch folders of its own: inside ours, swept with it
+            quantize_onnx(fp32_path, int8_path, batches, cfg.calib_method, progress, cfg.int8_target)
         qmodel = onnx.load(str(int8_path))
         int8_ops, fp32_ops = precision_by_op(qmodel)
         info: dict[str, Any] = {

@@ -245,12 +245,11 @@ def trt_ep_status() -> tuple[bool, str]:
 
 def run_trt_ep(onnx_path: str | Path, input_name: str, profile: dict[str, Any], fp16: bool) -> dict[str, Any]:
     """Build the engine through ORT's TensorRT EP at the optimal shape and compare it with the CPU provider."""
-    import tempfile
-
     from segkd.export.runtime import create_session
+    from segkd.safeio import segkd_tempdir
 
     opt = tuple(profile["opt"])
-    with tempfile.TemporaryDirectory() as cache:
+    with segkd_tempdir("trt") as cache:
         trt_options = {
             "trt_fp16_enable": bool(fp16),
             "trt_engine_cache_enable": False,
@@ -258,7 +257,7 @@ def run_trt_ep(onnx_path: str | Path, input_name: str, profile: dict[str, Any], 
             "trt_profile_min_shapes": f"{input_name}:{shape_text(profile['min'])}",
             "trt_profile_opt_shapes": f"{input_name}:{shape_text(profile['opt'])}",
             "trt_profile_max_shapes": f"{input_name}:{shape_text(profile['max'])}",
-            "trt_engine_cache_path": cache,
+            "trt_engine_cache_path": str(cache),
         }
         trt = create_session(onnx_path, ("tensorrt",), trt_options=trt_options)
         cpu = create_session(onnx_path, ("cpu",))

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import base64
 import html
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from segkd.checkpoint import atomic_write_bytes, atomic_write_text
 from segkd.errors import SegkdError
+from segkd.safeio import remove_dead_tmps, tmp_prefix
 from segkd.report.build import Figure, Report, Table
 
 CSS = """
@@ -116,8 +120,29 @@ def write_report(report: Report, out_html: str | Path) -> tuple[Path, Path, Path
     if md_path == out_html:
         raise SegkdError(f"--out {out_html}: give the HTML page's path (the markdown is written beside it as .md)")
     fig_dir = out_html.with_name(f"{out_html.stem}_figures")
-    for f in report.figures + report.samples:
-        atomic_write_bytes(fig_dir / f"{f.key}.png", f.png)
-    atomic_write_text(md_path, render_markdown(report, fig_dir.name))
-    atomic_write_text(out_html, render_html(report))
+    for name in (out_html.name, md_path.name, fig_dir.name):  # what a report killed mid-write left
+        remove_dead_tmps(out_html.parent, name)
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=tmp_prefix(out_html.name), suffix=".tmp", dir=out_html.parent))
+    try:
+        (stage / fig_dir.name).mkdir()
+        for f in report.figures + report.samples:
+            atomic_write_bytes(stage / fig_dir.name / f"{f.key}.png", f.png)
+        atomic_write_text(stage / md_path.name, render_markdown(report, fig_dir.name))
+        atomic_write_text(stage / out_html.name, render_html(report))
+        _swap_in(stage, fig_dir, md_path, out_html)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out_html, md_path, fig_dir
+
+
+def _swap_in(stage: Path, fig_dir: Path, md_path: Path, out_html: Path) -> None:
+    """Put a staged report in place: the whole figures folder (an earlier report's figures go with the stage, so no
+    stale figure stays), then the markdown, then the page, each by a rename. Choice: three renames, not one (the
+    page, its markdown and its folder are three names the user asked for); a kill can only land between renames
+    (microseconds), not while seconds of figures are written, and the next report removes what it left."""
+    if fig_dir.is_dir() and not fig_dir.is_symlink():
+        os.rename(fig_dir, stage / ".earlier_figures")
+    os.rename(stage / fig_dir.name, fig_dir)
+    os.replace(stage / md_path.name, md_path)
+    os.replace(stage / out_html.name, out_html)
