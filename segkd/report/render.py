@@ -12,8 +12,8 @@ from pathlib import Path
 
 from segkd.checkpoint import atomic_write_bytes, atomic_write_text
 from segkd.errors import SegkdError
-from segkd.safeio import remove_dead_tmps, tmp_prefix
 from segkd.report.build import Figure, Report, Table
+from segkd.safeio import remove_dead_tmps, tmp_prefix
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1180px;
