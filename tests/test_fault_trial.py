@@ -328,3 +328,33 @@ def test_a_report_killed_while_written_leaves_the_earlier_one_whole(tmp_path: Pa
     assert "third" in out.read_text() and "third" in out.with_suffix(".md").read_text()
     assert [p.name for p in (tmp_path / "r_figures").iterdir()] == ["third_a.png"]  # no stale figure
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "r.md", "r_figures"]  # no temp left
+
+
+# ------------------------------------------------------------------------------- 12. the TensorRT profile
+@pytest.mark.parametrize("size, opt_max", [("60x80", (64, 96)), ("97x131", (128, 160)), ("64x96", (64, 96))])
+def test_the_trt_profile_holds_the_verified_size(size: str, opt_max: tuple[int, int]) -> None:
+    from segkd.export.onnx_export import ExportConfig, plan_shapes
+
+    plan = plan_shapes(ExportConfig(size=size), 32, "segformer-b0")
+    h, w = map(int, size.split("x"))
+    lo, opt, hi = plan.profile["min"], plan.profile["opt"], plan.profile["max"]
+    assert hi == (4, 3, *opt_max) and opt == (1, 3, *opt_max)
+    assert lo[2] <= h <= hi[2] and lo[3] <= w <= hi[3] and all(v % 32 == 0 for v in (*lo[2:], *hi[2:]))
+
+
+def test_static_suggestion_rounds_up_and_a_profile_missing_the_size_is_refused(monkeypatch, capsys,
+                                                                             small_ckpt: Path) -> None:
+    from segkd.errors import SegkdError
+    from segkd.export.onnx_export import ExportConfig, plan_shapes
+
+    with pytest.raises(SegkdError, match="holding it: 1x3x64x96$"):
+        plan_shapes(ExportConfig(static="1x3x60x80"), 32, "segformer-b0")
+    with pytest.raises(SegkdError, match="does not hold the verified size 60x80"):
+        plan_shapes(ExportConfig(size="60x80", trt_max="4x3x64x64"), 32, "segformer-b0")
+
+
+def test_the_printed_trtexec_line_holds_the_size(small_ckpt: Path, monkeypatch, capsys, tmp_path: Path) -> None:
+    code, out, err = run_cli(monkeypatch, capsys, "export", str(small_ckpt), "-o", str(tmp_path / "m.onnx"),
+                             "--size", "60x80", "--no-progress")
+    assert code == 0, err
+    assert "--maxShapes=image:4x3x64x96" in out and "--optShapes=image:1x3x64x96" in out, out

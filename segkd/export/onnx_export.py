@@ -175,8 +175,13 @@ def required_stride(model: nn.Module) -> int:
     return model_stride(model)
 
 
-def _round_to(v: int, m: int) -> int:
-    return max(m, int(round(v / m)) * m)
+def _round_up(v: int, m: int) -> int:
+    """``v`` rounded up to a multiple of ``m`` (never to the nearest: a profile must hold the size verified)."""
+    return max(m, -(-v // m) * m)
+
+
+def _round_down(v: int, m: int) -> int:
+    return max(m, v // m * m)
 
 
 def plan_shapes(cfg: ExportConfig, stride: int, model_name: str) -> ExportPlan:
@@ -184,10 +189,10 @@ def plan_shapes(cfg: ExportConfig, stride: int, model_name: str) -> ExportPlan:
     if cfg.static:
         b, _, h, w = parse_shape(cfg.static, "--static")
         if h % stride or w % stride:
-            near = f"{b}x3x{_round_to(h, stride)}x{_round_to(w, stride)}"
+            up = f"{b}x3x{_round_up(h, stride)}x{_round_up(w, stride)}"
             raise SegkdError(
                 f"--static {cfg.static}: height and width must be multiples of {stride} for {model_name} "
-                f"(its coarsest feature map is at stride {stride}); nearest valid: {near}"
+                f"(its coarsest feature map is at stride {stride}); the smallest valid shape holding it: {up}"
             )
         if cfg.size and parse_hw(cfg.size, "--size") != (h, w):
             raise SegkdError(f"--size {cfg.size} contradicts --static {cfg.static}; give one of them")
@@ -195,10 +200,11 @@ def plan_shapes(cfg: ExportConfig, stride: int, model_name: str) -> ExportPlan:
         return ExportPlan(h, w, b, True, stride, {"min": shape, "opt": shape, "max": shape})
     h, w = parse_hw(cfg.size or "512x1024", "--size")
     check_min_size((h, w), stride, "--size", model_name)
+    # min rounded down, opt and max rounded up to the stride: the verified h x w lies inside every default profile
     profile = {
-        "min": (1, 3, _round_to(h // 2, stride), _round_to(w // 2, stride)),
-        "opt": (1, 3, _round_to(h, stride), _round_to(w, stride)),
-        "max": (4, 3, _round_to(h, stride), _round_to(w, stride)),
+        "min": (1, 3, _round_down(h // 2, stride), _round_down(w // 2, stride)),
+        "opt": (1, 3, _round_up(h, stride), _round_up(w, stride)),
+        "max": (4, 3, _round_up(h, stride), _round_up(w, stride)),
     }
     for key, text in (("min", cfg.trt_min), ("max", cfg.trt_max)):
         if text:
@@ -207,6 +213,9 @@ def plan_shapes(cfg: ExportConfig, stride: int, model_name: str) -> ExportPlan:
                 raise SegkdError(f"--trt-{key} {text}: height and width must be multiples of {stride} for {model_name}")
             profile[key] = (b, 3, ph, pw)
     lo, opt, hi = profile["min"], profile["opt"], profile["max"]
+    if not (lo[2] <= h <= hi[2] and lo[3] <= w <= hi[3]):
+        raise SegkdError(f"the TensorRT profile {lo[2]}x{lo[3]} .. {hi[2]}x{hi[3]} (--trt-min/--trt-max) does not "
+                         f"hold the verified size {h}x{w} (--size)")
     if not all(a <= o <= c for a, o, c in zip(lo, opt, hi)):
         raise SegkdError(f"TensorRT profile must satisfy min <= opt <= max per dim, got {lo} / {opt} / {hi}")
     return ExportPlan(h, w, 1, False, stride, profile)
