@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from segkd import __version__
 from segkd.cliopts import ParameterSource, get_current_context  # one place that knows where click lives
-from segkd.errors import SegkdError, UsageError
+from segkd.errors import SegkdError
 from segkd.textout import make_console
 
 try:  # typer >= 0.20 vendors its own click
@@ -84,7 +84,7 @@ class _SegkdGroup(TyperGroup):
                 typer.echo(e.format_message(), err=True)
             sys.exit(e.exit_code)
         except _click_errors.UsageError as e:
-            where = e.ctx.command_path if e.ctx is not None else "segkd"
+            where = _command_name(e.ctx)
             typer.echo(f"error: {' '.join(e.format_message().split()).rstrip('.')}; see '{where} --help'", err=True)
             sys.exit(e.exit_code)
         except _click_errors.ClickException as e:
@@ -112,17 +112,21 @@ out = make_console()  # never wraps when piped: scripts parse what segkd prints
 @contextmanager
 def option_values() -> Iterator[None]:
     """The block checks option values only (before any file is read or any work starts): a ``SegkdError`` it raises
-    is a usage error, exit 2 with the ``--help`` hint, as click gives for the values it checks itself."""
+    is a usage error, exit 2 with the ``--help`` hint, as click gives for the values it checks itself (``--device
+    gpu``, ``--crop 60by80``, ``--method c2vk``; issue 23 item 11)."""
     try:
         yield
-    except UsageError:
-        raise
     except SegkdError as e:
-        names, ctx = [], get_current_context(silent=True)
-        while ctx is not None and ctx.parent is not None:  # the subcommands, under the program's own name
-            names.append(ctx.info_name)
-            ctx = ctx.parent
-        raise UsageError(f"{e}; see '{' '.join(['segkd', *reversed(names)])} --help'") from None
+        raise _click_errors.UsageError(str(e), ctx=get_current_context(silent=True)) from None
+
+
+def _command_name(ctx: Any) -> str:
+    """``segkd SUBCOMMAND...`` of a click context (the program's own name, however Python was started)."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["segkd", *reversed(names)])
 
 
 def _version(value: bool) -> None:
@@ -424,11 +428,11 @@ def export_cmd(**values: Any) -> None:
     check_output(values["out_path"], "file", "--out")
     json_output = JsonOutput(values["as_json"], values["json_out"])
     cfg, _ = resolve_config(ExportConfig, values, None)
-    with option_values():
-        cfg.check()
     if cfg.int8 and cfg.data is None:
         raise typer.BadParameter("--int8 needs --data ROOT (real training images to calibrate on)",
                                  param_hint="'--data'")
+    with option_values():
+        cfg.check()
     report = export_checkpoint(values["ckpt"], values["out_path"], cfg)
     json_output.emit(report, lambda view: render_export_report(report, view))
 
@@ -444,35 +448,37 @@ def _export_parameters() -> list[inspect.Parameter]:
 def _bench_options(
     as_json: JsonFlag = False,
     json_out: JsonOutOption = None,
-    max_latency_ms: Annotated[float | None, typer.Option(help="Gate: p50 latency of every run (ms).")] = None,
-    max_gflops: Annotated[float | None, typer.Option(help="Gate: GFLOPs per image (2 x GMACs) at every input.")
-                          ] = None,
-    max_params: Annotated[str | None, typer.Option(help="Gate: deploy parameters, e.g. 3.8M or 3800000.")] = None,
+    max_latency_ms: Annotated[str | None, typer.Option(help="Gate: p50 latency of every run (ms); X@MODEL[,MODEL] "
+                                                       "gates only those MODELs (as typed, file name or position), "
+                                                       "e.g. 40@2.")] = None,
+    max_gflops: Annotated[str | None, typer.Option(help="Gate: GFLOPs per image (2 x GMACs) at every input; "
+                                                   "X@MODEL[,MODEL] as for --max-latency-ms.")] = None,
+    max_params: Annotated[str | None, typer.Option(help="Gate: deploy parameters, e.g. 3.8M or 3800000; "
+                                                   "3.8M@MODEL[,MODEL] as for --max-latency-ms.")] = None,
     baseline: Annotated[Path | None, typer.Option(help="Previous bench report (`--json-out` file) to compare with.")
                         ] = None,
     max_regression: Annotated[str, typer.Option(help="Gate with --baseline: allowed increase of p50 latency, GMACs "
-                                                "and params, e.g. 10%.")] = "10%",
+                                                "and params, e.g. 10% (10%@MODEL[,MODEL] compares only those).")
+                              ] = "10%",
 ) -> None:
     """(signature only: bench's output and gate options beside BenchConfig's)"""
 
 
 def bench_cmd(**values: Any) -> None:
     """Parameters, FLOPs (GMACs), latency percentiles, throughput and memory; JSON report and CI gates (exit 3)."""
-    from segkd.bench.gates import Gates, enforce, parse_count
+    from segkd.bench.gates import enforce, parse_gates
     from segkd.bench.report import render
     from segkd.bench.run import BenchConfig, run_bench_command
-    from segkd.bench.specs import parse_percent
     from segkd.cliopts import resolve_config
 
     _refuse_json_paths(values["models"] or [], values["as_json"])
     json_output = JsonOutput(values["as_json"], values["json_out"])
     cfg, _ = resolve_config(BenchConfig, values, None)
-    max_params = values["max_params"]
     with option_values():
-        gates = Gates(max_latency_ms=values["max_latency_ms"], max_gflops=values["max_gflops"],
-                      max_params=None if max_params is None else parse_count(max_params), baseline=values["baseline"],
-                      max_regression=parse_percent(values["max_regression"]))
+        gates = parse_gates(values["max_latency_ms"], values["max_gflops"], values["max_params"], values["baseline"],
+                            values["max_regression"])
         cfg.check()
+        gates.check_scope(cfg.models)
     with console.status("benchmarking") as status:
         report = run_bench_command(cfg, gates, progress=lambda label: status.update(f"benchmarking {label}"))
     json_output.emit(report, lambda view: render(report, view))

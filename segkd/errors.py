@@ -14,9 +14,3 @@ class GateFailure(SegkdError):
 
     exit_code = 3
 
-
-class UsageError(SegkdError):
-    """A bad option value (``--device gpu``, ``--crop 60by80``, ``--method c2vk``): exit 2, the code click and
-    argparse give usage errors, so a script can tell a mistyped command line from bad input files (exit 1)."""
-
-    exit_code = 2

@@ -358,3 +358,78 @@ def test_the_printed_trtexec_line_holds_the_size(small_ckpt: Path, monkeypatch, 
                              "--size", "60x80", "--no-progress")
     assert code == 0, err
     assert "--maxShapes=image:4x3x64x96" in out and "--optShapes=image:1x3x64x96" in out, out
+
+
+# ------------------------------------------------------------------------------- 13. the readiness verdict
+def test_the_readiness_verdict_never_says_less_than_its_issues() -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from segkd.export.tensorrt import check_graph, readiness_verdict
+
+    assert readiness_verdict(0, 0) == "ready" and readiness_verdict(0, 20) == "ready with 20 warnings"
+    assert readiness_verdict(2, 1) == "NOT ready (2 errors, 1 warning)"
+    bias = helper.make_tensor("b", TensorProto.INT32, [4], [1, 2, 3, 4])  # ORT's default bias form
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    graph = helper.make_graph([helper.make_node("DequantizeLinear", ["b", "s"], ["bf"], name="bias_dq"),
+                               helper.make_node("Add", ["x", "bf"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], initializer=[bias, scale])
+    report = check_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert report["ready"] and report["verdict"] == "ready with 1 warning"
+    assert onnx.TensorProto.INT32 == 6 and "INT32" in report["issues"][0]["message"]
+
+
+# ------------------------------------------------------------------------------- 14. gates naming their models
+def _bench_report() -> dict:
+    """A two-model report (zoo names only: nothing is built) shaped as bench writes it."""
+    def model(name: str, params: int, p50: float, backend: str) -> dict:
+        return {"name": name, "arg": name, "path": None, "params": params, "params_m": params / 1e6,
+                "complexity": [{"input": [1, 3, 64, 64], "gmacs": params / 1e6, "gflops": 2 * params / 1e6}],
+                "runs": [{"backend": backend, "input": [1, 3, 64, 64], "latency_ms": {"p50": p50, "p90": p50,
+                          "mean": p50, "std": 0.0}, "throughput_ips": 1000 / p50, "peak_mem_mb": 1.0,
+                          "cpu_util": 1.0, "contended": False, "providers_used": []}], "notes": []}
+
+    return {"models": [model("teacher", 40_000_000, 300.0, "torch"), model("student", 3_700_000, 30.0, "torch"),
+                       model("student.onnx", 3_700_000, 20.0, "onnxruntime")],
+            "environment": {"device": "cpu", "cpu_model": "x", "threads": 1}}
+
+
+def test_a_gate_can_name_the_models_it_applies_to() -> None:
+    from segkd.bench.gates import apply_gates, parse_gates
+
+    every = parse_gates("100", None, "4M", None, "10%")
+    apply_gates(report := _bench_report(), every)
+    assert report["passed"] is False and {g["model"] for g in report["gates"] if not g["passed"]} == {"teacher"}
+    for selector in ("student,student.onnx", "2,3"):
+        scoped = parse_gates(f"100@{selector}", None, f"4M@{selector}", None, "10%")
+        scoped.check_scope(["teacher", "student", "student.onnx"])
+        apply_gates(report := _bench_report(), scoped)
+        assert report["passed"] is True and {g["model"] for g in report["gates"]} == {"student", "student.onnx"}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-params", "4M@nosuch"], "--max-params ...@nosuch: 'nosuch' is none of the MODELs (segformer-b0, "
+                                    "deeplabv3-resnet18) nor a position 1..2"),
+    (["--max-latency-ms", "40@"], "--max-latency-ms '40@': name the models after '@'"),
+    (["--max-latency-ms", "forty@2"], "--max-latency-ms 'forty': expected a number"),
+    (["--max-regression", "10%@3"], "'3' is none of the MODELs"),
+])
+def test_bad_gate_scopes_are_usage_errors(args: list[str], needle: str, monkeypatch, capsys) -> None:
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "segformer-b0", "deeplabv3-resnet18", "--input", "64x64",
+                           *args)
+    assert code == 2
+    one_error_line(err, needle)
+
+
+def test_a_blank_speed_up_cell_says_why() -> None:
+    from rich.console import Console
+
+    from segkd.bench.report import NO_PEER, render, rows
+
+    report = _bench_report()
+    assert [r["vs_speed"] for r in rows(report)] == ["ref", "10.00x", NO_PEER]
+    console = Console(record=True, width=250)
+    render(report, console)
+    text = console.export_text()
+    assert f"{NO_PEER}: the 1st model has no run with this backend and input" in text

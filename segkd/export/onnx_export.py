@@ -527,6 +527,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
             write_and_verify(tmp / "fp32.onnx")
         assert calibration is not None
         report["int8"] = build_int8(onnx_model, out, cfg, calibration, progress=cfg.progress)
+        if cfg.verify:  # the int8 file against PyTorch too: reported, not gated (its gate is the mIoU drop)
+            report["int8"]["verification"] = verify_onnx(out, wrapper, plan, cfg, providers=providers, atol=None,
+                                                         min_agreement=0.0)
         trt = report["tensorrt"] = trt_readiness(onnx.load(str(out)), plan, out, False, int8=True)  # the QDQ graph
     else:
         atomic_write(out, write_and_verify)

@@ -18,6 +18,10 @@ Choices (and why):
   attention x value): softmax probabilities and attention logits have long-tailed ranges that one int8 scale per
   tensor represents badly, the known accuracy trap of post-training quantisation of vision transformers. The
   report lists the op types that ended up int8 and fp32 as read back from the quantised graph, not as intended.
+* **Biases**: fp32 for ``tensorrt`` (ORT's ``QuantizeBias=False``, onnxruntime >= 1.17): ORT's default stores
+  each bias as INT32 behind a DequantizeLinear, a dtype the ONNX-TensorRT parser does not take (its matrix lists
+  INT8/FP8/INT4 for DequantizeLinear; 20 such nodes in a SegFormer-B0 export), while TensorRT fuses an fp32 bias
+  into the int8 convolution itself. ``cpu`` keeps ORT's INT32 biases, which its fused QLinearConv kernels use.
 * **Calibration**: ``--calib-images`` images of ``--calib-split`` (default train, as calibration must not see
   the evaluation split), drawn by a seeded permutation (CamVid's splits are consecutive video frames: the first N
   would be one street) and transformed exactly as ``segkd eval`` transforms them (checkpoint mean/std,
@@ -170,7 +174,7 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], m
                 reduce_range=False, activation_type=getattr(QuantType, act_type), weight_type=QuantType.QInt8,
                 calibrate_method=methods[method], nodes_to_exclude=attention_matmuls(model),
                 extra_options={"ActivationSymmetric": act_symmetric, "WeightSymmetric": True,
-                               "MatMulConstBOnly": True},
+                               "MatMulConstBOnly": True, "QuantizeBias": target != "tensorrt"},
             )
     except SegkdError:
         raise

@@ -182,14 +182,26 @@ def check_graph(model: Any) -> dict[str, Any]:
         issues.append({"severity": "warning", "op": "ReduceMean", "node": "",
                        "message": "decomposed LayerNorm (ReduceMean/Pow/Sqrt); fp16 engines may overflow"})
     issues += _dynamic_notes(graph, dynamic_reshape, dynamic_resize)
+    errors = sum(i["severity"] == "error" for i in issues)
+    warnings = sum(i["severity"] == "warning" for i in issues)
     return {
         "table": table["source"],
         "opset": opset,
         "op_counts": dict(sorted(counts.items())),
         "unsupported": sorted(set(unsupported)),
         "issues": issues,
-        "ready": not any(i["severity"] == "error" for i in issues),
+        "ready": not errors,
+        "verdict": readiness_verdict(errors, warnings),
     }
+
+
+def readiness_verdict(errors: int, warnings: int) -> str:
+    """The one-word-and-count summary of the issues, so it never says less than the list below it: ``ready`` only
+    with neither errors nor warnings (a parser dtype warning is a node TensorRT may refuse)."""
+    if errors:
+        return f"NOT ready ({errors} error{'s' * (errors != 1)}" + (f", {warnings} warning{'s' * (warnings != 1)})"
+                                                                     if warnings else ")")
+    return f"ready with {warnings} warning{'s' * (warnings != 1)}" if warnings else "ready"
 
 
 def _has_decomposed_layernorm(graph: Any, producers: dict[str, Any]) -> bool:
