@@ -103,7 +103,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
 )
 console = make_console(stderr=True)
 out = make_console()  # never wraps when piped: scripts parse what segkd prints
@@ -508,7 +508,8 @@ def _refuse_json_paths(models: list[str], as_json: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------------- distill
 def _distill_extra(
-    method_opt: Annotated[list[str] | None, typer.Option(help="Any method option as KEY=VALUE (repeatable), e.g. "
+    method_opt: Annotated[list[str] | None, typer.Option(metavar="KEY=VALUE", help="Any method option as KEY=VALUE "
+                                                         "(repeatable), e.g. "
                                                          "temperature=2; see docs/methods.md.")] = None,
 ) -> None:
     """(signature only: distill's options beyond its config's and the method flags)"""
@@ -544,7 +545,8 @@ def _distill_parameters() -> list[inspect.Parameter]:
     from segkd.cliopts import command_parameters, method_flag_parameters
     from segkd.methods.task import DistillConfig
 
-    return command_parameters(DistillConfig, _distill_extra, _run_options, between=method_flag_parameters())
+    return command_parameters(DistillConfig, _distill_extra, _run_options, between=method_flag_parameters(),
+                              first=("method", "teacher", "teacher_weights", "model", "peer", "data"))
 
 
 # commands whose options are generated from config dataclasses (segkd.cliopts): name -> (function, signature)
@@ -560,7 +562,7 @@ def _build_generated(name: str) -> Any:
     from segkd.cliopts import with_signature
 
     fn, parameters = _GENERATED[name]
-    single = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False, add_completion=False)
+    single = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)
     single.command(name)(with_signature(fn, parameters()))
     cmd = typer.main.get_command(single)
     cmd.name = name

@@ -433,3 +433,43 @@ def test_a_blank_speed_up_cell_says_why() -> None:
     render(report, console)
     text = console.export_text()
     assert f"{NO_PEER}: the 1st model has no run with this backend and input" in text
+
+
+# ------------------------------------------------------------------------------- 15. --help in 80 columns
+def _help(monkeypatch, capsys, *command: str) -> str:
+    from segkd.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["segkd", *command, "--help"])
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [("train",), ("distill",), ("eval",), ("export",), ("bench",), ("convert",),
+                                     ("data", "synth"), ("data", "inspect"), ("report",), ("models",)])
+def test_help_in_80_columns_cuts_nothing(command: tuple[str, ...], monkeypatch, capsys) -> None:
+    from segkd.cli import _SegkdGroup, app  # noqa: F401  (the commands as run)
+    from typer.main import get_command
+
+    text = _help(monkeypatch, capsys, *command)
+    assert "…" not in text and "<bool>" not in text and "╭" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    group = get_command(app)
+    ctx = group.make_context("segkd", [*command, "--help"], resilient_parsing=True)
+    cmd = group
+    for name in command:  # the real command (the generated ones are built when resolved)
+        _, cmd, _ = cmd.resolve_command(ctx, [name])
+    for param in cmd.params:
+        for flag in [*param.opts, *param.secondary_opts]:
+            assert flag in text, (flag, text)  # every flag whole
+
+
+def test_distill_help_leads_with_the_method_and_the_teacher(monkeypatch, capsys) -> None:
+    text = _help(monkeypatch, capsys, "distill")
+    flags = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+    assert flags[:4] == ["--method", "--teacher", "--teacher-weights", "--student"]
+    method = text[text.index("--method"):text.index("--teacher")]
+    assert "[required" in " ".join(method.split())
+    assert "--flip / --no-flip" in text and "--peer-head-lr-mult" in text and "--c2vkd-pool-weights" in text
