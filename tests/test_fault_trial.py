@@ -450,8 +450,9 @@ def _help(monkeypatch, capsys, *command: str) -> str:
 @pytest.mark.parametrize("command", [("train",), ("distill",), ("eval",), ("export",), ("bench",), ("convert",),
                                      ("data", "synth"), ("data", "inspect"), ("report",), ("models",)])
 def test_help_in_80_columns_cuts_nothing(command: tuple[str, ...], monkeypatch, capsys) -> None:
-    from segkd.cli import _SegkdGroup, app  # noqa: F401  (the commands as run)
     from typer.main import get_command
+
+    from segkd.cli import _SegkdGroup, app  # noqa: F401  (the commands as run)
 
     text = _help(monkeypatch, capsys, *command)
     assert "…" not in text and "<bool>" not in text and "╭" not in text
