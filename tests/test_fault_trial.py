@@ -10,6 +10,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import one_error_line, run_cli
@@ -474,3 +475,58 @@ def test_distill_help_leads_with_the_method_and_the_teacher(monkeypatch, capsys)
     method = text[text.index("--method"):text.index("--teacher")]
     assert "[required" in " ".join(method.split())
     assert "--flip / --no-flip" in text and "--peer-head-lr-mult" in text and "--c2vkd-pool-weights" in text
+
+
+# ------------------------------------------------------------------------------- 17. the report page
+class _FakeRun:
+    """What the loss figure reads of a run: its name, deploy models and train records."""
+
+    def __init__(self, name: str, train: list[dict]) -> None:
+        self.name, self.models, self.train = name, ["student"], train
+
+    def label(self, role: str) -> str:
+        return self.name
+
+
+def test_loss_figure_scales_says_what_is_missing_and_keeps_legends_off_the_data(monkeypatch) -> None:
+    from segkd.report import figures
+
+    monkeypatch.setattr(figures, "to_png", lambda fig: fig)  # inspect the figure instead of its pixels
+    kd = _FakeRun("kd", [{"iter": i, "loss": 10.0 / i, "raw_ce": 1.0 / i} for i in (1, 2, 4)])
+    c2vkd = _FakeRun("c2vkd", [{"iter": i, "loss": 900.0 / i} for i in (1, 2, 4)])  # no CE term at all
+    fig = figures.loss_figure([kd, c2vkd], {})
+    total, parts = fig.axes
+    firsts = [line.get_ydata()[0] for line in total.get_lines()]
+    assert firsts == [1.0, 1.0] and "relative" in total.get_title()  # 10 and 900 no longer share one scale
+    assert "not shown (no cross-entropy logged): c2vkd" in [t.get_text() for t in parts.texts]
+    assert total.get_legend() is not None and parts.get_legend() is not None
+    for ax in (total, parts):
+        assert ax.get_legend().get_bbox_to_anchor().x0 >= ax.get_window_extent().x1  # right of the plotting area
+
+
+def test_overlay_colours_tell_road_pavement_and_car_apart() -> None:
+    from segkd.data.classes import CAMVID_CLASSES, CAMVID_PALETTE
+    from segkd.report.figures import MIN_DELTA_E, _lab, overlay_palette
+
+    palette, changed = overlay_palette(CAMVID_PALETTE, range(len(CAMVID_CLASSES)))
+    lab = _lab(palette)
+    dist = np.linalg.norm(lab[:, None] - lab[None], axis=2) + np.eye(len(palette)) * 1e9
+    assert dist.min() >= MIN_DELTA_E  # every pair of classes shown, Road/Pavement/Car included
+    road, pavement, car = (CAMVID_CLASSES.index(n) for n in ("Road", "Pavement", "Car"))
+    assert palette[road] == CAMVID_PALETTE[road] and CAMVID_CLASSES[car] in [CAMVID_CLASSES[i] for i in changed]
+    assert all(palette[i] == CAMVID_PALETTE[i] for i in range(len(palette)) if i not in changed)
+    assert overlay_palette(CAMVID_PALETTE, [road, car])[1] == [car]  # CIE76 38.5 apart in the dataset palette
+    assert overlay_palette(CAMVID_PALETTE, [road, pavement])[1] == []  # far enough: the dataset's colours stay
+
+
+def test_a_contended_latency_is_marked_on_the_report(tmp_path: Path) -> None:
+    from segkd.report.build import cost_table
+    from segkd.report.measure import Entry
+
+    calm = Entry("kd", "student", "segformer-b0", None, None, (64, 64), latency_ms=20.0, cpu_util=1.0,
+                 contended=False)
+    busy = Entry("dkd", "student", "segformer-b0", None, None, (64, 64), latency_ms=600.0, cpu_util=0.31,
+                 contended=True)
+    table = cost_table([calm, busy], latency=True)
+    assert table.rows[0][-1] == "20.0" and table.rows[1][-1] == "600.0 (contended: CPU util 0.31)"
+    assert "contended = the process got less than 0.9 x its threads" in table.note

@@ -58,7 +58,8 @@ def html_table(t: Table) -> str:
 
 def html_figure(f: Figure) -> str:
     data = base64.b64encode(f.png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(f.title)}">\n'
+    caption = f'<p class="note">{html.escape(f.caption)}</p>\n' if f.caption else ""
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(f.title)}">\n' + caption
 
 
 def render_html(report: Report) -> str:
@@ -109,7 +110,8 @@ def render_markdown(report: Report, figure_dir: str) -> str:
         parts.append(md_table(tables["Per-class IoU (%)"]))
     if report.samples:
         parts += ["## Validation samples", ""]
-        parts += [f"![{f.title}]({figure_dir}/{f.key}.png)\n" for f in report.samples]
+        parts += [f"![{f.title}]({figure_dir}/{f.key}.png)\n" + (f"\n{f.caption}\n" if f.caption else "")
+                  for f in report.samples]
     return "\n".join(parts)
 
 
