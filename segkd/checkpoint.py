@@ -258,7 +258,8 @@ def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: st
     """``load_state_dict`` with one-line errors naming the first bad key (both shapes on a mismatch, both dtypes
     when they differ). ``exact_dtype`` (segkd's own checkpoints): every tensor has its parameter's dtype, since
     ``load_state_dict`` would cast silently (an int32 relabel of float bytes evaluated as garbage). Without it
-    (foreign weights, e.g. fp16 releases) floats may be cast to floats, never ints to floats or back."""
+    (foreign weights: fp16 releases, torchvision files whose BatchNorm counters are float) a value is cast to its
+    parameter's dtype, except integer or boolean tensors where the model has floating-point weights."""
     own = model.state_dict()
     for key, value in state.items():
         if key not in own:
@@ -268,7 +269,7 @@ def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: st
                 f"{source}: key {key!r} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}"
             )
         want = own[key].dtype
-        if value.dtype != want and (exact_dtype or value.dtype.is_floating_point != want.is_floating_point):
+        if value.dtype != want and (exact_dtype or want.is_floating_point and not value.dtype.is_floating_point):
             raise SegkdError(f"{source}: tensor {key!r} is {str(value.dtype).removeprefix('torch.')} but the model's "
                              f"parameter is {str(want).removeprefix('torch.')}")
     if strict:

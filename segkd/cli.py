@@ -199,7 +199,9 @@ def _print_run(summary: dict[str, Any], view: Console, *extra: str) -> None:
     """A run's speed, the files it left and their sizes (what ``--keep`` decides), then its small files."""
     view.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} "
                "img/s)")
-    files = ", ".join(f"{path} ({size / 1e6:.1f} MB)" for path, size in summary["files"].items())
+    from segkd.textout import human_size
+
+    files = ", ".join(f"{path} ({human_size(size)})" for path, size in summary["files"].items())
     view.print(f"wrote {files}", highlight=False)
     view.print("wrote " + ", ".join(f"{summary['out']}/{name}" for name in ("run.json", *extra)), highlight=False)
 
@@ -257,8 +259,9 @@ def convert_cmd(
     src: Annotated[Path, typer.Argument(help="Foreign checkpoint: HF model.safetensors/pytorch_model.bin or its "
                                         "save_pretrained folder (class names from config.json's id2label), "
                                         "NVlabs/mmseg .pth, torchvision DeepLabV3 .pth.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model to build, e.g. segformer-b0.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="segkd checkpoint to write (.safetensors).")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Zoo model to build, e.g. segformer-b0 "
+                                              "(default: detected from the checkpoint's layout and shapes).")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Classes (default: read from the source head).")] = None,
     classes: Annotated[Path | None, typer.Option(help="Class names: a text file (one per line) or a JSON file with "
                                                  "'classes' and optional 'palette' (e.g. a dataset's stats.json).")]
@@ -277,7 +280,8 @@ def convert_cmd(
                          ignore_index=ignore_index)
 
     def render(view: Console) -> None:
-        view.print(f"[bold]{report['source_format']}[/] checkpoint -> {report['model']} "
+        how = " (detected from its keys and shapes)" if report["model_detected"] else ""
+        view.print(f"[bold]{report['source_format']}[/] checkpoint -> {report['model']}{how} "
                    f"({report['num_classes']} classes): {report['placed']} tensors placed")
         for label in ("unplaced", "skipped", "missing"):
             keys = report[label]

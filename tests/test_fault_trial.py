@@ -528,5 +528,62 @@ def test_a_contended_latency_is_marked_on_the_report(tmp_path: Path) -> None:
     busy = Entry("dkd", "student", "segformer-b0", None, None, (64, 64), latency_ms=600.0, cpu_util=0.31,
                  contended=True)
     table = cost_table([calm, busy], latency=True)
-    assert table.rows[0][-1] == "20.0" and table.rows[1][-1] == "600.0 (contended: CPU util 0.31)"
+    assert table.rows[0][-2:] == ["20.0", "1.00"] and table.rows[1][-2:] == ["600.0", "0.31 contended"]
     assert "contended = the process got less than 0.9 x its threads" in table.note
+
+
+# ------------------------------------------------------------------------------- 18. convert and small frictions
+def test_convert_detects_the_model_and_names_a_wrong_depth(monkeypatch, capsys, tmp_path: Path) -> None:
+    from test_convert import _nvlabs_state
+
+    from segkd.checkpoint import read_meta
+    from segkd.models import create_model
+    from segkd.models.convert import detect_model
+
+    torch.manual_seed(0)
+    tv = create_model("deeplabv3-resnet18", num_classes=5).state_dict()  # segkd's DeepLab keys are torchvision's
+    torch.save({k: v for k, v in tv.items() if not k.startswith("aux_")}, tmp_path / "r18.pth")
+    code, out, err = run_cli(monkeypatch, capsys, "convert", str(tmp_path / "r18.pth"), "-o",
+                             str(tmp_path / "a.safetensors"))
+    assert code == 0, err
+    assert "deeplabv3-resnet18 (detected from its keys and shapes) (5 classes)" in out
+    assert read_meta(tmp_path / "a.safetensors").model == "deeplabv3-resnet18"
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(tmp_path / "r18.pth"), "-m", "deeplabv3-resnet50",
+                           "-o", str(tmp_path / "b.safetensors"))
+    assert code == 1 and not (tmp_path / "b.safetensors").exists()
+    one_error_line(err, "r18.pth: not a deeplabv3-resnet50 checkpoint:", "tensors differ in shape (first "
+                   "backbone.layer1.0.conv1.weight: (64, 64, 3, 3) here, (64, 64, 1, 1) in deeplabv3-resnet50)",
+                   "it holds a deeplabv3-resnet18")
+    for variant in ("b0", "b2"):  # a MiT variant from its width and blocks per stage (NVlabs keys)
+        state = _nvlabs_state(create_model(f"segformer-{variant}", num_classes=3))
+        assert detect_model(state, "x.pth") == f"segformer-{variant}"
+
+
+def test_convert_of_an_unknown_layout_asks_for_the_model(monkeypatch, capsys, tmp_path: Path) -> None:
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(tmp_path / "other.pth"), "-o",
+                           str(tmp_path / "o.safetensors"))
+    assert code == 1
+    one_error_line(err, "other.pth: cannot tell the model from its keys", "pass --model")
+
+
+def test_small_sizes_read_as_people_write_them() -> None:
+    from segkd.textout import human_size
+
+    assert [human_size(n) for n in (0, 812, 12_345, 7_400_000, 2.5e9)] == ["0 B", "812 B", "12.3 kB", "7.4 MB",
+                                                                          "2.5 GB"]
+
+
+def test_shapes_are_not_coloured_by_guess() -> None:
+    import io
+
+    from rich.console import Console
+
+    from segkd.textout import make_console
+
+    console = make_console()
+    assert isinstance(console, Console) and console.highlighter is not None
+    buffer = io.StringIO()
+    console.file, console._force_terminal = buffer, True
+    console.print("input image 1x3x60x80 (fp32), 7.4 MB")
+    assert "\x1b[" not in buffer.getvalue()  # no escape code splits the shape

@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from segkd.textout import print_table
+from segkd.textout import human_size, print_table
 
 
 def _num(v: Any) -> str:
@@ -38,8 +38,8 @@ def render_int8(q: dict[str, Any], console: Console) -> None:
         f"calibrated by "
         f"{cal['method']} on {cal['images']} of {cal['images_in_split']} {cal['split']!r} images: mIoU on "
         f"{q['eval_split']!r} ({q['eval_images']} images) {q['miou_fp32']:.2f} fp32 -> {q['miou_int8']:.2f} int8, "
-        f"drop {q['miou_drop']:.2f} <= {q['max_miou_drop']:g}; {q['bytes_fp32'] / 1e6:.1f} MB -> "
-        f"{q['bytes_int8'] / 1e6:.1f} MB", highlight=False, soft_wrap=True)
+        f"drop {q['miou_drop']:.2f} <= {q['max_miou_drop']:g}; {human_size(q['bytes_fp32'])} -> "
+        f"{human_size(q['bytes_int8'])}", highlight=False, soft_wrap=True)
     console.print(f"  int8: {_counts(q['quantized_op_types'])}", highlight=False, soft_wrap=True)
     console.print(f"  fp32: {_counts(q['fp32_op_types'])}", highlight=False, soft_wrap=True)
     if q.get("verification"):
@@ -68,7 +68,7 @@ def render_export_report(report: dict[str, Any], console: Console) -> None:
     console.print(
         f"[bold]{report['model']}[/] -> {report['out']}  opset {ex['opset']}, output {ex['output']}, "
         f"input {ex['input_name']} {shape} ({ex['input_range']}), {_precision(ex)}, "
-        f"{graph['nodes']} nodes, {report['bytes'] / 1e6:.1f} MB, {report['seconds']:.1f} s",
+        f"{graph['nodes']} nodes, {human_size(report['bytes'])}, {report['seconds']:.1f} s",
         highlight=False,
     )
     ver = report.get("verification")

@@ -117,10 +117,11 @@ def results_table(entries: list[Entry]) -> Table:
                  "validation split of the run that names it, as the trainer validates.")
 
 
-def _latency_cell(e: Entry) -> str:
-    if e.latency_ms is None:
+def _util_cell(e: Entry) -> str:
+    """bench's CPU-util column: process CPU time / wall time while timed, marked when contended."""
+    if e.latency_ms is None or e.cpu_util is None:
         return "-"
-    return f"{e.latency_ms:.1f}" + (f" (contended: CPU util {e.cpu_util:.2f})" if e.contended else "")
+    return f"{e.cpu_util:.2f}" + (" contended" if e.contended else "")
 
 
 def cost_table(entries: list[Entry], latency: bool) -> Table:
@@ -128,13 +129,13 @@ def cost_table(entries: list[Entry], latency: bool) -> Table:
     for e in entries:
         rows.append([e.label, "-" if e.params is None else f"{e.params / 1e6:.3f}",
                      "-" if e.gmacs is None else f"{e.gmacs:.3f}", f"1x3x{e.size[0]}x{e.size[1]}",
-                     _latency_cell(e)])
+                     "-" if e.latency_ms is None else f"{e.latency_ms:.1f}", _util_cell(e)])
     how = (f"latency: median of 5 batch-1 forwards on CPU (torch threads: {torch.get_num_threads()}) after one warm-up"
            if latency else "latency not measured (--no-latency)")
     if any(e.contended for e in entries):
         how += ("; contended = the process got less than 0.9 x its threads of CPU while timed (another process "
                 "shared the cores, as segkd bench flags it): that latency is too high, rerun on an idle machine")
-    return Table("Size and cost", ["model", "params (M)", "GMACs", "input", "latency (ms)"], rows,
+    return Table("Size and cost", ["model", "params (M)", "GMACs", "input", "latency (ms)", "CPU util"], rows,
                  f"params: deploy weights (run.json; training-only adapters excluded); GMACs at the run's crop "
                  f"(else resize, else 512x512); {how}.")
 
