@@ -49,17 +49,6 @@ def split_scope(text: str, option: str) -> tuple[str, tuple[str, ...] | None]:
     return value.strip(), models
 
 
-def parse_limit(text: str, option: str) -> float:
-    """A gate's finite, non-negative number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise SegkdError(f"{option} {text!r}: expected a number") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise SegkdError(f"{option} {text!r}: expected a finite number >= 0")
-    return value
-
-
 @dataclass
 class Gates:
     """Thresholds; ``None`` disables a gate. ``max_regression`` is a fraction (0.10 = 10 %). ``scope`` maps a gate
@@ -101,14 +90,14 @@ def _selects(selector: str, index: int, model: dict[str, Any]) -> bool:
 def parse_gates(max_latency_ms: str | None, max_gflops: str | None, max_params: str | None,
                 baseline: Path | None, max_regression: str) -> Gates:
     """The gate options of ``segkd bench`` (each ``LIMIT[@MODEL,...]``) as :class:`Gates`."""
-    from segkd.bench.specs import parse_percent
+    from segkd.bench.specs import parse_nonnegative, parse_percent
 
     gates, scope = Gates(baseline=baseline), {}
     for gate, text in (("max-latency-ms", max_latency_ms), ("max-gflops", max_gflops), ("max-params", max_params)):
         if text is None:
             continue
         value, models = split_scope(text, f"--{gate}")
-        limit = parse_count(value) if gate == "max-params" else parse_limit(value, f"--{gate}")
+        limit = parse_count(value) if gate == "max-params" else parse_nonnegative(value, f"--{gate}")
         setattr(gates, gate.replace("-", "_"), limit)
         if models:
             scope[gate] = models

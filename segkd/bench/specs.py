@@ -64,16 +64,23 @@ def parse_backends(items: list[str]) -> list[str]:
     return out
 
 
+def parse_nonnegative(text: str, option: str, kind: str = "number", example: str = "",
+                      shown: str | None = None) -> float:
+    """A finite number >= 0 (a gate's limit); one line naming ``option`` and ``shown`` (default ``text``)."""
+    shown = text if shown is None else shown
+    try:
+        value = float(text)
+    except ValueError:
+        raise SegkdError(f"{option} {shown!r}: expected a {kind}{example}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise SegkdError(f"{option} {shown!r}: must be a finite {kind} >= 0")
+    return value
+
+
 def parse_percent(text: str) -> float:
     """``"10%"`` or ``"10"`` -> 0.10 (always percent)."""
     raw = text.strip().rstrip("%").strip()
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SegkdError(f"--max-regression {text!r}: expected a percentage such as 10%") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise SegkdError(f"--max-regression {text!r}: must be a finite percentage >= 0")
-    return value / 100.0
+    return parse_nonnegative(raw, "--max-regression", "percentage", " such as 10%", shown=text) / 100.0
 
 
 @dataclass
