@@ -27,8 +27,9 @@ import torch
 
 from segkd.checkpoint import atomic_write_text
 from segkd.engine.metrics import ConfusionMeter, scores_from_confusion
-from segkd.methods.task import DistillConfig, load_teacher, prepare_distill_data
 from segkd.models.base import upsample_logits
+from segkd.models.loading import load_teacher
+from segkd.runs.distill import DistillConfig, prepare_distill_data
 
 SETTINGS = {
     "protocol: resize 60x80, crop 60x80, scale 0.75-1.5": dict(resize="60x80", crop="60x80", scale="0.75,1.5"),

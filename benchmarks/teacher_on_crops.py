@@ -20,10 +20,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from segkd.checkpoint import atomic_write_text
+from segkd.engine.config import TrainConfig
 from segkd.engine.evaluate import build_eval_dataset, evaluate
 from segkd.engine.inference import make_predictor
-from segkd.engine.trainer import TrainConfig, prepare_data
 from segkd.models.loading import load_model
+from segkd.runs.train import prepare_data
 
 
 def score(model: torch.nn.Module, dataset: torch.utils.data.Dataset, num_classes: int, ignore: int) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -78,15 +79,83 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, text: str, source: str = "checkpoint") -> CheckpointMeta:
+        """The metadata of a file, checked against :func:`check_meta_schema` (one line naming ``source``)."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise SegkdError(f"{source}: segkd metadata is not valid JSON ({e.msg})") from None
+        if not isinstance(data, dict):
+            raise SegkdError(f"{source}: segkd metadata must be a JSON object, got {type(data).__name__}")
+        check_meta_schema(data, source)
         known = {f.name for f in fields(cls)}
-        missing = {"model", "num_classes"} - set(data)
-        if missing:
-            raise SegkdError(f"{source}: segkd metadata lacks {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ----------------------------------------------------------------------------------- the metadata schema
+MAX_CLASSES = 65536  # the most a 16-bit label PNG can name; a crafted 10^12 would build a head of terabytes
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _rgb_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 3 and all(_is_int(c) and 0 <= c <= 255 for c in v)
+
+
+# field -> (test, what it must be); the type-only fields (nothing in them reaches an allocation or a model)
+_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda v: isinstance(v, str) and bool(v), "a zoo model name"),
+    "num_classes": (lambda v: _is_int(v) and 1 <= v <= MAX_CLASSES, f"an integer from 1 to {MAX_CLASSES}"),
+    "class_names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of names"),
+    "palette": (lambda v: isinstance(v, list) and all(_rgb_list(c) for c in v), "a list of [r, g, b] (0..255)"),
+    "mean": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_number, v)), "3 finite numbers"),
+    "std": (lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v),
+            "3 positive numbers"),
+    "ignore_index": (_is_int, "an integer"),
+    "model_kwargs": (lambda v: isinstance(v, dict), "a mapping of model options"),
+    "args": (lambda v: isinstance(v, dict), "a mapping"),
+    "metrics": (lambda v: isinstance(v, dict), "a mapping"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "segkd_version": (lambda v: isinstance(v, str), "a string"),
+    "format_version": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+}
+
+
+def check_meta_schema(data: dict[str, Any], source: str) -> None:
+    """Refuse metadata a crafted or damaged file could carry, before anything is built from it: each field of
+    :class:`CheckpointMeta` of its type and range, the class names and the palette one per class.
+
+    Choice on unknown keys: a key this version does not know is ignored when the file's ``format_version`` is
+    this one or older (newer segkd versions add descriptive keys, such as the trained input size, that an older
+    reader can skip safely); a file of a newer format version is refused, since its known keys may mean something
+    else. Unknown keys inside ``model_kwargs`` are never safe (they change the architecture): they are checked
+    against the model's constructor by :func:`segkd.models.check_model_kwargs` when the model is built.
+    """
+    missing = {"model", "num_classes"} - set(data)
+    if missing:
+        raise SegkdError(f"{source}: segkd metadata lacks {', '.join(sorted(missing))}")
+    for key, (ok, what) in _SCHEMA.items():
+        if key in data and not ok(data[key]):
+            raise SegkdError(f"{source}: metadata {key} must be {what}, got {_short(data[key])}")
+    version = data.get("format_version", FORMAT_VERSION)
+    if version > FORMAT_VERSION:
+        raise SegkdError(f"{source}: written in checkpoint format {version} by segkd {data.get('segkd_version', '?')}"
+                         f"; this segkd {__version__} reads format {FORMAT_VERSION} and older: upgrade segkd")
+    n = data["num_classes"]
+    if data.get("class_names") and len(data["class_names"]) != n:
+        raise SegkdError(f"{source}: metadata class_names has {len(data['class_names'])} names for {n} classes")
+    if data.get("palette") and len(data["palette"]) < n:  # extra colours are unused; a missing one fails colorize
+        raise SegkdError(f"{source}: metadata palette has {len(data['palette'])} colours for {n} classes")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _umask() -> int:
@@ -102,7 +171,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        from segkd.safeio import tmp_prefix
+
+        fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         write(tmp)
@@ -182,14 +253,25 @@ def read_meta(path: str | Path) -> CheckpointMeta:
     return _segkd_meta(read_safetensors(path, tensors=False)[1], path)
 
 
-def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: str, strict: bool = True) -> None:
-    """``load_state_dict`` with one-line errors naming the first bad key (and both shapes on a mismatch)."""
+def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: str, strict: bool = True,
+                       exact_dtype: bool = True) -> None:
+    """``load_state_dict`` with one-line errors naming the first bad key (both shapes on a mismatch, both dtypes
+    when they differ). ``exact_dtype`` (segkd's own checkpoints): every tensor has its parameter's dtype, since
+    ``load_state_dict`` would cast silently (an int32 relabel of float bytes evaluated as garbage). Without it
+    (foreign weights: fp16 releases, torchvision files whose BatchNorm counters are float) a value is cast to its
+    parameter's dtype, except integer or boolean tensors where the model has floating-point weights."""
     own = model.state_dict()
     for key, value in state.items():
-        if key in own and tuple(own[key].shape) != tuple(value.shape):
+        if key not in own:
+            continue
+        if tuple(own[key].shape) != tuple(value.shape):
             raise SegkdError(
                 f"{source}: key {key!r} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}"
             )
+        want = own[key].dtype
+        if value.dtype != want and (exact_dtype or want.is_floating_point and not value.dtype.is_floating_point):
+            raise SegkdError(f"{source}: tensor {key!r} is {str(value.dtype).removeprefix('torch.')} but the model's "
+                             f"parameter is {str(want).removeprefix('torch.')}")
     if strict:
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
@@ -204,13 +286,24 @@ def load_refusal(e: Exception, fix: str = "save a state_dict of tensors (torch.s
                  "instead") -> str:
     """What ``torch.load(weights_only=True)`` refused, in one short clause (its own message is a page long)."""
     text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
-    if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
+    # torch < 2.6: "Unsupported global: GLOBAL x"; 2.6+: "Trying to load unsupported GLOBAL posix.system whose
+    # module posix is blocked" (the os.system payload): both name the object the pickle would have called
+    if m := re.search(r"GLOBAL ([\w.]+)", text):
         return (f"refused: it pickles the Python object {m[1]}, and segkd loads weights only, never code from a "
                 f"file; {fix}")
     if m := re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text):
         return (f"refused: not plain tensors (the weights-only unpickler stopped at: {m[1].strip()}), e.g. a raw "
                 f"Python pickle; {fix}")
-    return text[:160] or type(e).__name__
+    return _torch_reason(text) or type(e).__name__
+
+
+def _torch_reason(text: str) -> str:
+    """torch's own reason without its generic preamble (the weights_only history lesson) and documentation link:
+    the whole specific sentence, never cut mid-way."""
+    text = re.sub(r"^Weights only load failed\..*?trusted source\.\s*", "", text)
+    text = re.sub(r"Please file an issue .*?use case:\s*", "", text)
+    text = re.sub(r"\s*Check the documentation of torch\.load.*$", "", text)
+    return text.strip()
 
 
 def torch_load_weights(path: str | Path) -> dict[str, Any]:

@@ -11,7 +11,8 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,7 +84,7 @@ class _SegkdGroup(TyperGroup):
                 typer.echo(e.format_message(), err=True)
             sys.exit(e.exit_code)
         except _click_errors.UsageError as e:
-            where = e.ctx.command_path if e.ctx is not None else "segkd"
+            where = _command_name(e.ctx)
             typer.echo(f"error: {' '.join(e.format_message().split()).rstrip('.')}; see '{where} --help'", err=True)
             sys.exit(e.exit_code)
         except _click_errors.ClickException as e:
@@ -102,10 +103,30 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
 )
 console = make_console(stderr=True)
 out = make_console()  # never wraps when piped: scripts parse what segkd prints
+
+
+@contextmanager
+def option_values() -> Iterator[None]:
+    """The block checks option values only (before any file is read or any work starts): a ``SegkdError`` it raises
+    is a usage error, exit 2 with the ``--help`` hint, as click gives for the values it checks itself (``--device
+    gpu``, ``--crop 60by80``, ``--method c2vk``; issue 23 item 11)."""
+    try:
+        yield
+    except SegkdError as e:
+        raise _click_errors.UsageError(str(e), ctx=get_current_context(silent=True)) from None
+
+
+def _command_name(ctx: Any) -> str:
+    """``segkd SUBCOMMAND...`` of a click context (the program's own name, however Python was started)."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["segkd", *reversed(names)])
 
 
 def _version(value: bool) -> None:
@@ -179,7 +200,9 @@ def _print_run(summary: dict[str, Any], view: Console, *extra: str) -> None:
     """A run's speed, the files it left and their sizes (what ``--keep`` decides), then its small files."""
     view.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} "
                "img/s)")
-    files = ", ".join(f"{path} ({size / 1e6:.1f} MB)" for path, size in summary["files"].items())
+    from segkd.textout import human_size
+
+    files = ", ".join(f"{path} ({human_size(size)})" for path, size in summary["files"].items())
     view.print(f"wrote {files}", highlight=False)
     view.print("wrote " + ", ".join(f"{summary['out']}/{name}" for name in ("run.json", *extra)), highlight=False)
 
@@ -237,8 +260,9 @@ def convert_cmd(
     src: Annotated[Path, typer.Argument(help="Foreign checkpoint: HF model.safetensors/pytorch_model.bin or its "
                                         "save_pretrained folder (class names from config.json's id2label), "
                                         "NVlabs/mmseg .pth, torchvision DeepLabV3 .pth.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model to build, e.g. segformer-b0.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="segkd checkpoint to write (.safetensors).")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Zoo model to build, e.g. segformer-b0 "
+                                              "(default: detected from the checkpoint's layout and shapes).")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Classes (default: read from the source head).")] = None,
     classes: Annotated[Path | None, typer.Option(help="Class names: a text file (one per line) or a JSON file with "
                                                  "'classes' and optional 'palette' (e.g. a dataset's stats.json).")]
@@ -257,7 +281,8 @@ def convert_cmd(
                          ignore_index=ignore_index)
 
     def render(view: Console) -> None:
-        view.print(f"[bold]{report['source_format']}[/] checkpoint -> {report['model']} "
+        how = " (detected from its keys and shapes)" if report["model_detected"] else ""
+        view.print(f"[bold]{report['source_format']}[/] checkpoint -> {report['model']}{how} "
                    f"({report['num_classes']} classes): {report['placed']} tensors placed")
         for label in ("unplaced", "skipped", "missing"):
             keys = report[label]
@@ -302,12 +327,30 @@ def _run_config(cls: type, values: dict[str, Any]) -> tuple[Any, dict[str, Any]]
         verb = "is" if len(missing) == 1 else "are"
         raise SegkdError(f"{' and '.join(missing)} {verb} required (in --config or as flags; or --resume RUN_DIR to "
                          "continue a run)")
+    with option_values():
+        _check_run_values(cfg)
     return cfg, {}
 
 
 def _run_options_of(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """What ``run_train``/``run_distill`` get from the command line besides the config."""
     return {"config_file": values["config"], "overrides": overrides if values["resume"] is not None else None}
+
+
+def _check_run_values(cfg: Any) -> None:
+    """The option values of a train/distill command line: the shared range checks and the zoo and method names (the
+    command's own checks of the files it names follow in the run)."""
+    from segkd.engine.config import TrainConfig
+    from segkd.models import MODELS
+
+    TrainConfig.check(cfg)
+    for name in ("model", "teacher", "peer"):
+        if getattr(cfg, name, None):
+            MODELS.canonical(getattr(cfg, name))
+    if getattr(cfg, "method", None):
+        from segkd.methods import METHODS
+
+        METHODS.canonical(cfg.method)
 
 
 def train_cmd(**values: Any) -> None:
@@ -353,6 +396,8 @@ def eval_cmd(**values: Any) -> None:
 
     json_output = JsonOutput(values["as_json"], values["json_out"])
     cfg, _ = resolve_config(EvalConfig, values, None)
+    with option_values():
+        cfg.check()
     if cfg.save_preds is not None:
         check_output(Path(cfg.save_preds), "dir", "--save-preds")
     if cfg.data is None:
@@ -400,6 +445,8 @@ def export_cmd(**values: Any) -> None:
     if cfg.int8 and cfg.data is None:
         raise typer.BadParameter("--int8 needs --data ROOT (real training images to calibrate on)",
                                  param_hint="'--data'")
+    with option_values():
+        cfg.check()
     report = export_checkpoint(values["ckpt"], values["out_path"], cfg)
     json_output.emit(report, lambda view: render_export_report(report, view))
 
@@ -415,33 +462,37 @@ def _export_parameters() -> list[inspect.Parameter]:
 def _bench_options(
     as_json: JsonFlag = False,
     json_out: JsonOutOption = None,
-    max_latency_ms: Annotated[float | None, typer.Option(help="Gate: p50 latency of every run (ms).")] = None,
-    max_gflops: Annotated[float | None, typer.Option(help="Gate: GFLOPs per image (2 x GMACs) at every input.")
-                          ] = None,
-    max_params: Annotated[str | None, typer.Option(help="Gate: deploy parameters, e.g. 3.8M or 3800000.")] = None,
+    max_latency_ms: Annotated[str | None, typer.Option(help="Gate: p50 latency of every run (ms); X@MODEL[,MODEL] "
+                                                       "gates only those MODELs (as typed, file name or position), "
+                                                       "e.g. 40@2.")] = None,
+    max_gflops: Annotated[str | None, typer.Option(help="Gate: GFLOPs per image (2 x GMACs) at every input; "
+                                                   "X@MODEL[,MODEL] as for --max-latency-ms.")] = None,
+    max_params: Annotated[str | None, typer.Option(help="Gate: deploy parameters, e.g. 3.8M or 3800000; "
+                                                   "3.8M@MODEL[,MODEL] as for --max-latency-ms.")] = None,
     baseline: Annotated[Path | None, typer.Option(help="Previous bench report (`--json-out` file) to compare with.")
                         ] = None,
     max_regression: Annotated[str, typer.Option(help="Gate with --baseline: allowed increase of p50 latency, GMACs "
-                                                "and params, e.g. 10%.")] = "10%",
+                                                "and params, e.g. 10% (10%@MODEL[,MODEL] compares only those).")
+                              ] = "10%",
 ) -> None:
     """(signature only: bench's output and gate options beside BenchConfig's)"""
 
 
 def bench_cmd(**values: Any) -> None:
     """Parameters, FLOPs (GMACs), latency percentiles, throughput and memory; JSON report and CI gates (exit 3)."""
-    from segkd.bench.gates import Gates, enforce, parse_count
+    from segkd.bench.gates import enforce, parse_gates
     from segkd.bench.report import render
     from segkd.bench.run import BenchConfig, run_bench_command
-    from segkd.bench.specs import parse_percent
     from segkd.cliopts import resolve_config
 
     _refuse_json_paths(values["models"] or [], values["as_json"])
     json_output = JsonOutput(values["as_json"], values["json_out"])
     cfg, _ = resolve_config(BenchConfig, values, None)
-    max_params = values["max_params"]
-    gates = Gates(max_latency_ms=values["max_latency_ms"], max_gflops=values["max_gflops"],
-                  max_params=None if max_params is None else parse_count(max_params), baseline=values["baseline"],
-                  max_regression=parse_percent(values["max_regression"]))
+    with option_values():
+        gates = parse_gates(values["max_latency_ms"], values["max_gflops"], values["max_params"], values["baseline"],
+                            values["max_regression"])
+        cfg.check()
+        gates.check_scope(cfg.models)
     with console.status("benchmarking") as status:
         report = run_bench_command(cfg, gates, progress=lambda label: status.update(f"benchmarking {label}"))
     json_output.emit(report, lambda view: render(report, view))
@@ -471,7 +522,8 @@ def _refuse_json_paths(models: list[str], as_json: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------------- distill
 def _distill_extra(
-    method_opt: Annotated[list[str] | None, typer.Option(help="Any method option as KEY=VALUE (repeatable), e.g. "
+    method_opt: Annotated[list[str] | None, typer.Option(metavar="KEY=VALUE", help="Any method option as KEY=VALUE "
+                                                         "(repeatable), e.g. "
                                                          "temperature=2; see docs/methods.md.")] = None,
 ) -> None:
     """(signature only: distill's options beyond its config's and the method flags)"""
@@ -518,7 +570,8 @@ def _distill_parameters() -> list[inspect.Parameter]:
     from segkd.runs.distill import DistillConfig
 
     distill_cmd.__doc__ = _distill_doc()
-    return command_parameters(DistillConfig, _distill_extra, _run_options, between=method_flag_parameters())
+    return command_parameters(DistillConfig, _distill_extra, _run_options, between=method_flag_parameters(),
+                              first=("method", "teacher", "teacher_weights", "model", "peer", "data"))
 
 
 # commands whose options are generated from config dataclasses (segkd.cliopts): name -> (function, signature)
@@ -534,7 +587,7 @@ def _build_generated(name: str) -> Any:
     from segkd.cliopts import with_signature
 
     fn, parameters = _GENERATED[name]
-    single = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False, add_completion=False)
+    single = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)
     single.command(name)(with_signature(fn, parameters()))
     cmd = typer.main.get_command(single)
     cmd.name = name
@@ -573,11 +626,15 @@ def data_synth_cmd(
 ) -> None:
     """Write the procedural dataset (textured shapes on noisy backgrounds) in seconds."""
     from segkd.data import synthesize
+    from segkd.data.synth import check_synth_options
     from segkd.shapes import parse_hw
 
+    with option_values():
+        hw = parse_hw(size, "--size")
+        check_synth_options(train, val, hw, classes, seed)
     try:
-        root = synthesize(out_dir, n_train=train, n_val=val, size=parse_hw(size, "--size"), num_classes=classes,
-                          seed=seed, progress=True, replace=force)
+        root = synthesize(out_dir, n_train=train, n_val=val, size=hw, num_classes=classes, seed=seed, progress=True,
+                          replace=force)
     except OSError as e:
         e.add_note(f"the set in {out_dir} is incomplete (no classes.json): run the command again once it is writable")
         raise

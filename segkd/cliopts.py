@@ -39,17 +39,30 @@ def _option(hint: Any, default: Any, decls: Iterable[str], help_text: str) -> tu
     return Annotated[hint, typer.Option(*decls, help=help_text)], default
 
 
-def config_parameters(cls: type, *, exclude: Iterable[str] = ()) -> list[inspect.Parameter]:
-    """Typer options for the fields of ``cls``, positional arguments first (``option(..., argument=True)``).
-    Required fields default to ``None`` so a missing one is caught with the ``--config`` file and ``--resume`` in
-    view (:func:`resolve_config`); a list field given no value keeps its factory default."""
+REQUIRED_MARK = "[required: here, in --config, or from --resume]"
+
+
+def _help_order(cls: type, first: Sequence[str]) -> list[Field]:
+    """The fields of ``cls`` with ``first`` (by name) leading, in that order: what a command's ``--help`` lists
+    first (``distill``: the method and the teacher, not the ~40 generic options before them)."""
+    by_name = {f.name: f for f in fields(cls)}
+    return [by_name[n] for n in first if n in by_name] + [f for f in fields(cls) if f.name not in first]
+
+
+def config_parameters(cls: type, *, exclude: Iterable[str] = (), first: Sequence[str] = ()) -> list[inspect.Parameter]:
+    """Typer options for the fields of ``cls``, positional arguments first (``option(..., argument=True)``), then
+    the fields named in ``first``. Required fields default to ``None`` so a missing one is caught with the
+    ``--config`` file and ``--resume`` in view (:func:`resolve_config`); their help says they are required. A list
+    field given no value keeps its factory default."""
     hints = typing.get_type_hints(cls)
     arguments, params = [], []
-    for f in fields(cls):
+    for f in _help_order(cls, first):
         if f.name in exclude or not f.metadata.get("cli", True):
             continue
         flags, help_text = tuple(f.metadata.get("flags") or ()), f.metadata.get("help", "")
         help_text = help_text() if callable(help_text) else help_text  # generated from a registry when built
+        if f.metadata.get("required"):
+            help_text = f"{help_text}  {REQUIRED_MARK}"
         hint = hints[f.name]
         default = None if f.metadata.get("required") else (f.default if f.default is not MISSING else None)
         if f.metadata.get("argument"):  # a positional argument (a list field takes any number of them)
@@ -69,7 +82,7 @@ def config_parameters(cls: type, *, exclude: Iterable[str] = ()) -> list[inspect
 
 
 def command_parameters(cls: type, *stubs: Callable[..., Any], exclude: Iterable[str] = (),
-                       between: Sequence[inspect.Parameter] = ()) -> list[inspect.Parameter]:
+                       between: Sequence[inspect.Parameter] = (), first: Sequence[str] = ()) -> list[inspect.Parameter]:
     """A command's whole signature: the ``stubs``' parameters without a default (arguments, required options)
     first, as declared; then the options of ``cls``'s fields; then ``between``; then the stubs' other parameters
     (output options, ``--resume``...), keyword-only. A stub is a function whose signature declares the command's
@@ -77,7 +90,7 @@ def command_parameters(cls: type, *stubs: Callable[..., Any], exclude: Iterable[
     own = [p for stub in stubs for p in inspect.signature(stub, eval_str=True).parameters.values()]
     leading = [p for p in own if p.default is inspect.Parameter.empty]
     rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not inspect.Parameter.empty]
-    return leading + config_parameters(cls, exclude=exclude) + list(between) + rest
+    return leading + config_parameters(cls, exclude=exclude, first=first) + list(between) + rest
 
 
 def method_flags() -> dict[str, tuple[str, Field]]:

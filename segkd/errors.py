@@ -13,3 +13,4 @@ class GateFailure(SegkdError):
     """A CI gate or a verification threshold was not met (distinct exit code so CI can tell it from a crash)."""
 
     exit_code = 3
+

@@ -3,22 +3,89 @@
 A command that writes checks its output paths up front (:func:`check_output`), so a file where a directory is
 expected (or the reverse) fails before any work, naming the option. Any ``OSError`` that still escapes (read-only
 file system, disk full, permissions) is turned into one line by :func:`os_error_message`, the single formatter the
-CLI and the trainer use. :func:`remove_orphan_tmps` deletes the temp files of atomic writes killed mid-write.
+CLI and the trainer use. :func:`remove_orphan_tmps` deletes the temp files of atomic writes killed mid-write;
+:func:`remove_dead_tmps` and :func:`segkd_tempdir` do the same where no lock says who writes (export, report, the
+scratch folders in the system temp dir), by the writer's pid in the temp name.
 :func:`guard_broken_pipes` keeps a run going when the reader of its stdout/stderr goes away (``| head``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from segkd.errors import SegkdError
 
-# temp files of segkd.checkpoint.atomic_write: ".<target name>.<random>.tmp" beside the target
+# temp files of segkd.checkpoint.atomic_write: ".<target name>.<pid>-<random>.tmp" beside the target (older
+# versions wrote ".<target name>.<random>.tmp"; a run directory's lock removes both)
 TMP_GLOB = ".*.tmp"
+_PID_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]*\.tmp$")
+_PID_SCRATCH = re.compile(r"^segkd-[a-z0-9]+-(?P<pid>\d+)-")
+
+
+def tmp_prefix(name: str) -> str:
+    """The prefix of a temp file or folder standing in for ``name`` while it is written: ``.NAME.PID-`` (the
+    writer's pid tells a later command an orphan of a killed writer from the temp of a live one)."""
+    return f".{name}.{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**31  # another user's live process (or a pid no system has)
+    return True
+
+
+def _remove(path: Path) -> int:
+    """Delete a file or a folder tree (never following a link out); its size in bytes, 0 if it was gone."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(path)
+            return size
+        size = path.lstat().st_size
+        path.unlink()
+        return size
+    return 0
+
+
+def remove_dead_tmps(folder: str | Path, name: str | None = None) -> tuple[int, int]:
+    """Delete the temp files and folders (``.NAME.PID-*.tmp``, of ``name`` only when given) in ``folder`` whose
+    writing process is gone (killed mid-write); the temps of live writers stay. Returns (entries, bytes)."""
+    folder, count, size = Path(folder), 0, 0
+    if not folder.is_dir():
+        return 0, 0
+    for entry in folder.iterdir():
+        m = _PID_TMP.match(entry.name)
+        if m and (name is None or m["name"] == name) and not _alive(int(m["pid"])):
+            size += _remove(entry)
+            count += 1
+    return count, size
+
+
+@contextlib.contextmanager
+def segkd_tempdir(kind: str) -> Iterator[Path]:
+    """A scratch folder ``segkd-KIND-PID-*`` in the system temp dir, removed on exit; the folders of segkd
+    processes that were killed (their pid gone) are removed first, so ``kill -9`` leaves nothing for good."""
+    root = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for entry in root.iterdir():
+            m = _PID_SCRATCH.match(entry.name)
+            if m and entry.is_dir() and entry.stat().st_uid == os.getuid() and not _alive(int(m["pid"])):
+                _remove(entry)
+    with tempfile.TemporaryDirectory(prefix=f"segkd-{kind}-{os.getpid()}-") as tmp:
+        yield Path(tmp)
 
 
 def os_error_message(e: OSError) -> str:

@@ -9,6 +9,26 @@ from typing import overload
 
 from segkd.errors import SegkdError
 
+# One pixel limit for every image segkd reads or is asked to make (files, --size, --crop, --resize, --input): 8192 x
+# 8192 = 67,108,864 pixels. Chosen well above every segmentation benchmark (Cityscapes 2048x1024 = 2.1 Mpx, Mapillary
+# at most ~22 Mpx) and well below what a request typed by mistake asks (100000x100000 = 10 Gpx: 30 GB as uint8 RGB,
+# 120 GB as float32). PIL's own bomb check is set to the same number (segkd.data.datasets), so a decoded file and a
+# typed size meet the same limit; docs/data.md says so.
+MAX_PIXELS = 8192 * 8192
+# a whole batch (bench --input/--batch, export profiles): 2^30 pixels = 12 GiB of float32 RGB input
+MAX_BATCH_PIXELS = 2**30
+
+
+def check_pixels(h: int, w: int, what: str, batch: int = 1) -> None:
+    """Refuse an image (or batch) size above :data:`MAX_PIXELS` (:data:`MAX_BATCH_PIXELS`) before anything is
+    allocated; ``what`` (the option and its value) starts the one-line error."""
+    if h * w > MAX_PIXELS:
+        raise SegkdError(f"{what}: {h * w:,} pixels per image, above segkd's limit of {MAX_PIXELS:,} (8192x8192; "
+                         "see docs/data.md)")
+    if batch * h * w > MAX_BATCH_PIXELS:
+        raise SegkdError(f"{what}: {batch * h * w:,} pixels per batch, above segkd's limit of {MAX_BATCH_PIXELS:,} "
+                         "(see docs/data.md)")
+
 
 @overload
 def parse_hw(text: None, option: str = "size") -> None: ...
@@ -38,6 +58,7 @@ def parse_hw(text: str | Sequence[int] | None, option: str = "size") -> tuple[in
         vals = (vals[0], vals[0])
     if len(vals) != 2 or min(vals) < 1:
         raise SegkdError(f"{option} {text!r}: expected HxW with positive integers, e.g. 512x1024")
+    check_pixels(vals[0], vals[1], f"{option} {text!r}")
     return vals[0], vals[1]
 
 
@@ -56,6 +77,7 @@ def parse_shape(text: str, option: str = "--input", allow_hw: bool = False) -> t
         raise SegkdError(f"{option} {text!r}: batch, height and width must be positive integers")
     if dims[1] != 3:
         raise SegkdError(f"{option} {text!r}: segkd models take 3-channel RGB images (C must be 3, got {dims[1]})")
+    check_pixels(dims[2], dims[3], f"{option} {text!r}", batch=dims[0])
     return dims[0], dims[1], dims[2], dims[3]
 
 

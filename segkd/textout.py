@@ -18,10 +18,20 @@ from rich.table import Table
 
 
 def make_console(stderr: bool = False) -> Console:
-    """A rich console on stdout (or stderr) that does not wrap lines when that stream is not a terminal."""
+    """A rich console on stdout (or stderr) that does not wrap lines when that stream is not a terminal, and never
+    colours text by guessing (rich's highlighter coloured "1x3x60x80" half as numbers); colour is only what segkd
+    marks up itself (errors, warnings)."""
     stream = sys.stderr if stderr else sys.stdout
     tty = bool(getattr(stream, "isatty", lambda: False)())
-    return Console(stderr=stderr, soft_wrap=not tty)
+    return Console(stderr=stderr, soft_wrap=not tty, highlight=False)
+
+
+def human_size(n: float) -> str:
+    """A file size for people: ``512 B``, ``12.3 kB``, ``7.4 MB``, ``1.2 GB`` (never ``0.0 MB`` for a small file)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
 
 
 def print_table(console: Console, renderable: Any) -> None:

@@ -285,10 +285,7 @@ def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: 
     "args, message",
     [
         (["segfromer-b0"], "unknown model 'segfromer-b0'; did you mean segformer-b0"),
-        (["segformer-b0", "--input", "1x3x64"], "--input '1x3x64'"),
         (["segformer-b0", "--device", "cuda"], "--device cuda: CUDA is not available"),
-        (["segformer-b0", "--batch", "1,0"], "--batch '1,0'"),
-        (["segformer-b0", "--backend", "tensorflow"], "--backend 'tensorflow'"),
         (["missing/student.safetensors"], "checkpoint file not found"),
         (["nothing.onnx"], "ONNX file not found"),
         (["segformer-b0", "--input", TINY, "--backend", "onnxruntime", "--providers", "cuda", "--iters", "1",
@@ -301,6 +298,19 @@ def test_bad_input_is_one_line_exit_1(monkeypatch, capsys, args: list[str], mess
     assert code == 1
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert lines[-1].startswith("error:") and message in " ".join(lines[-1].split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["segformer-b0", "--input", "1x3x64"], "--input '1x3x64'"),
+    (["segformer-b0", "--batch", "1,0"], "--batch '1,0'"),
+    (["segformer-b0", "--backend", "tensorflow"], "--backend 'tensorflow'"),
+])
+def test_bad_option_values_are_one_line_exit_2(monkeypatch, capsys, args: list[str], message: str) -> None:
+    code, _, err = _cli(monkeypatch, capsys, "bench", *args)
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert lines[0].endswith("see 'segkd bench --help'")
 
 
 def test_cli_json_and_gate_exit_codes(monkeypatch, capsys, tmp_path: Path) -> None:

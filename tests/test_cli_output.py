@@ -187,7 +187,7 @@ def test_keep_drops_what_a_finished_run_does_not_need_and_says_the_sizes(tmp_pat
         r = _segkd(*(TRAIN if again[0] == "--out" else ["train"]), "--iters", "2", "--no-progress", *again)
         assert r.returncode == 1 and "holds a finished run (its resume state was not kept)" in r.stderr, r.stderr
     r = _segkd(*TRAIN, "--keep", "best,checkpoint", "--out", str(tmp_path / "x"))
-    assert r.returncode == 1 and "--keep must be a comma-separated list of best, last, resume" in r.stderr
+    assert r.returncode == 2 and "--keep must be a comma-separated list of best, last, resume" in r.stderr
 
 
 def test_run_json_eval_json_and_bench_share_one_provenance_block(tmp_path: Path) -> None:

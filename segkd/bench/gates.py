@@ -1,6 +1,9 @@
 """CI gates on a bench report: absolute limits and regressions against a previous report.
 
-Every gate applies to every model in the report (bench only the student when gating a student). Latency gates use
+A gate applies to every model in the report unless its value names the models it applies to after ``@``:
+``--max-latency-ms 40@student.safetensors``, ``--max-params 4M@2`` (a MODEL argument as typed, its file name, its
+row name, or its position 1..N; several separated by commas), so a teacher-vs-student comparison can gate the
+student alone; ``--max-regression 10%@2`` scopes the baseline comparison. Latency gates use
 the p50 of each run (backend x input x batch); ``--max-gflops`` uses GFLOPs per image (2 x GMACs) at each input size;
 ``--max-params`` the deploy parameter count. A gate that cannot be evaluated (e.g. GFLOPs of an ONNX file without
 segkd metadata) fails rather than passing silently. A baseline row is matched by model name (else by file path,
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +38,75 @@ def parse_count(text: str, option: str = "--max-params") -> float:
     return count
 
 
+def split_scope(text: str, option: str) -> tuple[str, tuple[str, ...] | None]:
+    """``"40@a,b"`` -> ``("40", ("a", "b"))``; no ``@`` -> ``(text, None)`` (every model)."""
+    value, sep, scope = str(text).partition("@")
+    if not sep:
+        return value, None
+    models = tuple(s.strip() for s in scope.split(",") if s.strip())
+    if not models:
+        raise SegkdError(f"{option} {text!r}: name the models after '@', e.g. 40@student.safetensors or 40@2")
+    return value.strip(), models
+
+
 @dataclass
 class Gates:
-    """Thresholds; ``None`` disables a gate. ``max_regression`` is a fraction (0.10 = 10 %)."""
+    """Thresholds; ``None`` disables a gate. ``max_regression`` is a fraction (0.10 = 10 %). ``scope`` maps a gate
+    (``max-params``, ``max-gflops``, ``max-latency-ms``, ``baseline``) to the MODEL selectors it applies to; a gate
+    not in it applies to every model."""
 
     max_latency_ms: float | None = None
     max_gflops: float | None = None
     max_params: float | None = None
     baseline: Path | None = None
     max_regression: float = 0.10
+    scope: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def any(self) -> bool:
         return any(v is not None for v in (self.max_latency_ms, self.max_gflops, self.max_params, self.baseline))
+
+    def check_scope(self, models: list[str]) -> None:
+        """Every selector names one of the MODEL arguments (one line otherwise, before anything is measured)."""
+        for gate, selectors in self.scope.items():
+            for sel in selectors:
+                if not any(_selects(sel, i, {"arg": a}) for i, a in enumerate(models)):
+                    raise SegkdError(f"--{'max-regression' if gate == 'baseline' else gate} ...@{sel}: {sel!r} is "
+                                     f"none of the MODELs ({', '.join(models) or 'none'}) nor a position 1.."
+                                     f"{len(models)}")
+
+    def applies(self, gate: str, index: int, model: dict[str, Any]) -> bool:
+        selectors = self.scope.get(gate)
+        return selectors is None or any(_selects(s, index, model) for s in selectors)
+
+
+def _selects(selector: str, index: int, model: dict[str, Any]) -> bool:
+    """Whether ``selector`` names the report row ``model`` (position ``index``, 0-based)."""
+    if selector.isdigit():
+        return int(selector) == index + 1
+    arg = str(model.get("arg") or "")
+    return selector in {arg, Path(arg).name, str(model.get("name") or ""), str(model.get("path") or "")}
+
+
+def parse_gates(max_latency_ms: str | None, max_gflops: str | None, max_params: str | None,
+                baseline: Path | None, max_regression: str) -> Gates:
+    """The gate options of ``segkd bench`` (each ``LIMIT[@MODEL,...]``) as :class:`Gates`."""
+    from segkd.bench.specs import parse_nonnegative, parse_percent
+
+    gates, scope = Gates(baseline=baseline), {}
+    for gate, text in (("max-latency-ms", max_latency_ms), ("max-gflops", max_gflops), ("max-params", max_params)):
+        if text is None:
+            continue
+        value, models = split_scope(text, f"--{gate}")
+        limit = parse_count(value) if gate == "max-params" else parse_nonnegative(value, f"--{gate}")
+        setattr(gates, gate.replace("-", "_"), limit)
+        if models:
+            scope[gate] = models
+    value, models = split_scope(max_regression, "--max-regression")
+    gates.max_regression = parse_percent(value)
+    if models:
+        scope["baseline"] = models
+    gates.scope = scope
+    return gates
 
 
 def _shape(s: list[int]) -> str:
@@ -86,14 +146,14 @@ def _check(results: list[dict[str, Any]], gate: str, model: str, where: str, val
 def apply_gates(report: dict[str, Any], gates: Gates) -> list[dict[str, Any]]:
     """Evaluate every gate; stores ``report["gates"]`` and ``report["passed"]`` and returns the gate list."""
     results: list[dict[str, Any]] = []
-    for m in report["models"]:
+    for i, m in enumerate(report["models"]):
         name = m["name"]
-        if gates.max_params is not None:
+        if gates.max_params is not None and gates.applies("max-params", i, m):
             _check(results, "max-params", name, "deploy", float(m["params"]), gates.max_params, "")
-        if gates.max_gflops is not None:
+        if gates.max_gflops is not None and gates.applies("max-gflops", i, m):
             for c in m["complexity"]:
                 _check(results, "max-gflops", name, f"@{_shape(c['input'])}", c.get("gflops"), gates.max_gflops, " G")
-        if gates.max_latency_ms is not None:
+        if gates.max_latency_ms is not None and gates.applies("max-latency-ms", i, m):
             if not m["runs"]:  # nothing was timed (--no-latency): the gate cannot pass
                 _check(results, "max-latency-ms", name, "no timed run", None, gates.max_latency_ms, " ms")
             for r in m["runs"]:
@@ -101,7 +161,7 @@ def apply_gates(report: dict[str, Any], gates: Gates) -> list[dict[str, Any]]:
                 _check(results, "max-latency-ms", name, f"{r['backend']} {_shape(r['input'])} p50",
                        r["latency_ms"]["p50"], gates.max_latency_ms, " ms", extra)
     if gates.baseline is not None:
-        results += _baseline_gates(report, load_baseline(gates.baseline), gates.max_regression, str(gates.baseline))
+        results += _baseline_gates(report, load_baseline(gates.baseline), gates, str(gates.baseline))
     report["gates"] = results
     report["passed"] = all(g["passed"] is not False for g in results)
     return results
@@ -121,8 +181,9 @@ def _baseline_match(base: dict[str, Any]) -> Any:
     return match
 
 
-def _baseline_gates(report: dict[str, Any], base: dict[str, Any], limit: float, source: str) -> list[dict[str, Any]]:
+def _baseline_gates(report: dict[str, Any], base: dict[str, Any], gates: Gates, source: str) -> list[dict[str, Any]]:
     baseline_of = _baseline_match(base)
+    limit = gates.max_regression
     results: list[dict[str, Any]] = []
     compared = 0
 
@@ -140,7 +201,9 @@ def _baseline_gates(report: dict[str, Any], base: dict[str, Any], limit: float, 
         results.append({"gate": gate, "model": name, "where": where, "value": change, "limit": limit,
                         "passed": passed, "message": msg, "baseline": old, "current": new})
 
-    for m in report["models"]:
+    for i, m in enumerate(report["models"]):
+        if not gates.applies("baseline", i, m):
+            continue
         old = baseline_of(m)
         if old is None:
             results.append({"gate": "baseline", "model": m["name"], "where": "-", "value": None, "limit": limit,

@@ -37,6 +37,10 @@ def _gmacs_at(model: dict[str, Any], h: int, w: int) -> float | None:
     return None
 
 
+# the "speed-up vs 1st" cell of a run the 1st model has no counterpart for; a note under the table says why
+NO_PEER = "n/a*"
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b == 0:
         return "-"
@@ -61,12 +65,16 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "util": r.get("cpu_util"), "contended": r.get("contended"),
                 "vs_params": "", "vs_gmacs": "", "vs_speed": "",
             }
-            if i > 0 and first is not None:
+            if i == 0:
+                row["vs_speed"] = "ref" if r.get("latency_ms") else ""
+            elif first is not None:
                 row["vs_params"] = _ratio(m["params"], first["params"])
                 row["vs_gmacs"] = _ratio(gmacs, _gmacs_at(first, h, w))
                 f = first_runs.get((r["backend"], _shape(r["input"])))
                 if f is not None and r.get("latency_ms"):
                     row["vs_speed"] = _ratio(f["latency_ms"]["p50"], r["latency_ms"]["p50"])
+                elif r.get("latency_ms"):
+                    row["vs_speed"] = NO_PEER
             out.append(row)
     return out
 
@@ -106,6 +114,11 @@ def render(report: dict[str, Any], console: Console) -> None:
                             _fmt(lat and lat["p90"], ".1f"), "-" if not lat else f"{lat['mean']:.1f}±{lat['std']:.1f}",
                             _fmt(r["ips"], ".2f"), _fmt(r["mem"], ".0f"), util] + ([r["vs_speed"]] if several else []))
         print_table(console, speed)
+    if timed and any(r["vs_speed"] == NO_PEER for r in table_rows):
+        console.print(f"{NO_PEER}: the 1st model has no run with this backend and input, and a speed-up only compares "
+                      "like with like (e.g. an .onnx file runs on onnxruntime, a checkpoint on torch: bench the 1st "
+                      "with --backend torch --backend onnxruntime, or list a file of the same kind first)",
+                      highlight=False, soft_wrap=True)
     console.print("GMACs = multiply-adds per image (the SegFormer/mmseg papers' 'FLOPs'); GFLOPs = 2 x GMACs. "
                   "Attention counted; elementwise ops and interpolation not. Latency excludes preprocessing and "
                   "host-to-device copies (torch); peak MB on CPU is the process-wide peak RSS.", highlight=False,

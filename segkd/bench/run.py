@@ -83,6 +83,19 @@ class BenchConfig:
     teacher_cache: bool = option(False, "With --train-step: time the step as `distill --teacher-cache` runs it "
                                  "(teacher targets from the batch, no teacher forward) against the student alone.")
 
+    def check(self) -> None:
+        """One-line errors for option values (sizes within segkd's pixel limit, device spelling, counts), before
+        any model is built."""
+        from segkd.engine.config import check_machine_values
+        from segkd.engine.distributed import check_device
+
+        check_device(self.device)
+        check_machine_values(threads=self.threads)
+        expand_inputs(self.inputs, parse_batches(self.batch))
+        parse_backends(self.backends)
+        if self.warmup < 0 or self.iters < 1 or self.min_time < 0:
+            raise SegkdError("--warmup and --min-time must be >= 0 and --iters >= 1")
+
 
 def export_temp_onnx(model: nn.Module, shape: tuple[int, int, int, int], path: Path) -> None:
     """Export a model's logits to ``path`` for ONNX Runtime with ``segkd export``'s own pipeline.
@@ -178,10 +191,9 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         raise SegkdError("give at least one MODEL (a zoo name, a .safetensors checkpoint or an .onnx file)")
     elif cfg.method or cfg.teacher or cfg.student:
         raise SegkdError("--method/--teacher/--student belong to --train-step")
+    cfg.check()
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise SegkdError(f"--threads {cfg.threads}: must be >= 1")
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()
     batches = parse_batches(cfg.batch)
@@ -192,8 +204,6 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         from segkd.export.runtime import parse_providers
 
         providers = ",".join(parse_providers(providers))
-    if cfg.warmup < 0 or cfg.iters < 1 or cfg.min_time < 0:
-        raise SegkdError("--warmup and --min-time must be >= 0 and --iters >= 1")
     specs = [resolve_model(m, cfg.num_classes) for m in cfg.models]  # all resolved first: bad input fails fast
     name_models(specs)
     hw_list = list(dict.fromkeys((s[2], s[3]) for s in shapes))

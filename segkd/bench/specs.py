@@ -37,14 +37,15 @@ def parse_batches(text: str | None) -> list[int] | None:
 
 def expand_inputs(inputs: list[str], batches: list[int] | None) -> list[tuple[int, int, int, int]]:
     """Every ``--input`` at every ``--batch`` (or its own batch), duplicates removed, order kept."""
-    shapes: list[tuple[int, int, int, int]] = []
+    out: list[tuple[int, int, int, int]] = []
     for text in inputs:
         b, c, h, w = parse_shape(text)
         for bb in batches or [b]:
+            shapes.check_pixels(h, w, f"--batch {bb} with --input {text}", batch=bb)
             s = (bb, c, h, w)
-            if s not in shapes:
-                shapes.append(s)
-    return shapes
+            if s not in out:
+                out.append(s)
+    return out
 
 
 def parse_backends(items: list[str]) -> list[str]:
@@ -63,16 +64,23 @@ def parse_backends(items: list[str]) -> list[str]:
     return out
 
 
+def parse_nonnegative(text: str, option: str, kind: str = "number", example: str = "",
+                      shown: str | None = None) -> float:
+    """A finite number >= 0 (a gate's limit); one line naming ``option`` and ``shown`` (default ``text``)."""
+    shown = text if shown is None else shown
+    try:
+        value = float(text)
+    except ValueError:
+        raise SegkdError(f"{option} {shown!r}: expected a {kind}{example}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise SegkdError(f"{option} {shown!r}: must be a finite {kind} >= 0")
+    return value
+
+
 def parse_percent(text: str) -> float:
     """``"10%"`` or ``"10"`` -> 0.10 (always percent)."""
     raw = text.strip().rstrip("%").strip()
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SegkdError(f"--max-regression {text!r}: expected a percentage such as 10%") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise SegkdError(f"--max-regression {text!r}: must be a finite percentage >= 0")
-    return value / 100.0
+    return parse_nonnegative(raw, "--max-regression", "percentage", " such as 10%", shown=text) / 100.0
 
 
 @dataclass

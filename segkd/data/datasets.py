@@ -9,7 +9,10 @@ every bad file at once while ``build_dataset`` fails on the first with one line 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,6 +26,11 @@ from segkd.checkpoint import default_palette
 from segkd.data import classes as C
 from segkd.errors import SegkdError
 from segkd.registry import Registry
+from segkd.shapes import MAX_PIXELS
+
+# PIL's decompression-bomb limit, set deliberately to segkd's one pixel limit (segkd.shapes.MAX_PIXELS, 64 Mpx):
+# PIL warns above it and refuses above twice it; open_image refuses every file above it, from the header alone.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -124,8 +132,30 @@ def _read_classes_file(root: Path) -> dict | None:
             text = p.read_text()
         except UnicodeDecodeError as e:
             raise SegkdError(f"{p}: not a UTF-8 text class file ({e.reason} at byte {e.start})") from None
-        return {"classes": [ln.strip() for ln in text.splitlines() if ln.strip()], "_path": p}
+        return {"classes": _class_lines(text, p), "_path": p}
     return None
+
+
+def _class_lines(text: str, path: Path) -> list[str]:
+    """The names of a ``classes.txt``, one per line: line k names class id k, so a blank line between names would
+    shift every later id and is refused; blank lines at the end are ignored."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    blank = [i + 1 for i, ln in enumerate(lines) if not ln]
+    if blank:
+        raise SegkdError(f"{path}: line {blank[0]} is blank (line k names class id k, so it would shift every later "
+                         "class); name the class or remove the line")
+    return lines
+
+
+def _check_unique(names: list[str], src: Path) -> None:
+    """Two classes with one name make per-class tables and reports ambiguous: refused, naming both ids."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            raise SegkdError(f"{src}: class name {name!r} is given twice (ids {first[name]} and {i})")
+        first[name] = i
 
 
 def _folder_classes(root: Path, num_classes: int | None) -> tuple[list[str], list[list[int]]]:
@@ -141,6 +171,7 @@ def _folder_classes(root: Path, num_classes: int | None) -> tuple[list[str], lis
             if not isinstance(name, str):
                 raise SegkdError(f"{src}: class entry {c!r} is neither a name nor an object with a 'name'")
             names.append(name)
+        _check_unique(names, src)
         if num_classes is not None and num_classes != len(names):
             raise SegkdError(f"{src}: names {len(names)} classes but --num-classes is {num_classes}")
         palette = data.get("palette") or default_palette(len(names))
@@ -292,13 +323,32 @@ def short_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:80]}" if text else type(e).__name__
 
 
+@contextmanager
+def open_image(path: Path, what: str = "image") -> Iterator[Image.Image]:
+    """``Image.open(path)`` (header read, pixels not decoded) with segkd's pixel limit: a file above
+    :data:`~segkd.shapes.MAX_PIXELS` is refused naming it, before any decoding (PIL's warning becomes this error)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found[1]):,} pixels" if found else "too many pixels"
+        raise SegkdError(f"{path}: {what} of {size}, above segkd's limit of {MAX_PIXELS:,} (8192x8192; see "
+                         "docs/data.md)") from None
+    except Exception as e:  # PIL raises several types for broken files
+        raise SegkdError(f"{path}: unreadable {what} ({short_reason(e)})") from None
+    with im:
+        yield im
+
+
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 H x W x 3, or a one-line error naming the file."""
-    try:
-        with Image.open(path) as im:
+    with open_image(path) as im:
+        try:
             return np.array(im.convert("RGB"))
-    except Exception as e:  # PIL raises several types for broken files
-        raise SegkdError(f"{path}: unreadable image ({short_reason(e)})") from None
+        except Exception as e:  # PIL raises several types for broken files
+            raise SegkdError(f"{path}: unreadable image ({short_reason(e)})") from None
 
 
 LABEL_MODES = ("L", "P", "I", "I;16", "1")
@@ -312,14 +362,12 @@ def check_label_mode(path: Path, mode: str) -> None:
 
 def read_label(path: Path) -> np.ndarray:
     """Raw label values H x W (palettised PNGs give their indices), or a one-line error naming the file."""
-    try:
-        with Image.open(path) as im:
-            check_label_mode(path, im.mode)
+    with open_image(path, "label") as im:
+        check_label_mode(path, im.mode)
+        try:
             arr = np.array(im)
-    except SegkdError:
-        raise
-    except Exception as e:
-        raise SegkdError(f"{path}: unreadable label ({short_reason(e)})") from None
+        except Exception as e:
+            raise SegkdError(f"{path}: unreadable label ({short_reason(e)})") from None
     return arr.astype(np.uint8) if arr.dtype == bool else arr
 
 

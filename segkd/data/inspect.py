@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image
 
 from segkd.data.datasets import (
     DATASETS,
@@ -17,7 +16,7 @@ from segkd.data.datasets import (
     check_label_mode,
     dataset_info,
     list_split,
-    short_reason,
+    open_image,
 )
 from segkd.errors import SegkdError
 
@@ -49,11 +48,8 @@ def progress_bar(enabled: bool, description: str, total: int) -> Iterator:
 
 def _header(path: Path, what: str) -> tuple[tuple[int, int], str]:
     """``((W, H), mode)`` from the file header only (no pixel decoding), or a one-line error."""
-    try:
-        with Image.open(path) as im:
-            return im.size, im.mode
-    except Exception as e:
-        raise SegkdError(f"{path}: unreadable {what} ({short_reason(e)})") from None
+    with open_image(path, what) as im:
+        return im.size, im.mode
 
 
 def check_pair(ds: SegDataset, index: int, full: bool) -> None:
@@ -102,6 +98,9 @@ def inspect_dataset(root: str | Path, fmt: str | None = None, num_classes: int |
     missing: list[str] = []
     for split in wanted:
         _, listing = list_split(root, split, name)
+        if not listing.pairs and not listing.problems:  # the split's folders exist but hold no image
+            report["problems"].append(f"{root}: split {split!r} has no images (its folders are empty)")
+            continue
         if not listing.pairs and all("not found" in p for p in listing.problems):
             missing += listing.problems  # the split does not exist; said only if no split does
             continue

@@ -95,10 +95,7 @@ def synthesize(out_dir: str | Path, n_train: int = 160, n_val: int = 40, size: t
     ``replace=False`` (``segkd data synth`` without ``--force``, the rule ``train`` applies to a run directory) it
     is refused instead. Any other non-empty folder is always refused.
     """
-    if not 2 <= num_classes <= len(SHAPE_NAMES):
-        raise SegkdError(f"synthetic data supports 2..{len(SHAPE_NAMES)} classes, not {num_classes}")
-    if n_train < 1 or n_val < 1 or min(size) < 16:
-        raise SegkdError("synthetic data needs >= 1 train and val image and a size of at least 16x16")
+    check_synth_options(n_train, n_val, size, num_classes, seed)
     out = Path(out_dir)
     _prepare_out(out, replace)
     from segkd.data.inspect import progress_bar
@@ -115,6 +112,21 @@ def synthesize(out_dir: str | Path, n_train: int = 160, n_val: int = 40, size: t
             "source": f"segkd synthetic v{SYNTH_VERSION}", "seed": seed, "size": list(size)}
     atomic_write_text(out / "classes.json", json.dumps(meta, indent=1))  # last: marks the set complete
     return out
+
+
+def check_synth_options(n_train: int, n_val: int, size: tuple[int, int], num_classes: int, seed: int) -> None:
+    """One-line errors for the options of a synthetic set, before any folder is made (``--size`` within segkd's
+    pixel limit: 100000x100000 was a numpy allocation traceback after the folders were created)."""
+    from segkd.shapes import parse_hw
+
+    if not 2 <= num_classes <= len(SHAPE_NAMES):
+        raise SegkdError(f"--num-classes must be 2..{len(SHAPE_NAMES)} for synthetic data, got {num_classes}")
+    h, w = parse_hw(size, "--size")
+    if n_train < 1 or n_val < 1 or min(h, w) < 16:
+        raise SegkdError("synthetic data needs >= 1 train and val image (--train, --val) and a --size of at least "
+                         "16x16")
+    if not 0 <= seed < 2**63:  # numpy's SeedSequence takes non-negative entropy only
+        raise SegkdError(f"--seed must be between 0 and {2**63 - 1} for synthetic data, got {seed}")
 
 
 def _prepare_out(out: Path, replace: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from segkd.engine.distributed import check_device
 from segkd.engine.schedule import lr_factor
 from segkd.engine.task import OptimConfig
 from segkd.errors import SegkdError
@@ -31,6 +33,32 @@ CONFIG_FILE = "config.yaml"
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
 # what a finished run may keep (--keep): the checkpoints and the resume state (all are written while it runs)
 KEEP_CHOICES = ("best", "last", "resume")
+
+
+# --seed: a signed 64-bit integer. torch.manual_seed takes [-2^63, 2^64); the run adds the rank, epoch and iteration
+# to the seed, so the top half of torch's range is kept as headroom (a 23-digit seed was an OverflowError).
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+def max_workers() -> int:
+    """The most DataLoader workers a run may ask for: 4 per logical CPU, at least 32. Each worker is a process
+    holding a copy of the dataset object; far above the CPU count they only cost memory (``--workers 100000`` forked
+    until 9 GB were gone)."""
+    return max(32, 4 * (os.cpu_count() or 1))
+
+
+def check_machine_values(workers: int | None = None, seed: int | None = None, device: str | None = None,
+                         threads: int | None = None) -> None:
+    """The range checks shared by every config (train, distill, eval, export): one line naming the option, before
+    any process, thread or tensor is made."""
+    if workers is not None and not 0 <= workers <= max_workers():
+        raise SegkdError(f"--workers must be between 0 and {max_workers()} (4 per CPU on this machine), got {workers}")
+    if threads is not None and not 1 <= threads <= max_workers():
+        raise SegkdError(f"--threads must be between 1 and {max_workers()}, got {threads}")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise SegkdError(f"--seed must be a signed 64-bit integer ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got {seed}")
+    if device is not None:
+        check_device(device)
 
 
 @dataclass
@@ -94,10 +122,7 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise SegkdError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.workers < 0:
-            raise SegkdError(f"--workers must be >= 0, got {self.workers}")
-        if self.threads is not None and self.threads < 1:
-            raise SegkdError(f"--threads must be >= 1, got {self.threads}")
+        check_machine_values(self.workers, self.seed, self.device, self.threads)
         self.kept()
         for f in fields(self):  # nan/inf reach the optimiser or the loss otherwise (the CLI refuses them earlier)
             value = getattr(self, f.name)

@@ -8,6 +8,7 @@ here degrades to the single-process case.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +37,16 @@ class DistInfo:
         return self.rank == 0
 
 
+def check_device(pref: str) -> None:
+    """``--device`` spelled as segkd takes it: auto, cpu, cuda or cuda:N (whether CUDA exists is checked later)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(pref).strip().lower()):
+        raise SegkdError(f"--device must be auto, cpu or cuda[:N], got {pref!r}")
+
+
 def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
     """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error, not a silent CPU run."""
+    check_device(pref)
     pref = pref.strip().lower()
-    if pref not in ("auto", "cpu", "cuda") and not pref.startswith("cuda:"):
-        raise SegkdError(f"--device must be auto, cpu or cuda[:N], got {pref!r}")
     if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

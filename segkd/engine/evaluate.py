@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from segkd.data import build_dataset, build_eval_transform, resolve_data_root
+from segkd.engine.config import check_machine_values
 from segkd.engine.distributed import init_distributed
 from segkd.engine.inference import make_predictor, parse_scales
 from segkd.engine.metrics import (
@@ -280,11 +281,13 @@ class EvalConfig:
 
     def check(self) -> None:
         """One-line errors for impossible values, before the model or the data is read."""
-        for name, low in (("batch", 1), ("workers", 0), ("log_every", 0)):
+        for name, low in (("batch", 1), ("log_every", 0)):
             if getattr(self, name) < low:
                 raise SegkdError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise SegkdError(f"--threads must be >= 1, got {self.threads}")
+        check_machine_values(self.workers, None, self.device, self.threads)
+        for opt in ("resize", "crop", "stride"):
+            parse_hw(getattr(self, opt), f"--{opt}")
+        parse_scales(self.scales)
 
 
 def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset | None = None,

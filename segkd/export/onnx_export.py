@@ -29,7 +29,6 @@ inputs/outputs (``keep_io_types``), so callers feed and read fp32 either way.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from segkd.errors import GateFailure, SegkdError
 from segkd.export.runtime import EXPORT_KEY, parse_providers, probe_providers
 from segkd.models.loading import load_model
 from segkd.options import option
+from segkd.safeio import remove_dead_tmps, segkd_tempdir
 from segkd.shapes import check_min_size, model_stride, parse_hw, parse_shape
 
 OutputKind = Literal["logits", "probs", "labels"]
@@ -93,6 +93,30 @@ class ExportConfig:
     resize: str | None = option(None, "--int8: resize calibration and evaluation images to HxW (default: as stored).")
     data_format: str | None = option(None, "--int8: dataset format (default: detected).")
     progress: bool = option(True, "Progress bars on a terminal.")
+
+    def check(self) -> None:
+        """One-line errors for option values, before the checkpoint is read (sizes parse here; their fit to the
+        model's stride is checked by :func:`plan_shapes` once the model is known)."""
+        from segkd.engine.config import check_machine_values
+        from segkd.export.verify import resolve_gates
+
+        check_opset(self.opset)
+        if self.output not in OUTPUT_KINDS:
+            raise SegkdError(f"--output {self.output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
+        parse_providers(self.providers)
+        resolve_gates(self)
+        check_machine_values(seed=self.seed)
+        if self.threads < 0:
+            raise SegkdError(f"--threads must be >= 0, got {self.threads}")
+        for opt in ("size", "resize"):
+            parse_hw(getattr(self, opt), f"--{opt}")
+        for opt in ("static", "trt_min", "trt_max"):
+            if getattr(self, opt):
+                parse_shape(getattr(self, opt), f"--{opt.replace('_', '-')}")
+        if self.int8:
+            from segkd.export.quantize import check_int8_options
+
+            check_int8_options(self)
 
 
 @dataclass
@@ -151,8 +175,13 @@ def required_stride(model: nn.Module) -> int:
     return model_stride(model)
 
 
-def _round_to(v: int, m: int) -> int:
-    return max(m, int(round(v / m)) * m)
+def _round_up(v: int, m: int) -> int:
+    """``v`` rounded up to a multiple of ``m`` (never to the nearest: a profile must hold the size verified)."""
+    return max(m, -(-v // m) * m)
+
+
+def _round_down(v: int, m: int) -> int:
+    return max(m, v // m * m)
 
 
 def plan_shapes(cfg: ExportConfig, stride: int, model_name: str) -> ExportPlan:
@@ -160,10 +189,10 @@ def plan_shapes(cfg: ExportConfig, stride: int, model_name: str) -> ExportPlan:
     if cfg.static:
         b, _, h, w = parse_shape(cfg.static, "--static")
         if h % stride or w % stride:
-            near = f"{b}x3x{_round_to(h, stride)}x{_round_to(w, stride)}"
+            up = f"{b}x3x{_round_up(h, stride)}x{_round_up(w, stride)}"
             raise SegkdError(
                 f"--static {cfg.static}: height and width must be multiples of {stride} for {model_name} "
-                f"(its coarsest feature map is at stride {stride}); nearest valid: {near}"
+                f"(its coarsest feature map is at stride {stride}); the smallest valid shape holding it: {up}"
             )
         if cfg.size and parse_hw(cfg.size, "--size") != (h, w):
             raise SegkdError(f"--size {cfg.size} contradicts --static {cfg.static}; give one of them")
@@ -171,10 +200,11 @@ def plan_shapes(cfg: ExportConfig, stride: int, model_name: str) -> ExportPlan:
         return ExportPlan(h, w, b, True, stride, {"min": shape, "opt": shape, "max": shape})
     h, w = parse_hw(cfg.size or "512x1024", "--size")
     check_min_size((h, w), stride, "--size", model_name)
+    # min rounded down, opt and max rounded up to the stride: the verified h x w lies inside every default profile
     profile = {
-        "min": (1, 3, _round_to(h // 2, stride), _round_to(w // 2, stride)),
-        "opt": (1, 3, _round_to(h, stride), _round_to(w, stride)),
-        "max": (4, 3, _round_to(h, stride), _round_to(w, stride)),
+        "min": (1, 3, _round_down(h // 2, stride), _round_down(w // 2, stride)),
+        "opt": (1, 3, _round_up(h, stride), _round_up(w, stride)),
+        "max": (4, 3, _round_up(h, stride), _round_up(w, stride)),
     }
     for key, text in (("min", cfg.trt_min), ("max", cfg.trt_max)):
         if text:
@@ -183,6 +213,9 @@ def plan_shapes(cfg: ExportConfig, stride: int, model_name: str) -> ExportPlan:
                 raise SegkdError(f"--trt-{key} {text}: height and width must be multiples of {stride} for {model_name}")
             profile[key] = (b, 3, ph, pw)
     lo, opt, hi = profile["min"], profile["opt"], profile["max"]
+    if not (lo[2] <= h <= hi[2] and lo[3] <= w <= hi[3]):
+        raise SegkdError(f"the TensorRT profile {lo[2]}x{lo[3]} .. {hi[2]}x{hi[3]} (--trt-min/--trt-max) does not "
+                         f"hold the verified size {h}x{w} (--size)")
     if not all(a <= o <= c for a, o, c in zip(lo, opt, hi)):
         raise SegkdError(f"TensorRT profile must satisfy min <= opt <= max per dim, got {lo} / {opt} / {hi}")
     return ExportPlan(h, w, 1, False, stride, profile)
@@ -377,17 +410,11 @@ def _check_export_options(cfg: ExportConfig, out: Path) -> tuple[list[str], floa
     """Every option checked before the checkpoint is read: the providers (probed when verifying), the gates."""
     from segkd.export.verify import resolve_gates
 
-    check_opset(cfg.opset)
-    if cfg.output not in OUTPUT_KINDS:
-        raise SegkdError(f"--output {cfg.output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
+    cfg.check()
     providers = parse_providers(cfg.providers)
     if cfg.verify:
         probe_providers(providers)
     atol, min_agree = resolve_gates(cfg)
-    if cfg.int8:
-        from segkd.export.quantize import check_int8_options
-
-        check_int8_options(cfg)
     if out.suffix.lower() != ".onnx":
         raise SegkdError(f"--out {out}: give a path ending in .onnx")
     if out.exists() and out.is_dir():
@@ -424,8 +451,8 @@ def _export_info(cfg: ExportConfig, plan: ExportPlan, model: nn.Module, ckpt: Pa
 def _build_graph(wrapper: nn.Module, plan: ExportPlan, cfg: ExportConfig, meta: Any, info: dict[str, Any],
                  ckpt: Path) -> tuple[Any, dict[str, Any]]:
     """Trace, finalise (fp16, folded normalisation) and stamp the ONNX graph with segkd's metadata."""
-    with tempfile.TemporaryDirectory(prefix="segkd-export-") as tmp:
-        traced = Path(tmp) / "traced.onnx"
+    with segkd_tempdir("export") as tmp:
+        traced = tmp / "traced.onnx"
         trace_to_onnx(wrapper, plan, cfg.opset, traced)
         onnx_model, graph_summary = finalize_graph(traced, cfg.fp16, cfg.fold_normalize)
     onnx_model.producer_name = "segkd"
@@ -468,6 +495,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
     t0 = time.perf_counter()
     out, ckpt = Path(out), Path(ckpt)
     providers, atol, min_agree = _check_export_options(cfg, out)
+    remove_dead_tmps(out.parent, out.name)  # the temp file of an export killed while writing this --out
     model = load_model(ckpt).float()
     meta = model.segkd_meta  # type: ignore[attr-defined]
     plan = plan_shapes(cfg, required_stride(model), meta.model)
@@ -495,10 +523,13 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
     if cfg.int8:  # verify the fp32 graph (in a temp dir), then quantise, gate on mIoU and write the INT8 file
         from segkd.export.quantize import build_int8
 
-        with tempfile.TemporaryDirectory(prefix="segkd-export-") as tmp:
-            write_and_verify(Path(tmp) / "fp32.onnx")
+        with segkd_tempdir("export") as tmp:
+            write_and_verify(tmp / "fp32.onnx")
         assert calibration is not None
         report["int8"] = build_int8(onnx_model, out, cfg, calibration, progress=cfg.progress)
+        if cfg.verify:  # the int8 file against PyTorch too: reported, not gated (its gate is the mIoU drop)
+            report["int8"]["verification"] = verify_onnx(out, wrapper, plan, cfg, providers=providers, atol=None,
+                                                         min_agreement=0.0)
         trt = report["tensorrt"] = trt_readiness(onnx.load(str(out)), plan, out, False, int8=True)  # the QDQ graph
     else:
         atomic_write(out, write_and_verify)

@@ -18,6 +18,10 @@ Choices (and why):
   attention x value): softmax probabilities and attention logits have long-tailed ranges that one int8 scale per
   tensor represents badly, the known accuracy trap of post-training quantisation of vision transformers. The
   report lists the op types that ended up int8 and fp32 as read back from the quantised graph, not as intended.
+* **Biases**: fp32 for ``tensorrt`` (ORT's ``QuantizeBias=False``, onnxruntime >= 1.17): ORT's default stores
+  each bias as INT32 behind a DequantizeLinear, a dtype the ONNX-TensorRT parser does not take (its matrix lists
+  INT8/FP8/INT4 for DequantizeLinear; 20 such nodes in a SegFormer-B0 export), while TensorRT fuses an fp32 bias
+  into the int8 convolution itself. ``cpu`` keeps ORT's INT32 biases, which its fused QLinearConv kernels use.
 * **Calibration**: ``--calib-images`` images of ``--calib-split`` (default train, as calibration must not see
   the evaluation split), drawn by a seeded permutation (CamVid's splits are consecutive video frames: the first N
   would be one street) and transformed exactly as ``segkd eval`` transforms them (checkpoint mean/std,
@@ -40,6 +44,7 @@ import numpy as np
 import torch
 
 from segkd.errors import GateFailure, SegkdError
+from segkd.safeio import segkd_tempdir
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_TARGETS = {  # activation type, symmetric activations, description
@@ -169,7 +174,7 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], m
                 reduce_range=False, activation_type=getattr(QuantType, act_type), weight_type=QuantType.QInt8,
                 calibrate_method=methods[method], nodes_to_exclude=attention_matmuls(model),
                 extra_options={"ActivationSymmetric": act_symmetric, "WeightSymmetric": True,
-                               "MatMulConstBOnly": True},
+                               "MatMulConstBOnly": True, "QuantizeBias": target != "tensorrt"},
             )
     except SegkdError:
         raise
@@ -179,6 +184,17 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], m
         raise SegkdError(f"INT8 quantisation failed ({_first_line(e)})") from None
     finally:
         root.setLevel(level)
+
+
+@contextlib.contextmanager
+def _temp_root(folder: Path) -> Iterator[None]:
+    """``tempfile``'s default folder set to ``folder`` for the block (single-threaded CLI use)."""
+    old = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = old
 
 
 def evaluate_miou(path: Path, cfg: Any, progress: bool) -> tuple[float, int]:
@@ -205,10 +221,11 @@ def build_int8(onnx_model: Any, out: Path, cfg: Any, calibration: tuple[list[np.
     from segkd.export.runtime import EXPORT_KEY
 
     batches, found = calibration
-    with tempfile.TemporaryDirectory(prefix="segkd-int8-") as tmp:
-        fp32_path, int8_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+    with segkd_tempdir("int8") as tmp:
+        fp32_path, int8_path = tmp / "fp32.onnx", tmp / "int8.onnx"
         onnx.save(onnx_model, str(fp32_path))
-        quantize_onnx(fp32_path, int8_path, batches, cfg.calib_method, progress, cfg.int8_target)
+        with _temp_root(tmp):  # ORT's quantiser makes scratch folders of its own: inside ours, swept with it
+            quantize_onnx(fp32_path, int8_path, batches, cfg.calib_method, progress, cfg.int8_target)
         qmodel = onnx.load(str(int8_path))
         int8_ops, fp32_ops = precision_by_op(qmodel)
         info: dict[str, Any] = {

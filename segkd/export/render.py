@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from segkd.textout import print_table
+from segkd.textout import human_size, print_table
 
 
 def _num(v: Any) -> str:
@@ -16,6 +16,14 @@ def _num(v: Any) -> str:
 
 def _precision(ex: dict[str, Any]) -> str:
     return "int8 (QDQ)" if ex.get("int8") else "fp16" if ex["fp16"] else "fp32"
+
+
+def _verdict(trt: dict[str, Any]) -> str:
+    from segkd.export.tensorrt import readiness_verdict
+
+    sev = [i["severity"] for i in trt["issues"]]
+    text = trt.get("verdict") or readiness_verdict(sev.count("error"), sev.count("warning"))
+    return text if text == "ready" else f"[red]{text}[/]" if not trt["ready"] else f"[yellow]{text}[/]"
 
 
 def _counts(ops: dict[str, int]) -> str:
@@ -30,10 +38,27 @@ def render_int8(q: dict[str, Any], console: Console) -> None:
         f"calibrated by "
         f"{cal['method']} on {cal['images']} of {cal['images_in_split']} {cal['split']!r} images: mIoU on "
         f"{q['eval_split']!r} ({q['eval_images']} images) {q['miou_fp32']:.2f} fp32 -> {q['miou_int8']:.2f} int8, "
-        f"drop {q['miou_drop']:.2f} <= {q['max_miou_drop']:g}; {q['bytes_fp32'] / 1e6:.1f} MB -> "
-        f"{q['bytes_int8'] / 1e6:.1f} MB", highlight=False, soft_wrap=True)
+        f"drop {q['miou_drop']:.2f} <= {q['max_miou_drop']:g}; {human_size(q['bytes_fp32'])} -> "
+        f"{human_size(q['bytes_int8'])}", highlight=False, soft_wrap=True)
     console.print(f"  int8: {_counts(q['quantized_op_types'])}", highlight=False, soft_wrap=True)
     console.print(f"  fp32: {_counts(q['fp32_op_types'])}", highlight=False, soft_wrap=True)
+    if q.get("verification"):
+        render_parity(q["verification"], "int8 (QDQ): ONNX Runtime vs PyTorch (reported; the gate is the mIoU drop)",
+                      console, gated=False)
+
+
+def render_parity(ver: dict[str, Any], title: str, console: Console, gated: bool = True) -> None:
+    """One verification table: per case the output differences and label agreement (and the verdict if gated)."""
+    table = Table(title=title, title_justify="left")
+    for col in ("case", "max |diff|", "mean |diff|", "label agreement", *(("ok",) if gated else ())):
+        table.add_column(col, no_wrap=col == "case")  # the case names the input: never cut it
+    for c in ver["cases"]:
+        if "error" in c:
+            table.add_row(c["case"], "-", "-", "-", *((f"[red]{c['error']}[/]",) if gated else ()))
+            continue
+        table.add_row(c["case"], _num(c["max_abs_diff"]), _num(c["mean_abs_diff"]), f"{c['label_agreement']:.5f}",
+                      *(("yes" if c["passed"] else "[red]no[/]",) if gated else ()))
+    print_table(console, table)
 
 
 def render_export_report(report: dict[str, Any], console: Console) -> None:
@@ -43,21 +68,13 @@ def render_export_report(report: dict[str, Any], console: Console) -> None:
     console.print(
         f"[bold]{report['model']}[/] -> {report['out']}  opset {ex['opset']}, output {ex['output']}, "
         f"input {ex['input_name']} {shape} ({ex['input_range']}), {_precision(ex)}, "
-        f"{graph['nodes']} nodes, {report['bytes'] / 1e6:.1f} MB, {report['seconds']:.1f} s",
+        f"{graph['nodes']} nodes, {human_size(report['bytes'])}, {report['seconds']:.1f} s",
         highlight=False,
     )
     ver = report.get("verification")
     if ver:
-        table = Table(title="verification: ONNX Runtime vs PyTorch", title_justify="left")
-        for col in ("case", "max |diff|", "mean |diff|", "label agreement", "ok"):
-            table.add_column(col, no_wrap=col == "case")  # the case names the input: never cut it
-        for c in ver["cases"]:
-            if "error" in c:
-                table.add_row(c["case"], "-", "-", "-", f"[red]{c['error']}[/]")
-                continue
-            table.add_row(c["case"], _num(c["max_abs_diff"]), _num(c["mean_abs_diff"]),
-                          f"{c['label_agreement']:.5f}", "yes" if c["passed"] else "[red]no[/]")
-        print_table(console, table)
+        title = "fp32 graph (verified, then quantised)" if report.get("int8") else _precision(ex)
+        render_parity(ver, f"{title}: ONNX Runtime vs PyTorch", console)
         if ver.get("static_other_size"):
             probe = ver["static_other_size"]
             verdict = "rejected (as it must)" if probe["rejected"] else "[red]accepted[/]"
@@ -73,7 +90,7 @@ def render_export_report(report: dict[str, Any], console: Console) -> None:
     src = trt["table"]
     console.print(
         f"TensorRT readiness (ONNX-TensorRT {src['tensorrt_version']} matrix, {src['repository']} "
-        f"{src['path']}@{src['commit'][:10]}): {'ready' if trt['ready'] else '[red]NOT ready[/]'}; "
+        f"{src['path']}@{src['commit'][:10]}): {_verdict(trt)}; "
         f"{len(trt['op_counts'])} op types, unsupported: {', '.join(trt['unsupported']) or 'none'}",
         highlight=False,
     )

@@ -102,10 +102,10 @@ def create_session(
 
 def probe_providers(providers: str | Sequence[str]) -> None:
     """Fail early (one line) when a requested provider cannot run here, using a one-node model, before any export."""
-    import tempfile
-
     import onnx
     from onnx import TensorProto, helper
+
+    from segkd.safeio import segkd_tempdir
 
     short = parse_providers(providers)
     if all(p == "cpu" for p in short):
@@ -114,8 +114,8 @@ def probe_providers(providers: str | Sequence[str]) -> None:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probe.onnx"
+    with segkd_tempdir("probe") as tmp:
+        path = tmp / "probe.onnx"
         onnx.save(model, str(path))
         create_session(path, short)
 

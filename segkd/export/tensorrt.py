@@ -182,14 +182,26 @@ def check_graph(model: Any) -> dict[str, Any]:
         issues.append({"severity": "warning", "op": "ReduceMean", "node": "",
                        "message": "decomposed LayerNorm (ReduceMean/Pow/Sqrt); fp16 engines may overflow"})
     issues += _dynamic_notes(graph, dynamic_reshape, dynamic_resize)
+    errors = sum(i["severity"] == "error" for i in issues)
+    warnings = sum(i["severity"] == "warning" for i in issues)
     return {
         "table": table["source"],
         "opset": opset,
         "op_counts": dict(sorted(counts.items())),
         "unsupported": sorted(set(unsupported)),
         "issues": issues,
-        "ready": not any(i["severity"] == "error" for i in issues),
+        "ready": not errors,
+        "verdict": readiness_verdict(errors, warnings),
     }
+
+
+def readiness_verdict(errors: int, warnings: int) -> str:
+    """The one-word-and-count summary of the issues, so it never says less than the list below it: ``ready`` only
+    with neither errors nor warnings (a parser dtype warning is a node TensorRT may refuse)."""
+    if errors:
+        return f"NOT ready ({errors} error{'s' * (errors != 1)}" + (f", {warnings} warning{'s' * (warnings != 1)})"
+                                                                     if warnings else ")")
+    return f"ready with {warnings} warning{'s' * (warnings != 1)}" if warnings else "ready"
 
 
 def _has_decomposed_layernorm(graph: Any, producers: dict[str, Any]) -> bool:
@@ -245,12 +257,11 @@ def trt_ep_status() -> tuple[bool, str]:
 
 def run_trt_ep(onnx_path: str | Path, input_name: str, profile: dict[str, Any], fp16: bool) -> dict[str, Any]:
     """Build the engine through ORT's TensorRT EP at the optimal shape and compare it with the CPU provider."""
-    import tempfile
-
     from segkd.export.runtime import create_session
+    from segkd.safeio import segkd_tempdir
 
     opt = tuple(profile["opt"])
-    with tempfile.TemporaryDirectory() as cache:
+    with segkd_tempdir("trt") as cache:
         trt_options = {
             "trt_fp16_enable": bool(fp16),
             "trt_engine_cache_enable": False,
@@ -258,7 +269,7 @@ def run_trt_ep(onnx_path: str | Path, input_name: str, profile: dict[str, Any], 
             "trt_profile_min_shapes": f"{input_name}:{shape_text(profile['min'])}",
             "trt_profile_opt_shapes": f"{input_name}:{shape_text(profile['opt'])}",
             "trt_profile_max_shapes": f"{input_name}:{shape_text(profile['max'])}",
-            "trt_engine_cache_path": cache,
+            "trt_engine_cache_path": str(cache),
         }
         trt = create_session(onnx_path, ("tensorrt",), trt_options=trt_options)
         cpu = create_session(onnx_path, ("cpu",))

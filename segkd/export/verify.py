@@ -59,13 +59,15 @@ def load_images(paths: Sequence[Path], height: int, width: int) -> Tensor:
     """RGB images resized (bilinear) to ``height x width`` as a float ``N x 3 x H x W`` tensor in 0..255."""
     from PIL import Image
 
+    from segkd.data.datasets import open_image
+
     out = []
     for p in paths:
-        try:
-            with Image.open(p) as im:
+        with open_image(p) as im:
+            try:
                 arr = np.asarray(im.convert("RGB").resize((width, height), Image.BILINEAR), dtype=np.float32)
-        except Exception as e:
-            raise SegkdError(f"{p}: cannot be read as an image ({_first_line(e)})") from None
+            except Exception as e:
+                raise SegkdError(f"{p}: cannot be read as an image ({_first_line(e)})") from None
         out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
     return torch.stack(out)
 

@@ -5,6 +5,8 @@ Adding a model is one builder function plus one ``MODELS.add`` call; ``tests/tes
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +34,7 @@ __all__ = [
     "ModelEntry",
     "SegModel",
     "SegOutput",
+    "check_model_kwargs",
     "count_params",
     "create_model",
     "deploy_param_count",
@@ -42,9 +45,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """``options_of``: the constructor whose keyword options ``build`` forwards through ``**kw`` (when ``build``
+    itself does not list them), so :func:`check_model_kwargs` can name what a model takes."""
+
     build: Callable[..., SegModel]
     family: str
     summary: str
+    options_of: Callable[..., object] | None = None
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
@@ -61,7 +68,8 @@ def _segformer(name: str, variant: str, num_classes: int, pretrained: str | None
 for _v in ("b0", "b1", "b2", "b3", "b4", "b5"):
     MODELS.add(
         f"segformer-{_v}",
-        ModelEntry(partial(_segformer, f"segformer-{_v}", _v), "transformer", f"SegFormer with MiT-{_v.upper()}"),
+        ModelEntry(partial(_segformer, f"segformer-{_v}", _v), "transformer", f"SegFormer with MiT-{_v.upper()}",
+                   options_of=SegFormer),
         aliases=(f"segformer_{_v}", f"mit-{_v}", f"mit_{_v}"),
     )
 
@@ -87,8 +95,48 @@ for _depth in (18, 50, 101):
     )
 
 
+_NOT_OPTIONS = ("self", "name", "variant", "arch", "num_classes", "pretrained")
+
+
+def model_options(name: str) -> dict[str, inspect.Parameter] | None:
+    """The keyword options of zoo model ``name`` (its constructor's parameters beyond name, class count and
+    pretrained weights), or ``None`` when its builder does not say (then nothing is checked)."""
+    entry = MODELS.get(name)
+    target = entry.options_of or (entry.build.func if isinstance(entry.build, partial) else entry.build)
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {k: p for k, p in params.items() if k not in _NOT_OPTIONS}
+
+
+def check_model_kwargs(name: str, kwargs: dict, source: str = "model_kwargs") -> None:
+    """One line naming ``source`` for a model option the constructor does not take or a value of the wrong kind
+    (a number for a number, a flag for a flag, a list of integers for a sequence), before the model is built."""
+    options = model_options(name)
+    if options is None:
+        return
+    for key, value in kwargs.items():
+        param = options.get(key)
+        if param is None:
+            takes = ", ".join(options) or "none"
+            raise SegkdError(f"{source}: {MODELS.canonical(name)} takes no option {key!r} (it takes: {takes})")
+        default = param.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif isinstance(default, (tuple, list)):
+            ok = isinstance(value, (tuple, list)) and all(isinstance(v, int) and v > 0 for v in value)
+        else:
+            ok = True
+        if not ok:
+            raise SegkdError(f"{source}: {MODELS.canonical(name)} option {key}={value!r} is not of the kind of its "
+                             f"default ({default!r})")
+
+
 def create_model(name: str, num_classes: int = 19, pretrained: str | None = None, **kwargs) -> SegModel:
     """Build a zoo model by name (aliases allowed). ``pretrained`` is a local backbone weights file, never a URL."""
+    check_model_kwargs(name, kwargs)
     if num_classes < 1:
         raise SegkdError(f"num_classes must be >= 1, got {num_classes}")
     if pretrained is not None:

@@ -197,28 +197,64 @@ def _convert_mmseg(src: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]
     return out, unplaced, skipped
 
 
+def _map_transformer(src: dict[str, Tensor], fmt: str, report: ConversionReport) -> dict[str, Tensor]:
+    """A SegFormer/MiT checkpoint (HF, NVlabs or mmseg keys) under segkd's key names (no model needed)."""
+    if fmt == "nvlabs":
+        out, report.unplaced, report.skipped = _convert_nvlabs(src)
+        return out
+    if fmt == "mmseg":
+        out, report.unplaced, report.skipped = _convert_mmseg(src)
+        return out
+    if fmt != "hf":
+        raise SegkdError(f"keys look like a {fmt} checkpoint, not a SegFormer/MiT one (first key {next(iter(src))!r})")
+    out = {}
+    for key, v in src.items():
+        new = _map_hf(key)
+        if new is not None:
+            out[new] = v
+        elif key.startswith("classifier."):
+            report.skipped.append(key)  # ImageNet head of an encoder-only checkpoint
+        else:
+            report.unplaced.append(key)
+    return out
+
+
+def detect_model(src: dict[str, Tensor], source: str | Path) -> str:
+    """The zoo model a foreign checkpoint holds, from its keys and shapes alone (what ``segkd convert`` uses
+    without ``-m``): a MiT variant from its stage-1 width and blocks per stage, a torchvision DeepLabV3's ResNet
+    depth from its blocks per stage. One line when the layout says neither."""
+    fmt = detect_format(list(src))
+    if fmt in ("hf", "nvlabs", "mmseg"):
+        from segkd.models.segformer import MIT_CONFIGS
+
+        mapped = _map_transformer(src, fmt, ConversionReport(fmt))
+        depths = tuple(1 + max((int(m[1]) for k in mapped if (m := re.match(rf"encoder\.stages\.{s}\.(\d+)\.", k))),
+                               default=-1) for s in range(4))
+        width = mapped.get("encoder.patch_embeds.0.proj.weight")
+        found = (None if width is None else int(width.shape[0]), depths)
+        for variant, cfg in MIT_CONFIGS.items():
+            if (cfg.dims[0], cfg.depths) == found:
+                return f"segformer-{variant}"
+        raise SegkdError(f"{source}: a {fmt} SegFormer/MiT checkpoint of no known variant (stage-1 width "
+                         f"{found[0]}, blocks per stage {depths}); pass --model")
+    if fmt == "torchvision":
+        blocks = tuple(1 + max((int(m[1]) for k in src if (m := re.match(rf"backbone\.layer{s}\.(\d+)\.", k))),
+                               default=-1) for s in (1, 2, 3, 4))
+        depth = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 50, (3, 4, 23, 3): 101}.get(blocks)
+        if depth is not None and (depth == 18) != any(".conv3." in k for k in src):
+            return f"deeplabv3-resnet{depth}"
+        raise SegkdError(f"{source}: a torchvision DeepLabV3 with ResNet blocks per stage {blocks}, which no zoo "
+                         "model has; pass --model")
+    raise SegkdError(f"{source}: cannot tell the model from its keys (first key {next(iter(src))!r}); pass --model")
+
+
 def convert_state(src: dict[str, Tensor], model: SegModel) -> tuple[dict[str, Tensor], ConversionReport]:
     """Map a foreign state dict onto ``model``'s keys. Shapes are checked by the caller's load."""
     fmt = detect_format(list(src))
     report = ConversionReport(fmt)
     out: dict[str, Tensor] = {}
     if model.family == "transformer":
-        if fmt == "hf":
-            for key, v in src.items():
-                new = _map_hf(key)
-                if new is not None:
-                    out[new] = v
-                elif key.startswith("classifier."):
-                    report.skipped.append(key)  # ImageNet head of an encoder-only checkpoint
-                else:
-                    report.unplaced.append(key)
-        elif fmt == "nvlabs":
-            out, report.unplaced, report.skipped = _convert_nvlabs(src)
-        elif fmt == "mmseg":
-            out, report.unplaced, report.skipped = _convert_mmseg(src)
-        else:
-            first = next(iter(src))
-            raise SegkdError(f"keys look like a {fmt} checkpoint, not a SegFormer/MiT one (first key {first!r})")
+        out = _map_transformer(src, fmt, report)
     else:
         if fmt != "torchvision":
             raise SegkdError(f"keys look like a {fmt} checkpoint, not a torchvision DeepLab one (first key "
@@ -260,13 +296,13 @@ def load_pretrained_encoder(model: SegModel, path: str | Path) -> ConversionRepo
     missing = [k for k in need if k not in enc]
     if missing:
         raise SegkdError(f"{path}: not a MiT-{model.variant} encoder checkpoint: missing {missing[0]!r}")  # type: ignore[attr-defined]
-    load_state_checked(model, enc, str(path), strict=False)
+    load_state_checked(model, enc, str(path), strict=False, exact_dtype=False)
     return report
 
 
 def convert_checkpoint(
     src_path: str | Path,
-    model_name: str,
+    model_name: str | None,
     num_classes: int | None = None,
     class_names: list[str] | None = None,
 ) -> tuple[SegModel, dict, ConversionReport]:
@@ -279,6 +315,7 @@ def convert_checkpoint(
 
     src = read_foreign(src_path)
     fmt = detect_format(list(src))
+    model_name = model_name or detect_model(src, src_path)
     family = MODELS.get(model_name).family
     expected = ("hf", "nvlabs", "mmseg") if family == "transformer" else ("torchvision",)
     if fmt not in expected:
@@ -295,6 +332,7 @@ def convert_checkpoint(
         kwargs["ln_eps"] = 1e-5  # HF SegFormer uses PyTorch's default LayerNorm eps in blocks and stage norms
     model = create_model(model_name, num_classes=num_classes, **kwargs)
     state, report = convert_state(src, model)
+    _check_fit(src, src_path, state, model, found)
     if found is not None and found != num_classes:
         # a different class count: keep everything but the classifier, which stays freshly initialised
         # weight/bias only: BatchNorm's 0-dim num_batches_tracked (torchvision classifier.2.*) has no first dim
@@ -307,8 +345,29 @@ def convert_checkpoint(
         report.placed = len(state)
     if not state:
         raise SegkdError(f"{src_path}: no key could be placed in {model_name}")
-    load_state_checked(model, state, str(src_path), strict=False)
+    load_state_checked(model, state, str(src_path), strict=False, exact_dtype=False)
     return model, kwargs, report
+
+
+def _check_fit(src: dict[str, Tensor], src_path: str | Path, state: dict[str, Tensor], model: SegModel,
+               found: int | None) -> None:
+    """One line when the checkpoint is another architecture than ``-m`` (a ResNet-18 given as -m deeplabv3-resnet50):
+    how many tensors differ in shape, the first, and the model the checkpoint holds. The classifier of another class
+    count is not a mismatch (it is re-initialised)."""
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
+           and not (found is not None and v.dim() > 0 and v.shape[0] == found and k.startswith(
+               ("decode_head.classifier.", "classifier.4.")))]
+    if not bad:
+        return
+    try:
+        holds = f"; it holds a {detect_model(src, src_path)} (leave -m out to import it as that)"
+    except SegkdError:
+        holds = ""
+    k = bad[0]
+    raise SegkdError(f"{src_path}: not a {model.zoo_name} checkpoint: {len(bad)} of {len(state)} tensors differ in "
+                     f"shape (first {k}: {tuple(state[k].shape)} here, {tuple(own[k].shape)} in "
+                     f"{model.zoo_name}){holds}")
 
 
 def read_class_file(path: str | Path) -> tuple[list[str], list[list[int]] | None]:
@@ -367,13 +426,14 @@ def hf_label_names(weights: Path) -> list[str] | None:
 
 def run_convert(
     src: str | Path,
-    model_name: str,
+    model_name: str | None,
     out: str | Path,
     num_classes: int | None = None,
     classes_file: str | Path | None = None,
     ignore_index: int = 255,
 ) -> dict:
-    """``segkd convert``: import ``src`` into ``model_name`` and write a segkd checkpoint; returns the report."""
+    """``segkd convert``: import ``src`` into ``model_name`` (``None``: the model :func:`detect_model` finds) and
+    write a segkd checkpoint; returns the report."""
     from dataclasses import asdict
 
     from segkd.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
@@ -400,4 +460,5 @@ def run_convert(
         source=f"{report.source_format}:{Path(src).name}",
     )
     save_checkpoint(out, model, meta)
-    return {"model": model.zoo_name, "num_classes": model.num_classes, "out": str(out), **asdict(report)}
+    return {"model": model.zoo_name, "model_detected": model_name is None, "num_classes": model.num_classes,
+            "out": str(out), **asdict(report)}

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from segkd.checkpoint import META_KEY, CheckpointMeta, load_state_checked, read_checkpoint, read_safetensors
 from segkd.errors import SegkdError
-from segkd.models import MODELS, SegModel, create_model
+from segkd.models import MODELS, SegModel, check_model_kwargs, create_model
 from segkd.models.base import is_training_only
 from segkd.models.convert import convert_checkpoint
 
@@ -19,6 +19,9 @@ from segkd.models.convert import convert_checkpoint
 def model_from_state(state: dict[str, Tensor], meta: CheckpointMeta, source: str) -> SegModel:
     """The zoo model ``meta`` names with ``state`` loaded strictly (the training-only DeepLabV3 aux head, which
     deploy checkpoints leave out, is ignored when present); ``meta`` is attached as ``model.segkd_meta``."""
+    if meta.model not in MODELS:
+        raise SegkdError(f"{source}: metadata names the model {meta.model!r}, which is not in segkd's zoo")
+    check_model_kwargs(meta.model, meta.model_kwargs, f"{source}: metadata model_kwargs")
     model = create_model(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
     load_state_checked(model, {k: v for k, v in state.items() if not is_training_only(model, k)}, source)
     model.segkd_meta = meta  # type: ignore[attr-defined]

@@ -117,15 +117,25 @@ def results_table(entries: list[Entry]) -> Table:
                  "validation split of the run that names it, as the trainer validates.")
 
 
+def _util_cell(e: Entry) -> str:
+    """bench's CPU-util column: process CPU time / wall time while timed, marked when contended."""
+    if e.latency_ms is None or e.cpu_util is None:
+        return "-"
+    return f"{e.cpu_util:.2f}" + (" contended" if e.contended else "")
+
+
 def cost_table(entries: list[Entry], latency: bool) -> Table:
     rows = []
     for e in entries:
         rows.append([e.label, "-" if e.params is None else f"{e.params / 1e6:.3f}",
                      "-" if e.gmacs is None else f"{e.gmacs:.3f}", f"1x3x{e.size[0]}x{e.size[1]}",
-                     "-" if e.latency_ms is None else f"{e.latency_ms:.1f}"])
+                     "-" if e.latency_ms is None else f"{e.latency_ms:.1f}", _util_cell(e)])
     how = (f"latency: median of 5 batch-1 forwards on CPU (torch threads: {torch.get_num_threads()}) after one warm-up"
            if latency else "latency not measured (--no-latency)")
-    return Table("Size and cost", ["model", "params (M)", "GMACs", "input", "latency (ms)"], rows,
+    if any(e.contended for e in entries):
+        how += ("; contended = the process got less than 0.9 x its threads of CPU while timed (another process "
+                "shared the cores, as segkd bench flags it): that latency is too high, rerun on an idle machine")
+    return Table("Size and cost", ["model", "params (M)", "GMACs", "input", "latency (ms)", "CPU util"], rows,
                  f"params: deploy weights (run.json; training-only adapters excluded); GMACs at the run's crop "
                  f"(else resize, else 512x512); {how}.")
 
@@ -137,10 +147,14 @@ def per_class_table(class_names: Sequence[str], series: list[tuple[str, Sequence
                  "runs: the validation at their best checkpoint's iteration; - = absent from labels and predictions.")
 
 
-def _legend(names: Sequence[str], palette: Sequence[Sequence[int]], masks: list[np.ndarray]) -> list[tuple[str, Any]]:
-    present = set()
+def _present(masks: list[np.ndarray]) -> set[int]:
+    present: set[int] = set()
     for m in masks:
         present |= {int(v) for v in np.unique(m)}
+    return present
+
+
+def _legend(names: Sequence[str], palette: Sequence[Sequence[int]], present: set[int]) -> list[tuple[str, Any]]:
     return [(n, palette[i]) for i, n in enumerate(names) if i in present and i < len(palette)]
 
 
@@ -152,15 +166,19 @@ def sample_figures(entries: list[Entry], data: str | None, n: int, class_names: 
     if meta is None or n <= 0:
         return []
     samples = predict_samples(entries, data, n, meta.mean, meta.std)
+    shown = _present([m for s in samples for m in (s.label, *s.preds.values())]) - {meta.ignore_index}
+    palette, changed = figures.overlay_palette(meta.palette, sorted(shown))  # one palette for every sample
+    caption = ("overlay colours differ from the dataset palette for " + ", ".join(class_names[i] for i in changed)
+               + " (too close to another class shown to tell apart once blended)" if changed else "")
     out = []
     for k, s in enumerate(samples):
-        masks = [s.label, *s.preds.values()]
-        panels = [("image", s.image), ("ground truth", overlay(s.image, colorize(s.label, meta.palette,
+        panels = [("image", s.image), ("ground truth", overlay(s.image, colorize(s.label, palette,
                                                                                     meta.ignore_index), 0.6))]
-        panels += [(label, overlay(s.image, colorize(p, meta.palette, None), 0.6)) for label, p in s.preds.items()]
-        legend = _legend(class_names, meta.palette, masks)
+        panels += [(label, overlay(s.image, colorize(p, palette, None), 0.6)) for label, p in s.preds.items()]
+        legend = _legend(class_names, palette, _present([s.label, *s.preds.values()]))
         out.append(Figure(f"sample{k + 1}-{s.stem}", f"sample {s.stem}",
-                          figures.sample_figure(f"{s.stem} (ground truth ignore pixels in black)", panels, legend)))
+                          figures.sample_figure(f"{s.stem} (ground truth ignore pixels in black)", panels, legend),
+                          caption))
     return out
 
 

@@ -50,22 +50,37 @@ def _ce(rec: dict) -> float | None:
     return rec.get("raw_ce", rec.get("loss_ce"))
 
 
+def _legend_outside(ax) -> None:
+    """The legend to the right of the axes (constrained layout makes room), never over the curves or bars."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def _totals(r: Run, relative: bool) -> list[tuple[float, float]]:
+    pts = [(rec["iter"], rec["loss"]) for rec in r.train if rec.get("loss") is not None]
+    if relative and pts and pts[0][1]:
+        return [(i, v / pts[0][1]) for i, v in pts]
+    return pts
+
+
 def loss_figure(runs: list[Run], colour: dict[str, str]) -> bytes | None:
-    """Training loss against iteration. Left: every run's total loss (what it minimised). Right: with one run its
-    weighted terms; with several, each student's unweighted cross-entropy, the one term every method shares."""
+    """Training loss against iteration. Left: the total loss each run minimised; with several runs each relative to
+    its own first logged value (the totals of different methods sum different terms, so their scales differ; on
+    one absolute axis the largest flattened the others). Right: with one run its weighted terms; with several, each
+    student's unweighted cross-entropy, the one term most methods share; a run that logs none is named there."""
     drawn = [r for r in runs if any("loss" in rec for rec in r.train)]
     if not drawn:
         return None
-    fig = _figure(11, 3.6)
+    several = len(drawn) > 1
+    fig = _figure(12, 3.6)
     total, parts = fig.subplots(1, 2)
     for r in drawn:
         c = colour.get(r.label(r.models[0]))
-        _line(total, [(rec["iter"], rec["loss"]) for rec in r.train if rec.get("loss") is not None], label=r.name,
-              color=c, lw=1.5)
-        if len(drawn) > 1:
+        _line(total, _totals(r, several), label=r.name, color=c, lw=1.5)
+        if several:
             _line(parts, [(rec["iter"], _ce(rec)) for rec in r.train if _ce(rec) is not None], label=r.name,
                   color=c, lw=1.5)
-    if len(drawn) == 1:
+    if not several:
         r = drawn[0]
         for term in sorted({k for rec in r.train for k in rec if k.startswith("loss_")}):
             _line(parts, [(rec["iter"], rec[term]) for rec in r.train if rec.get(term) is not None], label=term,
@@ -73,13 +88,16 @@ def loss_figure(runs: list[Run], colour: dict[str, str]) -> bytes | None:
         parts.set_title(f"{r.name}: loss terms (weighted)")
     else:
         parts.set_title("Student cross-entropy (unweighted)")
-    total.set_title("Training loss (total)")
+        missing = [r.name for r in drawn if not any(_ce(rec) is not None for rec in r.train)]
+        if missing:  # said on the panel, not left out silently (c2vkd's published objective has no CE term)
+            parts.text(0.5, 0.02, f"not shown (no cross-entropy logged): {', '.join(missing)}", fontsize=8,
+                       ha="center", va="bottom", transform=parts.transAxes, color="#8a4b00")
+    total.set_title("Training loss (total" + (", relative to its first log)" if several else ")"))
     for ax in (total, parts):
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="upper right")
-    total.set_ylabel("logged mean over the last steps")
+        _legend_outside(ax)
+    total.set_ylabel("loss / its first logged value" if several else "logged mean over the last steps")
     return to_png(fig)
 
 
@@ -100,7 +118,7 @@ def miou_figure(runs: list[Run], colour: dict[str, str], teachers: dict[str, flo
     ax.set_xlabel("iteration")
     ax.set_ylabel("val mIoU (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    _legend_outside(ax)
     ax.set_title("Validation mIoU")
     return to_png(fig)
 
@@ -123,9 +141,48 @@ def per_class_figure(class_names: Sequence[str], series: list[tuple[str, Sequenc
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncols=min(m, 4), loc="upper right")
+    if m:
+        fig.legend(fontsize=8, ncols=min(m, 4), loc="outside upper center", frameon=False)
     ax.set_title("Per-class IoU")
     return to_png(fig)
+
+
+# Kelly's colours of maximum contrast (white and black left out: the ignore colour and the background of overlays)
+KELLY = [(255, 179, 0), (128, 62, 117), (255, 104, 0), (166, 189, 215), (193, 0, 32), (206, 162, 98), (129, 112, 102),
+         (0, 125, 52), (246, 118, 142), (0, 83, 138), (255, 122, 92), (83, 55, 122), (255, 142, 0), (179, 40, 81),
+         (244, 200, 0), (127, 24, 13), (147, 170, 0), (89, 51, 21), (241, 58, 19), (35, 44, 22)]
+MIN_DELTA_E = 40.0  # CIE76; overlays blend at alpha 0.6, which shrinks every colour difference to about 0.6 of it
+
+
+def _lab(rgb: Sequence[Sequence[int]]) -> np.ndarray:
+    """sRGB (0..255) -> CIELAB (D65)."""
+    c = np.asarray(rgb, dtype=np.float64).reshape(-1, 3) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], axis=1)
+
+
+def overlay_palette(palette: Sequence[Sequence[int]], present: Sequence[int]) -> tuple[list[list[int]], list[int]]:
+    """The colours the sample overlays use: the dataset's palette, except that a class shown whose colour lies
+    within :data:`MIN_DELTA_E` of an earlier shown class's gets the Kelly colour farthest from all kept ones (CamVid's
+    Road, Pavement and Car are three purples, indistinguishable once blended over the image). Returns the palette
+    and the classes recoloured (the legend shows the colours used; a report note names them)."""
+    out = [list(map(int, c)) for c in palette]
+    kept: list[list[int]] = []
+    changed = []
+    for i in sorted(set(present)):
+        if i >= len(out):
+            continue
+        if kept and np.linalg.norm(_lab(kept) - _lab([out[i]]), axis=1).min() < MIN_DELTA_E:
+            free = [c for c in KELLY if list(c) not in kept]
+            if free:
+                dist = np.linalg.norm(_lab(free)[:, None] - _lab(kept)[None], axis=2).min(axis=1)
+                out[i] = list(free[int(dist.argmax())])
+                changed.append(i)
+        kept.append(out[i])
+    return out, changed
 
 
 def sample_figure(title: str, panels: list[tuple[str, np.ndarray]],

@@ -29,6 +29,8 @@ class Entry:
     params: int | None = None
     gmacs: float | None = None
     latency_ms: float | None = None
+    cpu_util: float | None = None  # process CPU time / wall time while timing (bench's contention measure)
+    contended: bool | None = None  # as bench flags it: CPU util < 0.9 x threads (the figure is too slow)
     miou: float | None = None  # teachers: measured here; runs: read from the logs (see Run.best)
     per_class_iou: list[float | None] | None = None
     model: nn.Module | None = field(default=None, repr=False)
@@ -141,8 +143,9 @@ def measure_cost(entry: Entry, latency: bool, calls: int = 5) -> None:
         x = torch.randn(1, 3, *entry.size)
         model = entry.model.eval()
         with torch.inference_mode():
-            timing = time_loop(lambda: model(x), lambda: None, warmup=1, iters=calls, flag_contention=False)
-        entry.latency_ms = timing.p50_ms
+            timing = time_loop(lambda: model(x), lambda: None, warmup=1, iters=calls,
+                               threads=torch.get_num_threads())
+        entry.latency_ms, entry.cpu_util, entry.contended = timing.p50_ms, timing.cpu_util, timing.contended
 
 
 def val_dataset(run: Run, data: str | None, resize: bool = True, mean: Any = None, std: Any = None) -> Any:

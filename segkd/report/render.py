@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import base64
 import html
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from segkd.checkpoint import atomic_write_bytes, atomic_write_text
 from segkd.errors import SegkdError
 from segkd.report.build import Figure, Report, Table
+from segkd.safeio import remove_dead_tmps, tmp_prefix
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1180px;
@@ -54,7 +58,8 @@ def html_table(t: Table) -> str:
 
 def html_figure(f: Figure) -> str:
     data = base64.b64encode(f.png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(f.title)}">\n'
+    caption = f'<p class="note">{html.escape(f.caption)}</p>\n' if f.caption else ""
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(f.title)}">\n' + caption
 
 
 def render_html(report: Report) -> str:
@@ -105,7 +110,8 @@ def render_markdown(report: Report, figure_dir: str) -> str:
         parts.append(md_table(tables["Per-class IoU (%)"]))
     if report.samples:
         parts += ["## Validation samples", ""]
-        parts += [f"![{f.title}]({figure_dir}/{f.key}.png)\n" for f in report.samples]
+        parts += [f"![{f.title}]({figure_dir}/{f.key}.png)\n" + (f"\n{f.caption}\n" if f.caption else "")
+                  for f in report.samples]
     return "\n".join(parts)
 
 
@@ -116,8 +122,29 @@ def write_report(report: Report, out_html: str | Path) -> tuple[Path, Path, Path
     if md_path == out_html:
         raise SegkdError(f"--out {out_html}: give the HTML page's path (the markdown is written beside it as .md)")
     fig_dir = out_html.with_name(f"{out_html.stem}_figures")
-    for f in report.figures + report.samples:
-        atomic_write_bytes(fig_dir / f"{f.key}.png", f.png)
-    atomic_write_text(md_path, render_markdown(report, fig_dir.name))
-    atomic_write_text(out_html, render_html(report))
+    for name in (out_html.name, md_path.name, fig_dir.name):  # what a report killed mid-write left
+        remove_dead_tmps(out_html.parent, name)
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=tmp_prefix(out_html.name), suffix=".tmp", dir=out_html.parent))
+    try:
+        (stage / fig_dir.name).mkdir()
+        for f in report.figures + report.samples:
+            atomic_write_bytes(stage / fig_dir.name / f"{f.key}.png", f.png)
+        atomic_write_text(stage / md_path.name, render_markdown(report, fig_dir.name))
+        atomic_write_text(stage / out_html.name, render_html(report))
+        _swap_in(stage, fig_dir, md_path, out_html)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out_html, md_path, fig_dir
+
+
+def _swap_in(stage: Path, fig_dir: Path, md_path: Path, out_html: Path) -> None:
+    """Put a staged report in place: the whole figures folder (an earlier report's figures go with the stage, so no
+    stale figure stays), then the markdown, then the page, each by a rename. Choice: three renames, not one (the
+    page, its markdown and its folder are three names the user asked for); a kill can only land between renames
+    (microseconds), not while seconds of figures are written, and the next report removes what it left."""
+    if fig_dir.is_dir() and not fig_dir.is_symlink():
+        os.rename(fig_dir, stage / ".earlier_figures")
+    os.rename(stage / fig_dir.name, fig_dir)
+    os.replace(stage / md_path.name, md_path)
+    os.replace(stage / out_html.name, out_html)
