@@ -123,6 +123,11 @@ def _root(
     """segkd: compress segmentation models by knowledge distillation, then export and benchmark them."""
 
 
+def _note(text: str) -> None:
+    """One ``note:`` line on stderr (what a command chose for the user, e.g. the input size it used)."""
+    console.print(f"note: {text}", highlight=False, soft_wrap=True)
+
+
 def _emit_json(data: object, path: Path | None) -> None:
     """``data`` as JSON: on stdout when ``path`` is None (coloured on a terminal), else atomically into ``path``."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str)
@@ -348,7 +353,7 @@ def eval_cmd(**values: Any) -> None:
     if cfg.data is None:
         cfg.data = "synth"
         console.print("note: no --data given: scoring the built-in synthetic set (synth)", highlight=False)
-    result = run_eval(values["source"], cfg)
+    result = run_eval(values["source"], cfg, note=_note)
     if result.rank != 0:
         return
 

@@ -254,7 +254,10 @@ class EvalConfig:
                               "a note saying so).")
     data_format: str | None = option(None, "Dataset format (default: detected from the root).")
     split: str = option("val", "Split to evaluate.")
-    resize: str | None = option(None, "Resize images to HxW before inference.")
+    resize: str | None = option(None, "Resize images to HxW before inference; 'native' = as stored (default: the "
+                                "size the checkpoint was validated at, else as stored).")
+    val_labels: str | None = option(None, "Score against labels 'resized' with the input or at their 'native' size "
+                                    "(logits upsampled), like training's --val-labels (default: the checkpoint's).")
     mode: str = option("whole", "Inference mode: whole or slide (sliding window).")
     crop: str | None = option(None, "Sliding-window size HxW (--mode slide).")
     stride: str | None = option(None, "Sliding-window stride HxW (default 2/3 of --crop).")
@@ -277,32 +280,42 @@ class EvalConfig:
                 raise SegkdError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise SegkdError(f"--threads must be >= 1, got {self.threads}")
+        if self.val_labels not in (None, "resized", "native"):
+            raise SegkdError(f"--val-labels must be resized or native, got {self.val_labels!r}")
+        from segkd.engine.inference import parse_resize
+
+        parse_resize(self.resize)
 
 
 def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset | None = None,
-             **options: Any) -> EvalResult:
+             note: Callable[[str], None] | None = None, **options: Any) -> EvalResult:
     """Everything ``segkd eval`` does: load the model alone, build the dataset from its metadata, evaluate.
 
     ``cfg`` (or :class:`EvalConfig` field values as keywords) says how; ``dataset`` (already transformed, yielding
-    ``(image, label)``) replaces ``data``/``data_format``/``resize``.
+    ``(image, label)``) replaces ``data``/``data_format``/``resize``/``val_labels``. Without ``--resize`` the images
+    are resized to the size the checkpoint was validated at (:func:`~segkd.engine.inference.resolve_input_size`);
+    ``note`` receives the line saying which size was used.
     """
     from segkd.engine.distributed import init_distributed
-    from segkd.engine.inference import make_predictor, parse_scales
+    from segkd.engine.inference import make_predictor, parse_scales, resolve_input_size
     from segkd.shapes import parse_hw
 
     cfg = replace(cfg or EvalConfig(), **options)
     cfg.check()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    resize_hw = parse_hw(cfg.resize, "--resize")
     scale_list = parse_scales(cfg.scales)
     info = init_distributed(cfg.device)
     fn, meta, kind = load_predictor_source(source, info.device, threads=cfg.threads or 0)
-    min_side = _check_sizes(fn, meta, kind, {"--resize": resize_hw, "--crop": parse_hw(cfg.crop, "--crop")},
+    size = resolve_input_size(cfg.resize, cfg.val_labels, meta, str(source))
+    min_side = _check_sizes(fn, meta, kind, {"--resize": size.resize, "--crop": parse_hw(cfg.crop, "--crop")},
                             scaled=scale_list != (1.0,))
     predict = make_predictor(fn, mode=cfg.mode, crop=cfg.crop, stride=cfg.stride, flip=cfg.flip,  # type: ignore
                              scales=scale_list, amp=cfg.amp, min_side=min_side, model_name=meta.model)
-    dataset = _eval_dataset(source, cfg, dataset, resize_hw, meta)
+    given = dataset
+    dataset = _eval_dataset(source, cfg, dataset, size.resize, meta, size.val_labels)
+    if given is None and note is not None and info.rank == 0:  # every check passed: say which size is scored
+        note(size.note)
     ds_ignore = _dataset_classes(dataset)[1]
     indices = list(range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]
     loader = DataLoader(Subset(dataset, indices) if info.world_size > 1 else dataset, batch_size=cfg.batch,
@@ -316,7 +329,9 @@ def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset
         "source": str(source), "kind": kind, "model": meta.model,
         "data": str(cfg.data) if cfg.data is not None else None,
         "data_format": getattr(getattr(dataset, "info", None), "format", cfg.data_format), "split": cfg.split,
-        "resize": list(resize_hw) if resize_hw else None, "mode": cfg.mode,
+        "resize": list(size.resize) if size.resize and given is None else None,
+        "val_labels": size.val_labels if given is None else None, "input_size": size.note if given is None else None,
+        "mode": cfg.mode,
         "crop": list(parse_hw(cfg.crop, "--crop")) if cfg.crop else None,
         "stride": list(parse_hw(cfg.stride, "--stride")) if cfg.stride else None,
         "flip": cfg.flip, "scales": list(scale_list), "device": str(info.device), "world_size": info.world_size,
@@ -326,13 +341,14 @@ def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset
 
 
 def _eval_dataset(source: str | Path, cfg: EvalConfig, dataset: Dataset | None, resize: tuple[int, int] | None,
-                  meta: Any) -> Dataset:
+                  meta: Any, val_labels: str = "resized") -> Dataset:
     """The dataset to score (given, or built from ``cfg.data`` with the checkpoint's normalisation), checked to
     hold samples of the model's classes."""
     if dataset is None:
         if cfg.data is None:
             raise SegkdError("--data is required (a dataset root, or 'synth')")
-        dataset = build_eval_dataset(cfg.data, cfg.data_format, cfg.split, resize, meta)
+        dataset = build_eval_dataset(cfg.data, cfg.data_format, cfg.split, resize, meta,
+                                     resize_labels=val_labels == "resized")
     ds_classes = _dataset_classes(dataset)[0]
     if ds_classes is not None and ds_classes != meta.num_classes:
         where = f"the dataset {cfg.data}" if cfg.data is not None else "the dataset"
@@ -356,8 +372,9 @@ def _save_hook(out_dir: Path, dataset: Any, indices: list[int], meta: Any) -> Ba
 
 
 def build_eval_dataset(data: str | Path, data_format: str | None, split: str, resize: tuple[int, int] | None,
-                       meta: Any) -> Dataset:
-    """The evaluation split through the data package, normalised with the checkpoint's mean/std.
+                       meta: Any, resize_labels: bool = True) -> Dataset:
+    """The evaluation split through the data package, normalised with the checkpoint's mean/std (labels resized
+    with the images unless ``resize_labels=False``: then scored at their stored size, as ``--val-labels native``).
 
     ``num_classes``/``ignore_index`` come from the checkpoint (they matter for the ``folder`` format, whose files
     do not name their classes); formats that know their classes report them, and a mismatch is an error.
@@ -365,7 +382,8 @@ def build_eval_dataset(data: str | Path, data_format: str | None, split: str, re
     from segkd.data import build_dataset, build_eval_transform, resolve_data_root
 
     root = resolve_data_root(str(data))
-    transform = build_eval_transform(resize=resize, mean=list(meta.mean), std=list(meta.std))
+    transform = build_eval_transform(resize=resize, mean=list(meta.mean), std=list(meta.std),
+                                     resize_labels=resize_labels)
     try:  # the dataset's own class list first, so a mismatch with the checkpoint is reported as such
         return build_dataset(root, split, fmt=data_format, transform=transform, ignore_index=meta.ignore_index)
     except SegkdError:  # e.g. a folder dataset without a class file: the checkpoint's class count applies

@@ -61,7 +61,7 @@ from segkd.engine.seeding import weights_sha256
 from segkd.engine.state import RESUME_FILE, capture_rng, load_resume, resolve_resume_path, restore_rng, save_resume
 from segkd.engine.task import SupervisedTask, Task, build_optimizer, supports_aux
 from segkd.errors import SegkdError
-from segkd.shapes import parse_hw
+from segkd.shapes import parse_hw, size_from_options
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
@@ -366,7 +366,7 @@ class Trainer:
             model=getattr(model, "zoo_name", type(model).__name__), num_classes=self.data.num_classes,
             class_names=self.data.class_names, palette=self.data.palette, mean=self.data.mean, std=self.data.std,
             ignore_index=self.data.ignore_index, args=asdict(self.cfg), metrics=merged_metrics,
-            source=self.source, **extra,
+            input_size=size_from_options(asdict(self.cfg)).record(), source=self.source, **extra,
         )
 
     # ----------------------------------------------------------------------------------------------- validate

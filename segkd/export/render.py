@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from segkd.shapes import hw_text
 from segkd.textout import print_table
 
 
@@ -46,6 +47,9 @@ def render_export_report(report: dict[str, Any], console: Console) -> None:
         f"{graph['nodes']} nodes, {report['bytes'] / 1e6:.1f} MB, {report['seconds']:.1f} s",
         highlight=False,
     )
+    if ex.get("export_size_source"):
+        console.print(f"size {hw_text(ex['export_size'])}: {ex['export_size_source']}", highlight=False,
+                      soft_wrap=True)
     ver = report.get("verification")
     if ver:
         table = Table(title="verification: ONNX Runtime vs PyTorch", title_justify="left")
