@@ -166,7 +166,7 @@ def _complexity(spec: ModelSpec, hw_list: list[tuple[int, int]], cfg: BenchConfi
         from segkd.models import create_model
 
         kwargs = (spec.onnx_meta or {}).get("meta", {}).get("model_kwargs", {}) or {}
-        module = create_model(spec.architecture, num_classes=spec.num_classes or 19, **kwargs)
+        module = create_model(spec.architecture, num_classes=spec.num_classes or 19, **kwargs).deploy_form()
         note = f"counted on the zoo architecture {spec.architecture} recorded in the ONNX metadata (meta device)"
     for h, w in hw_list:
         entry: dict[str, Any] = {"input": [1, 3, h, w]}

@@ -488,7 +488,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
     t0 = time.perf_counter()
     out, ckpt = Path(out), Path(ckpt)
     providers, atol, min_agree = _check_export_options(cfg, out)
-    model = load_model(ckpt).float()
+    model = load_model(ckpt).float().deploy_form()  # reparameterisable encoders fused, as deployed
     meta = model.segkd_meta  # type: ignore[attr-defined]
     cfg, size_note = trained_defaults(cfg, meta, ckpt)
     plan = plan_shapes(cfg, required_stride(model), meta.model)

@@ -13,6 +13,7 @@ from segkd.errors import SegkdError
 from segkd.models.base import FeatureSpec, SegModel, SegOutput, count_params, upsample_logits
 from segkd.models.deeplab import DeepLabV3, DeepLabV3Plus
 from segkd.models.segformer import SegFormer
+from segkd.models.timm_seg import HEADS
 from segkd.registry import Registry
 
 __all__ = [
@@ -34,7 +35,39 @@ class ModelEntry:
     summary: str
 
 
-MODELS: Registry[ModelEntry] = Registry("model")
+def _timm_entry(name: str) -> ModelEntry | None:
+    """``<head>-<timm encoder>`` for any timm encoder with a feature pyramid (:mod:`segkd.models.timm_seg`)."""
+    from segkd.models.timm_seg import encoder_layout, parse_timm_name
+
+    parsed = parse_timm_name(name)
+    if parsed is None:
+        return _near_timm_name(name)
+    head, arch = parsed
+    family = encoder_layout(arch)[1]  # unknown names and encoders without a pyramid fail here, in one line
+    return ModelEntry(partial(_timm, name, head, arch), family, f"timm {arch} encoder, {HEADS[head]}")
+
+
+def _near_timm_name(name: str) -> None:
+    """A one-line error for ``<misspelt head>-<timm encoder>`` naming the student meant; ``None`` otherwise."""
+    import difflib
+
+    import timm
+
+    head, _, arch = name.partition("-")
+    close = difflib.get_close_matches(head, list(HEADS), n=1, cutoff=0.6)
+    if close and arch and timm.is_model(arch):
+        raise SegkdError(f"unknown model {name!r}; did you mean {close[0]}-{arch}? (timm students are "
+                         f"{' or '.join(f'{h}-<timm encoder>' for h in HEADS)})")
+    return None
+
+
+def _timm(name: str, head: str, arch: str, num_classes: int, pretrained: str | None = None) -> SegModel:
+    from segkd.models.timm_seg import TimmSeg
+
+    return TimmSeg(name, head, arch, num_classes, pretrained=pretrained)
+
+
+MODELS: Registry[ModelEntry] = Registry("model", resolver=_timm_entry)
 
 
 def _segformer(name: str, variant: str, num_classes: int, pretrained: str | None = None, **kw) -> SegModel:
@@ -73,6 +106,14 @@ for _depth in (18, 50, 101):
         ),
         aliases=(f"deeplabv3plus_{_arch}",) + (("deeplabv3plus",) if _depth == 101 else ()),
     )
+
+
+# timm students listed by `segkd models` (any other `lraspp-`/`mlp-` + timm encoder name works as well); the family
+# is written here so that listing them never builds a timm model (tests/test_timm_students.py checks it)
+for _head, _arch, _family in (("lraspp", "mobilenetv3_large_100", "cnn"), ("lraspp", "mobilenetv4_conv_small", "cnn"),
+                              ("mlp", "repvit_m1", "cnn"), ("mlp", "efficientvit_b0", "transformer")):
+    MODELS.add(f"{_head}-{_arch}", ModelEntry(partial(_timm, f"{_head}-{_arch}", _head, _arch), _family,
+                                              f"timm {_arch} encoder, {HEADS[_head]}"))
 
 
 def create_model(name: str, num_classes: int = 19, pretrained: str | None = None, **kwargs) -> SegModel:
