@@ -372,6 +372,48 @@ def _eval_parameters() -> list[inspect.Parameter]:
     return command_parameters(EvalConfig, _eval_options)
 
 
+# ---------------------------------------------------------------------------------------------------- predict
+def _predict_options(
+    source: Annotated[Path, typer.Argument(help="segkd checkpoint (.safetensors) or exported model (.onnx).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images, or folders of images (not recursive).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for NAME.png (class indices, the checkpoint's "
+                                          "palette) and NAME_overlay.png.")],
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
+) -> None:
+    """(signature only: predict's arguments, --out and output options beside PredictConfig's)"""
+
+
+def predict_cmd(**values: Any) -> None:
+    """Predict label maps and colour overlays for images without labels, at the checkpoint's trained size."""
+    from segkd.cliopts import resolve_config
+    from segkd.engine.predict import PredictConfig, run_predict
+    from segkd.safeio import check_output
+
+    check_output(values["out_dir"], "dir", "--out")
+    json_output = JsonOutput(values["as_json"], values["json_out"])
+    cfg, _ = resolve_config(PredictConfig, values, None)
+    report = run_predict(values["source"], values["inputs"], values["out_dir"], cfg, note=_note)
+
+    def render(view: Console) -> None:
+        per = 2 if cfg.overlay else 1
+        view.print(f"wrote {len(report['written']) * per} files for {len(report['written'])} of {report['images']} "
+                   f"images to {report['out']}", highlight=False, soft_wrap=True)
+
+    json_output.emit(report, render)
+    if report["failed"]:
+        first = next(iter(report["failed"].values()))
+        raise SegkdError(f"{len(report['failed'])} of {report['images']} images could not be read (skipped), "
+                         f"first: {first}")
+
+
+def _predict_parameters() -> list[inspect.Parameter]:
+    from segkd.cliopts import command_parameters
+    from segkd.engine.predict import PredictConfig
+
+    return command_parameters(PredictConfig, _predict_options)
+
+
 # ----------------------------------------------------------------------------------------------------- export
 def _export_options(
     ckpt: Annotated[Path, typer.Argument(help="segkd checkpoint (.safetensors) of the model to deploy.")],
@@ -508,7 +550,8 @@ def _distill_parameters() -> list[inspect.Parameter]:
 # commands whose options are generated from config dataclasses (segkd.cliopts): name -> (function, signature)
 _GENERATED: dict[str, tuple[Callable[..., None], Callable[[], list[inspect.Parameter]]]] = {
     "train": (train_cmd, _train_parameters), "distill": (distill_cmd, _distill_parameters),
-    "eval": (eval_cmd, _eval_parameters), "export": (export_cmd, _export_parameters),
+    "eval": (eval_cmd, _eval_parameters), "predict": (predict_cmd, _predict_parameters),
+    "export": (export_cmd, _export_parameters),
     "bench": (bench_cmd, _bench_parameters),
 }
 
