@@ -614,8 +614,8 @@ def data_synth_cmd(
 @data_app.command("inspect")
 def data_inspect_cmd(
     root: Annotated[str, typer.Argument(help="Dataset root folder (or 'synth').")],
-    data_format: Annotated[str | None, typer.Option(help="folder|camvid|cityscapes|ade20k|voc; auto when omitted.")]
-    = None,
+    data_format: Annotated[str | None, typer.Option(help="folder|mmseg|camvid|cityscapes|ade20k|voc; auto when "
+                                                    "omitted.")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Classes of a folder dataset without a class file.")] = None,
     ignore_index: Annotated[int, typer.Option(help="Label value that marks void pixels.")] = 255,
     as_json: JsonFlag = False,
