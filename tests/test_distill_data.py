@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -154,12 +155,6 @@ def test_stale_cache_is_refused_with_one_line(tiny: dict[str, Path], tmp_path: P
     with pytest.raises(SegkdError, match=r"built for other teacher weights \(sha256 ") as e:
         tc.build_cache(root, key2, images, model2, data.mean, data.std, progress=False)
     assert "\n" not in str(e.value) and str(root) in str(e.value)
-    with pytest.raises(SegkdError, match=r"built for another image set \(6 images; 1 of its images are not in this "
-                                         r"run \(first: train_0000"):
-        tc.build_cache(root, key, images[1:], model, data.mean, data.std, progress=False)
-    odd = tc.CacheImage("0" * 64, "new.png", images[0].load)
-    with pytest.raises(SegkdError, match=r"1 of this run's images are not in it \(first: new.png\)"):
-        tc.build_cache(root, key, [*images, odd], model, data.mean, data.std, progress=False)
     for change, msg in ((dict(mean=[0.5, 0.5, 0.5]), "built with mean/std"),
                         (dict(num_classes=4), "built for 3 classes, not 4"),
                         (dict(taps={"layer3": 8}), "holds no 'layer3' tap"),
@@ -306,7 +301,8 @@ def test_cache_shard_damage_is_named_or_recomputed(tiny: dict[str, Path], tmp_pa
     shard = root / "shard-00000.safetensors"
     good = cache.tensors(images[0].sha256)
     shard.write_bytes(shard.read_bytes()[:100])  # truncated on disk
-    with pytest.raises(SegkdError, match=r"shard-00000.safetensors: unreadable teacher-cache shard .*delete it"):
+    with pytest.raises(SegkdError, match=r"shard-00000.safetensors: does not match the sha256 .*changed on disk"
+                                         r".*delete it"):
         tc.TeacherCache(root, cache.manifest).tensors(images[0].sha256)
     shard.unlink()  # deleted by hand: the next build computes its images again
     again = tc.build_cache(root, key, images, model, data.mean, data.std, progress=False)
@@ -334,3 +330,69 @@ def test_a_second_builder_waits_for_the_first(tiny: dict[str, Path], tmp_path: P
     lock.release()
     t.join(60)
     assert done and len(done[0].manifest["shards"]) == 1
+
+
+# ---------------------------------------------------------------------------------- one cache, verified shards
+def _count_forwards(model: torch.nn.Module) -> tuple[dict[str, int], object]:
+    calls = {"n": 0}
+    return calls, model.register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
+
+
+def test_cache_serves_a_subset_and_adds_only_new_images(tiny: dict[str, Path], tmp_path: Path) -> None:
+    key, images, model, data = _key_and_images(tiny, tmp_path)
+    root = tmp_path / "cache"
+    tc.build_cache(root, key, images, model, data.mean, data.std, progress=False)
+    stamp = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    calls, hook = _count_forwards(model)
+    sub = tc.build_cache(root, key, images[2:], model, data.mean, data.std, progress=False)  # a subset: served
+    assert calls["n"] == 0 and {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == stamp
+    assert torch.equal(sub.tensors(images[3].sha256)["logits"], tc.TeacherCache(root, sub.manifest).tensors(
+        images[3].sha256)["logits"])
+    new = tc.CacheImage("0" * 64, "new.png", images[0].load)  # a run with one image the cache lacks
+    grown = tc.build_cache(root, key, [*images, new], model, data.mean, data.std, progress=False)
+    hook.remove()
+    assert calls["n"] == 1 and grown.manifest["shards"] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert (root / "shard-00000.safetensors").stat().st_mtime_ns == stamp["shard-00000.safetensors"]
+    assert torch.equal(grown.tensors(new.sha256)["layer4"], grown.tensors(images[0].sha256)["layer4"])
+    # the distill data path: a cache built with --unlabeled images serves the same data without them
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for p in sorted((tiny["data"] / "images" / "val").iterdir()):
+        (folder / p.name).write_bytes(p.read_bytes())
+    both = _cfg(tiny, tmp_path, teacher_cache=str(tmp_path / "c2"), unlabeled=str(folder))
+    assert len(prepare_distill_data(both).train.cache.manifest["images"]) == 8
+    alone = prepare_distill_data(_cfg(tiny, tmp_path, teacher_cache=str(tmp_path / "c2")))
+    assert len(alone.train.cache.manifest["images"]) == 8 and alone.train[0][2]["teacher_logits"].dim() == 3
+
+
+def test_swapped_or_malformed_shards_are_refused_in_one_line(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import save
+
+    key, images, model, data = _key_and_images(tiny, tmp_path)
+    key2, _, model2, _ = _key_and_images(tiny, tmp_path, "teacher2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    cache = tc.build_cache(a, key, images, model, data.mean, data.std, progress=False)
+    tc.build_cache(b, key2, images, model2, data.mean, data.std, progress=False)
+    shard = "shard-00000.safetensors"
+    (a / shard).write_bytes((b / shard).read_bytes())  # same image names, another teacher's answers
+    with pytest.raises(SegkdError, match=rf"{shard}: does not match the sha256 the manifest recorded") as e:
+        tc.TeacherCache(a, cache.manifest).tensors(images[0].sha256)
+    assert "\n" not in str(e.value)
+    forged = json.loads(json.dumps(cache.manifest))
+    forged["shard_sha256"][shard] = file_sha256(a / shard)  # the manifest edited to match: the key still differs
+    with pytest.raises(SegkdError, match=rf"{shard}: a shard of another teacher cache"):
+        tc.TeacherCache(a, forged).tensors(images[0].sha256)
+    # a shard with this cache's key but a tensor of the wrong shape
+    wrong = {f"{im.sha256}.{n}": torch.zeros(K + 1 if n == "logits" else 512, 4, 6, dtype=torch.float16)
+             for im in images for n in ("logits", "layer4")}
+    blob = save(wrong, metadata={tc.KEY_META: tc.key_digest(cache.manifest)})
+    (a / shard).write_bytes(blob)
+    forged["shard_sha256"][shard] = file_sha256(a / shard)
+    with pytest.raises(SegkdError, match=rf"{shard}: tensor 'logits' has shape \(4, 4, 6\), expected 3 x h x w"):
+        tc.TeacherCache(a, forged).tensors(images[0].sha256)
+    for change, msg in ((dict(images=[]), "'images' must be a dict, got list"),
+                        (dict(shards=["../../etc/passwd"]), "shard name '../../etc/passwd' is not shard-NNNNN"),
+                        (dict(taps={"layer4": {"stride": "8"}}), "every tap must be {stride: int}")):
+        (a / tc.MANIFEST).write_text(json.dumps({**cache.manifest, **change}))
+        with pytest.raises(SegkdError, match=rf"cache.json: not a valid teacher-cache manifest \({re.escape(msg)}"):
+            tc.build_cache(a, key, images, model, data.mean, data.std, progress=False)

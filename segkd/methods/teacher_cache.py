@@ -9,16 +9,27 @@ full-context teacher targets without a teacher forward.
 Layout of ``DIR``::
 
     cache.json               manifest: teacher (model, sha256 of the weights file), normalisation, teacher input
-                             size, taps with their strides, the image set (sha256 of every image file), shards
-    shard-00000.safetensors  ``<image sha256>.logits`` / ``<image sha256>.<tap>`` tensors, C x h x w, fp16
+                             size, taps with their strides and channels, the image set (sha256 of every image
+                             file, its shard), the shards and the sha256 of each shard file
+    shard-00000.safetensors  ``<image sha256>.logits`` / ``<image sha256>.<tap>`` tensors, C x h x w, fp16; its
+                             header metadata holds the cache key's digest (teacher, weights, classes, ...)
 
 What the key covers, and why: a cache answers "what does *this* teacher say about *this* image", so it is keyed by
 the teacher checkpoint's sha256, the normalisation, the teacher's input size (``native``: the stored image size)
 and the sha256 of every image file. It deliberately does **not** depend on crop size, rescale range or flips:
 those are applied at train time by :func:`warp`, so one cache serves any augmentation setting. A cache built for
-another teacher, other weights, another normalisation or input size, or another image set is refused with one
-line naming the mismatch; an interrupted build continues where it stopped (shards are written atomically, the
-manifest after each shard).
+another teacher, other weights, another normalisation or input size is refused with one line naming the mismatch;
+an interrupted build continues where it stopped (shards are written atomically, the manifest after each shard).
+
+One cache, many runs: the image set is not part of the key. A cache built for a superset of a run's images serves
+it as it is (e.g. built with ``--unlabeled`` images, used by a run without them), and a run with images the cache
+lacks adds only those (new shards; the existing ones are never rewritten).
+
+Verified shards: each shard carries the key's digest in its header and the manifest records each shard file's
+sha256. A process checks both the first time it opens a shard (one read of the file, which the memory map reads
+anyway), so a shard copied in from another teacher's cache, or changed on disk, is refused with one line naming
+it instead of serving another teacher's answers. Tensors of the wrong rank or channel count are refused the same
+way, and so is a manifest whose fields have the wrong types or whose shard names leave the directory.
 
 Where the cache is approximate (also in docs/methods.md):
 
@@ -39,8 +50,10 @@ Where the cache is approximate (also in docs/methods.md):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -58,7 +71,7 @@ from segkd.errors import SegkdError
 
 MANIFEST = "cache.json"
 FORMAT = "segkd-teacher-cache"
-VERSION = 1
+VERSION = 2  # 2: per-shard sha256 and key digest, tap channels (v1 caches are refused: build anew)
 SHARD_SIZE = 32
 REFUSED_METHODS = {"transkd": "its PEA/CSF terms compare the teacher's patch embeddings and stage tokens, which "
                               "depend on the crop through global attention; run it with the teacher online"}
@@ -113,9 +126,23 @@ class CacheImage:
     load: Any  # () -> uint8 H x W x 3
 
 
+SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")
+KEY_META = "segkd_cache_key"
+
+
+def key_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of what a shard's tensors depend on (teacher, weights, classes, normalisation, input, logit stride):
+    written into each shard's header, compared when the shard is opened."""
+    t = manifest["teacher"]
+    parts = [t["model"], t["weights_sha256"], t["num_classes"], manifest["mean"], manifest["std"],
+             manifest["input"], manifest["logit_stride"]]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 @dataclass
 class TeacherCache:
-    """A complete cache opened for reading; tensors are read lazily per process (safetensors memory maps)."""
+    """A complete cache opened for reading; tensors are read lazily per process (safetensors memory maps), and
+    each shard is verified the first time this process opens it (see the module docstring)."""
 
     root: Path
     manifest: dict[str, Any]
@@ -142,15 +169,40 @@ class TeacherCache:
         try:
             handle = self._handles.get(shard)
             if handle is None:
-                from safetensors import safe_open
-
-                handle = self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
-            return {n: handle.get_tensor(f"{sha}.{n}").float() for n in names}
+                handle = self._handles[shard] = self._open(shard)
+            out = {n: handle.get_tensor(f"{sha}.{n}").float() for n in names}
+        except SegkdError:
+            raise
         except Exception as e:  # safetensors raises its own error types for truncated or foreign files
             from segkd.data.datasets import short_reason
 
             raise SegkdError(f"{self.root / shard}: unreadable teacher-cache shard ({short_reason(e)}); delete it "
                              "and run again to recompute its images") from None
+        self._check_shapes(shard, out)
+        return out
+
+    def _open(self, shard: str) -> Any:
+        """Open a shard after checking its sha256 against the manifest and its key digest against the cache's."""
+        from safetensors import safe_open
+
+        path = self.root / shard
+        want = self.manifest.get("shard_sha256", {}).get(shard)
+        if want is not None and path.is_file() and file_sha256(path) != want:
+            raise SegkdError(f"{path}: does not match the sha256 the manifest recorded for it (copied from another "
+                             "cache or changed on disk); delete it and run again to recompute its images")
+        handle = safe_open(str(path), framework="pt")
+        if (handle.metadata() or {}).get(KEY_META) != key_digest(self.manifest):
+            raise SegkdError(f"{path}: a shard of another teacher cache (its key digest is not this cache's); delete "
+                             "it and run again to recompute its images")
+        return handle
+
+    def _check_shapes(self, shard: str, out: dict[str, Tensor]) -> None:
+        k = int(self.manifest["teacher"]["num_classes"])
+        for name, t in out.items():
+            want = k if name == "logits" else self.manifest["taps"][name].get("channels")
+            if t.dim() != 3 or (want is not None and t.shape[0] != want):
+                raise SegkdError(f"{self.root / shard}: tensor {name!r} has shape {tuple(t.shape)}, expected "
+                                 f"{want if want is not None else 'C'} x h x w; delete the shard and run again")
 
 
 def image_sha256(path: str | Path) -> str:
@@ -162,31 +214,56 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except ValueError:
         raise SegkdError(f"{path}: not a valid teacher-cache manifest (JSON unreadable)") from None
+    why = _malformed(doc)
+    if why:
+        raise SegkdError(f"{path}: not a valid teacher-cache manifest ({why}); delete the directory to rebuild it")
+    return doc
 
 
-def _check_image_set(root: Path, manifest: dict[str, Any], images: Sequence[CacheImage]) -> None:
-    want = {im.sha256: im for im in images}
-    have = manifest["images"]
-    extra = [sha for sha in want if sha not in have]
-    gone = [sha for sha in have if sha not in want]
-    if extra or gone:
-        what = (f"{len(extra)} of this run's images are not in it (first: {want[extra[0]].name})" if extra
-                else f"{len(gone)} of its images are not in this run (first: {have[gone[0]]['name']})")
-        raise SegkdError(f"--teacher-cache {root}: built for another image set ({len(have)} images; {what}); "
-                         "use a new directory")
+def _malformed(doc: Any) -> str | None:
+    """Why a parsed manifest cannot be used (wrong types, shard names outside the directory), or None."""
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        return None  # CacheKey.mismatch names the format/version
+    checks = [("images", dict), ("shards", list), ("taps", dict), ("teacher", dict), ("shard_sha256", dict),
+              ("mean", list), ("std", list), ("logit_stride", int)]
+    for name, kind in checks:
+        if not isinstance(doc.get(name), kind):
+            return f"{name!r} must be a {kind.__name__}, got {type(doc.get(name)).__name__}"
+    for sha, e in doc["images"].items():
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not (
+                e.get("shard") is None or isinstance(e.get("shard"), str)):
+            return f"image entry {str(sha)[:12]}… must be {{name: str, shard: str or null}}"
+    names = [*doc["shards"], *(e["shard"] for e in doc["images"].values() if e["shard"]), *doc["shard_sha256"]]
+    bad = next((n for n in names if not isinstance(n, str) or not SHARD_NAME.fullmatch(n)), None)
+    if bad is not None:
+        return f"shard name {bad!r} is not shard-NNNNN.safetensors"
+    if any(not isinstance(v, dict) or not isinstance(v.get("stride"), int) for v in doc["taps"].values()):
+        return "every tap must be {stride: int}"
+    return None
+
+
+def _add_images(manifest: dict[str, Any], images: Sequence[CacheImage]) -> int:
+    """Enter the run's images the cache lacks (to be computed); returns how many."""
+    new = [im for im in images if im.sha256 not in manifest["images"]]
+    for im in new:
+        manifest["images"][im.sha256] = {"name": im.name, "shard": None}
+    return len(new)
 
 
 def build_cache(root: str | Path, key: CacheKey, images: Sequence[CacheImage], teacher: torch.nn.Module,
                 mean: Sequence[float], std: Sequence[float], device: str | torch.device = "cpu",
                 progress: bool = True) -> TeacherCache:
-    """Create, continue, or just open the cache in ``root`` for ``images`` (deduplicated by content).
+    """Create, continue, extend or just open the cache in ``root`` for ``images`` (deduplicated by content).
 
-    A complete matching cache is opened without writing anything. Building takes the directory's lock (the run
-    lock of :mod:`segkd.runlock`): a second process that needs the same cache waits for the first, then finds it
-    complete; temp files of a build killed earlier are removed first."""
+    A matching cache holding every image of the run (it may hold more) is opened without writing anything. Else
+    the build takes the directory's lock (the run lock of :mod:`segkd.runlock`: a second process that needs the
+    same cache waits for the first, then finds it complete), removes temp files of a build killed earlier, and
+    computes only the images without a shard: new ones, and those of a shard deleted by hand."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise SegkdError(f"--teacher-cache {root}: exists and is not a directory")
@@ -201,21 +278,14 @@ def build_cache(root: str | Path, key: CacheKey, images: Sequence[CacheImage], t
         remove_orphan_tmps(root)
         manifest = read_manifest(root)
         if manifest is None:
-            manifest = {"format": FORMAT, "version": VERSION,
-                        "teacher": {"model": key.teacher, "weights_sha256": key.weights_sha256,
-                                    "num_classes": key.num_classes},
-                        "mean": list(key.mean), "std": list(key.std), "input": key.input,
-                        "taps": {t: {"stride": s} for t, s in key.taps.items()}, "logit_stride": key.logit_stride,
-                        "dtype": "float16", "images": {im.sha256: {"name": im.name, "shard": None} for im in uniq},
-                        "shards": []}
-            atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            manifest = _new_manifest(key)
         elif not _complete(root, manifest, key, uniq):
-            missing = [n for n in manifest["shards"] if not (root / n).is_file()]
-            if missing:  # a shard deleted by hand: its images are computed again
-                for entry in manifest["images"].values():
-                    if entry.get("shard") in missing:
-                        entry["shard"] = None
-                manifest["shards"] = [n for n in manifest["shards"] if n not in missing]
+            _forget_missing_shards(root, manifest)
+        added = _add_images(manifest, uniq)
+        if added and manifest["shards"] and progress:
+            print(f"teacher cache {root}: adding {added} image(s) this run has and the cache lacks", file=sys.stderr,
+                  flush=True)
+        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         todo = [im for im in uniq if manifest["images"][im.sha256].get("shard") is None]
         if todo:
             _fill(root, manifest, todo, key, teacher, mean, std, torch.device(device), progress)
@@ -224,14 +294,32 @@ def build_cache(root: str | Path, key: CacheKey, images: Sequence[CacheImage], t
     return TeacherCache(root, manifest)
 
 
+def _new_manifest(key: CacheKey) -> dict[str, Any]:
+    return {"format": FORMAT, "version": VERSION,
+            "teacher": {"model": key.teacher, "weights_sha256": key.weights_sha256, "num_classes": key.num_classes},
+            "mean": list(key.mean), "std": list(key.std), "input": key.input,
+            "taps": {t: {"stride": s} for t, s in key.taps.items()}, "logit_stride": key.logit_stride,
+            "dtype": "float16", "images": {}, "shards": [], "shard_sha256": {}}
+
+
+def _forget_missing_shards(root: Path, manifest: dict[str, Any]) -> None:
+    """A shard deleted by hand: its images are computed again."""
+    missing = [n for n in manifest["shards"] if not (root / n).is_file()]
+    for entry in manifest["images"].values():
+        if entry.get("shard") in missing:
+            entry["shard"] = None
+    manifest["shards"] = [n for n in manifest["shards"] if n not in missing]
+    for n in missing:
+        manifest["shard_sha256"].pop(n, None)
+
+
 def _complete(root: Path, manifest: dict[str, Any], key: CacheKey, images: Sequence[CacheImage]) -> bool:
     """Whether ``manifest`` serves ``key`` and ``images`` as it is; raises the one-line refusal on a mismatch."""
     why = key.mismatch(manifest)
     if why:
         raise SegkdError(f"--teacher-cache {root}: {why}")
-    _check_image_set(root, manifest, images)
-    return all(e.get("shard") for e in manifest["images"].values()) and all(
-        (root / n).is_file() for n in manifest["shards"])
+    entries = [manifest["images"].get(im.sha256) for im in images]
+    return all(e is not None and e.get("shard") and (root / e["shard"]).is_file() for e in entries)
 
 
 def _lock(root: Path, progress: bool) -> Any:
@@ -253,19 +341,19 @@ def _lock(root: Path, progress: bool) -> Any:
 
 def _fill(root: Path, manifest: dict[str, Any], todo: list[CacheImage], key: CacheKey, teacher: torch.nn.Module,
           mean: Sequence[float], std: Sequence[float], device: torch.device, progress: bool) -> None:
+    """Compute ``todo`` in shards of ``SHARD_SIZE``, each with every tap the cache holds (not only the ones this
+    run's method reads: a later run of another method finds them), the manifest written after each shard."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from safetensors.torch import save
 
-    from segkd.checkpoint import atomic_write_bytes
     from segkd.data.transforms import to_tensors
     from segkd.methods.task import _outputs
 
     teacher = teacher.to(device).eval()
+    taps = list(manifest["taps"])
     console = Console(stderr=True)
     bar = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, disable=not progress or not console.is_terminal)
-    n_shards = len(manifest["shards"])
     done = 0
     with bar:
         task = bar.add_task("cache", total=len(todo))
@@ -276,21 +364,34 @@ def _fill(root: Path, manifest: dict[str, Any], todo: list[CacheImage], key: Cac
                 img = im.load()
                 x, _ = to_tensors(img, img[..., 0], mean, std)
                 with torch.inference_mode():
-                    out = _outputs(teacher, x[None].to(device), bool(key.taps))
+                    out = _outputs(teacher, x[None].to(device), bool(taps))
                 tensors[f"{im.sha256}.logits"] = out.logits[0].half().cpu().contiguous()
-                for tap in key.taps:
+                for tap in taps:
                     tensors[f"{im.sha256}.{tap}"] = out.tap(tap)[0].half().cpu().contiguous()
                 bar.advance(task)
-            name = f"shard-{n_shards:05d}.safetensors"
-            atomic_write_bytes(root / name, save(tensors))
-            for im in chunk:
-                manifest["images"][im.sha256]["shard"] = name
-            manifest["shards"].append(name)
-            n_shards += 1
+            _write_shard(root, manifest, chunk, tensors)
             done += len(chunk)
-            atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
             if progress and not console.is_terminal:
                 print(f"teacher cache: {done}/{len(todo)} images", file=sys.stderr, flush=True)
+
+
+def _write_shard(root: Path, manifest: dict[str, Any], chunk: list[CacheImage], tensors: dict[str, Tensor]) -> None:
+    """One shard written atomically under a name never used before, with the key digest in its header; then the
+    manifest (its images, sha256 and the taps' channel counts)."""
+    from safetensors.torch import save
+
+    from segkd.checkpoint import atomic_write_bytes
+
+    name = f"shard-{1 + max((int(n[6:11]) for n in manifest['shards']), default=-1):05d}.safetensors"
+    blob = save(tensors, metadata={KEY_META: key_digest(manifest)})
+    atomic_write_bytes(root / name, blob)
+    for im in chunk:
+        manifest["images"][im.sha256]["shard"] = name
+    for tap, spec in manifest["taps"].items():
+        spec["channels"] = int(tensors[f"{chunk[0].sha256}.{tap}"].shape[0])
+    manifest["shards"].append(name)
+    manifest["shard_sha256"][name] = hashlib.sha256(blob).hexdigest()
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------- warping
