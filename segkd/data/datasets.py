@@ -192,23 +192,20 @@ def _subfolders(folder: Path) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------------------------- the formats
-DATASETS.add("folder", Format(
-    "folder",
-    detect=lambda r: (r / "images").is_dir() and (r / "labels").is_dir(),
-    list_split=lambda r, s: _pair_by_stem(r / "images" / s, r / "labels" / s),
-    classes=_folder_classes,
-    lut=C.identity_lut,
-    find_splits=lambda r: _subfolders(r / "images"),
-))
+def _split_folders(name: str, images: str, labels: str) -> Format:
+    """A layout of ``ROOT/<images>/SPLIT`` and ``ROOT/<labels>/SPLIT`` paired by stem, classes as for ``folder``."""
+    return Format(
+        name,
+        detect=lambda r: (r / images).is_dir() and (r / labels).is_dir(),
+        list_split=lambda r, s: _pair_by_stem(r / images / s, r / labels / s),
+        classes=_folder_classes,
+        lut=C.identity_lut,
+        find_splits=lambda r: _subfolders(r / images),
+    )
 
-DATASETS.add("mmseg", Format(  # MMSegmentation's custom dataset layout (its tutorials' img_dir/ann_dir)
-    "mmseg",
-    detect=lambda r: (r / "img_dir").is_dir() and (r / "ann_dir").is_dir(),
-    list_split=lambda r, s: _pair_by_stem(r / "img_dir" / s, r / "ann_dir" / s),
-    classes=_folder_classes,
-    lut=C.identity_lut,
-    find_splits=lambda r: _subfolders(r / "img_dir"),
-))
+
+DATASETS.add("folder", _split_folders("folder", "images", "labels"))
+DATASETS.add("mmseg", _split_folders("mmseg", "img_dir", "ann_dir"))  # MMSegmentation's custom dataset layout
 
 DATASETS.add("camvid", Format(
     "camvid",
