@@ -216,12 +216,7 @@ def _run_entry(backend: str, shape: tuple[int, ...], device: str, providers: str
 
 def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
     """Measure every model; returns the schema-shaped report (gates are applied by :func:`segkd.bench.gates`)."""
-    if cfg.train_step:
-        _check_train_step(cfg)
-    elif not cfg.models:
-        raise SegkdError("give at least one MODEL (a zoo name, a .safetensors checkpoint or an .onnx file)")
-    elif cfg.method or cfg.teacher or cfg.student:
-        raise SegkdError("--method/--teacher/--student belong to --train-step")
+    _check_what_is_measured(cfg)
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
         if cfg.threads < 1:
@@ -275,6 +270,16 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
             entry = _bench_one(spec, shapes, hw_list, backends, device, providers, threads, cfg, Path(tmp), progress)
             report["models"].append(entry)
     return report
+
+
+def _check_what_is_measured(cfg: BenchConfig) -> None:
+    """MODELs, or ``--train-step`` with its method and pair: never both, never neither."""
+    if cfg.train_step:
+        _check_train_step(cfg)
+    elif not cfg.models:
+        raise SegkdError("give at least one MODEL (a zoo name, a .safetensors checkpoint or an .onnx file)")
+    elif cfg.method or cfg.teacher or cfg.student:
+        raise SegkdError("--method/--teacher/--student belong to --train-step")
 
 
 def default_inputs(inputs: list[str], specs: list[ModelSpec]) -> tuple[list[str], str]:
