@@ -65,7 +65,9 @@ def test_eval_rescores_the_run_with_no_options(trained_run: Path, monkeypatch, c
     code, out, err = run_cli(monkeypatch, capsys, "eval", str(ckpt), "--data", data, "--json", "--no-progress",
                              "--device", "cpu", "--resize", "native")
     assert code == 0, err
-    assert json.loads(out)["resize"] is None and "input at the stored size (--resize native)" in err
+    res = json.loads(out)
+    assert res["resize"] is None and res["input_size"] == "input at the stored size (--resize native)"
+    assert "note: input" not in err  # a size the user typed needs no note
     code, out, err = run_cli(monkeypatch, capsys, "eval", str(ckpt), "--data", data, "--json", "--no-progress",
                              "--device", "cpu", "--val-labels", "resized")
     assert code == 0 and json.loads(out)["n_pixels"] <= 3 * 24 * 32  # labels resized with the input

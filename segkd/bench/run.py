@@ -224,6 +224,8 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()
     batches = parse_batches(cfg.batch)
+    if cfg.inputs:  # a bad --input fails first, before any model is loaded
+        expand_inputs(cfg.inputs, batches)
     backends = parse_backends(cfg.backends)
     providers = cfg.providers or ("cpu" if device.type == "cpu" else "cuda")
     if "onnxruntime" in backends or any(m.lower().endswith(".onnx") for m in cfg.models):
@@ -232,8 +234,6 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         providers = ",".join(parse_providers(providers))
     if cfg.warmup < 0 or cfg.iters < 1 or cfg.min_time < 0:
         raise SegkdError("--warmup and --min-time must be >= 0 and --iters >= 1")
-    if cfg.inputs:  # a bad --input fails before any model is loaded
-        expand_inputs(cfg.inputs, batches)
     specs = [resolve_model(m, cfg.num_classes) for m in cfg.models]  # all resolved first: bad input fails fast
     name_models(specs)
     inputs, inputs_source = default_inputs(cfg.inputs, specs)

@@ -345,7 +345,7 @@ def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset
     ``cfg`` (or :class:`EvalConfig` field values as keywords) says how; ``dataset`` (already transformed, yielding
     ``(image, label)``) replaces ``data``/``data_format``/``resize``/``val_labels``. Without ``--resize`` the images
     are resized to the size the checkpoint was validated at (:func:`~segkd.engine.inference.resolve_input_size`);
-    ``note`` receives the line saying which size was used.
+    ``note`` receives the line saying which size was used when the checkpoint chose it (the JSON always has it).
     """
     from segkd.engine.inference import parse_scales
     from segkd.shapes import parse_hw
@@ -356,7 +356,7 @@ def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset
     predict, meta, kind, size, info = setup.predict, setup.meta, setup.kind, setup.size, setup.info
     given = dataset
     dataset = _eval_dataset(source, cfg, dataset, size.resize, meta, size.val_labels)
-    if given is None and note is not None and info.rank == 0:  # every check passed: say which size is scored
+    if given is None and note is not None and info.rank == 0 and size.from_checkpoint:  # checks passed: say it
         note(size.note)
     ds_ignore = _dataset_classes(dataset)[1]
     indices = list(range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]

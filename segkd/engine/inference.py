@@ -208,11 +208,12 @@ def make_predictor(
 @dataclass(frozen=True)
 class InputSize:
     """The size images are resized to before inference (``None``: as stored), how labels are scored, and a note
-    saying which size was used and why (``eval`` and ``predict`` print it)."""
+    saying which size was used and why (``eval`` and ``predict`` print it when the checkpoint chose the size)."""
 
     resize: tuple[int, int] | None
     val_labels: str
     note: str
+    from_checkpoint: bool = False  # the size was not typed but taken from what the checkpoint records
 
 
 def parse_resize(text: str | None) -> tuple[int, int] | None:
@@ -239,4 +240,4 @@ def resolve_input_size(resize: str | None, val_labels: str | None, meta: object,
     what = f"input {hw_text(hw)}" if hw else "input at the stored size"
     scored = "" if hw is None else "; labels resized with it" if labels == "resized" else \
         "; labels at their stored size (logits upsampled)"
-    return InputSize(hw, labels, f"{what} ({why}){scored}")
+    return InputSize(hw, labels, f"{what} ({why}){scored}", resize is None and bool(trained.source))

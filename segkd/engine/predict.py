@@ -142,7 +142,7 @@ def run_predict(source: str | Path, inputs: Sequence[str | Path], out_dir: str |
     images = list_images(inputs)
     check_outputs(out_dir, images, cfg)
     setup = prepare_inference(source, cfg, None)
-    if note is not None:
+    if note is not None and setup.size.from_checkpoint:
         note(setup.size.note)
     written: list[str] = []
     failed: dict[str, str] = {}
