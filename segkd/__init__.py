@@ -8,6 +8,8 @@ Python API (the CLI drives the same functions)::
     logits = model(x)                        # architecture's own stride (model.output_stride)
     full = segkd.upsample_logits(logits, x.shape[-2:])               # or model.predict(x)
     out = model(x, taps=True)                # SegOutput: logits + named features / patch embeddings
+    size = segkd.trained_size(model.segkd_meta).resize               # the size it was validated at (or None)
+    x = segkd.preprocess_image(rgb, model.segkd_meta, size)          # H x W x 3 uint8 -> 1 x 3 x h x w, normalised
 """
 
 __version__ = "0.1.0"
@@ -19,6 +21,9 @@ _LAZY = {
     "MODELS": "segkd.models",
     "create_model": "segkd.models",
     "upsample_logits": "segkd.models",
+    "preprocess_image": "segkd.engine.predict",
+    "run_predict": "segkd.engine.predict",
+    "trained_size": "segkd.shapes",
 }
 
 
@@ -31,5 +36,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'segkd' has no attribute {name!r}")
 
 
-__all__ = ["MODELS", "CheckpointMeta", "__version__", "create_model", "load_model", "save_checkpoint",
-           "upsample_logits"]
+__all__ = ["MODELS", "CheckpointMeta", "__version__", "create_model", "load_model", "preprocess_image", "run_predict",
+           "save_checkpoint", "trained_size", "upsample_logits"]

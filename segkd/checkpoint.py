@@ -50,7 +50,9 @@ def default_palette(n: int) -> list[list[int]]:
 
 @dataclass
 class CheckpointMeta:
-    """What a checkpoint says about itself. ``mean``/``std`` are for RGB scaled to [0, 1]."""
+    """What a checkpoint says about itself. ``mean``/``std`` are for RGB scaled to [0, 1]. ``input_size`` is the
+    size the model was trained and validated at (``{"crop": [h, w] | None, "resize": [h, w] | None, "val_labels":
+    "resized" | "native"}``, :func:`segkd.shapes.trained_size`); empty in checkpoints written before it existed."""
 
     model: str
     num_classes: int
@@ -62,6 +64,7 @@ class CheckpointMeta:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     args: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    input_size: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     segkd_version: str = __version__
     format_version: int = FORMAT_VERSION

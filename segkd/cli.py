@@ -144,6 +144,11 @@ def _root(
     """segkd: compress segmentation models by knowledge distillation, then export and benchmark them."""
 
 
+def _note(text: str) -> None:
+    """One ``note:`` line on stderr (what a command chose for the user, e.g. the input size it used)."""
+    console.print(f"note: {text}", highlight=False, soft_wrap=True)
+
+
 def _emit_json(data: object, path: Path | None) -> None:
     """``data`` as JSON: on stdout when ``path`` is None (coloured on a terminal), else atomically into ``path``."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str)
@@ -403,7 +408,7 @@ def eval_cmd(**values: Any) -> None:
     if cfg.data is None:
         cfg.data = "synth"
         console.print("note: no --data given: scoring the built-in synthetic set (synth)", highlight=False)
-    result = run_eval(values["source"], cfg)
+    result = run_eval(values["source"], cfg, note=_note)
     if result.rank != 0:
         return
 
@@ -420,6 +425,48 @@ def _eval_parameters() -> list[inspect.Parameter]:
     from segkd.engine.evaluate import EvalConfig
 
     return command_parameters(EvalConfig, _eval_options)
+
+
+# ---------------------------------------------------------------------------------------------------- predict
+def _predict_options(
+    source: Annotated[Path, typer.Argument(help="segkd checkpoint (.safetensors) or exported model (.onnx).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images, or folders of images (not recursive).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for NAME.png (class indices, the checkpoint's "
+                                          "palette) and NAME_overlay.png.")],
+    as_json: JsonFlag = False,
+    json_out: JsonOutOption = None,
+) -> None:
+    """(signature only: predict's arguments, --out and output options beside PredictConfig's)"""
+
+
+def predict_cmd(**values: Any) -> None:
+    """Predict label maps and colour overlays for images without labels, at the checkpoint's trained size."""
+    from segkd.cliopts import resolve_config
+    from segkd.engine.predict import PredictConfig, run_predict
+    from segkd.safeio import check_output
+
+    check_output(values["out_dir"], "dir", "--out")
+    json_output = JsonOutput(values["as_json"], values["json_out"])
+    cfg, _ = resolve_config(PredictConfig, values, None)
+    report = run_predict(values["source"], values["inputs"], values["out_dir"], cfg, note=_note)
+
+    def render(view: Console) -> None:
+        per = 2 if cfg.overlay else 1
+        view.print(f"wrote {len(report['written']) * per} files for {len(report['written'])} of {report['images']} "
+                   f"images to {report['out']}", highlight=False, soft_wrap=True)
+
+    json_output.emit(report, render)
+    if report["failed"]:
+        first = next(iter(report["failed"].values()))
+        raise SegkdError(f"{len(report['failed'])} of {report['images']} images could not be read (skipped), "
+                         f"first: {first}")
+
+
+def _predict_parameters() -> list[inspect.Parameter]:
+    from segkd.cliopts import command_parameters
+    from segkd.engine.predict import PredictConfig
+
+    return command_parameters(PredictConfig, _predict_options)
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -577,7 +624,8 @@ def _distill_parameters() -> list[inspect.Parameter]:
 # commands whose options are generated from config dataclasses (segkd.cliopts): name -> (function, signature)
 _GENERATED: dict[str, tuple[Callable[..., None], Callable[[], list[inspect.Parameter]]]] = {
     "train": (train_cmd, _train_parameters), "distill": (distill_cmd, _distill_parameters),
-    "eval": (eval_cmd, _eval_parameters), "export": (export_cmd, _export_parameters),
+    "eval": (eval_cmd, _eval_parameters), "predict": (predict_cmd, _predict_parameters),
+    "export": (export_cmd, _export_parameters),
     "bench": (bench_cmd, _bench_parameters),
 }
 
@@ -644,8 +692,8 @@ def data_synth_cmd(
 @data_app.command("inspect")
 def data_inspect_cmd(
     root: Annotated[str, typer.Argument(help="Dataset root folder (or 'synth').")],
-    data_format: Annotated[str | None, typer.Option(help="folder|camvid|cityscapes|ade20k|voc; auto when omitted.")]
-    = None,
+    data_format: Annotated[str | None, typer.Option(help="folder|mmseg|camvid|cityscapes|ade20k|voc; auto when "
+                                                    "omitted.")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Classes of a folder dataset without a class file.")] = None,
     ignore_index: Annotated[int, typer.Option(help="Label value that marks void pixels.")] = 255,
     as_json: JsonFlag = False,

@@ -14,10 +14,14 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names (and aliases) to builders. Unknown names fail with the closest matches."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, resolver: Callable[[str], T | None] | None = None) -> None:
+        """``resolver(name)`` may answer names that are not listed (a family of names such as ``lraspp-<timm
+        encoder>``): an entry, ``None`` when the name is not of its family, or a one-line error of its own."""
         self.kind = kind
         self._items: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
+        self._resolver = resolver
+        self._resolved: dict[str, T] = {}
 
     def register(self, name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -40,13 +44,19 @@ class Registry(Generic[T]):
             return key
         if key in self._aliases:
             return self._aliases[key]
+        if key in self._resolved:
+            return key
+        if self._resolver is not None and (found := self._resolver(key)) is not None:
+            self._resolved[key] = found
+            return key
         scored = [(difflib.SequenceMatcher(None, key, c).ratio(), c) for c in list(self._items) + list(self._aliases)]
         close = [c for r, c in sorted(scored, key=lambda rc: (-rc[0], rc[1])) if r >= 0.5][:5]
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(self._items)}"
         raise SegkdError(f"unknown {self.kind} {name!r}{hint}")
 
     def get(self, name: str) -> T:
-        return self._items[self.canonical(name)]
+        key = self.canonical(name)
+        return self._items[key] if key in self._items else self._resolved[key]
 
     def __contains__(self, name: str) -> bool:
         try:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import overload
 
 from segkd.errors import SegkdError
@@ -94,3 +95,62 @@ def check_min_size(hw: Sequence[int], stride: int, option: str, model_name: str)
     if h < stride or w < stride:
         raise SegkdError(f"{option} {h}x{w}: {model_name} needs at least {stride}x{stride} (its coarsest feature "
                          f"stride is {stride})")
+
+
+@dataclass(frozen=True)
+class TrainedSize:
+    """The input size a checkpoint was trained and validated at (:func:`trained_size`).
+
+    ``resize`` is what every training image was resized to before augmenting and what validation fed the model, so
+    ``eval`` and ``predict`` resize to it; ``crop`` is the patch the model was trained on. ``export --size`` and
+    ``bench --input`` need one fixed size: :attr:`deploy` is ``resize``, else ``crop`` (a crop-only run validated at
+    native size, whose resolution segkd does not know), else nothing (the command's own default applies).
+    ``val_labels`` is how validation scored: against labels ``resized`` with the input, or at their ``native`` size.
+    ``source`` says where the figures came from: ``metadata`` (the checkpoint's ``input_size``), ``run arguments``
+    (older checkpoints, whose ``args`` hold the run's ``--crop``/``--resize``/``--val-labels``) or ``""`` (unknown).
+    """
+
+    crop: tuple[int, int] | None = None
+    resize: tuple[int, int] | None = None
+    val_labels: str = "resized"
+    source: str = ""
+
+    @property
+    def deploy(self) -> tuple[int, int] | None:
+        return self.resize or self.crop
+
+    def record(self) -> dict[str, object]:
+        """The JSON form stored as ``CheckpointMeta.input_size``."""
+        return {"crop": list(self.crop) if self.crop else None, "resize": list(self.resize) if self.resize else None,
+                "val_labels": self.val_labels}
+
+
+def size_from_options(options: Mapping[str, object], source: str = "metadata") -> TrainedSize:
+    """The :class:`TrainedSize` of a run's options (``crop``, ``resize``, ``val_labels``: a ``TrainConfig`` as a dict,
+    or a stored record); unparseable values count as unknown (a command only wanted a default from them)."""
+    try:
+        crop, resize = (parse_hw(options.get(k) or None, k) for k in ("crop", "resize"))  # type: ignore[arg-type]
+    except (SegkdError, TypeError):
+        return TrainedSize()
+    if crop is None and resize is None:
+        return TrainedSize()
+    labels = options.get("val_labels")
+    return TrainedSize(crop, resize, labels if labels in ("resized", "native") else "resized", source)  # type: ignore
+
+
+def trained_size(meta: object) -> TrainedSize:
+    """The :class:`TrainedSize` of a checkpoint's metadata (``CheckpointMeta`` or its JSON dict, as a segkd ONNX file
+    holds it):
+    its ``input_size``, else (older checkpoints) the ``--crop``/``--resize`` of the run arguments it stored."""
+    get = meta.get if isinstance(meta, Mapping) else lambda key: getattr(meta, key, None)
+    for source, record in (("metadata", get("input_size")), ("run arguments", get("args"))):
+        if isinstance(record, Mapping):
+            found = size_from_options(record, source)
+            if found.source:
+                return found
+    return TrainedSize()
+
+
+def hw_text(hw: Sequence[int]) -> str:
+    """``(60, 80)`` -> ``"60x80"``."""
+    return f"{hw[0]}x{hw[1]}"

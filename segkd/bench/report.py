@@ -127,6 +127,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print("[yellow]warning:[/] some runs were contended (process CPU time / wall time < 0.9 x threads): "
                       "another process shared the cores, so those latencies are too high.", highlight=False,
                       soft_wrap=True)
+    if report.get("settings", {}).get("inputs_source", "--input") != "--input":
+        console.print(f"note: input {report['settings']['inputs_source']}", highlight=False, soft_wrap=True)
     for m in report["models"]:
         for note in m.get("notes", []):
             console.print(f"note ({m['name']}): {note}", highlight=False, soft_wrap=True)

@@ -56,8 +56,9 @@ class BenchConfig:
 
     models: list[str] = option(help="Zoo names, segkd checkpoints (.safetensors) or .onnx files; the first is the "
                                "reference for ratios.", argument=True, default_factory=list)
-    inputs: list[str] = option(MISSING, "Input shape BxCxHxW or HxW (repeatable); default 1x3x512x1024.", "--input",
-                               default_factory=lambda: ["1x3x512x1024"])
+    inputs: list[str] = option(MISSING, "Input shape BxCxHxW or HxW (repeatable); default: the sizes the MODEL "
+                               "checkpoints/exports were trained at, else 1x3x512x1024.", "--input",
+                               default_factory=list)
     batch: str | None = option(None, "Batch sizes replacing each input's batch, e.g. 1,8.")
     device: str = option("cpu", "Device for torch backends: cpu or cuda.")
     threads: int | None = option(None, "CPU threads for torch and ONNX Runtime (default: torch's).")
@@ -135,7 +136,7 @@ def _complexity(spec: ModelSpec, hw_list: list[tuple[int, int]], cfg: BenchConfi
         from segkd.models import create_model
 
         kwargs = (spec.onnx_meta or {}).get("meta", {}).get("model_kwargs", {}) or {}
-        module = create_model(spec.architecture, num_classes=spec.num_classes or 19, **kwargs)
+        module = create_model(spec.architecture, num_classes=spec.num_classes or 19, **kwargs).deploy_form()
         note = f"counted on the zoo architecture {spec.architecture} recorded in the ONNX metadata (meta device)"
     for h, w in hw_list:
         entry: dict[str, Any] = {"input": [1, 3, h, w]}
@@ -185,19 +186,15 @@ def _run_entry(backend: str, shape: tuple[int, ...], device: str, providers: str
 
 def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
     """Measure every model; returns the schema-shaped report (gates are applied by :func:`segkd.bench.gates`)."""
-    if cfg.train_step:
-        _check_train_step(cfg)
-    elif not cfg.models:
-        raise SegkdError("give at least one MODEL (a zoo name, a .safetensors checkpoint or an .onnx file)")
-    elif cfg.method or cfg.teacher or cfg.student:
-        raise SegkdError("--method/--teacher/--student belong to --train-step")
+    _check_what_is_measured(cfg)
     cfg.check()
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()
     batches = parse_batches(cfg.batch)
-    shapes = expand_inputs(cfg.inputs, batches if batches or not cfg.train_step else [2])
+    if cfg.inputs:  # a bad --input fails first, before any model is loaded
+        expand_inputs(cfg.inputs, batches)
     backends = parse_backends(cfg.backends)
     providers = cfg.providers or ("cpu" if device.type == "cpu" else "cuda")
     if "onnxruntime" in backends or any(m.lower().endswith(".onnx") for m in cfg.models):
@@ -206,6 +203,8 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         providers = ",".join(parse_providers(providers))
     specs = [resolve_model(m, cfg.num_classes) for m in cfg.models]  # all resolved first: bad input fails fast
     name_models(specs)
+    inputs, inputs_source = default_inputs(cfg.inputs, specs)
+    shapes = expand_inputs(inputs, batches if batches or not cfg.train_step else [2])
     hw_list = list(dict.fromkeys((s[2], s[3]) for s in shapes))
     _check_input_sizes(cfg, specs, hw_list)
     report: dict[str, Any] = {
@@ -216,6 +215,7 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         "environment": environment(device, threads),
         "settings": {
             "inputs": [list(s) for s in shapes],
+            "inputs_source": inputs_source,
             "backends": backends,
             "device": str(device),
             "providers": providers,
@@ -237,6 +237,36 @@ def bench_models(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
             entry = _bench_one(spec, shapes, hw_list, backends, device, providers, threads, cfg, Path(tmp), progress)
             report["models"].append(entry)
     return report
+
+
+def _check_what_is_measured(cfg: BenchConfig) -> None:
+    """MODELs, or ``--train-step`` with its method and pair: never both, never neither."""
+    if cfg.train_step:
+        _check_train_step(cfg)
+    elif not cfg.models:
+        raise SegkdError("give at least one MODEL (a zoo name, a .safetensors checkpoint or an .onnx file)")
+    elif cfg.method or cfg.teacher or cfg.student:
+        raise SegkdError("--method/--teacher/--student belong to --train-step")
+
+
+def default_inputs(inputs: list[str], specs: list[ModelSpec]) -> tuple[list[str], str]:
+    """``--input`` as given, else the sizes the MODELs were trained at (:func:`segkd.shapes.trained_size` of each
+    checkpoint's or segkd export's metadata; every model is timed at each of them, so rows stay comparable), else
+    1x3x512x1024; with a line saying which."""
+    from segkd.shapes import hw_text, trained_size
+
+    if inputs:
+        return inputs, "--input"
+    sizes: dict[str, list[str]] = {}
+    for spec in specs:
+        meta = getattr(spec.module, "segkd_meta", None) or (spec.onnx_meta or {}).get("meta")
+        hw = trained_size(meta).deploy if meta is not None else None
+        if hw is not None:
+            sizes.setdefault(hw_text(hw), []).append(Path(spec.arg).name)
+    if not sizes:
+        return ["1x3x512x1024"], "default 1x3x512x1024 (no MODEL records a training size)"
+    said = "; ".join(f"{hw} from {', '.join(names)}" for hw, names in sizes.items())
+    return list(sizes), f"the size(s) the models were trained at: {said}"
 
 
 def _check_input_sizes(cfg: BenchConfig, specs: list[ModelSpec], hw_list: list[tuple[int, int]]) -> None:

@@ -123,14 +123,14 @@ def resolve_model(arg: str, num_classes: int | None) -> ModelSpec:
                              "import foreign checkpoints with `segkd convert`")
         from segkd.models.loading import load_model
 
-        model = load_model(path)
+        model = load_model(path).deploy_form()  # timed and counted as deployed (reparameterised encoders fused)
         meta = model.segkd_meta  # type: ignore[attr-defined]
         if num_classes is not None and num_classes != meta.num_classes:
             raise SegkdError(f"--num-classes {num_classes}: {arg} has {meta.num_classes} classes")
         return ModelSpec(arg, meta.model, "checkpoint", meta.num_classes, meta.model, module=model, path=path)
     name = MODELS.canonical(arg)
     k = 19 if num_classes is None else num_classes
-    return ModelSpec(arg, name, "zoo", k, name, module=create_model(name, num_classes=k))
+    return ModelSpec(arg, name, "zoo", k, name, module=create_model(name, num_classes=k).deploy_form())
 
 
 def name_models(specs: list[ModelSpec]) -> None:

@@ -50,6 +50,7 @@ class Listing:
 
     pairs: list[tuple[Path, Path]]
     problems: list[str]
+    label_suffix: str = ""  # what label names add to their image's (``_mask``), when :func:`label_suffix` found it
 
 
 def _no_suffix_luts(ignore_index: int) -> dict[str, np.ndarray]:
@@ -86,6 +87,20 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
 
 
+def label_suffix(image_stems: set[str], label_stems: list[str]) -> str:
+    """The suffix every label name adds to its image's (``NAME_mask.png`` for ``NAME.jpg``: ``_mask``), found
+    when no label is named exactly like an image; ``""`` otherwise. It starts at a ``_``, ``-`` or ``.`` of the
+    first label's name such that the part before is an image's name, and every label must end with it; a layout
+    that mixes conventions then reports its unpaired files as usual."""
+    if not label_stems or any(stem in image_stems for stem in label_stems):
+        return ""
+    first = label_stems[0]
+    for i, ch in enumerate(first):
+        if ch in "_-." and first[:i] in image_stems and all(stem.endswith(first[i:]) for stem in label_stems):
+            return first[i:]
+    return ""
+
+
 def _pair_by_stem(img_dir: Path, lab_dir: Path, img_suffix: str = "", lab_suffix: str = "") -> Listing:
     """Pair ``img_dir/NAME{img_suffix}.*`` with ``lab_dir/NAME{lab_suffix}.png``."""
     problems: list[str] = []
@@ -94,7 +109,11 @@ def _pair_by_stem(img_dir: Path, lab_dir: Path, img_suffix: str = "", lab_suffix
     if not lab_dir.is_dir():
         return Listing([], [f"{lab_dir}: label folder not found"])
     labels: dict[str, Path] = {}
-    for lab in _images_in(lab_dir):
+    lab_files = _images_in(lab_dir)
+    if not lab_suffix:
+        lab_suffix = label_suffix({p.stem.removesuffix(img_suffix) for p in _images_in(img_dir)},
+                                  [p.stem for p in lab_files if p.suffix.lower() == ".png"])
+    for lab in lab_files:
         if lab.suffix.lower() != ".png":
             problems.append(f"{lab}: labels must be PNG files (class indices, losslessly stored)")
             continue
@@ -113,7 +132,7 @@ def _pair_by_stem(img_dir: Path, lab_dir: Path, img_suffix: str = "", lab_suffix
             pairs.append((img, lab))
             seen.add(stem)
     problems += [f"{p}: label without an image in {img_dir}" for s, p in sorted(labels.items()) if s not in seen]
-    return Listing(pairs, problems)
+    return Listing(pairs, problems, lab_suffix)
 
 
 def _read_classes_file(root: Path) -> dict | None:
@@ -204,14 +223,20 @@ def _subfolders(folder: Path) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------------------------- the formats
-DATASETS.add("folder", Format(
-    "folder",
-    detect=lambda r: (r / "images").is_dir() and (r / "labels").is_dir(),
-    list_split=lambda r, s: _pair_by_stem(r / "images" / s, r / "labels" / s),
-    classes=_folder_classes,
-    lut=C.identity_lut,
-    find_splits=lambda r: _subfolders(r / "images"),
-))
+def _split_folders(name: str, images: str, labels: str) -> Format:
+    """A layout of ``ROOT/<images>/SPLIT`` and ``ROOT/<labels>/SPLIT`` paired by stem, classes as for ``folder``."""
+    return Format(
+        name,
+        detect=lambda r: (r / images).is_dir() and (r / labels).is_dir(),
+        list_split=lambda r, s: _pair_by_stem(r / images / s, r / labels / s),
+        classes=_folder_classes,
+        lut=C.identity_lut,
+        find_splits=lambda r: _subfolders(r / images),
+    )
+
+
+DATASETS.add("folder", _split_folders("folder", "images", "labels"))
+DATASETS.add("mmseg", _split_folders("mmseg", "img_dir", "ann_dir"))  # MMSegmentation's custom dataset layout
 
 DATASETS.add("camvid", Format(
     "camvid",
@@ -301,7 +326,7 @@ DATASETS.add("voc", Format(
     lut=C.identity_lut,  # palettised PNGs hold class indices; 255 (object borders) is the ignore index
 ))
 
-DETECT_ORDER = ("cityscapes", "ade20k", "voc", "camvid", "folder")
+DETECT_ORDER = ("cityscapes", "ade20k", "voc", "camvid", "mmseg", "folder")
 
 
 def detect_format(root: str | Path) -> str:
@@ -312,7 +337,8 @@ def detect_format(root: str | Path) -> str:
     for name in DETECT_ORDER:
         if DATASETS.get(name).detect(root):
             return name
-    raise SegkdError(f"{root}: no known dataset layout (folder: images/ + labels/; camvid: train/ + trainannot/; "
+    raise SegkdError(f"{root}: no known dataset layout (folder: images/ + labels/; mmseg: img_dir/ + ann_dir/; "
+                     "camvid: train/ + trainannot/; "
                      "cityscapes: leftImg8bit/ + gtFine/; ade20k: ADEChallengeData2016/; voc: SegmentationClass/)")
 
 

@@ -125,6 +125,7 @@ def inspect_dataset(root: str | Path, fmt: str | None = None, num_classes: int |
         total = int(counts.sum())
         report["splits"][split] = {
             "pairs": len(listing.pairs),
+            "label_suffix": listing.label_suffix,
             "bad_pairs": bad,
             "sizes_hxw": dict(sizes.most_common()),
             "class_pixels": {n: int(c) for n, c in zip(info.class_names, counts[:-1])},

@@ -27,7 +27,8 @@ def render_inspect(report: dict, console: Console) -> None:
     for split, s in splits.items():
         shown = list(s["sizes_hxw"].items())
         sizes = ", ".join(f"{k} ({v})" for k, v in shown[:5]) + (f", +{len(shown) - 5} more" if len(shown) > 5 else "")
-        console.print(f"{split}: {s['pairs']} pairs, image sizes HxW (count): {sizes or '-'}", highlight=False)
+        paired = f" (labels named NAME{s['label_suffix']}.png)" if s.get("label_suffix") else ""
+        console.print(f"{split}: {s['pairs']} pairs{paired}, image sizes HxW (count): {sizes or '-'}", highlight=False)
     if report["problems"]:
         console.print(f"[red]{len(report['problems'])} problem(s):[/]")
         for p in report["problems"]:

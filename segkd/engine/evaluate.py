@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from segkd.data import build_dataset, build_eval_transform, resolve_data_root
 from segkd.engine.config import check_machine_values
 from segkd.engine.distributed import init_distributed
-from segkd.engine.inference import make_predictor, parse_scales
+from segkd.engine.inference import make_predictor, parse_resize, parse_scales, resolve_input_size
 from segkd.engine.metrics import (
     CONVENTION,
     ConfusionMeter,
@@ -255,62 +256,113 @@ def _check_sizes(fn: Any, meta: Any, kind: str, sizes: dict[str, tuple[int, int]
 
 
 @dataclass
-class EvalConfig:
-    """Everything ``segkd eval`` depends on besides the model file; the command's options are generated from these
-    fields (one definition, :mod:`segkd.cliopts`)."""
+class InferenceOptions:
+    """How a model is run on images: the options ``segkd eval`` and ``segkd predict`` share (one definition each;
+    the commands' flags are generated from these fields, :mod:`segkd.cliopts`)."""
 
-    data: str | None = option(None, "Dataset root, or 'synth' for the built-in procedural dataset (the default, with "
-                              "a note saying so).")
-    data_format: str | None = option(None, "Dataset format (default: detected from the root).")
-    split: str = option("val", "Split to evaluate.")
-    resize: str | None = option(None, "Resize images to HxW before inference.")
+    resize: str | None = option(None, "Resize images to HxW before inference; 'native' = as stored (default: the "
+                                "size the checkpoint was validated at, else as stored).")
     mode: str = option("whole", "Inference mode: whole or slide (sliding window).")
     crop: str | None = option(None, "Sliding-window size HxW (--mode slide).")
     stride: str | None = option(None, "Sliding-window stride HxW (default 2/3 of --crop).")
     flip: bool = option(False, "Horizontal-flip test-time augmentation.")
     scales: str | None = option(None, "Multi-scale TTA, e.g. 0.75,1.0,1.25.")
-    batch: int = option(1, "Images per forward pass (per process).")
-    workers: int = option(0, "DataLoader worker processes.")
     threads: int | None = option(None, "CPU threads for torch and ONNX Runtime (default: theirs).")
-    log_every: int = option(0, "A plain progress line every N batches when there is no progress bar (not a "
-                            "terminal, or --no-progress); 0 = none.")
     device: str = option("auto", "auto, cpu or cuda.")
     amp: bool = option(False, "Autocast inference: bf16 on CPU, fp16 on CUDA.")
-    save_preds: str | None = option(None, "Write colourised masks and overlays (PNG) to this folder.")
     progress: bool = option(True, "A progress bar on a terminal.")
 
     def check(self) -> None:
         """One-line errors for impossible values, before the model or the data is read."""
-        for name, low in (("batch", 1), ("log_every", 0)):
-            if getattr(self, name) < low:
-                raise SegkdError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
-        check_machine_values(self.workers, None, self.device, self.threads)
-        for opt in ("resize", "crop", "stride"):
+        check_machine_values(None, None, self.device, self.threads)
+        parse_resize(self.resize)
+        for opt in ("crop", "stride"):
             parse_hw(getattr(self, opt), f"--{opt}")
         parse_scales(self.scales)
 
 
+@dataclass
+class EvalConfig(InferenceOptions):
+    """Everything ``segkd eval`` depends on besides the model file: the shared :class:`InferenceOptions` plus the
+    dataset and scoring options."""
+
+    data: str | None = option(None, "Dataset root, or 'synth' for the built-in procedural dataset (the default, with "
+                              "a note saying so).")
+    data_format: str | None = option(None, "Dataset format (default: detected from the root).")
+    split: str = option("val", "Split to evaluate.")
+    val_labels: str | None = option(None, "Score against labels 'resized' with the input or at their 'native' size "
+                                    "(logits upsampled), like training's --val-labels (default: the checkpoint's).")
+    batch: int = option(1, "Images per forward pass (per process).")
+    workers: int = option(0, "DataLoader worker processes.")
+    log_every: int = option(0, "A plain progress line every N batches when there is no progress bar (not a "
+                            "terminal, or --no-progress); 0 = none.")
+    save_preds: str | None = option(None, "Write colourised masks and overlays (PNG) to this folder.")
+
+    def check(self) -> None:
+        for name, low in (("batch", 1), ("workers", 0), ("log_every", 0)):
+            if getattr(self, name) < low:
+                raise SegkdError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        check_machine_values(self.workers)
+        super().check()
+        if self.val_labels not in (None, "resized", "native"):
+            raise SegkdError(f"--val-labels must be resized or native, got {self.val_labels!r}")
+
+
+@dataclass
+class InferenceSetup:
+    """A loaded model ready to predict (:func:`prepare_inference`)."""
+
+    predict: Callable[[Tensor], Tensor]
+    meta: Any
+    kind: str
+    size: Any  # segkd.engine.inference.InputSize
+    device: torch.device
+    info: Any  # segkd.engine.distributed.DistInfo
+
+
+def prepare_inference(source: str | Path, cfg: InferenceOptions, val_labels: str | None) -> InferenceSetup:
+    """Load ``source`` (checkpoint or ONNX) and wrap it in the predictor of ``cfg`` (slide, TTA) at the resolved
+    input size, every size checked against the model's stride; shared by ``segkd eval`` and ``segkd predict``."""
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    scale_list = parse_scales(cfg.scales)
+    info = init_distributed(cfg.device)
+    fn, meta, kind = load_predictor_source(source, info.device, threads=cfg.threads or 0)
+    size = resolve_input_size(cfg.resize, val_labels, meta, str(source))
+    min_side = _check_sizes(fn, meta, kind, {"--resize": size.resize, "--crop": parse_hw(cfg.crop, "--crop")},
+                            scaled=scale_list != (1.0,))
+    predict = make_predictor(fn, mode=cfg.mode, crop=cfg.crop, stride=cfg.stride, flip=cfg.flip,  # type: ignore
+                             scales=scale_list, amp=cfg.amp, min_side=min_side, model_name=meta.model)
+    return InferenceSetup(predict, meta, kind, size, info.device, info)
+
+
+@contextmanager
+def progress_steps(enabled: bool, total: int | None, label: str) -> Iterator[Callable[[], None]]:
+    """A progress bar on a terminal (rank 0); yields the function that advances it by one."""
+    with progress_bar(enabled, total, label) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
 def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset | None = None,
-             **options: Any) -> EvalResult:
+             note: Callable[[str], None] | None = None, **options: Any) -> EvalResult:
     """Everything ``segkd eval`` does: load the model alone, build the dataset from its metadata, evaluate.
 
     ``cfg`` (or :class:`EvalConfig` field values as keywords) says how; ``dataset`` (already transformed, yielding
-    ``(image, label)``) replaces ``data``/``data_format``/``resize``.
+    ``(image, label)``) replaces ``data``/``data_format``/``resize``/``val_labels``. Without ``--resize`` the images
+    are resized to the size the checkpoint was validated at (:func:`~segkd.engine.inference.resolve_input_size`);
+    ``note`` receives the line saying which size was used when the checkpoint chose it (the JSON always has it).
     """
 
     cfg = replace(cfg or EvalConfig(), **options)
     cfg.check()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    resize_hw = parse_hw(cfg.resize, "--resize")
-    scale_list = parse_scales(cfg.scales)
-    info = init_distributed(cfg.device)
-    fn, meta, kind = load_predictor_source(source, info.device, threads=cfg.threads or 0)
-    min_side = _check_sizes(fn, meta, kind, {"--resize": resize_hw, "--crop": parse_hw(cfg.crop, "--crop")},
-                            scaled=scale_list != (1.0,))
-    predict = make_predictor(fn, mode=cfg.mode, crop=cfg.crop, stride=cfg.stride, flip=cfg.flip,  # type: ignore
-                             scales=scale_list, amp=cfg.amp, min_side=min_side, model_name=meta.model)
-    dataset = _eval_dataset(source, cfg, dataset, resize_hw, meta)
+    setup = prepare_inference(source, cfg, cfg.val_labels)
+    predict, meta, kind, size, info = setup.predict, setup.meta, setup.kind, setup.size, setup.info
+    given = dataset
+    dataset = _eval_dataset(source, cfg, dataset, size.resize, meta, size.val_labels)
+    if given is None and note is not None and info.rank == 0 and size.from_checkpoint:  # checks passed: say it
+        note(size.note)
     ds_ignore = _dataset_classes(dataset)[1]
     indices = list(range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]
     loader = DataLoader(Subset(dataset, indices) if info.world_size > 1 else dataset, batch_size=cfg.batch,
@@ -324,23 +376,27 @@ def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset
         "source": str(source), "kind": kind, "model": meta.model,
         "data": str(cfg.data) if cfg.data is not None else None,
         "data_format": getattr(getattr(dataset, "info", None), "format", cfg.data_format), "split": cfg.split,
-        "resize": list(resize_hw) if resize_hw else None, "mode": cfg.mode,
+        "resize": list(size.resize) if size.resize and given is None else None,
+        "val_labels": size.val_labels if given is None else None, "input_size": size.note if given is None else None,
+        "mode": cfg.mode,
         "crop": list(parse_hw(cfg.crop, "--crop")) if cfg.crop else None,
         "stride": list(parse_hw(cfg.stride, "--stride")) if cfg.stride else None,
-        "flip": cfg.flip, "scales": list(scale_list), "device": str(info.device), "world_size": info.world_size,
+        "flip": cfg.flip, "scales": list(parse_scales(cfg.scales)), "device": str(info.device),
+        "world_size": info.world_size,
         **provenance(info.device, cfg.threads),  # the block run.json and the bench report carry
     }
     return result
 
 
 def _eval_dataset(source: str | Path, cfg: EvalConfig, dataset: Dataset | None, resize: tuple[int, int] | None,
-                  meta: Any) -> Dataset:
+                  meta: Any, val_labels: str = "resized") -> Dataset:
     """The dataset to score (given, or built from ``cfg.data`` with the checkpoint's normalisation), checked to
     hold samples of the model's classes."""
     if dataset is None:
         if cfg.data is None:
             raise SegkdError("--data is required (a dataset root, or 'synth')")
-        dataset = build_eval_dataset(cfg.data, cfg.data_format, cfg.split, resize, meta)
+        dataset = build_eval_dataset(cfg.data, cfg.data_format, cfg.split, resize, meta,
+                                     resize_labels=val_labels == "resized")
     ds_classes = _dataset_classes(dataset)[0]
     if ds_classes is not None and ds_classes != meta.num_classes:
         where = f"the dataset {cfg.data}" if cfg.data is not None else "the dataset"
@@ -363,15 +419,17 @@ def _save_hook(out_dir: Path, dataset: Any, indices: list[int], meta: Any) -> Ba
 
 
 def build_eval_dataset(data: str | Path, data_format: str | None, split: str, resize: tuple[int, int] | None,
-                       meta: Any) -> Dataset:
-    """The evaluation split through the data package, normalised with the checkpoint's mean/std.
+                       meta: Any, resize_labels: bool = True) -> Dataset:
+    """The evaluation split through the data package, normalised with the checkpoint's mean/std (labels resized
+    with the images unless ``resize_labels=False``: then scored at their stored size, as ``--val-labels native``).
 
     ``num_classes``/``ignore_index`` come from the checkpoint (they matter for the ``folder`` format, whose files
     do not name their classes); formats that know their classes report them, and a mismatch is an error.
     """
 
     root = resolve_data_root(str(data))
-    transform = build_eval_transform(resize=resize, mean=list(meta.mean), std=list(meta.std))
+    transform = build_eval_transform(resize=resize, mean=list(meta.mean), std=list(meta.std),
+                                     resize_labels=resize_labels)
     try:  # the dataset's own class list first, so a mismatch with the checkpoint is reported as such
         return build_dataset(root, split, fmt=data_format, transform=transform, ignore_index=meta.ignore_index)
     except SegkdError:  # e.g. a folder dataset without a class file: the checkpoint's class count applies

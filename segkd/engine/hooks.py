@@ -44,6 +44,7 @@ from segkd.engine.state import RESUME_FILE
 from segkd.errors import SegkdError
 from segkd.models import deploy_state
 from segkd.provenance import now, provenance
+from segkd.shapes import size_from_options
 
 if TYPE_CHECKING:
     from segkd.engine.trainer import Trainer
@@ -277,7 +278,7 @@ def _meta(trainer: Trainer, name: str, model: torch.nn.Module, metrics: dict[str
         model=getattr(model, "zoo_name", type(model).__name__), num_classes=data.num_classes,
         class_names=data.class_names, palette=data.palette, mean=data.mean, std=data.std,
         ignore_index=data.ignore_index, args=trainer.config_dict(), metrics={**extra.pop("metrics", {}), **metrics},
-        source=trainer.source, **extra)
+        input_size=size_from_options(trainer.config_dict()).record(), source=trainer.source, **extra)
 
 
 class RunFiles(Hook):

@@ -24,6 +24,8 @@ Choices (the papers and tools differ; these follow mmseg, which most published n
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -32,7 +34,7 @@ from torch import Tensor
 
 from segkd.errors import SegkdError
 from segkd.models.base import upsample_logits
-from segkd.shapes import parse_hw
+from segkd.shapes import hw_text, parse_hw, trained_size
 
 Predictor = Callable[[Tensor], Tensor]
 
@@ -201,3 +203,41 @@ def make_predictor(
             return _tta(single, images, scale_list, flip, tta_average)
 
     return predict
+
+
+@dataclass(frozen=True)
+class InputSize:
+    """The size images are resized to before inference (``None``: as stored), how labels are scored, and a note
+    saying which size was used and why (``eval`` and ``predict`` print it when the checkpoint chose the size)."""
+
+    resize: tuple[int, int] | None
+    val_labels: str
+    note: str
+    from_checkpoint: bool = False  # the size was not typed but taken from what the checkpoint records
+
+
+def parse_resize(text: str | None) -> tuple[int, int] | None:
+    """``--resize HxW`` checked (``native`` and ``None`` pass as ``None``: the caller decides what they mean)."""
+    if text is None or str(text).strip().lower() == "native":
+        return None
+    return parse_hw(text, "--resize")
+
+
+def resolve_input_size(resize: str | None, val_labels: str | None, meta: object, source: str) -> InputSize:
+    """``--resize``/``--val-labels`` as given, else what the checkpoint ``meta`` was validated at
+    (:func:`segkd.shapes.trained_size`): a model trained on 60x80 inputs is scored at 60x80, not at the stored
+    size it never saw; ``--resize native`` asks for the stored size explicitly."""
+    trained = trained_size(meta)
+    if resize is not None:
+        hw = parse_resize(resize)
+        why = "--resize native" if hw is None else "--resize"
+    else:
+        hw = trained.resize
+        why = (f"the size {Path(source).name} was validated at, from its {trained.source}" if hw else
+               f"{Path(source).name} records no validation size" if not trained.source else
+               f"{Path(source).name} was validated at the stored size")
+    labels = val_labels or (trained.val_labels if trained.source else "resized")
+    what = f"input {hw_text(hw)}" if hw else "input at the stored size"
+    scored = "" if hw is None else "; labels resized with it" if labels == "resized" else \
+        "; labels at their stored size (logits upsampled)"
+    return InputSize(hw, labels, f"{what} ({why}){scored}", resize is None and bool(trained.source))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +46,7 @@ from segkd.export.runtime import EXPORT_KEY, parse_providers, probe_providers
 from segkd.models.loading import load_model
 from segkd.options import option
 from segkd.safeio import remove_dead_tmps, segkd_tempdir
-from segkd.shapes import check_min_size, model_stride, parse_hw, parse_shape
+from segkd.shapes import check_min_size, hw_text, model_stride, parse_hw, parse_shape, trained_size
 
 OutputKind = Literal["logits", "probs", "labels"]
 OUTPUT_KINDS = ("logits", "probs", "labels")
@@ -71,7 +71,8 @@ class ExportConfig:
     fp16: bool = option(False, "fp16 weights/activations; LayerNorm, softmax, reductions and normalisation stay fp32.")
     verify: bool = option(True, "Check ORT against PyTorch before writing.")
     data: str | None = option(None, "Dataset root whose first images join verification, or 'synth'.")
-    size: str | None = option(None, "Export/verification size HxW (dynamic exports; default 512x1024).")
+    size: str | None = option(None, "Export/verification size HxW (dynamic exports; default: the size the "
+                                    "checkpoint was trained at, else 512x1024).")
     atol: float | None = option(None, "Max abs output difference allowed (default 1e-4 fp32, none for fp16).")
     min_agreement: float | None = option(None, "Min label agreement (default 0.999 fp32, 0.99 fp16).")
     providers: str = option("cpu", "ONNX Runtime providers for verification: cpu, cuda, tensorrt (comma-separated); "
@@ -90,7 +91,8 @@ class ExportConfig:
     calib_method: str = option("minmax", "--int8: minmax, entropy or percentile.")
     eval_split: str = option("val", "--int8: split on which fp32 and INT8 mIoU are compared.")
     max_miou_drop: float = option(1.0, "--int8: largest allowed mIoU drop in points (exit 3 beyond).")
-    resize: str | None = option(None, "--int8: resize calibration and evaluation images to HxW (default: as stored).")
+    resize: str | None = option(None, "--int8: resize calibration and evaluation images to HxW (default: the size "
+                                      "the checkpoint was validated at, else as stored; 'native' = as stored).")
     data_format: str | None = option(None, "--int8: dataset format (default: detected).")
     progress: bool = option(True, "Progress bars on a terminal.")
 
@@ -485,6 +487,24 @@ def _trt_engine(trt: dict[str, Any], out: Path, plan: ExportPlan, providers: lis
                                "engine's own shape")
 
 
+def trained_defaults(cfg: ExportConfig, meta: Any, ckpt: Path) -> tuple[ExportConfig, str]:
+    """``cfg`` with ``--size`` (and, for ``--int8``, ``--resize``) defaulting to the size the checkpoint was
+    trained at (:func:`segkd.shapes.trained_size`: its ``resize``, else its ``crop``), and a note saying which size
+    is used and why. A checkpoint that records no size keeps the historical 512x1024."""
+    trained = trained_size(meta)
+    if cfg.int8 and cfg.resize is None and trained.resize:
+        cfg = replace(cfg, resize=hw_text(trained.resize))
+    if cfg.static:
+        return cfg, "--static"
+    if cfg.size:
+        return cfg, "--size"
+    if trained.deploy is None:
+        return replace(cfg, size="512x1024"), f"default 512x1024 ({ckpt.name} records no training size)"
+    which = "validated" if trained.resize else "trained (crop)"
+    return replace(cfg, size=hw_text(trained.deploy)), (f"the size {ckpt.name} was {which} at, from its "
+                                                        f"{trained.source}")
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> dict[str, Any]:
     """Export, verify and write ``out`` atomically; returns the report (also raised GateFailure on failed checks)."""
     import onnx
@@ -496,8 +516,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
     out, ckpt = Path(out), Path(ckpt)
     providers, atol, min_agree = _check_export_options(cfg, out)
     remove_dead_tmps(out.parent, out.name)  # the temp file of an export killed while writing this --out
-    model = load_model(ckpt).float()
+    model = load_model(ckpt).float().deploy_form()  # reparameterisable encoders fused, as deployed
     meta = model.segkd_meta  # type: ignore[attr-defined]
+    cfg, size_note = trained_defaults(cfg, meta, ckpt)
     plan = plan_shapes(cfg, required_stride(model), meta.model)
     wrapper = DeployModel(model, cfg.output, meta.mean, meta.std, cfg.fold_normalize).eval()
     calibration = None
@@ -505,7 +526,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
         from segkd.export.quantize import calibration_batches
 
         calibration = calibration_batches(cfg, meta, cfg.fold_normalize, cfg.progress)
-    info = _export_info(cfg, plan, model, ckpt)
+    info = _export_info(cfg, plan, model, ckpt) | {"export_size_source": size_note}
     onnx_model, graph_summary = _build_graph(wrapper, plan, cfg, meta, info, ckpt)
     trt = trt_readiness(onnx_model, plan, out, cfg.fp16)
     report: dict[str, Any] = {"checkpoint": str(ckpt), "out": str(out), "model": meta.model, "export": info,

@@ -79,9 +79,9 @@ def calibration_batches(cfg: Any, meta: Any, fold: bool, progress: bool = True) 
 
     Raises a one-line error naming the count when the split has fewer images than asked."""
     from segkd.engine.evaluate import build_eval_dataset, progress_bar
-    from segkd.shapes import parse_hw
+    from segkd.engine.inference import parse_resize
 
-    resize = parse_hw(cfg.resize, "--resize") if cfg.resize else None
+    resize = parse_resize(cfg.resize)
     dataset = build_eval_dataset(cfg.data, cfg.data_format, cfg.calib_split, resize, meta)
     found = len(dataset)  # type: ignore[arg-type]
     if found < cfg.calib_images:

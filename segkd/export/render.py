@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from segkd.shapes import hw_text
 from segkd.textout import human_size, print_table
 
 
@@ -71,6 +72,9 @@ def render_export_report(report: dict[str, Any], console: Console) -> None:
         f"{graph['nodes']} nodes, {human_size(report['bytes'])}, {report['seconds']:.1f} s",
         highlight=False,
     )
+    if ex.get("export_size_source"):
+        console.print(f"size {hw_text(ex['export_size'])}: {ex['export_size_source']}", highlight=False,
+                      soft_wrap=True)
     ver = report.get("verification")
     if ver:
         title = "fp32 graph (verified, then quantised)" if report.get("int8") else _precision(ex)

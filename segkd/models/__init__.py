@@ -5,12 +5,15 @@ Adding a model is one builder function plus one ``MODELS.add`` call; ``tests/tes
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+
+import timm
 
 from segkd.errors import SegkdError
 from segkd.models.base import (
@@ -25,6 +28,7 @@ from segkd.models.base import (
 from segkd.models.convert import load_pretrained_encoder
 from segkd.models.deeplab import DeepLabV3, DeepLabV3Plus
 from segkd.models.segformer import SegFormer
+from segkd.models.timm_seg import HEADS, TimmSeg, encoder_layout, parse_timm_name
 from segkd.registry import Registry
 from segkd.shapes import model_stride
 
@@ -54,7 +58,35 @@ class ModelEntry:
     options_of: Callable[..., object] | None = None
 
 
-MODELS: Registry[ModelEntry] = Registry("model")
+def _timm_entry(name: str) -> ModelEntry | None:
+    """``<head>-<timm encoder>`` for any timm encoder with a feature pyramid (:mod:`segkd.models.timm_seg`)."""
+
+    parsed = parse_timm_name(name)
+    if parsed is None:
+        return _near_timm_name(name)
+    head, arch = parsed
+    family = encoder_layout(arch)[1]  # unknown names and encoders without a pyramid fail here, in one line
+    return ModelEntry(partial(_timm, name, head, arch), family, f"timm {arch} encoder, {HEADS[head]}")
+
+
+def _near_timm_name(name: str) -> None:
+    """A one-line error for ``<misspelt head>-<timm encoder>`` naming the student meant; ``None`` otherwise."""
+
+
+    head, _, arch = name.partition("-")
+    close = difflib.get_close_matches(head, list(HEADS), n=1, cutoff=0.6)
+    if close and arch and timm.is_model(arch):
+        raise SegkdError(f"unknown model {name!r}; did you mean {close[0]}-{arch}? (timm students are "
+                         f"{' or '.join(f'{h}-<timm encoder>' for h in HEADS)})")
+    return None
+
+
+def _timm(name: str, head: str, arch: str, num_classes: int, pretrained: str | None = None) -> SegModel:
+
+    return TimmSeg(name, head, arch, num_classes, pretrained=pretrained)
+
+
+MODELS: Registry[ModelEntry] = Registry("model", resolver=_timm_entry)
 
 
 def _segformer(name: str, variant: str, num_classes: int, pretrained: str | None = None, **kw) -> SegModel:
@@ -95,7 +127,7 @@ for _depth in (18, 50, 101):
     )
 
 
-_NOT_OPTIONS = ("self", "name", "variant", "arch", "num_classes", "pretrained")
+_NOT_OPTIONS = ("self", "name", "variant", "arch", "head", "num_classes", "pretrained")
 
 
 def model_options(name: str) -> dict[str, inspect.Parameter] | None:
@@ -132,6 +164,14 @@ def check_model_kwargs(name: str, kwargs: dict, source: str = "model_kwargs") ->
         if not ok:
             raise SegkdError(f"{source}: {MODELS.canonical(name)} option {key}={value!r} is not of the kind of its "
                              f"default ({default!r})")
+
+
+# timm students listed by `segkd models` (any other `lraspp-`/`mlp-` + timm encoder name works as well); the family
+# is written here so that listing them never builds a timm model (tests/test_timm_students.py checks it)
+for _head, _arch, _family in (("lraspp", "mobilenetv3_large_100", "cnn"), ("lraspp", "mobilenetv4_conv_small", "cnn"),
+                              ("mlp", "repvit_m1", "cnn"), ("mlp", "efficientvit_b0", "transformer")):
+    MODELS.add(f"{_head}-{_arch}", ModelEntry(partial(_timm, f"{_head}-{_arch}", _head, _arch), _family,
+                                              f"timm {_arch} encoder, {HEADS[_head]}"))
 
 
 def create_model(name: str, num_classes: int = 19, pretrained: str | None = None, **kwargs) -> SegModel:

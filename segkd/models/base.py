@@ -81,6 +81,11 @@ class SegModel(nn.Module):
         """Parameters of the decoder/head (useful for a higher head LR). Overridden by each architecture."""
         return []
 
+    def deploy_form(self) -> SegModel:
+        """The model as deployed (export, bench): the same function, its trainable branches fused where the
+        architecture has such (timm's reparameterisable encoders); ``self`` for every other model."""
+        return self
+
     def predict(self, x: Tensor) -> Tensor:
         """Logits upsampled to the input size."""
         return upsample_logits(self(x), x.shape[-2:])

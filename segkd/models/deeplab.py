@@ -16,14 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segkd.checkpoint import torch_load_weights
-from segkd.errors import SegkdError
 from segkd.models.base import FeatureSpec, SegModel, SegOutput
+from segkd.models.timm_seg import timm_backbone
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int = 1, dilation: int = 1) -> list[nn.Module]:
@@ -73,16 +71,7 @@ class FCNHead(nn.Sequential):
 
 
 def _backbone(arch: str, output_stride: int, pretrained: str | None) -> nn.Module:
-    kwargs: dict = dict(features_only=True, output_stride=output_stride, out_indices=(1, 2, 3, 4))
-    if pretrained:
-        # local file only: timm reads it through pretrained_cfg_overlay and never touches the network
-        try:
-            return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=pretrained), **kwargs)
-        except Exception as e:  # timm raises RuntimeError/KeyError/pickle errors: one line naming the file instead
-            torch_load_weights(pretrained)  # a pickle it refuses gets the same one line as every other entry point
-            reason = " ".join(str(e).split())[:160] or type(e).__name__
-            raise SegkdError(f"--pretrained {pretrained}: not loadable as {arch} backbone weights ({reason})") from None
-    return timm.create_model(arch, pretrained=False, **kwargs)
+    return timm_backbone(arch, pretrained, features_only=True, output_stride=output_stride, out_indices=(1, 2, 3, 4))
 
 
 class _ResNetSeg(SegModel):

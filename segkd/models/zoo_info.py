@@ -17,7 +17,7 @@ def describe_models(name: str | None, num_classes: int, size: str, flops: bool =
     names = [MODELS.canonical(name)] if name else MODELS.names()
     rows = []
     for n in names:
-        model = create_model(n, num_classes=num_classes)
+        model = create_model(n, num_classes=num_classes).eval().deploy_form()  # what is shipped: branches fused
         row = {
             "name": n,
             "family": MODELS.get(n).family,
@@ -45,4 +45,7 @@ def render_models(rows: list[dict], console: Console, size: str, num_classes: in
         gmacs = f"{r['gmacs']:.2f}" if "gmacs" in r else "-"
         table.add_row(r["name"], r["family"], f"{r['params_m']:.2f}", gmacs, str(r["output_stride"]), taps)
     print_table(console, table)
-    console.print("GMACs = multiply-adds (the SegFormer/mmseg papers' 'FLOPs'); FLOPs = 2 x GMACs.")
+    console.print("GMACs = multiply-adds (the SegFormer/mmseg papers' 'FLOPs'); FLOPs = 2 x GMACs. Params and GMACs "
+                  "of reparameterisable encoders (MobileOne, RepViT, FastViT) are after fusion, as exported.")
+    console.print("Students on any timm encoder with strides 4-32: lraspp-<encoder> or mlp-<encoder>, e.g. "
+                  "lraspp-efficientnet_b0, mlp-fastvit_t8 (`segkd models NAME` shows one).", highlight=False)
