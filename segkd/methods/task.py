@@ -15,6 +15,7 @@ checkpoint metrics).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -226,6 +227,8 @@ class DistillConfig(TrainConfig):
                                "jitter; same = the student's jittered input.")
     teacher_cache: str | None = option(None, "Folder of cached whole-image teacher outputs, built (or continued) "
                                        "on first use and warped onto every crop: no teacher forward per step.")
+    cache_topk: int = option(0, "With --teacher-cache: store per pixel only the K largest teacher logits, their "
+                             "classes and the rest's mass (0: every class, full logits); part of the cache's key.")
     unlabeled: str | None = option(None, "Folder of images without labels: they get only the distillation terms.")
     unlabeled_ratio: int = option(1, "With --unlabeled: unlabeled images added to the batch per labelled one (the "
                                   "labelled batch stays --batch).")
@@ -267,6 +270,8 @@ class DistillConfig(TrainConfig):
             raise SegkdError(f"--teacher-cache cannot serve {spec.name}: {REFUSED_METHODS[spec.name]}")
         if self.teacher_cache and Path(self.teacher_cache).exists() and not Path(self.teacher_cache).is_dir():
             raise SegkdError(f"--teacher-cache {self.teacher_cache}: exists and is not a directory")
+        if self.cache_topk < 0 or (self.cache_topk and not self.teacher_cache):
+            raise SegkdError(f"--cache-topk {self.cache_topk}: needs --teacher-cache and K >= 1 (0: full logits)")
         if self.unlabeled and not Path(self.unlabeled).is_dir():
             raise SegkdError(f"--unlabeled {self.unlabeled}: folder not found")
         if self.unlabeled_ratio < 1:
@@ -397,8 +402,10 @@ def cache_key(cfg: DistillConfig, teacher: SegModel, data: DataBundle) -> Any:
 
     taps = {resolve_tap(teacher, t): teacher.feature_spec(resolve_tap(teacher, t)).stride
             for t in METHODS.get(cfg.method).taps.get("teacher", ())}
+    if cfg.cache_topk > data.num_classes:
+        raise SegkdError(f"--cache-topk {cfg.cache_topk}: more than the dataset's {data.num_classes} classes")
     return CacheKey(teacher.zoo_name, file_sha256(Path(cfg.teacher_weights)), data.num_classes,  # type: ignore[arg-type]
-                    list(data.mean), list(data.std), taps, int(teacher.output_stride))
+                    list(data.mean), list(data.std), taps, int(teacher.output_stride), topk=cfg.cache_topk)
 
 
 def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None,
@@ -408,7 +415,7 @@ def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None,
     from segkd.engine.distributed import barrier
     from segkd.engine.trainer import prepare_data
     from segkd.methods.distill_data import DistillDataset, UnlabeledImages
-    from segkd.methods.teacher_cache import build_cache, open_cache
+    from segkd.methods.teacher_cache import build_cache, open_cache, topk_note
 
     bundle = prepare_data(cfg, info)
     view = cfg.teacher_view if cfg.jitter else "same"
@@ -429,6 +436,9 @@ def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None,
         if main:
             ds.cache = build_cache(cfg.teacher_cache, key, ds.cache_images(), teacher, bundle.mean, bundle.std,
                                    device, progress=cfg.progress)
+            note = topk_note(METHODS.canonical(cfg.method), key.topk, key.num_classes)
+            if note:
+                print(note, file=sys.stderr, flush=True)
         if info is not None:
             barrier(info)
         if not main:
