@@ -411,11 +411,10 @@ def cache_key(cfg: DistillConfig, teacher: SegModel, data: DataBundle) -> Any:
 def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None,
                          builder: DistillBuilder | None = None) -> DataBundle:
     """:func:`~segkd.engine.trainer.prepare_data`, then the distillation extras: the clean teacher view, the
-    unlabelled images and the teacher cache (built or continued here, on rank 0, before any training step)."""
-    from segkd.engine.distributed import barrier
+    unlabelled images and the teacher cache (built or continued here, by every rank, before any training step)."""
     from segkd.engine.trainer import prepare_data
     from segkd.methods.distill_data import DistillDataset, UnlabeledImages
-    from segkd.methods.teacher_cache import build_cache, open_cache, topk_note
+    from segkd.methods.teacher_cache import build_cache, topk_note
 
     bundle = prepare_data(cfg, info)
     view = cfg.teacher_view if cfg.jitter else "same"
@@ -433,18 +432,12 @@ def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None,
         key = cache_key(cfg, teacher, bundle)
         ds.taps = list(key.taps)
         device = info.device if info is not None else "cpu"
-        if main:
-            ds.cache = build_cache(cfg.teacher_cache, key, ds.cache_images(), teacher, bundle.mean, bundle.std,
-                                   device, progress=cfg.progress)
-            note = topk_note(METHODS.canonical(cfg.method), key.topk, key.num_classes)
-            if note:
-                print(note, file=sys.stderr, flush=True)
-        if info is not None:
-            barrier(info)
-        if not main:
-            from segkd.methods.teacher_cache import TeacherCache
-
-            ds.cache = TeacherCache(Path(cfg.teacher_cache), open_cache(cfg.teacher_cache))
+        # every rank builds a slice and waits by polling, never at a long barrier (segkd.methods.cache_ranks)
+        ds.cache = build_cache(cfg.teacher_cache, key, ds.cache_images(), teacher, bundle.mean, bundle.std,
+                               device, progress=cfg.progress, dist=info)
+        note = topk_note(METHODS.canonical(cfg.method), key.topk, key.num_classes)
+        if note and main:
+            print(note, file=sys.stderr, flush=True)
     bundle.train = ds
     return bundle
 

@@ -171,7 +171,7 @@ class CacheImage:
     load: Any  # () -> uint8 H x W x 3
 
 
-SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")
+SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
 KEY_META = "segkd_cache_key"
 
 
@@ -364,41 +364,64 @@ def _add_images(manifest: dict[str, Any], images: Sequence[CacheImage]) -> int:
 
 def build_cache(root: str | Path, key: CacheKey, images: Sequence[CacheImage], teacher: torch.nn.Module,
                 mean: Sequence[float], std: Sequence[float], device: str | torch.device = "cpu",
-                progress: bool = True) -> TeacherCache:
+                progress: bool = True, dist: Any = None) -> TeacherCache:
     """Create, continue, extend or just open the cache in ``root`` for ``images`` (deduplicated by content).
 
     A matching cache holding every image of the run (it may hold more) is opened without writing anything. Else
     the build takes the directory's lock (the run lock of :mod:`segkd.runlock`: a second process that needs the
     same cache waits for the first, then finds it complete), removes temp files of a build killed earlier, and
-    computes only the images without a shard: new ones, and those of a shard deleted by hand."""
+    computes only the images without a shard: new ones, and those of a shard deleted by hand. Under torchrun
+    (``dist``: the run's :class:`~segkd.engine.distributed.DistInfo`) every rank builds a slice of the shards
+    (:mod:`segkd.methods.cache_ranks`)."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise SegkdError(f"--teacher-cache {root}: exists and is not a directory")
     uniq = list({im.sha256: im for im in images}.values())
+    if dist is not None and dist.enabled and dist.world_size > 1:
+        from segkd.methods.cache_ranks import build_ranked
+
+        return build_ranked(root, key, uniq, teacher, mean, std, device, progress, dist)
     manifest = read_manifest(root)
     if manifest is not None and _complete(root, manifest, key, uniq):
         return TeacherCache(root, manifest)
     lock = _lock(root, progress)
     try:
-        from segkd.safeio import remove_orphan_tmps
-
-        remove_orphan_tmps(root)
-        manifest = read_manifest(root)
-        if manifest is None:
-            manifest = _new_manifest(key)
-        elif not _complete(root, manifest, key, uniq):
-            _forget_missing_shards(root, manifest)
-        added = _add_images(manifest, uniq)
-        if added and manifest["shards"] and progress:
-            print(f"teacher cache {root}: adding {added} image(s) this run has and the cache lacks", file=sys.stderr,
-                  flush=True)
-        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        manifest = open_for_build(root, key, uniq, progress)
         todo = [im for im in uniq if manifest["images"][im.sha256].get("shard") is None]
-        if todo:
-            _fill(root, manifest, todo, key, teacher, mean, std, torch.device(device), progress)
+
+        def record(name: str, chunk: dict[str, str], sha: str, channels: dict[str, int]) -> None:
+            record_shard(manifest, name, chunk, sha, channels)
+            atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+        fill(root, manifest, plan_shards(todo, next_shard_index(root, manifest)), teacher, mean, std,
+             torch.device(device), progress, record)
     finally:
         lock.release()
     return TeacherCache(root, manifest)
+
+
+def open_for_build(root: Path, key: CacheKey, images: Sequence[CacheImage], progress: bool) -> dict[str, Any]:
+    """Under the directory's lock (no other process writes there): remove temp files of killed writes, read or
+    start the manifest, take in the shards of a killed multi-rank build (``part-r*.json``), forget shards deleted
+    by hand, enter the run's new images; the manifest is written before it is returned."""
+    from segkd.methods.cache_ranks import merge_parts, remove_parts
+    from segkd.safeio import remove_orphan_tmps
+
+    remove_orphan_tmps(root)
+    manifest = read_manifest(root)
+    if manifest is None:
+        manifest = _new_manifest(key)
+    else:
+        _complete(root, manifest, key, images)  # the one-line refusal of another teacher's cache
+    merge_parts(root, manifest)
+    _forget_missing_shards(root, manifest)
+    added = _add_images(manifest, images)
+    if added and manifest["shards"] and progress:
+        print(f"teacher cache {root}: adding {added} image(s) this run has and the cache lacks", file=sys.stderr,
+              flush=True)
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    remove_parts(root)
+    return manifest
 
 
 def _new_manifest(key: CacheKey) -> dict[str, Any]:
@@ -446,60 +469,88 @@ def _lock(root: Path, progress: bool) -> Any:
             time.sleep(2.0)
 
 
-def _fill(root: Path, manifest: dict[str, Any], todo: list[CacheImage], key: CacheKey, teacher: torch.nn.Module,
-          mean: Sequence[float], std: Sequence[float], device: torch.device, progress: bool) -> None:
-    """Compute ``todo`` in shards of ``SHARD_SIZE``, each with every tap the cache holds (not only the ones this
-    run's method reads: a later run of another method finds them), the manifest written after each shard."""
+def next_shard_index(root: Path, manifest: dict[str, Any]) -> int:
+    """1 + the largest shard index in the manifest or on disk: a new shard never overwrites a file (not even one
+    a killed build wrote but did not record)."""
+    names = [*manifest["shards"], *(p.name for p in root.glob("shard-*.safetensors"))]
+    return 1 + max((int(n[6:-12]) for n in names if SHARD_NAME.fullmatch(n)), default=-1)
+
+
+def plan_shards(todo: Sequence[CacheImage], base: int) -> list[tuple[str, list[CacheImage]]]:
+    """``todo`` cut into shards of ``SHARD_SIZE`` images, numbered from ``base``."""
+    return [(f"shard-{base + j:05d}.safetensors", list(todo[i:i + SHARD_SIZE]))
+            for j, i in enumerate(range(0, len(todo), SHARD_SIZE))]
+
+
+def record_shard(manifest: dict[str, Any], name: str, images: dict[str, str], sha: str,
+                 channels: dict[str, int]) -> None:
+    """Enter a written shard: its images (sha256 -> file name), its sha256 and the taps' channel counts."""
+    for im_sha, im_name in images.items():
+        manifest["images"].setdefault(im_sha, {"name": im_name, "shard": None})["shard"] = name
+    for tap, c in channels.items():
+        manifest["taps"][tap]["channels"] = int(c)
+    if name not in manifest["shards"]:
+        manifest["shards"].append(name)
+    manifest["shard_sha256"][name] = sha
+
+
+def fill(root: Path, manifest: dict[str, Any], jobs: list[tuple[str, list[CacheImage]]], teacher: torch.nn.Module,
+         mean: Sequence[float], std: Sequence[float], device: torch.device, progress: bool, record: Any,
+         label: str = "teacher cache") -> None:
+    """Compute each job's images and write them as the shard it names, each with every tap the cache holds (not
+    only the ones this run's method reads: a later run of another method finds them); ``record(name, {sha256:
+    file name}, shard sha256, {tap: channels})`` after each shard."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from segkd.data.transforms import to_tensors
-    from segkd.methods.task import _outputs
-
     teacher = teacher.to(device).eval()
-    taps = list(manifest["taps"])
+    total = sum(len(chunk) for _, chunk in jobs)
     console = Console(stderr=True)
-    bar = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, disable=not progress or not console.is_terminal)
     done = 0
     with bar:
-        task = bar.add_task("cache", total=len(todo))
-        for start in range(0, len(todo), SHARD_SIZE):
-            chunk = todo[start:start + SHARD_SIZE]
+        task = bar.add_task("cache", total=total)
+        for name, chunk in jobs:
             tensors: dict[str, Tensor] = {}
             for im in chunk:
-                img = im.load()
-                x, _ = to_tensors(img, img[..., 0], mean, std)
-                with torch.inference_mode():
-                    out = _outputs(teacher, x[None].to(device), bool(taps))
-                for name, t in encode_logits(out.logits[0], int(manifest.get("topk", 0))).items():
-                    tensors[f"{im.sha256}.{name}"] = t.cpu()  # encoded on the device: only K maps cross over
-                for tap in taps:
-                    tensors[f"{im.sha256}.{tap}"] = out.tap(tap)[0].half().cpu().contiguous()
+                tensors.update(_teacher_tensors(im, manifest, teacher, mean, std, device))
                 bar.advance(task)
-            _write_shard(root, manifest, chunk, tensors)
+            sha = _write_shard(root / name, tensors, key_digest(manifest))
+            record(name, {im.sha256: im.name for im in chunk}, sha,
+                   {tap: int(tensors[f"{chunk[0].sha256}.{tap}"].shape[0]) for tap in manifest["taps"]})
             done += len(chunk)
             if progress and not console.is_terminal:
-                print(f"teacher cache: {done}/{len(todo)} images", file=sys.stderr, flush=True)
+                print(f"{label}: {done}/{total} images", file=sys.stderr, flush=True)
 
 
-def _write_shard(root: Path, manifest: dict[str, Any], chunk: list[CacheImage], tensors: dict[str, Tensor]) -> None:
-    """One shard written atomically under a name never used before, with the key digest in its header; then the
-    manifest (its images, sha256 and the taps' channel counts)."""
+def _teacher_tensors(im: CacheImage, manifest: dict[str, Any], teacher: torch.nn.Module, mean: Sequence[float],
+                     std: Sequence[float], device: torch.device) -> dict[str, Tensor]:
+    """What a shard holds of one image: its encoded logits and every tap of the cache, fp16 on the CPU."""
+    from segkd.data.transforms import to_tensors
+    from segkd.methods.task import _outputs
+
+    img = im.load()
+    x, _ = to_tensors(img, img[..., 0], mean, std)
+    taps = list(manifest["taps"])
+    with torch.inference_mode():
+        out = _outputs(teacher, x[None].to(device), bool(taps))
+    tensors = {f"{im.sha256}.{n}": t.cpu()  # encoded on the device: only K maps cross over
+               for n, t in encode_logits(out.logits[0], int(manifest.get("topk", 0))).items()}
+    for tap in taps:
+        tensors[f"{im.sha256}.{tap}"] = out.tap(tap)[0].half().cpu().contiguous()
+    return tensors
+
+
+def _write_shard(path: Path, tensors: dict[str, Tensor], digest: str) -> str:
+    """One shard written atomically with the key digest in its header; returns its sha256."""
     from safetensors.torch import save
 
     from segkd.checkpoint import atomic_write_bytes
 
-    name = f"shard-{1 + max((int(n[6:11]) for n in manifest['shards']), default=-1):05d}.safetensors"
-    blob = save(tensors, metadata={KEY_META: key_digest(manifest)})
-    atomic_write_bytes(root / name, blob)
-    for im in chunk:
-        manifest["images"][im.sha256]["shard"] = name
-    for tap, spec in manifest["taps"].items():
-        spec["channels"] = int(tensors[f"{chunk[0].sha256}.{tap}"].shape[0])
-    manifest["shards"].append(name)
-    manifest["shard_sha256"][name] = hashlib.sha256(blob).hexdigest()
-    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    blob = save(tensors, metadata={KEY_META: digest})
+    atomic_write_bytes(path, blob)
+    return hashlib.sha256(blob).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------- warping
@@ -541,12 +592,3 @@ def cached_targets(cache: TeacherCache, sha: str, g: Geometry, taps: Sequence[st
     for tap, m in maps.items():
         out[f"teacher_{tap}"] = warp(m, g, strides[tap])
     return out
-
-
-def open_cache(root: str | Path) -> dict[str, Any]:
-    """The manifest of an existing cache directory (for reports); a one-line error when there is none."""
-    root = Path(root)
-    manifest = read_manifest(root)
-    if manifest is None:
-        raise SegkdError(f"--teacher-cache {root}: no {MANIFEST} here")
-    return manifest
