@@ -226,11 +226,11 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines + ["", END]) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the generated section of ``path`` (or append it)."""
+def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the generated section of ``path`` between the ``begin``/``end`` markers (or append it)."""
     old = path.read_text() if path.is_file() else ""
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) + 1:]
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + text + old[old.index(end) + len(end) + 1:]
     else:
         new = old.rstrip("\n") + "\n\n" + text
     atomic_write_text(path, new)

@@ -20,6 +20,8 @@ and the sha256 of every image file. It deliberately does **not** depend on crop 
 those are applied at train time by :func:`warp`, so one cache serves any augmentation setting. A cache built for
 another teacher, other weights, another normalisation or input size is refused with one line naming the mismatch;
 an interrupted build continues where it stopped (shards are written atomically, the manifest after each shard).
+Under torchrun every rank builds a disjoint slice of the shards and waits by polling, never at a long barrier
+(:mod:`segkd.methods.cache_ranks`).
 
 One cache, many runs: the image set is not part of the key. A cache built for a superset of a run's images serves
 it as it is (e.g. built with ``--unlabeled`` images, used by a run without them), and a run with images the cache
