@@ -274,13 +274,15 @@ def _recorded_config(path: Path) -> dict[str, Any] | None:
 
 
 def ensure_quarter_teacher(args: argparse.Namespace) -> Path:
-    """The quarter teacher's checkpoint: ``--quarter-teacher PATH``; with ``auto`` the shared file when its recorded
-    config is this protocol's, else ``OUT/teacher-quarter/last.safetensors``, trained (or continued) here."""
+    """The quarter teacher's checkpoint: ``--quarter-teacher PATH``; with ``auto`` the shared file when ``--data`` is
+    the shared CamVid and the file's recorded config is this protocol's, else ``OUT/teacher-quarter/last.safetensors``,
+    trained (or continued) here on ``--data``'s labelled quarter."""
     cfg = quarter_teacher_config(args)
     if args.quarter_teacher not in ("auto", "train"):
         return Path(args.quarter_teacher)
     want = {k: getattr(cfg, k) for k in TEACHER_KEYS}
-    if args.quarter_teacher == "auto" and QUARTER_SHARED.is_file():
+    same_data = Path(args.data).resolve() == Path(CAMVID).resolve()  # the shared file saw this data's quarter only
+    if args.quarter_teacher == "auto" and QUARTER_SHARED.is_file() and same_data:
         rec = _recorded_config(QUARTER_SHARED) or {}
         if {k: rec.get(k) for k in TEACHER_KEYS} == want:
             return QUARTER_SHARED
@@ -402,6 +404,20 @@ def legacy_path(args: argparse.Namespace, name: str, seed: int) -> Path:
     return Path(args.summaries) / "legacy" / f"{name.replace('+', '_')}_s{seed}.json"
 
 
+def data_fingerprint(root: str) -> str:
+    """sha256 over the relative path and size of every file under ``root`` (the train and val images and labels):
+    a summary counts only for the data it ran on, so a run of this script on another split never reads ours."""
+    import hashlib
+
+    from segkd.data import resolve_data_root
+
+    base = Path(resolve_data_root(root)).resolve()
+    h = hashlib.sha256()
+    for p in sorted(q for q in base.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(base)}|{p.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
 def protocol_config(cfg: TrainConfig) -> dict[str, Any]:
     """The settings a finished run is compared on (paths left out: they differ between machines)."""
     defaults = {f.name: f.default for f in fields(type(cfg))}
@@ -425,7 +441,8 @@ def write_summary(row: Row, seed: int, cfg: TrainConfig, doc: dict[str, Any], ar
     roles = {role: {"miou": s["final"][role]["miou"], "best": s["best"][role]["miou"],
                     "per_class_iou": s["final"][role].get("per_class_iou"), "curve": val_curve(out, role)}
              for role in s["final"]}
-    rec = {"row": row.name, "seed": seed, "legacy": None, "protocol_config": protocol_config(cfg),
+    rec = {"row": row.name, "seed": seed, "legacy": None, "data_fingerprint": args.data_fingerprint,
+           "protocol_config": protocol_config(cfg),
            "teacher": teacher, "initial_weights_sha256": doc.get("initial_weights_sha256", {}),
            "iters": s["iterations"], "wall_s": s["wall_time_s"], "torch": doc.get("torch"),
            "finished": time.strftime("%Y-%m-%d", time.gmtime()), "roles": roles}
@@ -434,8 +451,14 @@ def write_summary(row: Row, seed: int, cfg: TrainConfig, doc: dict[str, Any], ar
     atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
 
 
-def check_summary(rec: dict[str, Any], row: Row, cfg: TrainConfig, sha: str | None, where: Path) -> None:
-    """A finished run counts for this row only if it ran this protocol with this teacher; mixing is refused."""
+def check_summary(rec: dict[str, Any], row: Row, cfg: TrainConfig, sha: str | None, where: Path,
+                  data_fp: str | None = None) -> None:
+    """A finished run counts for this row only if it ran this protocol on this data with this teacher; mixing is
+    refused."""
+    have_fp = rec.get("data_fingerprint")
+    if data_fp is not None and have_fp is not None and have_fp != data_fp:
+        raise SystemExit(f"{where}: ran on other data (fingerprint {have_fp[:12]}…, --data has {data_fp[:12]}…); "
+                         "use another --summaries for this data")
     have_sha = (rec.get("teacher") or {}).get("sha256")
     if sha is not None and have_sha is not None and have_sha != sha:
         raise SystemExit(f"{row.name} seed {rec['seed']}: {where} was distilled from a teacher with sha256 "
@@ -456,7 +479,7 @@ def job_done(row: Row, seed: int, cfg: TrainConfig, args: argparse.Namespace) ->
     sha = file_sha256(Path(cfg.teacher_weights)) if getattr(cfg, "teacher_weights", None) else None  # type: ignore[attr-defined]
     for path in [summary_path(args, row.name, seed)] + [legacy_path(args, row.name, seed)] * row.legacy_ok:
         if path.is_file():
-            check_summary(json.loads(path.read_text()), row, cfg, sha, path)
+            check_summary(json.loads(path.read_text()), row, cfg, sha, path, args.data_fingerprint)
             return True
     doc = finished_run(cfg.out)
     if doc is None:
@@ -539,9 +562,17 @@ def collect(table: list[Row], args: argparse.Namespace) -> dict[str, Any]:
                     "curve": r["curve"], "per_class_iou": r["per_class_iou"], "wall_s": rec["wall_s"],
                     "iters": rec["iters"], "teacher_sha256": (rec.get("teacher") or {}).get("sha256"),
                     "initial_weights_sha256": init, "legacy": rec.get("legacy"),
-                    "start": ("legacy" if rec.get("legacy") else "paired" if init == starts.get(key)
-                              else "own draw" if role != "student" else "NOT PAIRED")}
+                    "start": _start_label(rec, row, role, init, starts.get(key))}
     return res
+
+
+def _start_label(rec: dict[str, Any], row: Row, role: str, init: str | None, expected: str | None) -> str:
+    if rec.get("legacy"):
+        return ("legacy, NOT paired (a cache row run before the paired-start fix)" if row.cache and row.teacher
+                and row.method else "legacy (a start the fix did not change)")
+    if role != "student":
+        return "own draw"
+    return "paired" if init == expected else "NOT PAIRED"
 
 
 def mean_std(xs: list[float]) -> str:
@@ -659,7 +690,10 @@ def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args
               f"python examples/reproduce_camvid.py --out {args.out} --lane 1/2",
               f"python examples/reproduce_camvid.py --out {args.out} --report-only",
               "# one row alone, e.g. the clean label-scarce KD row at seed 0 (its splits, teacher and cache first):",
-              f"python examples/reproduce_camvid.py --out {args.out} --only quarter-kd+unl --seeds 0", "```", "",
+              f"python examples/reproduce_camvid.py --out {args.out} --only quarter-kd+unl --seeds 0",
+              "# on another CamVid-layout split: its all-label teacher, the quarter teacher is trained on its quarter",
+              "python examples/reproduce_camvid.py --data ROOT --teacher T_ALL.safetensors --out runs/other "
+              "--summaries runs/other/summaries --only quarter-b0,quarter-kd+unl --seeds 0,1,2", "```", "",
               f"Environment: Python {platform.python_version()}, torch {torch.__version__}, {args.threads} thread(s) "
               "per process, two processes on the 2-core machine.", ""]
     return "\n".join(lines)
@@ -754,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--only: unknown row(s) {', '.join(sorted(unknown))}")
         table = [r for r in table if r.name in keep]
     args.jobs = jobs(table, args.seeds)
+    args.data_fingerprint = data_fingerprint(args.data)
     if args.report_only:
         report(table, args)
         print(f"wrote {args.docs} and {args.json}", file=sys.stderr)

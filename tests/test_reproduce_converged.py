@@ -112,6 +112,10 @@ def test_gpu_recipe_dry_run_on_cpu(rc: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=rf"kd seed 0: .* sha256 {file_sha256(teacher)}.* sha256 "
                                          rf"{file_sha256(other)}"):
         rc.main([*base[:7], str(other), *base[8:], "--spawn", "1"])
+    # another split (a held-out set) never reads these summaries
+    other_data = synthesize(tmp_path / "data2", n_train=8, n_val=2, size=(32, 48), num_classes=3, seed=2)
+    with pytest.raises(SystemExit, match=r"ran on other data \(fingerprint .*use another --summaries"):
+        rc.main([*base[:5], str(other_data), *base[6:], "--spawn", "1"])
     # a finished run is only reused when it ran this protocol
     with pytest.raises(SystemExit, match="finished with iters=2"):
         rc.main([*base, "--spawn", "1", "--iters", "3", "--only", "b0"])
