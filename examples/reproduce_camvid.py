@@ -17,6 +17,8 @@ Rows (CamVid train split for training, val split for reporting; every val image 
 * ``kd``, ``cwd``, ``dkd``, ``c2vkd``, ``c2vkd+ce``, ``kd-mask``: teacher ``all`` -> B0 through the teacher cache
   (``cwd`` with CIRKD's SegFormer-B0 weights: logits 0.3, features 5); ``kd-online``: the teacher on each clean crop
 * ``dml`` B0 + B0, ``collab`` B0 + R18 (online, no teacher)
+* ``kd-top2``, ``dkd-top2``: the ``kd`` / ``dkd`` rows with a top-2 teacher cache (``--cache-topk 2``, issue 21):
+  their Δ is against ``b0`` like every KD row; the question is the paired difference with ``kd`` / ``dkd``
 * ``b0-4x``, ``cwd-4x``: b0 and the best full-label method at a 4x schedule (does a patient student gain more?)
 * ``transkd``, ``transkd-ea``, ``kd-b1``: teacher ``b1`` -> B0, online
 * label-scarce: ``quarter-b0`` (B0 alone on the 92 labelled images); ``quarter-<m>+unl`` for kd, cwd, dkd,
@@ -134,6 +136,7 @@ class Row:
     # with the paired-start fix (trained alone, or online with the student built first), or the row is kept as run
     legacy_ok: bool = False
     note: str | None = None  # a row that reports why it was not run
+    cache_topk: int = 0  # --cache-topk of the row's teacher cache (0: full logits)
 
 
 CWD = {"weight": "0.3", "feature": "true", "feat_weight": "5"}  # CIRKD's SegFormer-B0 weights
@@ -166,6 +169,10 @@ def rows() -> list[Row]:
         Row("quarter-kd+unl-t367", method="kd", **{**q, "teacher": "all"}, legacy_ok=True),  # type: ignore[arg-type]
         Row("quarter-c2vkd+unl-t367", method="c2vkd", opts={"add_ce": "true"}, **{**q, "teacher": "all"},  # type: ignore[arg-type]
             legacy_ok=True),
+        # compact teacher caches (issue 21): the kd / dkd rows with a top-K cache; the paired baseline is b0 as for
+        # every KD row, the comparison that matters is against the full-cache row of the same method and seed
+        Row("kd-top2", method="kd", cache_topk=2),
+        Row("dkd-top2", method="dkd", cache_topk=2),
     ]
 
 
@@ -182,6 +189,7 @@ ORDER = [
     (["teacher:b1"], range(1)),
     (["transkd", "kd-b1", "transkd-ea"], range(3)),
     (["quarter-kd+unl-t367", "quarter-c2vkd+unl-t367"], range(3)),
+    (["kd-top2", "dkd-top2"], range(3)),
 ]
 
 
@@ -377,6 +385,9 @@ def config(row: Row, seed: int, args: argparse.Namespace, teacher: Path | None =
         if row.cache:
             extra["teacher_cache"] = str(Path(args.out) / ("teacher-cache" if row.teacher == "all"
                                                            else f"teacher-cache-{row.teacher}"))
+            if row.cache_topk:  # a top-K cache is keyed apart from the full one: a folder of its own
+                extra["teacher_cache"] += f"-top{row.cache_topk}"
+                extra["cache_topk"] = row.cache_topk
     return DistillConfig(model=row.model, method=row.method, peer=row.peer, method_opts=dict(row.opts),
                          unlabeled=str(Path(args.out) / "data" / "camvid-unlabeled") if row.unlabeled else None,
                          **extra, **common)
@@ -384,7 +395,7 @@ def config(row: Row, seed: int, args: argparse.Namespace, teacher: Path | None =
 
 # ------------------------------------------------------------------------------------------------ summaries
 PROTOCOL_KEYS = ("model", "iters", "batch", "lr", "warmup", "crop", "resize", "scale", "val_every", "seed",
-                 "val_labels", "method", "method_opts", "unlabeled_ratio", "peer")
+                 "val_labels", "method", "method_opts", "unlabeled_ratio", "peer", "cache_topk")
 
 
 def summary_path(args: argparse.Namespace, name: str, seed: int) -> Path:
@@ -620,7 +631,8 @@ def row_stats(table: list[Row], res: dict[str, Any]) -> dict[str, Any]:
 def _row_line(row: Row, name: str, res: dict[str, Any], teachers: dict[str, Any]) -> str:
     peer = name.endswith("(peer)")
     method = (row.method or "CE alone") + "".join(f" {k}={v}" for k, v in row.opts.items())
-    method += "" if row.method is None or row.peer or row.note else (" (cache)" if row.cache else " (online)")
+    method += "" if row.method is None or row.peer or row.note else (
+        (f" (top-{row.cache_topk} cache)" if row.cache_topk else " (cache)") if row.cache else " (online)")
     if row.schedule > 1:
         method += f", {row.schedule}x schedule"
     data = ("1/4 labelled" + (" + 3/4 unlabeled" if row.unlabeled else "")) if row.data == "quarter" \

@@ -119,3 +119,29 @@ def test_gpu_recipe_dry_run_on_cpu(rc: ModuleType, tmp_path: Path) -> None:
     # a finished run is only reused when it ran this protocol
     with pytest.raises(SystemExit, match="finished with iters=2"):
         rc.main([*base, "--spawn", "1", "--iters", "3", "--only", "b0"])
+
+
+def test_top_k_cache_rows_come_last_and_use_their_own_cache(rc: ModuleType, tmp_path: Path) -> None:
+    import argparse
+
+    table = rc.rows()
+    jobs = [(r if isinstance(r, str) else r.name, s) for r, s in rc.jobs(table)]
+    assert jobs[-6:] == [("kd-top2", 0), ("dkd-top2", 0), ("kd-top2", 1), ("dkd-top2", 1), ("kd-top2", 2),
+                         ("dkd-top2", 2)]  # after everything else: running lanes keep their order
+    by_name = {r.name: r for r in table}
+    args = argparse.Namespace(out=str(tmp_path), data="d", no_progress=True, protocol=rc.Protocol())
+    for name, full in (("kd-top2", "kd"), ("dkd-top2", "dkd")):
+        top, ref = (rc.config(by_name[n], 0, args, teacher=Path("t.pth")) for n in (name, full))
+        assert top.cache_topk == 2 and ref.cache_topk == 0
+        assert top.teacher_cache == f"{ref.teacher_cache}-top2"  # never the full cache's folder
+        # the same run as the full-cache row in everything else (paired: same student start, same crops)
+        same = {k: v for k, v in vars(ref).items() if k not in ("out", "teacher_cache", "cache_topk")}
+        assert same == {k: v for k, v in vars(top).items() if k not in ("out", "teacher_cache", "cache_topk")}
+        assert rc.protocol_config(top)["cache_topk"] == 2 and by_name[name].baseline == "b0"
+    # summaries written before the field existed still count for the full-cache rows
+    rec = {"seed": 0, "protocol_config": {k: v for k, v in rc.protocol_config(ref).items() if k != "cache_topk"}}
+    rc.check_summary(rec, by_name["dkd"], ref, None, tmp_path)
+    with pytest.raises(SystemExit, match="finished with cache_topk=0"):
+        rc.check_summary({"seed": 0, "protocol_config": rc.protocol_config(ref)}, by_name[name], top, None, tmp_path)
+    line = rc._row_line(by_name["kd-top2"], "kd-top2", {}, {})
+    assert "| kd (top-2 cache) |" in line and "not run yet" in line

@@ -20,6 +20,8 @@ and the sha256 of every image file. It deliberately does **not** depend on crop 
 those are applied at train time by :func:`warp`, so one cache serves any augmentation setting. A cache built for
 another teacher, other weights, another normalisation or input size is refused with one line naming the mismatch;
 an interrupted build continues where it stopped (shards are written atomically, the manifest after each shard).
+Under torchrun every rank builds a disjoint slice of the shards and waits by polling, never at a long barrier
+(:mod:`segkd.methods.cache_ranks`).
 
 One cache, many runs: the image set is not part of the key. A cache built for a superset of a run's images serves
 it as it is (e.g. built with ``--unlabeled`` images, used by a run without them), and a run with images the cache
@@ -30,6 +32,22 @@ sha256. A process checks both the first time it opens a shard (one read of the f
 anyway), so a shard copied in from another teacher's cache, or changed on disk, is refused with one line naming
 it instead of serving another teacher's answers. Tensors of the wrong rank or channel count are refused the same
 way, and so is a manifest whose fields have the wrong types or whose shard names leave the directory.
+
+Compact targets (``--cache-topk K``): instead of every class's logit, a shard stores per cell the K largest
+logits (fp16, ``logits_top``), their class indices (uint8, int16 above 256 classes, ``logits_top_index``) and the
+logsumexp of the other classes' logits (fp16, ``logits_rest``: the rest's probability mass, -inf when K = C).
+:meth:`TeacherCache.tensors` densifies them on read (:func:`densify`) to ``C`` logits in which the top-K classes
+keep their logits and every other class gets ``rest - log(C - K)``: the rest's mass spread evenly. Warping and
+every method then run as on a full cache. Why this form (see :func:`densify` for the proof of what is exact):
+
+* logits, not fp16 probabilities or log-probabilities: p in fp16 underflows below 6e-8 and loses relative
+  precision below 6e-5, just where a temperature of 4 lifts the tail (p^(1/4)); and CWD's softmax runs over the
+  *positions* of each class map, which a per-pixel offset (log p = z - logsumexp z) changes. Stored logits keep
+  the teacher's own values, so K = C is the full cache bit for bit, for KD, DKD and CWD alike.
+* the rest is stored, not recomputed as 1 - sum(top-K): that difference of fp16 numbers is tiny and imprecise on
+  confident pixels, where the tempered tail matters most.
+
+The top-K setting is part of the key: a top-2 cache never serves a full-logit run, nor the reverse.
 
 Where the cache is approximate (also in docs/methods.md):
 
@@ -46,6 +64,8 @@ Where the cache is approximate (also in docs/methods.md):
   cached logits are served (they are the teacher's best full-image answer) but ``transkd`` is refused (its spec's
   ``cache_refusal``), because its patch-embedding and stage-token terms compare token maps whose meaning is tied to
   the crop's patch grid.
+* **Top-K caches** (K < C): exact at temperature 1 on the top-K probabilities and the rest's total mass; the rest
+  is spread evenly, so what each method reads of it is approximate (:data:`TOPK_NOTES`, printed once per run).
 * Online methods (``collab``, ``dml``) have no teacher to cache and are refused.
 """
 
@@ -75,6 +95,7 @@ from segkd.data.datasets import short_reason
 from segkd.data.transforms import Geometry, to_tensors
 from segkd.engine.batch import TeacherTargets
 from segkd.errors import SegkdError
+from segkd.methods import cache_ranks
 from segkd.methods.targets import teacher_targets
 from segkd.runlock import acquire_run_lock
 from segkd.safeio import remove_orphan_tmps
@@ -83,6 +104,17 @@ MANIFEST = "cache.json"
 FORMAT = "segkd-teacher-cache"
 VERSION = 2  # 2: per-shard sha256 and key digest, tap channels (v1 caches are refused: build anew)
 SHARD_SIZE = 32
+# what a top-K cache (K < classes) changes for each method's loss: printed in one line when such a cache serves it
+TOPK_NOTES = {
+    "kd": "exact at temperature 1 on the top-K classes and the rest's mass; at T > 1 the tail's tempered mass is "
+          "that of an even spread (at least the teacher's)",
+    "dkd": "TCKD needs p of the labelled class and NCKD the whole non-target distribution (T 4): classes outside a "
+           "pixel's top K read the rest's even share",
+    "cwd": "its logit term is a softmax over the positions of every class map: where a class is outside a pixel's "
+           "top K it reads the rest's even share there (the feature term is exact)",
+    "c2vkd": "PDD needs p of the labelled class: exact when it is in the pixel's top K, else the rest's even share "
+             "(the VLFD feature terms are exact)",
+}
 
 
 @dataclass
@@ -97,6 +129,7 @@ class CacheKey:
     taps: dict[str, int]  # tap name -> stride
     logit_stride: int
     input: str = "native"
+    topk: int = 0  # --cache-topk: classes stored per cell (0: all, full logits)
 
     def mismatch(self, other: dict[str, Any]) -> str | None:
         """A one-phrase reason why the manifest ``other`` does not serve this key, or None."""
@@ -114,11 +147,26 @@ class CacheKey:
             return f"built with mean/std {other.get('mean')}/{other.get('std')}, not {self.mean}/{self.std}"
         if other.get("input") != self.input:
             return f"built with teacher input {other.get('input')}, not {self.input}"
+        if other.get("topk", 0) != self.topk:
+            return (f"built with {_topk_words(other.get('topk', 0))}, this run asks for {_topk_words(self.topk)}; use "
+                    "another --teacher-cache folder (or the cache's --cache-topk)")
         have = other.get("taps", {})
         missing = [t for t in self.taps if t not in have]
         if missing:
             return f"holds no {missing[0]!r} tap (has: {', '.join(have) or 'logits only'}); build another cache"
         return None
+
+
+def topk_note(method: str, topk: int, num_classes: int) -> str | None:
+    """The one line a run prints when a top-K cache (K < classes) serves ``method``: what of its loss is exact."""
+    if not topk or topk >= num_classes:
+        return None
+    why = TOPK_NOTES.get(method, "classes outside a pixel's top K read the rest's even share")
+    return f"teacher cache: top-{topk} of {num_classes} classes per pixel; {method}: {why}"
+
+
+def _topk_words(k: Any) -> str:
+    return f"--cache-topk {k} (top-{k} logits)" if k else "full logits (--cache-topk 0)"
 
 
 def _close(a: Sequence[float] | None, b: Sequence[float]) -> bool:
@@ -134,7 +182,7 @@ class CacheImage:
     load: Any  # () -> uint8 H x W x 3
 
 
-SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")
+SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
 KEY_META = "segkd_cache_key"
 
 
@@ -144,6 +192,8 @@ def key_digest(manifest: dict[str, Any]) -> str:
     t = manifest["teacher"]
     parts = [t["model"], t["weights_sha256"], t["num_classes"], manifest["mean"], manifest["std"],
              manifest["input"], manifest["logit_stride"]]
+    if manifest.get("topk", 0):  # appended only when set: full-logit v2 caches keep their digest
+        parts.append(["topk", manifest["topk"]])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -167,25 +217,38 @@ class TeacherCache:
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen their own memory maps
         return {"root": self.root, "manifest": self.manifest, "_handles": {}}
 
+    @property
+    def topk(self) -> int:
+        """Classes stored per cell (0: all of them, full logits)."""
+        return int(self.manifest.get("topk", 0))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["teacher"]["num_classes"])
+
     def tensors(self, sha: str, taps: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """``{"logits": K x h x w, <tap>: C x h' x w'}`` of one image, float32 (``taps``: only those)."""
+        """``{"logits": C x h x w, <tap>: C' x h' x w'}`` of one image, float32 (``taps``: only those); a top-K
+        cache's logits densified (:func:`densify`)."""
         entry = self.manifest["images"].get(sha)
         if entry is None or entry.get("shard") is None:
             raise SegkdError(f"{self.root}: no cached teacher output for image {sha[:12]}…")
         shard = entry["shard"]
-        names = ["logits", *(self.taps if taps is None else taps)]
+        names = [*(TOPK_TENSORS if self.topk else ("logits",)), *(self.taps if taps is None else taps)]
         try:
             handle = self._handles.get(shard)
             if handle is None:
                 handle = self._handles[shard] = self._open(shard)
-            out = {n: handle.get_tensor(f"{sha}.{n}").float() for n in names}
+            raw = {n: handle.get_tensor(f"{sha}.{n}") for n in names}
         except SegkdError:
             raise
         except Exception as e:  # safetensors raises its own error types for truncated or foreign files
             raise SegkdError(f"{self.root / shard}: unreadable teacher-cache shard ({short_reason(e)}); delete it "
                              "and run again to recompute its images") from None
-        self._check_shapes(shard, out)
-        return out
+        self._check_shapes(shard, raw)
+        if self.topk:
+            top, index, rest = (raw.pop(n) for n in TOPK_TENSORS)
+            raw = {"logits": densify(top, index, rest, self.num_classes), **raw}
+        return {n: t.float() for n, t in raw.items()}
 
     def _open(self, shard: str) -> Any:
         """Open a shard after checking its sha256 against the manifest and its key digest against the cache's."""
@@ -201,12 +264,57 @@ class TeacherCache:
         return handle
 
     def _check_shapes(self, shard: str, out: dict[str, Tensor]) -> None:
-        k = int(self.manifest["teacher"]["num_classes"])
+        c, k = self.num_classes, self.topk
+        want = {"logits": c, "logits_top": k, "logits_top_index": k, "logits_rest": 1}
         for name, t in out.items():
-            want = k if name == "logits" else self.manifest["taps"][name].get("channels")
-            if t.dim() != 3 or (want is not None and t.shape[0] != want):
+            n = want[name] if name in want else self.manifest["taps"][name].get("channels")
+            if t.dim() != 3 or (n is not None and t.shape[0] != n):
                 raise SegkdError(f"{self.root / shard}: tensor {name!r} has shape {tuple(t.shape)}, expected "
-                                 f"{want if want is not None else 'C'} x h x w; delete the shard and run again")
+                                 f"{n if n is not None else 'C'} x h x w; delete the shard and run again")
+        index = out.get("logits_top_index")
+        if index is not None and (index.is_floating_point() or int(index.max()) >= c or int(index.min()) < 0):
+            raise SegkdError(f"{self.root / shard}: tensor 'logits_top_index' holds no class indices of 0..{c - 1}; "
+                             "delete the shard and run again")
+
+
+TOPK_TENSORS = ("logits_top", "logits_top_index", "logits_rest")
+
+
+def encode_logits(z: Tensor, topk: int = 0) -> dict[str, Tensor]:
+    """What a shard stores of one image's ``C x h x w`` logits: ``logits`` in fp16, or with ``topk`` the K largest
+    logits (fp16), their class indices (uint8 up to 256 classes, else int16) and the other classes' logsumexp
+    (fp16, ``1 x h x w``; -inf when K = C). The rest is computed in fp32 from the unrounded logits."""
+    if not topk:
+        return {"logits": z.half().contiguous()}
+    c = z.shape[0]
+    top, index = z.float().topk(topk, dim=0)
+    rest = z.float().scatter(0, index, float("-inf")).logsumexp(0, keepdim=True)
+    return {"logits_top": top.half().contiguous(),
+            "logits_top_index": index.to(torch.uint8 if c <= 256 else torch.int16).contiguous(),
+            "logits_rest": rest.half().contiguous()}
+
+
+def densify(top: Tensor, index: Tensor, rest: Tensor, num_classes: int) -> Tensor:
+    """``C`` logits from a top-K cell (``... x K x h x w`` logits and indices, ``... x 1 x h x w`` rest): the top-K
+    classes keep their logits, each other class gets ``rest - log(C - K)``. Works on batches (class axis -3).
+
+    What is exact: softmax over classes is unchanged by a per-pixel offset, so the densified cell is the teacher's
+    distribution with the rest's mass ``r = exp(rest) / Z`` spread evenly: at temperature 1 the top-K
+    probabilities and ``r`` are the teacher's (``Z = sum_top exp(z_k) + exp(rest)`` is the teacher's partition
+    function). At T != 1 the ratios among the top-K classes stay exact (``exp((z_i - z_j) / T)``), but the
+    tail's tempered mass becomes ``(C-K)^(1-1/T) exp(rest/T)`` instead of ``sum_tail exp(z_j/T)``: by the power
+    mean inequality at least the teacher's for T > 1 (equal when the tail is even), so tempered targets of a
+    top-K cache put a little more mass on the tail. Warping the densified logits is warping the teacher's
+    logits on the top-K classes (bilinear weights act per class), so a full cache and a K = C cache warp to the
+    same maps; with K < C a cell's tail value is interpolated like any logit."""
+    top = top.float()
+    k = top.shape[-3]
+    shape = (*top.shape[:-3], num_classes, *top.shape[-2:])
+    if k < num_classes:
+        out = (rest.float() - math.log(num_classes - k)).expand(shape).clone()
+    else:
+        out = top.new_empty(shape)
+    return out.scatter_(-3, index.long(), top)
 
 
 def image_sha256(path: str | Path) -> str:
@@ -248,6 +356,8 @@ def _malformed(doc: Any) -> str | None:
         return f"shard name {bad!r} is not shard-NNNNN.safetensors"
     if any(not isinstance(v, dict) or not isinstance(v.get("stride"), int) for v in doc["taps"].values()):
         return "every tap must be {stride: int}"
+    if not isinstance(doc.get("topk", 0), int) or doc.get("topk", 0) < 0:
+        return f"'topk' must be an int >= 0, got {doc.get('topk')!r}"
     return None
 
 
@@ -261,39 +371,61 @@ def _add_images(manifest: dict[str, Any], images: Sequence[CacheImage]) -> int:
 
 def build_cache(root: str | Path, key: CacheKey, images: Sequence[CacheImage], teacher: torch.nn.Module,
                 mean: Sequence[float], std: Sequence[float], device: str | torch.device = "cpu",
-                progress: bool = True) -> TeacherCache:
+                progress: bool = True, dist: Any = None) -> TeacherCache:
     """Create, continue, extend or just open the cache in ``root`` for ``images`` (deduplicated by content).
 
     A matching cache holding every image of the run (it may hold more) is opened without writing anything. Else
     the build takes the directory's lock (the run lock of :mod:`segkd.runlock`: a second process that needs the
     same cache waits for the first, then finds it complete), removes temp files of a build killed earlier, and
-    computes only the images without a shard: new ones, and those of a shard deleted by hand."""
+    computes only the images without a shard: new ones, and those of a shard deleted by hand. Under torchrun
+    (``dist``: the run's :class:`~segkd.engine.distributed.DistInfo`) every rank builds a slice of the shards
+    (:mod:`segkd.methods.cache_ranks`)."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise SegkdError(f"--teacher-cache {root}: exists and is not a directory")
     uniq = list({im.sha256: im for im in images}.values())
+    if dist is not None and dist.enabled and dist.world_size > 1:
+
+        return cache_ranks.build_ranked(root, key, uniq, teacher, mean, std, device, progress, dist)
     manifest = read_manifest(root)
     if manifest is not None and _complete(root, manifest, key, uniq):
         return TeacherCache(root, manifest)
     lock = _lock(root, progress)
     try:
-        remove_orphan_tmps(root)
-        manifest = read_manifest(root)
-        if manifest is None:
-            manifest = _new_manifest(key)
-        elif not _complete(root, manifest, key, uniq):
-            _forget_missing_shards(root, manifest)
-        added = _add_images(manifest, uniq)
-        if added and manifest["shards"] and progress:
-            print(f"teacher cache {root}: adding {added} image(s) this run has and the cache lacks", file=sys.stderr,
-                  flush=True)
-        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        manifest = open_for_build(root, key, uniq, progress)
         todo = [im for im in uniq if manifest["images"][im.sha256].get("shard") is None]
-        if todo:
-            _fill(root, manifest, todo, key, teacher, mean, std, torch.device(device), progress)
+
+        def record(name: str, chunk: dict[str, str], sha: str, channels: dict[str, int]) -> None:
+            record_shard(manifest, name, chunk, sha, channels)
+            atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+        fill(root, manifest, plan_shards(todo, next_shard_index(root, manifest)), teacher, mean, std,
+             torch.device(device), progress, record)
     finally:
         lock.release()
     return TeacherCache(root, manifest)
+
+
+def open_for_build(root: Path, key: CacheKey, images: Sequence[CacheImage], progress: bool) -> dict[str, Any]:
+    """Under the directory's lock (no other process writes there): remove temp files of killed writes, read or
+    start the manifest, take in the shards of a killed multi-rank build (``part-r*.json``), forget shards deleted
+    by hand, enter the run's new images; the manifest is written before it is returned."""
+
+    remove_orphan_tmps(root)
+    manifest = read_manifest(root)
+    if manifest is None:
+        manifest = _new_manifest(key)
+    else:
+        _complete(root, manifest, key, images)  # the one-line refusal of another teacher's cache
+    cache_ranks.merge_parts(root, manifest)
+    _forget_missing_shards(root, manifest)
+    added = _add_images(manifest, images)
+    if added and manifest["shards"] and progress:
+        print(f"teacher cache {root}: adding {added} image(s) this run has and the cache lacks", file=sys.stderr,
+              flush=True)
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    cache_ranks.remove_parts(root)
+    return manifest
 
 
 def _new_manifest(key: CacheKey) -> dict[str, Any]:
@@ -301,7 +433,7 @@ def _new_manifest(key: CacheKey) -> dict[str, Any]:
             "teacher": {"model": key.teacher, "weights_sha256": key.weights_sha256, "num_classes": key.num_classes},
             "mean": list(key.mean), "std": list(key.std), "input": key.input,
             "taps": {t: {"stride": s} for t, s in key.taps.items()}, "logit_stride": key.logit_stride,
-            "dtype": "float16", "images": {}, "shards": [], "shard_sha256": {}}
+            "topk": key.topk, "dtype": "float16", "images": {}, "shards": [], "shard_sha256": {}}
 
 
 def _forget_missing_shards(root: Path, manifest: dict[str, Any]) -> None:
@@ -339,49 +471,77 @@ def _lock(root: Path, progress: bool) -> Any:
             time.sleep(2.0)
 
 
-def _fill(root: Path, manifest: dict[str, Any], todo: list[CacheImage], key: CacheKey, teacher: torch.nn.Module,
-          mean: Sequence[float], std: Sequence[float], device: torch.device, progress: bool) -> None:
-    """Compute ``todo`` in shards of ``SHARD_SIZE``, each with every tap the cache holds (not only the ones this
-    run's method reads: a later run of another method finds them), the manifest written after each shard."""
+def next_shard_index(root: Path, manifest: dict[str, Any]) -> int:
+    """1 + the largest shard index in the manifest or on disk: a new shard never overwrites a file (not even one
+    a killed build wrote but did not record)."""
+    names = [*manifest["shards"], *(p.name for p in root.glob("shard-*.safetensors"))]
+    return 1 + max((int(n[6:-12]) for n in names if SHARD_NAME.fullmatch(n)), default=-1)
 
+
+def plan_shards(todo: Sequence[CacheImage], base: int) -> list[tuple[str, list[CacheImage]]]:
+    """``todo`` cut into shards of ``SHARD_SIZE`` images, numbered from ``base``."""
+    return [(f"shard-{base + j:05d}.safetensors", list(todo[i:i + SHARD_SIZE]))
+            for j, i in enumerate(range(0, len(todo), SHARD_SIZE))]
+
+
+def record_shard(manifest: dict[str, Any], name: str, images: dict[str, str], sha: str,
+                 channels: dict[str, int]) -> None:
+    """Enter a written shard: its images (sha256 -> file name), its sha256 and the taps' channel counts."""
+    for im_sha, im_name in images.items():
+        manifest["images"].setdefault(im_sha, {"name": im_name, "shard": None})["shard"] = name
+    for tap, c in channels.items():
+        manifest["taps"][tap]["channels"] = int(c)
+    if name not in manifest["shards"]:
+        manifest["shards"].append(name)
+    manifest["shard_sha256"][name] = sha
+
+
+def fill(root: Path, manifest: dict[str, Any], jobs: list[tuple[str, list[CacheImage]]], teacher: torch.nn.Module,
+         mean: Sequence[float], std: Sequence[float], device: torch.device, progress: bool, record: Any,
+         label: str = "teacher cache") -> None:
+    """Compute each job's images and write them as the shard it names, each with every tap the cache holds (not
+    only the ones this run's method reads: a later run of another method finds them); ``record(name, {sha256:
+    file name}, shard sha256, {tap: channels})`` after each shard."""
     teacher = teacher.to(device).eval()
-    taps = list(manifest["taps"])
+    total = sum(len(chunk) for _, chunk in jobs)
     console = Console(stderr=True)
-    bar = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, disable=not progress or not console.is_terminal)
     done = 0
     with bar:
-        task = bar.add_task("cache", total=len(todo))
-        for start in range(0, len(todo), SHARD_SIZE):
-            chunk = todo[start:start + SHARD_SIZE]
+        task = bar.add_task("cache", total=total)
+        for name, chunk in jobs:
             tensors: dict[str, Tensor] = {}
             for im in chunk:
-                img = im.load()
-                x, _ = to_tensors(img, img[..., 0], mean, std)
-                out = teacher_targets(teacher, taps, x[None].to(device))
-                tensors[f"{im.sha256}.logits"] = out.logits[0].half().cpu().contiguous()
-                for tap, value in out.features.items():
-                    tensors[f"{im.sha256}.{tap}"] = value[0].half().cpu().contiguous()
+                tensors.update(_teacher_tensors(im, manifest, teacher, mean, std, device))
                 bar.advance(task)
-            _write_shard(root, manifest, chunk, tensors)
+            sha = _write_shard(root / name, tensors, key_digest(manifest))
+            record(name, {im.sha256: im.name for im in chunk}, sha,
+                   {tap: int(tensors[f"{chunk[0].sha256}.{tap}"].shape[0]) for tap in manifest["taps"]})
             done += len(chunk)
             if progress and not console.is_terminal:
-                print(f"teacher cache: {done}/{len(todo)} images", file=sys.stderr, flush=True)
+                print(f"{label}: {done}/{total} images", file=sys.stderr, flush=True)
 
 
-def _write_shard(root: Path, manifest: dict[str, Any], chunk: list[CacheImage], tensors: dict[str, Tensor]) -> None:
-    """One shard written atomically under a name never used before, with the key digest in its header; then the
-    manifest (its images, sha256 and the taps' channel counts)."""
-    name = f"shard-{1 + max((int(n[6:11]) for n in manifest['shards']), default=-1):05d}.safetensors"
-    blob = save(tensors, metadata={KEY_META: key_digest(manifest)})
-    atomic_write_bytes(root / name, blob)
-    for im in chunk:
-        manifest["images"][im.sha256]["shard"] = name
-    for tap, spec in manifest["taps"].items():
-        spec["channels"] = int(tensors[f"{chunk[0].sha256}.{tap}"].shape[0])
-    manifest["shards"].append(name)
-    manifest["shard_sha256"][name] = hashlib.sha256(blob).hexdigest()
-    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+def _teacher_tensors(im: CacheImage, manifest: dict[str, Any], teacher: torch.nn.Module, mean: Sequence[float],
+                     std: Sequence[float], device: torch.device) -> dict[str, Tensor]:
+    """What a shard holds of one image: its encoded logits and every tap of the cache, fp16 on the CPU."""
+    img = im.load()
+    x, _ = to_tensors(img, img[..., 0], mean, std)
+    taps = list(manifest["taps"])
+    out = teacher_targets(teacher, taps, x[None].to(device))
+    tensors = {f"{im.sha256}.{n}": t.cpu()  # encoded on the device: only K maps cross over
+               for n, t in encode_logits(out.logits[0], int(manifest.get("topk", 0))).items()}
+    for tap, value in out.features.items():
+        tensors[f"{im.sha256}.{tap}"] = value[0].half().cpu().contiguous()
+    return tensors
+
+
+def _write_shard(path: Path, tensors: dict[str, Tensor], digest: str) -> str:
+    """One shard written atomically with the key digest in its header; returns its sha256."""
+    blob = save(tensors, metadata={KEY_META: digest})
+    atomic_write_bytes(path, blob)
+    return hashlib.sha256(blob).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------- warping
@@ -421,12 +581,3 @@ def cached_targets(cache: TeacherCache, sha: str, g: Geometry, taps: Sequence[st
     logits = warp(maps.pop("logits"), g, 1)
     strides = cache.taps
     return TeacherTargets(logits, {tap: warp(m, g, strides[tap]) for tap, m in maps.items()})
-
-
-def open_cache(root: str | Path) -> dict[str, Any]:
-    """The manifest of an existing cache directory (for reports); a one-line error when there is none."""
-    root = Path(root)
-    manifest = read_manifest(root)
-    if manifest is None:
-        raise SegkdError(f"--teacher-cache {root}: no {MANIFEST} here")
-    return manifest

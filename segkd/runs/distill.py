@@ -7,6 +7,7 @@ methods are :mod:`segkd.methods`; the loop is :mod:`segkd.engine`; the run direc
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 from segkd.checkpoint import atomic_write_text, file_sha256
 from segkd.engine.config import TrainConfig
-from segkd.engine.distributed import DistInfo, barrier
+from segkd.engine.distributed import DistInfo
 from segkd.engine.seeding import build_student
 from segkd.engine.task import OptimConfig
 from segkd.engine.trainer import Callback, DataBundle
@@ -22,7 +23,7 @@ from segkd.errors import SegkdError
 from segkd.methods import METHODS, MethodSpec, check_pair, make_options, resolve_tap
 from segkd.methods.distill_data import TEACHER_VIEWS, DistillDataset, UnlabeledImages
 from segkd.methods.task import DistillTask, OnlineTask, assemble_task
-from segkd.methods.teacher_cache import CacheKey, TeacherCache, build_cache, open_cache
+from segkd.methods.teacher_cache import CacheKey, build_cache, topk_note
 from segkd.models import MODELS, SegModel, create_model
 from segkd.models.flops import count_flops
 from segkd.models.loading import load_teacher, teacher_named_by
@@ -65,6 +66,8 @@ class DistillConfig(TrainConfig):
     teacher_cache: str | None = option(None, "Folder of cached whole-image teacher outputs, built (or continued) "
                                        "on first use and warped onto every crop: no teacher forward per step.",
                                        path="out")
+    cache_topk: int = option(0, "With --teacher-cache: store per pixel only the K largest teacher logits, their "
+                             "classes and the rest's mass (0: every class, full logits); part of the cache's key.")
     unlabeled: str | None = option(None, "Folder of images without labels: they get only the distillation terms.",
                                    path="dir")
     unlabeled_ratio: int = option(1, "With --unlabeled: unlabeled images added to the batch per labelled one (the "
@@ -94,6 +97,8 @@ class DistillConfig(TrainConfig):
         if self.teacher_cache and Path(self.teacher_cache).exists() and not Path(self.teacher_cache).is_dir():
             raise SegkdError(f"--teacher-cache {self.teacher_cache}{self.origin('teacher_cache')}: exists and is "
                              "not a directory")
+        if self.cache_topk < 0 or (self.cache_topk and not self.teacher_cache):
+            raise SegkdError(f"--cache-topk {self.cache_topk}: needs --teacher-cache and K >= 1 (0: full logits)")
         if self.unlabeled_ratio < 1:
             raise SegkdError(f"--unlabeled-ratio must be >= 1, got {self.unlabeled_ratio}")
 
@@ -172,14 +177,16 @@ def cache_key(cfg: DistillConfig, teacher: SegModel, data: DataBundle) -> CacheK
     classes, normalisation, and the taps (with strides) the method reads."""
     taps = {resolve_tap(teacher, t): teacher.feature_spec(resolve_tap(teacher, t)).stride
             for t in METHODS.get(cfg.method).taps.get("teacher", ())}
+    if cfg.cache_topk > data.num_classes:
+        raise SegkdError(f"--cache-topk {cfg.cache_topk}: more than the dataset's {data.num_classes} classes")
     return CacheKey(teacher.zoo_name, file_sha256(Path(cfg.teacher_weights)), data.num_classes,  # type: ignore[arg-type]
-                    list(data.mean), list(data.std), taps, int(teacher.output_stride))
+                    list(data.mean), list(data.std), taps, int(teacher.output_stride), topk=cfg.cache_topk)
 
 
 def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None,
                          builder: DistillBuilder | None = None) -> DataBundle:
     """:func:`~segkd.runs.train.prepare_data`, then the distillation extras: the clean teacher view, the
-    unlabelled images and the teacher cache (built or continued here, on rank 0, before any training step)."""
+    unlabelled images and the teacher cache (built or continued here, by every rank, before any training step)."""
     bundle = prepare_data(cfg, info)
     view = cfg.teacher_view if cfg.jitter else "same"
     if not METHODS.get(cfg.method).teacher or not (view == "clean" or cfg.teacher_cache or cfg.unlabeled):
@@ -196,13 +203,12 @@ def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None,
         key = cache_key(cfg, teacher, bundle)
         ds.taps = list(key.taps)
         device = info.device if info is not None else "cpu"
-        if main:
-            ds.cache = build_cache(cfg.teacher_cache, key, ds.cache_images(), teacher, bundle.mean, bundle.std,
-                                   device, progress=cfg.progress)
-        if info is not None:
-            barrier(info)
-        if not main:
-            ds.cache = TeacherCache(Path(cfg.teacher_cache), open_cache(cfg.teacher_cache))
+        # every rank builds a slice and waits by polling, never at a long barrier (segkd.methods.cache_ranks)
+        ds.cache = build_cache(cfg.teacher_cache, key, ds.cache_images(), teacher, bundle.mean, bundle.std,
+                               device, progress=cfg.progress, dist=info)
+        note = topk_note(METHODS.canonical(cfg.method), key.topk, key.num_classes)
+        if note and main:
+            print(note, file=sys.stderr, flush=True)
     bundle.train = ds
     return bundle
 
