@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "segkd"
 # bottom to top; a module may import from its own floor and the floors below it (docs/architecture.md)
 LAYERS: list[tuple[str, ...]] = [
     ("segkd.errors", "segkd.registry", "segkd.shapes", "segkd.textout", "segkd.safeio", "segkd.options",
-     "segkd.runlock", "segkd.checkpoint", "segkd.provenance"),
+     "segkd.runlock", "segkd.checkpoint", "segkd.provenance", "segkd.onnxrt"),
     ("segkd.models", "segkd.data"),
     ("segkd.engine",),
     ("segkd.methods",),

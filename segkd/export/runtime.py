@@ -1,154 +1,26 @@
-"""ONNX Runtime sessions that fail loudly, and a predictor that evaluates an exported model like a zoo model.
-
-ONNX Runtime falls back to the CPU without raising when a requested GPU provider cannot load (onnxruntime-gpu on a
-machine without CUDA lists CUDA/TensorRT as *available*, then runs on the CPU; microsoft/onnxruntime #23372). So
-every session here is checked after creation: each provider the user asked for must appear in
-``session.get_providers()``, otherwise a one-line :class:`SegkdError` names what was asked and what ran.
-"""
+"""A predictor that evaluates an exported model like a zoo model; the strict ONNX Runtime sessions and the export
+metadata it reads are :mod:`segkd.onnxrt` (re-exported here, where export, bench and the tests import them)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from segkd.checkpoint import META_KEY, CheckpointMeta
+from segkd.checkpoint import CheckpointMeta
 from segkd.errors import SegkdError
-
-PROVIDER_NAMES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-EXPORT_KEY = "segkd.export"
-
-
-def parse_providers(providers: str | Sequence[str]) -> tuple[str, ...]:
-    """``"cpu"``, ``"cuda,cpu"`` or a sequence of short names -> validated short names (order kept)."""
-    items = [p.strip().lower() for p in (providers.split(",") if isinstance(providers, str) else providers)]
-    items = [p for p in items if p]
-    if not items:
-        raise SegkdError("--providers: give at least one of cpu, cuda, tensorrt")
-    for p in items:
-        if p not in PROVIDER_NAMES:
-            raise SegkdError(f"--providers: unknown provider {p!r}; choose from {', '.join(PROVIDER_NAMES)}")
-    return tuple(dict.fromkeys(items))
-
-
-def _provider_list(short: Sequence[str], trt_options: dict[str, Any] | None) -> list[Any]:
-    """The ORT provider list: the asked providers in order, then CPU so unsupported subgraphs still have a home."""
-    names = [PROVIDER_NAMES[p] for p in short]
-    if "CPUExecutionProvider" not in names:
-        names.append("CPUExecutionProvider")
-    out: list[Any] = []
-    for name in names:
-        if name == "TensorrtExecutionProvider" and trt_options:
-            out.append((name, trt_options))
-        else:
-            out.append(name)
-    return out
-
-
-def create_session(
-    path: str | Path,
-    providers: str | Sequence[str] = ("cpu",),
-    threads: int = 0,
-    trt_options: dict[str, Any] | None = None,
-) -> Any:
-    """An ``InferenceSession`` whose real providers include every requested one, else a one-line error.
-
-    ``threads`` sets ``intra_op_num_threads`` (0 = ORT's default). ORT's own provider-loading chatter (C++ log and
-    the Python "EP Error ... Falling back" banner) is silenced and replaced by our single line.
-    """
-    import onnxruntime as ort
-
-    short = parse_providers(providers)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads > 0:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    wants_gpu = any(p != "cpu" for p in short)
-    captured = io.StringIO()
-    if wants_gpu:
-        ort.set_default_logger_severity(4)  # the "Failed to load library" lines; our check below reports it
-    try:
-        with contextlib.redirect_stdout(captured):
-            sess = ort.InferenceSession(str(path), opts, providers=_provider_list(short, trt_options))
-    except Exception as e:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
-        raise SegkdError(f"{path}: ONNX Runtime cannot load the model ({_first_line(e)})") from None
-    finally:
-        if wants_gpu:
-            ort.set_default_logger_severity(2)
-    used = sess.get_providers()
-    missing = [PROVIDER_NAMES[p] for p in short if PROVIDER_NAMES[p] not in used]
-    if missing:
-        text = captured.getvalue().replace("*", "").replace("EP Error", "").strip()
-        hint = _first_line(re.sub(r"^/\S+:\d+ .*?\) (?=[A-Z])", "", text))  # drop ORT's C++ source location
-        raise SegkdError(
-            f"--providers {','.join(short)}: ONNX Runtime could not use {', '.join(missing)} on this machine "
-            f"(the session fell back to {', '.join(used)}; no silent CPU fallback)" + (f": {hint}" if hint else "")
-        )
-    return sess
-
-
-def probe_providers(providers: str | Sequence[str]) -> None:
-    """Fail early (one line) when a requested provider cannot run here, using a one-node model, before any export."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    from segkd.safeio import segkd_tempdir
-
-    short = parse_providers(providers)
-    if all(p == "cpu" for p in short):
-        return
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    with segkd_tempdir("probe") as tmp:
-        path = tmp / "probe.onnx"
-        onnx.save(model, str(path))
-        create_session(path, short)
-
-
-def _first_line(obj: object, limit: int = 160) -> str:
-    text = str(obj).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            return line[:limit]
-    return type(obj).__name__ if isinstance(obj, BaseException) else ""
-
-
-def read_onnx_metadata(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
-    """The checkpoint metadata and export details a segkd export stores in ``metadata_props``."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise SegkdError(f"{path}: file not found")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise SegkdError(f"{path}: not a readable ONNX file ({_first_line(e)})") from None
-    props = {p.key: p.value for p in model.metadata_props}
-    if META_KEY not in props or EXPORT_KEY not in props:
-        raise SegkdError(f"{path}: an ONNX file without segkd metadata; export it with `segkd export`")
-    meta = CheckpointMeta.from_json(props[META_KEY], source=str(path))
-    try:
-        export = json.loads(props[EXPORT_KEY])
-    except json.JSONDecodeError as e:
-        raise SegkdError(f"{path}: segkd export metadata is not valid JSON ({e.msg})") from None
-    return meta, export
+from segkd.onnxrt import (  # noqa: F401  (re-exported: export, bench and the tests import them from here)
+    EXPORT_KEY,
+    PROVIDER_NAMES,
+    create_session,
+    parse_providers,
+    probe_providers,
+    read_onnx_metadata,
+)
+from segkd.onnxrt import first_line as _first_line
 
 
 def load_onnx_predictor(
