@@ -46,17 +46,18 @@ def parse_providers(providers: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _provider_list(short: Sequence[str], trt_options: dict[str, Any] | None) -> list[Any]:
-    """The ORT provider list: the asked providers in order, then CPU so unsupported subgraphs still have a home."""
+def _provider_list(short: Sequence[str], trt_options: dict[str, Any] | None, gpu: int | None = None) -> list[Any]:
+    """The ORT provider list: the asked providers in order, then CPU so unsupported subgraphs still have a home;
+    ``gpu`` (a CUDA device index) goes to the CUDA and TensorRT providers as their ``device_id``."""
     names = [PROVIDER_NAMES[p] for p in short]
     if "CPUExecutionProvider" not in names:
         names.append("CPUExecutionProvider")
     out: list[Any] = []
     for name in names:
-        if name == "TensorrtExecutionProvider" and trt_options:
-            out.append((name, trt_options))
-        else:
-            out.append(name)
+        opts = dict(trt_options or {}) if name == "TensorrtExecutionProvider" else {}
+        if gpu is not None and name != "CPUExecutionProvider":
+            opts["device_id"] = gpu
+        out.append((name, opts) if opts else name)
     return out
 
 
@@ -65,10 +66,12 @@ def create_session(
     providers: str | Sequence[str] = ("cpu",),
     threads: int = 0,
     trt_options: dict[str, Any] | None = None,
+    gpu: int | None = None,
 ) -> Any:
     """An ``InferenceSession`` whose real providers include every requested one, else a one-line error.
 
-    ``threads`` sets ``intra_op_num_threads`` (0 = ORT's default). ORT's own provider-loading chatter (C++ log and
+    ``threads`` sets ``intra_op_num_threads`` (0 = ORT's default); ``gpu`` the CUDA device of GPU providers (a
+    DDP rank's own; ``None``: ORT's default, device 0). ORT's own provider-loading chatter (C++ log and
     the Python "EP Error ... Falling back" banner) is silenced and replaced by our single line.
     """
     import onnxruntime as ort  # lazy CLI start: ORT loads only for ONNX work, train/distill never pay for it
@@ -85,7 +88,7 @@ def create_session(
         ort.set_default_logger_severity(4)  # the "Failed to load library" lines; our check below reports it
     try:
         with contextlib.redirect_stdout(captured):
-            sess = ort.InferenceSession(str(path), opts, providers=_provider_list(short, trt_options))
+            sess = ort.InferenceSession(str(path), opts, providers=_provider_list(short, trt_options, gpu))
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
         raise SegkdError(f"{path}: ONNX Runtime cannot load the model ({first_line(e)})") from None
     finally:

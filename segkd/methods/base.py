@@ -56,6 +56,8 @@ class MethodSpec:
     ``"low"`` / ``"deep"`` means "the model's shallowest / deepest feature tap", resolved per model by
     :func:`resolve_tap`. ``online`` methods train the student and the peer together (no teacher).
     ``cache_refusal``: why ``--teacher-cache`` cannot serve the method (None: it can, when it has a teacher).
+    ``taps_when``: the taps are read only when this is true of the options (cwd reads its ``deep`` taps only with
+    ``feature``), so a logits-only run neither computes, caches nor asks an ONNX teacher for them (:meth:`taps_read`).
     What a method says about itself in distill.json beyond its options is :meth:`Method.report`.
     """
 
@@ -72,6 +74,11 @@ class MethodSpec:
     reconstruction: bool = False
     pair_check: Callable[[SegModel, SegModel], str | None] | None = None
     cache_refusal: str | None = None
+    taps_when: Callable[[Any], bool] | None = None
+
+    def taps_read(self, opts: Any) -> dict[str, tuple[str, ...]]:
+        """The taps the method reads with the options ``opts``: ``taps``, or none when ``taps_when(opts)`` is false."""
+        return self.taps if self.taps_when is None or self.taps_when(opts) else {}
 
     @property
     def online(self) -> bool:
@@ -142,6 +149,22 @@ def check_pair(spec: MethodSpec, student: SegModel, other: SegModel | None) -> N
         why = spec.pair_check(student, other)
         if why:
             raise SegkdError(f"{spec.name}: {why}")
+
+
+def _logits_only(spec: MethodSpec) -> bool:
+    """Whether the method, with its default options, learns from teacher logits alone."""
+    return spec.teacher and spec.other_family is None and not spec.taps_read(make_options(spec)).get("teacher")
+
+
+def logits_only_refusal(spec: MethodSpec, opts: Any) -> str | None:
+    """Why ``spec`` with ``opts`` cannot learn from a teacher that gives logits only (an ONNX teacher), or None."""
+    taps = spec.taps_read(opts).get("teacher", ())
+    if not taps and spec.other_family is None:
+        return None
+    able = [n for n in METHODS.names() if _logits_only(METHODS.get(n))]
+    why = (f"it reads the teacher's feature taps ({', '.join(taps)})" if taps
+           else f"it needs a {spec.other_family} teacher")
+    return f"{spec.name}: {why}, and an ONNX teacher gives logits only (methods that can use one: {', '.join(able)})"
 
 
 # ------------------------------------------------------------------------------------------------- options

@@ -58,8 +58,8 @@ class CWDOptions:
 class CWD(Method):
     def __init__(self, opts: CWDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> None:
         super().__init__(opts, ignore_index)
-        self.s_tap, self.t_tap = resolve_tap(student, "deep"), resolve_tap(teacher, "deep")
-        if opts.feature:
+        if opts.feature:  # the taps exist only when read: a logits-only cwd runs on a teacher without taps (ONNX)
+            self.s_tap, self.t_tap = resolve_tap(student, "deep"), resolve_tap(teacher, "deep")
             cs, ct = student.feature_spec(self.s_tap).channels, teacher.feature_spec(self.t_tap).channels
             self.connector = nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
 
@@ -79,7 +79,7 @@ class CWD(Method):
 
 
 @register_method("cwd", "channel-wise distillation on logits (T=4, x3), optionally features (x50)", CWDOptions,
-                 taps={"student": ("deep",), "teacher": ("deep",)})
+                 taps={"student": ("deep",), "teacher": ("deep",)}, taps_when=lambda o: o.feature)
 def _build(opts: CWDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> CWD:
     return CWD(opts, student, teacher, ignore_index)
 

@@ -75,7 +75,7 @@ class DistillTask(NoExtraState):
 
     def teacher_taps(self) -> list[str]:
         """The teacher's concrete taps the method reads."""
-        return [resolve_tap(self.teacher, n) for n in self.spec.taps.get("teacher", ())]
+        return [resolve_tap(self.teacher, n) for n in self.spec.taps_read(self.method.opts).get("teacher", ())]
 
     def teacher_outputs(self, images: Tensor) -> SegOutput:
         """The teacher's logits and the taps the method needs (:func:`~segkd.methods.targets.teacher_targets`)."""
@@ -91,7 +91,7 @@ class DistillTask(NoExtraState):
         return self.teacher_outputs(batch.teacher_images if batch.teacher_images is not None else batch.images)
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
-        s_out = model_outputs(self.student, batch.images, bool(self.spec.taps.get("student")))
+        s_out = model_outputs(self.student, batch.images, bool(self.spec.taps_read(self.method.opts).get("student")))
         t_out = self.targets(batch)
         kw = {}
         if batch.labeled is not None:

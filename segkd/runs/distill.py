@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from segkd.checkpoint import atomic_write_text, file_sha256
 from segkd.engine.config import TrainConfig
 from segkd.engine.distributed import DistInfo
@@ -21,12 +23,15 @@ from segkd.engine.task import OptimConfig
 from segkd.engine.trainer import Callback, DataBundle
 from segkd.errors import SegkdError
 from segkd.methods import METHODS, MethodSpec, check_pair, make_options, resolve_tap
+from segkd.methods.base import logits_only_refusal
 from segkd.methods.distill_data import TEACHER_VIEWS, DistillDataset, UnlabeledImages
 from segkd.methods.task import DistillTask, OnlineTask, assemble_task
 from segkd.methods.teacher_cache import CacheKey, build_cache, topk_note
 from segkd.models import MODELS, SegModel, create_model
 from segkd.models.flops import count_flops
 from segkd.models.loading import load_teacher, teacher_named_by
+from segkd.models.onnx_teacher import OnnxTeacher, is_onnx_path, load_onnx_teacher, parse_triple
+from segkd.onnxrt import parse_providers
 from segkd.options import option
 from segkd.runs.train import prepare_data, run_task
 from segkd.shapes import parse_hw
@@ -49,7 +54,14 @@ class DistillConfig(TrainConfig):
     teacher: str | None = option(None, "Teacher zoo model (teacher methods; default: the model a segkd "
                                  "--teacher-weights checkpoint names).")
     teacher_weights: str | None = option(None, "Teacher weights: a segkd checkpoint, or a foreign one `segkd "
-                                         "convert` reads; must load with no key missing.", path="file")
+                                         "convert` reads (must load with no key missing), or an ONNX model (.onnx, "
+                                         "run by ONNX Runtime; logit methods only).", path="file")
+    teacher_mean: str | None = option(None, "An ONNX teacher segkd did not export: its input mean, RGB in [0, 1] "
+                                      "units (e.g. 0.485,0.456,0.406; a 0..255 model: 0,0,0).")
+    teacher_std: str | None = option(None, "An ONNX teacher segkd did not export: its input std, RGB in [0, 1] "
+                                     "units (a 0..255 model: 0.00392156862745098 = 1/255 for each channel).")
+    teacher_providers: str | None = option(None, "ONNX Runtime providers of an ONNX teacher, e.g. cuda or cpu "
+                                           "(default: the run's device; no silent CPU fallback).", machine=True)
     peer: str | None = option(None, "Second student of online methods (collab, dml).")
     peer_pretrained: str | None = option(None, "Local backbone weights for the peer.", path="file")
     peer_optimizer: str | None = option(None, "Peer optimiser, adamw or sgd (default: --optimizer).")
@@ -103,7 +115,14 @@ class DistillConfig(TrainConfig):
             raise SegkdError(f"--unlabeled-ratio must be >= 1, got {self.unlabeled_ratio}")
 
     def _check_teacher(self, spec: MethodSpec) -> None:
-        """A teacher method needs a teacher model (named, or named by a segkd checkpoint) and its weights."""
+        """A teacher method needs a teacher model (named, or named by a segkd checkpoint) and its weights; an ONNX
+        teacher is its own model (:meth:`_check_onnx_teacher`)."""
+        if is_onnx_path(self.teacher_weights):
+            self._check_onnx_teacher()
+            return
+        if self.teacher_mean or self.teacher_std or self.teacher_providers:
+            raise SegkdError("--teacher-mean/--teacher-std/--teacher-providers describe an ONNX teacher; "
+                             f"--teacher-weights {self.teacher_weights} is a checkpoint")
         if not self.teacher and self.teacher_weights:
             self.teacher = teacher_named_by(self.teacher_weights)
         if not self.teacher:
@@ -114,6 +133,26 @@ class DistillConfig(TrainConfig):
         if not self.teacher_weights:
             raise SegkdError(f"{spec.name} needs --teacher-weights CKPT (a segkd checkpoint or a convertible "
                              "foreign one); a randomly initialised teacher teaches nothing")
+
+    def _check_onnx_teacher(self) -> None:
+        """``--teacher`` is refused (the file is the model); mean/std come as a pair of three numbers each."""
+        if self.teacher:
+            raise SegkdError(f"--teacher {self.teacher}: --teacher-weights {self.teacher_weights} is an ONNX model, "
+                             "which is its own teacher; leave --teacher out")
+        if (self.teacher_mean is None) != (self.teacher_std is None):
+            raise SegkdError("--teacher-mean and --teacher-std go together (an ONNX teacher's input normalisation)")
+        if self.teacher_mean is not None:
+            parse_triple(self.teacher_mean, "--teacher-mean")
+            parse_triple(self.teacher_std, "--teacher-std", positive=True)  # type: ignore[arg-type]
+        if self.teacher_providers:
+            parse_providers(self.teacher_providers)
+
+    def onnx_teacher_input(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """``(--teacher-mean, --teacher-std)`` parsed (``None``: not given)."""
+        if self.teacher_mean is None or self.teacher_std is None:
+            return None, None
+        return (parse_triple(self.teacher_mean, "--teacher-mean"),
+                parse_triple(self.teacher_std, "--teacher-std", positive=True))
 
     def peer_optim(self) -> OptimConfig:
         return OptimConfig.make(self.peer_optimizer or self.optimizer,
@@ -143,12 +182,25 @@ class DistillBuilder:
     def check(self, cfg: DistillConfig) -> None:  # type: ignore[override]
         self.spec = spec = METHODS.get(cfg.method)
         self.opts = make_options(spec, cfg.method_opts)
+        if spec.teacher and is_onnx_path(cfg.teacher_weights):
+            why = logits_only_refusal(spec, self.opts)
+            if why:
+                raise SegkdError(f"--teacher-weights {cfg.teacher_weights}: {why}")
+            return  # the class count is checked when the teacher loads
         student = create_model(cfg.model, num_classes=2)
         other = create_model(cfg.teacher if spec.teacher else cfg.peer, num_classes=2)  # type: ignore[arg-type]
         check_pair(spec, student, other)
 
-    def load_teacher(self, cfg: DistillConfig, data: DataBundle) -> SegModel:
-        if self.teacher is None:
+    def load_teacher(self, cfg: DistillConfig, data: DataBundle, device: torch.device | None = None) -> SegModel:
+        """The teacher, loaded once: a zoo model, or an :class:`~segkd.models.onnx_teacher.OnnxTeacher` whose ONNX
+        Runtime providers default to the run's ``device`` (its CUDA index for a DDP rank)."""
+        if self.teacher is None and is_onnx_path(cfg.teacher_weights):
+            cuda = device is not None and device.type == "cuda"
+            mean, std = cfg.onnx_teacher_input()
+            self.teacher = load_onnx_teacher(cfg.teacher_weights, data.num_classes, data.mean, data.std,  # type: ignore[arg-type]
+                                             mean, std, cfg.teacher_providers or ("cuda" if cuda else "cpu"),
+                                             gpu=device.index if cuda else None)  # type: ignore[union-attr]
+        elif self.teacher is None:
             self.teacher = load_teacher(cfg.teacher, cfg.teacher_weights, data.num_classes, data.mean,  # type: ignore[arg-type]
                                         data.std)
         return self.teacher
@@ -168,18 +220,20 @@ class DistillBuilder:
             peer = create_model(cfg.peer, num_classes=data.num_classes, pretrained=cfg.peer_pretrained)  # type: ignore[arg-type]
             return assemble_task(spec, self.opts, student, peer, cfg.optim(), cfg.peer_optim(), data.ignore_index,
                                  cfg.seed)
-        return assemble_task(spec, self.opts, student, self.load_teacher(cfg, data), cfg.optim(),
+        return assemble_task(spec, self.opts, student, self.load_teacher(cfg, data, info.device), cfg.optim(),
                              ignore_index=data.ignore_index, seed=cfg.seed)
 
 
 def cache_key(cfg: DistillConfig, teacher: SegModel, data: DataBundle) -> CacheKey:
-    """The :class:`~segkd.methods.teacher_cache.CacheKey` of this run's teacher: model, sha256 of its weights,
-    classes, normalisation, and the taps (with strides) the method reads."""
+    """The :class:`~segkd.methods.teacher_cache.CacheKey` of this run's teacher: model (an ONNX teacher's
+    ``cache_name``), sha256 of its weights, classes, normalisation, and the taps (with strides) the method reads."""
+    spec = METHODS.get(cfg.method)
     taps = {resolve_tap(teacher, t): teacher.feature_spec(resolve_tap(teacher, t)).stride
-            for t in METHODS.get(cfg.method).taps.get("teacher", ())}
+            for t in spec.taps_read(make_options(spec, cfg.method_opts)).get("teacher", ())}
     if cfg.cache_topk > data.num_classes:
         raise SegkdError(f"--cache-topk {cfg.cache_topk}: more than the dataset's {data.num_classes} classes")
-    return CacheKey(teacher.zoo_name, file_sha256(Path(cfg.teacher_weights)), data.num_classes,  # type: ignore[arg-type]
+    name = teacher.cache_name if isinstance(teacher, OnnxTeacher) else teacher.zoo_name
+    return CacheKey(name, file_sha256(Path(cfg.teacher_weights)), data.num_classes,  # type: ignore[arg-type]
                     list(data.mean), list(data.std), taps, int(teacher.output_stride), topk=cfg.cache_topk)
 
 
@@ -199,10 +253,10 @@ def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None,
             unl.validate()
     ds = DistillDataset(bundle.train, unl, view, unlabeled_ratio=cfg.unlabeled_ratio)  # type: ignore[arg-type]
     if cfg.teacher_cache:
-        teacher = (builder or DistillBuilder()).load_teacher(cfg, bundle)
+        device = info.device if info is not None else torch.device("cpu")
+        teacher = (builder or DistillBuilder()).load_teacher(cfg, bundle, device)
         key = cache_key(cfg, teacher, bundle)
         ds.taps = list(key.taps)
-        device = info.device if info is not None else "cpu"
         # every rank builds a slice and waits by polling, never at a long barrier (segkd.methods.cache_ranks)
         ds.cache = build_cache(cfg.teacher_cache, key, ds.cache_images(), teacher, bundle.mean, bundle.std,
                                device, progress=cfg.progress, dist=info)
