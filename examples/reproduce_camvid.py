@@ -444,7 +444,7 @@ def write_summary(row: Row, seed: int, cfg: TrainConfig, doc: dict[str, Any], ar
                     "per_class_iou": s["final"][role].get("per_class_iou"), "curve": val_curve(out, role)}
              for role in s["final"]}
     rec = {"row": row.name, "seed": seed, "legacy": None, "data_fingerprint": args.data_fingerprint,
-           "protocol_config": protocol_config(cfg),
+           "row_spec": row_spec(row), "protocol_config": protocol_config(cfg),
            "teacher": teacher, "initial_weights_sha256": doc.get("initial_weights_sha256", {}),
            "iters": s["iterations"], "wall_s": s["wall_time_s"], "torch": doc.get("torch"),
            "finished": time.strftime("%Y-%m-%d", time.gmtime()), "roles": roles}
@@ -453,10 +453,23 @@ def write_summary(row: Row, seed: int, cfg: TrainConfig, doc: dict[str, Any], ar
     atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
 
 
+def row_spec(row: Row) -> dict[str, Any]:
+    """What a row is besides the trainer's options: which data, unlabeled images, teacher, cache, schedule."""
+    return {"data": row.data, "unlabeled": row.unlabeled, "teacher": row.teacher,
+            "cache": bool(row.cache and row.teacher), "peer": row.peer, "schedule": row.schedule}
+
+
 def check_summary(rec: dict[str, Any], row: Row, cfg: TrainConfig, sha: str | None, where: Path,
-                  data_fp: str | None = None) -> None:
-    """A finished run counts for this row only if it ran this protocol on this data with this teacher; mixing is
-    refused."""
+                  data_fp: str | None = None, seed: int | None = None) -> None:
+    """A finished run counts for this row only if it is this row's run at this seed, ran this protocol on this
+    data with this teacher; anything missing or different is refused in one line (never mixed in silently)."""
+    if seed is not None and (rec.get("row") != row.name or rec.get("seed") != seed):
+        raise SystemExit(f"{where}: holds row {rec.get('row')!r} seed {rec.get('seed')!r}, not {row.name} seed {seed}")
+    for name in ("data_fingerprint", "row_spec", "protocol_config") + ("teacher",) * bool(row.teacher):
+        if seed is not None and not rec.get(name):
+            raise SystemExit(f"{where}: no {name} recorded; a summary without it cannot be checked")
+    if seed is not None and rec["row_spec"] != row_spec(row):
+        raise SystemExit(f"{where}: ran as {rec['row_spec']}, this row is {row_spec(row)}")
     have_fp = rec.get("data_fingerprint")
     if data_fp is not None and have_fp is not None and have_fp != data_fp:
         raise SystemExit(f"{where}: ran on other data (fingerprint {have_fp[:12]}…, --data has {data_fp[:12]}…); "
@@ -466,8 +479,6 @@ def check_summary(rec: dict[str, Any], row: Row, cfg: TrainConfig, sha: str | No
         raise SystemExit(f"{row.name} seed {rec['seed']}: {where} was distilled from a teacher with sha256 "
                          f"{have_sha}, this protocol's teacher has sha256 {sha}; refusing to mix them in one row "
                          "(move the summary away or use another --summaries)")
-    if rec.get("legacy"):
-        return
     want = protocol_config(cfg)
     for k, v in want.items():
         have = rec["protocol_config"].get(k, v)
@@ -481,7 +492,7 @@ def job_done(row: Row, seed: int, cfg: TrainConfig, args: argparse.Namespace) ->
     sha = file_sha256(Path(cfg.teacher_weights)) if getattr(cfg, "teacher_weights", None) else None  # type: ignore[attr-defined]
     for path in [summary_path(args, row.name, seed)] + [legacy_path(args, row.name, seed)] * row.legacy_ok:
         if path.is_file():
-            check_summary(json.loads(path.read_text()), row, cfg, sha, path, args.data_fingerprint)
+            check_summary(json.loads(path.read_text()), row, cfg, sha, path, args.data_fingerprint, seed)
             return True
     doc = finished_run(cfg.out)
     if doc is None:
@@ -535,11 +546,16 @@ def load_summaries(table: list[Row], args: argparse.Namespace) -> dict[str, dict
     change, and the -t367 rows kept as run) a legacy one, flagged. Legacy runs of the rows the fix changed stay in
     ``legacy/`` and are not shown: those rows are rerun."""
     res: dict[str, dict[str, dict[str, Any]]] = {}
+    teachers = teacher_table(args)
     for row in table:
+        sha = teachers.get(row.teacher, {}).get("sha256") if row.teacher else None
         for seed in range(10):
             for path in [summary_path(args, row.name, seed)] + [legacy_path(args, row.name, seed)] * row.legacy_ok:
                 if path.is_file():
-                    res.setdefault(row.name, {})[str(seed)] = json.loads(path.read_text())
+                    rec = json.loads(path.read_text())
+                    cfg = config(row, seed, args, teacher=Path("-")) if row.teacher else config(row, seed, args)
+                    check_summary(rec, row, cfg, sha, path, args.data_fingerprint, seed)  # the report checks too
+                    res.setdefault(row.name, {})[str(seed)] = rec
                     break
     return res
 
@@ -568,12 +584,19 @@ def collect(table: list[Row], args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+PAIRED_STARTS = ("paired", "legacy (a start the fix did not change)")
+
+
 def _start_label(rec: dict[str, Any], row: Row, role: str, init: str | None, expected: str | None) -> str:
+    """How the run's student started: ``paired`` (its recorded initial-weights sha256 is this code's draw at the
+    seed), a legacy run whose start the fix did not change (pinned in tests/test_paired_start.py), or not paired."""
+    if role != "student":
+        return "own draw (a peer)"
     if rec.get("legacy"):
         return ("legacy, NOT paired (a cache row run before the paired-start fix)" if row.cache and row.teacher
-                and row.method else "legacy (a start the fix did not change)")
-    if role != "student":
-        return "own draw"
+                and row.method else PAIRED_STARTS[1])
+    if init is None:
+        return "NOT PAIRED (no initial-weights hash recorded)"
     return "paired" if init == expected else "NOT PAIRED"
 
 
@@ -593,15 +616,24 @@ def interval(ds: list[float]) -> tuple[float, float, float] | None:
     return m, m - half, m + half
 
 
+def starts_paired(vals: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether every seed of a row and of its baseline started from the same draw (see :func:`_start_label`);
+    records without a ``start`` (hand-made tables in tests) count as paired."""
+    return all(v.get("start", "paired") in PAIRED_STARTS for d in (vals, base) for s, v in d.items() if s in vals
+               and s in base)
+
+
 def paired(vals: dict[str, Any], base: dict[str, Any]) -> tuple[str, list[float]]:
-    """Paired Δ (points) by seed: ``mean [lo, hi]`` with a 95 % t-interval (n >= 2)."""
+    """Δ (points) by seed: ``mean [lo, hi]`` with a 95 % t-interval (n >= 2); marked ``unpaired`` when the starts of
+    the row and its baseline are not established as the same draw."""
     ds = [100 * (vals[s]["miou"] - base[s]["miou"]) for s in sorted(vals) if s in base]
     if not ds:
         return "", []
+    mark = "" if starts_paired(vals, base) else "unpaired: "
     ci = interval(ds)
     if ci is None:
-        return f"{ds[0]:+.2f} (one seed)", ds
-    return f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]", ds
+        return f"{mark}{ds[0]:+.2f} (one seed)", ds
+    return f"{mark}{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]", ds
 
 
 def row_stats(table: list[Row], res: dict[str, Any]) -> dict[str, Any]:
@@ -621,7 +653,8 @@ def row_stats(table: list[Row], res: dict[str, Any]) -> dict[str, Any]:
             if base and res.get(base):
                 _, ds = paired(vals, res[base])
                 ci = interval(ds)
-                st["delta"] = {"baseline": base, "per_seed": ds, "mean": statistics.fmean(ds) if ds else None,
+                st["delta"] = {"baseline": base, "paired_starts": starts_paired(vals, res[base]), "per_seed": ds,
+                               "mean": statistics.fmean(ds) if ds else None,
                                "ci95": [ci[1], ci[2]] if ci else None,
                                "seeds": [s for s in sorted(vals) if s in res[base]]}
             out[name] = st
@@ -657,7 +690,7 @@ def _row_line(row: Row, name: str, res: dict[str, Any], teachers: dict[str, Any]
 def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args: argparse.Namespace) -> str:
     p = args.protocol
     lines = [
-        "# CamVid: distillation against the student trained alone, converged protocol", "",
+        "# CamVid: distillation against the student trained alone (1600-iteration protocol)", "",
         "Generated by `examples/reproduce_camvid.py` from the committed run summaries in `docs/runs/` (raw figures "
         "in `results.json`). CamVid 11 classes, train split (367 images) for training, val split (101 images) for "
         f"reporting. Schedule of every row: inputs resized to {p.resize or 'native size'}, rescale {p.scale}, crop "
@@ -670,17 +703,18 @@ def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args
         "|---|---|---|---|---:|---|"]
     for name, t in teachers.items():
         miou = f"{100 * t['val_miou']:.2f}" if t.get("val_miou") is not None else "not made yet"
-        lines.append(f"| {name} | {t['model']} | {t['labels']} | {t['selection']} | {miou} | "
-                     f"`{t.get('sha256', '—')[:16]}…` |")
+        sha = f"`{t['sha256'][:16]}…`" if t.get("sha256") else "—"
+        lines.append(f"| {name} | {t['model']} | {t['labels']} | {t['selection']} | {miou} | {sha} |")
     lines += [
         "", "## Rows", "",
         "val mIoU = final val mIoU, mean ± sample std over seeds (n seeds, each listed); best val = the best periodic "
         "validation, mean over seeds (shown, never used to pick). Δ = paired difference with the baseline row at the "
-        "same seed, mean and 95 % t-interval. start: `paired` = run.json's initial-weights sha256 equals the draw "
+        "same seed, mean and 95 % t-interval (`unpaired:` when the two rows' starts are not established as the same "
+        "draw). start: `paired` = run.json's initial-weights sha256 equals the draw "
         "this code makes for the student at that seed; `legacy` = a run of the first table (2026-12-02), before "
         "hashes were recorded (rows whose start the fix did not change: trained alone, online with the student "
         "built first; the `-t367` rows, cache rows kept as run, did **not** start paired). flat = the worst seed's "
-        "spread (max - min) of the val mIoU over the last 25 % of the schedule; ✓ when within ±1 mIoU.", "",
+        "spread (max - min) of the val mIoU over the last 25 % of the schedule; ✓ when it is at most 2 points.", "",
         "| row | teacher | method (options) | data | val mIoU | per seed | best val | baseline | Δ [95 % CI] | start "
         "| flat (spread) |", "|---|---|---|---|---:|---|---:|---|---:|---|---:|"]
     for row in table:
@@ -688,14 +722,19 @@ def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args
             lines.append(f"| {name} | | {row.note} | | | | | | | | |" if row.note else
                          _row_line(row, name, res, teachers))
     lines += ["", "## How to reproduce", "", "```",
-              f"python examples/reproduce_camvid.py --out {args.out} --lane 0/2 &",
-              f"python examples/reproduce_camvid.py --out {args.out} --lane 1/2",
-              f"python examples/reproduce_camvid.py --out {args.out} --report-only",
+              "python examples/reproduce_camvid.py --out runs/conv --lane 0/2 &",
+              "python examples/reproduce_camvid.py --out runs/conv --lane 1/2",
+              "python examples/reproduce_camvid.py --out runs/conv --report-only",
               "# one row alone, e.g. the clean label-scarce KD row at seed 0 (its splits, teacher and cache first):",
-              f"python examples/reproduce_camvid.py --out {args.out} --only quarter-kd+unl --seeds 0",
-              "# on another CamVid-layout split: its all-label teacher, the quarter teacher is trained on its quarter",
+              "# (a row whose summary is committed is not trained again: give --summaries another folder to rerun it;",
+              "#  with --only the table goes to OUT/results.md, never over docs/results.md)",
+              "python examples/reproduce_camvid.py --out runs/one --summaries runs/one/summaries "
+              "--only quarter-b0,quarter-kd+unl --seeds 0",
+              "# on other data in the CamVid folder layout (train split: 1/4 labelled, 3/4 unlabeled; the rows are "
+              "scored on ROOT's val split, so lay a held-out set out as val): its own all-label teacher for the "
+              "full-label rows; the quarter teacher is trained on ROOT's labelled quarter; summaries, table to OUT",
               "python examples/reproduce_camvid.py --data ROOT --teacher T_ALL.safetensors --out runs/other "
-              "--summaries runs/other/summaries --only quarter-b0,quarter-kd+unl --seeds 0,1,2", "```", "",
+              "--only quarter-b0,quarter-kd+unl --seeds 0,1,2", "```", "",
               f"Environment: Python {platform.python_version()}, torch {torch.__version__}, {args.threads} thread(s) "
               "per process, two processes on the 2-core machine.", ""]
     return "\n".join(lines)
@@ -735,8 +774,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher", default=TEACHER, help="Teacher 'all': the CNN trained on every label.")
     p.add_argument("--quarter-teacher", default="auto", help="Teacher 'quarter': auto (the shared file if its "
                    "recorded config is this protocol's, else train it), train, or a weights file.")
-    p.add_argument("--summaries", default=str(REPO / "docs" / "runs"), help="Where finished runs' summaries are "
-                   "written and read (committed: a summary here marks the job done).")
+    p.add_argument("--summaries", default=None, help="Where finished runs' summaries are written and read (a summary "
+                   "there marks the job done); default docs/runs (committed) on the shared CamVid, OUT/summaries on "
+                   "other data.")
     p.add_argument("--seeds", default=None, help="Comma-separated seeds (default: each row's own, 0..2 or 0..4).")
     p.add_argument("--only", default=None, help="Comma-separated row names to run.")
     p.add_argument("--lane", default="0/1", help="K/N: run every N-th job starting at K (N parallel processes).")
@@ -748,8 +788,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "(refuses to start without CUDA).")
     p.add_argument("--dry-run", action="store_true", help="With --gpu-recipe: a few iterations on the CPU, to "
                    "check the recipe runs end to end.")
-    p.add_argument("--docs", default=str(REPO / "docs" / "results.md"))
-    p.add_argument("--json", default=str(REPO / "docs" / "results.json"))
+    p.add_argument("--docs", default=None, help="The table page (default docs/results.md; OUT/results.md with --only "
+                   "or other data, so a partial or foreign run never replaces the committed table).")
+    p.add_argument("--json", default=None, help="Its figures (default docs/results.json; OUT/results.json likewise).")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
@@ -761,6 +802,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--lane takes K/N with 0 <= K < N, got {args.lane!r}")
     args.lane_k, args.lane_n = k, n
     args.protocol = _protocol(p, args)
+    foreign = Path(args.data).resolve() != Path(CAMVID).resolve()
+    scoped = foreign or bool(args.only)
+    args.summaries = args.summaries or str(Path(args.out) / "summaries" if foreign else REPO / "docs" / "runs")
+    args.docs = args.docs or str(Path(args.out) / "results.md" if scoped else REPO / "docs" / "results.md")
+    args.json = args.json or str(Path(args.out) / "results.json" if scoped else REPO / "docs" / "results.json")
     return args
 
 

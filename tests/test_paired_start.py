@@ -119,3 +119,11 @@ def test_role_streams() -> None:
     x = build_student(4, lambda: torch.randn(3))
     torch.manual_seed(4)
     assert torch.equal(x, torch.randn(3))  # the student is the first draw after seeding, as segkd train did
+
+
+@pytest.mark.parametrize("seed,prefix", [(0, "8dbce4b9e640"), (1, "c6451d0a05e3"), (2, "7684408cc72e")])
+def test_the_b0_draw_of_the_first_table_is_unchanged(seed: int, prefix: str) -> None:
+    """The CamVid protocol pairs new runs with runs of its first table (B0 alone, 11 classes) whose run.json had no
+    initial-weights hash. Those runs' student was the first draw after seeding; these are the sha256 of that draw as
+    the first table's code (commit 4328eb7) builds it, recomputed by an audit: the draw must not move."""
+    assert weights_sha256(build_student(seed, lambda: create_model("segformer-b0", num_classes=11))).startswith(prefix)
