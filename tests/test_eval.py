@@ -349,18 +349,18 @@ _cli = run_cli
 def test_cli_bad_inputs_are_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a checkpoint at all")
-    cases = [
-        ((str(junk), "--data", "synth"), "junk.safetensors"),
-        ((str(tmp_path / "missing.safetensors"), "--data", "synth"), "not found"),
-        ((str(tiny_ckpt), "--data", "synth", "--mode", "slide", "--crop", "12xq"), "--crop"),
-        ((str(tiny_ckpt), "--data", "synth", "--scales", "a,b"), "--scales"),
-        ((str(tiny_ckpt), "--data", "synth", "--batch", "0"), "--batch"),
-        ((str(tiny_ckpt), "--data", "synth", "--device", "tpu"), "--device"),
+    cases = [  # a bad file: exit 1; a bad option value: a usage error, exit 2
+        ((str(junk), "--data", "synth"), "junk.safetensors", 1),
+        ((str(tmp_path / "missing.safetensors"), "--data", "synth"), "not found", 1),
+        ((str(tiny_ckpt), "--data", "synth", "--mode", "slide", "--crop", "12xq"), "--crop", 2),
+        ((str(tiny_ckpt), "--data", "synth", "--scales", "a,b"), "--scales", 2),
+        ((str(tiny_ckpt), "--data", "synth", "--batch", "0"), "--batch", 2),
+        ((str(tiny_ckpt), "--data", "synth", "--device", "tpu"), "--device", 2),
     ]
-    for args, needle in cases:
+    for args, needle, want in cases:
         code, _, err = _cli(monkeypatch, capsys, "eval", *args)
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-        assert code == 1, err
+        assert code == want, err
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
 
 

@@ -182,8 +182,10 @@ def _round_up(v: int, m: int) -> int:
     return max(m, -(-v // m) * m)
 
 
-def _round_down(v: int, m: int) -> int:
-    return max(m, v // m * m)
+def _round_nearest(v: int, m: int) -> int:
+    """The min profile side: ``v`` (half the verified side) to the nearest multiple, never above the verified side
+    (nearest of h/2 is at most h/2 + m/2 <= h for h >= m)."""
+    return max(m, int(round(v / m)) * m)
 
 
 def plan_shapes(cfg: ExportConfig, stride: int, model_name: str) -> ExportPlan:
@@ -202,9 +204,9 @@ def plan_shapes(cfg: ExportConfig, stride: int, model_name: str) -> ExportPlan:
         return ExportPlan(h, w, b, True, stride, {"min": shape, "opt": shape, "max": shape})
     h, w = parse_hw(cfg.size or "512x1024", "--size")
     check_min_size((h, w), stride, "--size", model_name)
-    # min rounded down, opt and max rounded up to the stride: the verified h x w lies inside every default profile
+    # opt and max rounded up to the stride, min (half the size) to the nearest: the verified h x w lies inside
     profile = {
-        "min": (1, 3, _round_down(h // 2, stride), _round_down(w // 2, stride)),
+        "min": (1, 3, _round_nearest(h // 2, stride), _round_nearest(w // 2, stride)),
         "opt": (1, 3, _round_up(h, stride), _round_up(w, stride)),
         "max": (4, 3, _round_up(h, stride), _round_up(w, stride)),
     }
