@@ -131,7 +131,7 @@ def test_empty_out_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     code, err = _main([*T, *FAST, "--out", ""], capsys)
-    assert code == 1
+    assert code == 2  # a bad option value is a usage error
     one_error_line(err, "--out must name a directory, got an empty string")
     assert list(tmp_path.iterdir()) == []
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from segkd.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointMeta, save_checkpoint
+from segkd.engine.batch import Batch
 from segkd.engine.task import build_optimizer
 from segkd.engine.trainer import DataBundle
 from segkd.errors import SegkdError
@@ -94,7 +95,7 @@ def test_timm_student(head: str, arch: str, teacher: str, tmp_path: Path) -> Non
     task = build_distill_task(cfg, DataBundle(Tiny(), Tiny(1, 1), 2, ["a", "b"], [[0, 0, 0], [9, 9, 9]]))
     task.train(True)
     head_before = [p.detach().clone() for p in task.student.classifier_parameters()]
-    terms = task.losses(Tiny().x, Tiny().y)
+    terms = task.losses(Batch(Tiny().x, Tiny().y))
     assert {"loss_cwd", "loss_cwd_feat"} <= set(terms) and terms["loss_cwd_feat"] > 0
     terms["loss"].backward()
     build_optimizer(task.parts()["student"]).step()

@@ -73,7 +73,7 @@ def test_eval_rescores_the_run_with_no_options(trained_run: Path, monkeypatch, c
                              "--device", "cpu", "--val-labels", "resized")
     assert code == 0 and json.loads(out)["n_pixels"] <= 3 * 24 * 32  # labels resized with the input
     code, _, err = run_cli(monkeypatch, capsys, "eval", str(ckpt), "--data", data, "--val-labels", "big")
-    assert code == 1 and "--val-labels must be resized or native, got 'big'" in err
+    assert code == 2 and "--val-labels must be resized or native, got 'big'" in err  # a usage error
 
 
 def test_export_and_bench_default_to_the_trained_size(trained_run: Path, monkeypatch, capsys) -> None:
