@@ -71,3 +71,16 @@ def small_ckpt(tmp_path: Path) -> Path:
     model = create_model("segformer-b0", num_classes=6)
     return save_checkpoint(tmp_path / "b0.safetensors", model,
                            CheckpointMeta(model="segformer-b0", num_classes=6, class_names=SHAPE_NAMES[:6]))
+
+
+def random_teacher(path: Path, num_classes: int, seed: int, model: str = "deeplabv3-resnet18") -> Path:
+    """A segkd checkpoint of a randomly initialised zoo model (drawn after ``torch.manual_seed(seed)``): the teacher
+    the distillation tests need when its weights do not matter, only that they are fixed."""
+    import torch
+
+    from segkd.checkpoint import CheckpointMeta, save_checkpoint
+    from segkd.models import create_model
+
+    torch.manual_seed(seed)
+    return save_checkpoint(path, create_model(model, num_classes=num_classes),
+                           CheckpointMeta(model=model, num_classes=num_classes))

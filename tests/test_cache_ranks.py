@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import random_teacher
 
-from segkd.checkpoint import CheckpointMeta, save_checkpoint
 from segkd.data import synthesize
-from segkd.models import create_model
 
 K = 3
 N_IMAGES = 6
@@ -31,9 +30,7 @@ def _free_port() -> int:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ranks")
     data = synthesize(root / "data", n_train=N_IMAGES, n_val=1, size=(32, 48), num_classes=K, seed=4)
-    torch.manual_seed(3)
-    teacher = save_checkpoint(root / "t.safetensors", create_model("deeplabv3-resnet18", num_classes=K),
-                              CheckpointMeta(model="deeplabv3-resnet18", num_classes=K))
+    teacher = random_teacher(root / "t.safetensors", K, seed=3)
     ref = root / "ref"
     threads = torch.get_num_threads()
     try:  # one process, one thread: what each rank runs

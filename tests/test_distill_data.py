@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from segkd.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
+from segkd.checkpoint import file_sha256
 from segkd.data import build_dataset, build_eval_transform, build_train_transform, synthesize
 from segkd.data.transforms import Geometry, TrainTransform, collate_pairs
 from segkd.engine.batch import Batch
 from segkd.errors import SegkdError
 from segkd.methods import teacher_cache as tc
 from segkd.methods.distill_data import DistillDataset, UnlabeledImages, pseudo_labels
-from segkd.models import create_model
 from segkd.models.base import upsample_logits
 from segkd.models.loading import load_teacher
 from segkd.runs.distill import DistillConfig, cache_key, prepare_distill_data
-from tests.conftest import build_distill_task
+from tests.conftest import build_distill_task, random_teacher
 
 K = 3
 
@@ -33,11 +32,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = synthesize(root / "data", n_train=6, n_val=2, size=(32, 48), num_classes=K, seed=3)
     out = {"data": data}
     for i in (1, 2):
-        torch.manual_seed(i)
-        path = root / f"teacher{i}.safetensors"
-        save_checkpoint(path, create_model("deeplabv3-resnet18", num_classes=K),
-                        CheckpointMeta(model="deeplabv3-resnet18", num_classes=K))
-        out[f"teacher{i}"] = path
+        out[f"teacher{i}"] = random_teacher(root / f"teacher{i}.safetensors", K, seed=i)
     return out
 
 

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_teacher
 from torch import nn
 
-from segkd.checkpoint import CheckpointMeta, save_checkpoint
 from segkd.data.synth import synthesize
 from segkd.errors import SegkdError
 from segkd.export.onnx_export import ExportConfig, export_checkpoint
-from segkd.models import create_model
 from segkd.models.onnx_teacher import load_onnx_teacher
 from segkd.runs.distill import DistillBuilder, DistillConfig, prepare_distill_data
 
@@ -24,9 +23,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 6-image synthetic set (3 classes, 32x48), a DeepLabV3-R18 teacher checkpoint and its segkd export."""
     root = tmp_path_factory.mktemp("onnxt")
     data = synthesize(root / "data", n_train=6, n_val=2, size=(32, 48), num_classes=K, seed=3)
-    torch.manual_seed(1)
-    ckpt = save_checkpoint(root / "t.safetensors", create_model("deeplabv3-resnet18", num_classes=K),
-                           CheckpointMeta(model="deeplabv3-resnet18", num_classes=K))
+    ckpt = random_teacher(root / "t.safetensors", K, seed=1)
     onnx = root / "t.onnx"
     export_checkpoint(ckpt, onnx, ExportConfig(size="32x48", progress=False))
     return {"data": data, "ckpt": ckpt, "onnx": onnx, "root": root}

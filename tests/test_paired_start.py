@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_teacher
 
-from segkd.checkpoint import CheckpointMeta, save_checkpoint
 from segkd.data import synthesize
 from segkd.engine import trainer as trainer_mod
 from segkd.engine.config import TrainConfig
@@ -38,10 +38,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     unl.mkdir()
     for p in sorted((data / "images" / "val").iterdir()):
         (unl / p.name).write_bytes(p.read_bytes())
-    torch.manual_seed(123)
-    teacher = root / "teacher.safetensors"
-    save_checkpoint(teacher, create_model("deeplabv3-resnet18", num_classes=K),
-                    CheckpointMeta(model="deeplabv3-resnet18", num_classes=K))
+    teacher = random_teacher(root / "teacher.safetensors", K, seed=123)
     return {"data": data, "unl": unl, "teacher": teacher, "root": root}
 
 

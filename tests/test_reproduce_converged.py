@@ -8,11 +8,10 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import load_example
+from conftest import load_example, random_teacher
 
-from segkd.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
+from segkd.checkpoint import file_sha256
 from segkd.data import synthesize
-from segkd.models import create_model
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +75,7 @@ def test_gpu_recipe_dry_run_on_cpu(rc: ModuleType, tmp_path: Path) -> None:
     import shutil
 
     data = synthesize(tmp_path / "data", n_train=8, n_val=2, size=(32, 48), num_classes=3, seed=1)
-    teacher = tmp_path / "t.safetensors"
-    torch.manual_seed(0)
-    save_checkpoint(teacher, create_model("deeplabv3-resnet18", num_classes=3),
-                    CheckpointMeta(model="deeplabv3-resnet18", num_classes=3))
+    teacher = random_teacher(tmp_path / "t.safetensors", 3, seed=0)
     out, docs, summ = tmp_path / "runs", tmp_path / "results.md", tmp_path / "summaries"
     base = ["--gpu-recipe", "--dry-run", "--out", str(out), "--data", str(data), "--teacher", str(teacher),
             "--quarter-teacher", "train", "--seeds", "0", "--only", "b0,kd,quarter-b0,quarter-kd+unl",
@@ -105,10 +101,7 @@ def test_gpu_recipe_dry_run_on_cpu(rc: ModuleType, tmp_path: Path) -> None:
     assert rc.main([*base, "--quarter-teacher", str(kept), "--spawn", "1"]) == 0
     assert not (out / "b0_s0").exists() and not (out / "kd_s0").exists()
     # a restart with another teacher for finished rows refuses to mix them, naming the row and both sha256s
-    torch.manual_seed(1)
-    other = tmp_path / "t2.safetensors"
-    save_checkpoint(other, create_model("deeplabv3-resnet18", num_classes=3),
-                    CheckpointMeta(model="deeplabv3-resnet18", num_classes=3))
+    other = random_teacher(tmp_path / "t2.safetensors", 3, seed=1)
     with pytest.raises(SystemExit, match=rf"kd seed 0: .* sha256 {file_sha256(teacher)}.* sha256 "
                                          rf"{file_sha256(other)}"):
         rc.main([*base[:7], str(other), *base[8:], "--spawn", "1"])
