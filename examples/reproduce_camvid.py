@@ -340,11 +340,8 @@ def teacher_path(name: str, args: argparse.Namespace) -> Path:
     B1 teacher is a job of some lane, the rows that need it wait for it."""
     if name == "all":
         return Path(args.teacher)
-    if name == "quarter":
-        if args.lane_k == 0 or args.quarter_teacher not in ("auto", "train"):
-            return ensure_quarter_teacher(args)
-        while made_teacher(name, args) is None:
-            time.sleep(5)
+    if name == "quarter" and (args.lane_k == 0 or args.quarter_teacher not in ("auto", "train")):
+        return ensure_quarter_teacher(args)
     while made_teacher(name, args) is None:
         time.sleep(10)
     return made_teacher(name, args)  # type: ignore[return-value]
