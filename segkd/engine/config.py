@@ -110,7 +110,8 @@ class TrainConfig:
                              "'native' size (logits upsampled).")
     progress: bool = option(True, "A progress bar on a terminal; --no-progress prints plain log lines.",
                             machine=True)
-    threads: int | None = option(None, "CPU threads for torch (default: torch's).", machine=True)
+    threads: int | None = option(None, "CPU threads for torch and an ONNX teacher's ONNX Runtime (default: theirs).",
+                                 machine=True)
     keep: str = option("best,last,resume", "What a finished run keeps: best, last, resume (comma-separated); all "
                        "are written while it runs. resume.pt is about 3x a checkpoint.", machine=True)
 
