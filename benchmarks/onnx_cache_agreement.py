@@ -25,7 +25,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +64,9 @@ def export(ckpt: Path, size: tuple[int, int], work: Path, threads: int) -> tuple
     return out, {k: report.get(k) for k in ("bytes", "seconds", "verification") if k in report}
 
 
-def build(args: argparse.Namespace, weights: Path, dtype: str, name: str) -> tuple[TeacherCache, float]:
+def build(args: argparse.Namespace, weights: Path, dtype: str, name: str) -> TeacherCache:
     """The teacher cache of ``--data``'s training split from ``weights`` (a checkpoint, or an ONNX file), as
-    ``segkd distill --method kd --teacher-cache`` builds it; and the seconds the build took."""
+    ``segkd distill --method kd --teacher-cache`` builds it (or opens it, when an earlier run built it)."""
     cfg = DistillConfig(model="segformer-b0", method="kd", data=args.data, teacher_weights=str(weights),
                         teacher=None if weights.suffix == ".onnx" else args.model,
                         teacher_cache=str(Path(args.work) / f"cache-{name}-{dtype}"), cache_dtype=dtype,
@@ -76,25 +75,36 @@ def build(args: argparse.Namespace, weights: Path, dtype: str, name: str) -> tup
     cfg.check()
     builder = DistillBuilder()
     builder.check(cfg)
-    t0 = time.perf_counter()
-    cache = prepare_distill_data(cfg, None, builder).train.cache  # type: ignore[attr-defined]
-    return cache, time.perf_counter() - t0
+    return prepare_distill_data(cfg, None, builder).train.cache  # type: ignore[attr-defined]
+
+
+def adjacent(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where ``y`` is the next or the previous number of ``dtype`` after ``x`` (one storage step apart)."""
+    x, y = x.to(dtype), y.to(dtype)
+    inf = torch.full_like(x, float("inf"))
+    return (y == torch.nextafter(x, inf)) | (y == torch.nextafter(x, -inf))
 
 
 def compare(ref: TeacherCache, other: TeacherCache) -> list[dict[str, Any]]:
-    """Per image (in file-name order): every stored tensor's max and mean |d| and the logits' argmax agreement."""
+    """Per image (in file-name order): every stored tensor's max and mean |d|, how many values differ and how many
+    of those by exactly one step of the storage dtype, and the logits' argmax agreement."""
     if set(ref.manifest["images"]) != set(other.manifest["images"]):
         raise SystemExit("the two caches hold different images")
+    dtype = getattr(torch, ref.manifest.get("dtype", "float16"))
     rows = []
     for sha, entry in sorted(ref.manifest["images"].items(), key=lambda kv: kv[1]["name"]):
         a, b = ref.tensors(sha), other.tensors(sha)
         if a.keys() != b.keys():
             raise SystemExit(f"{entry['name']}: the caches store {sorted(a)} and {sorted(b)}")
         d = torch.cat([(a[k] - b[k]).abs().flatten() for k in sorted(a)])
+        step = torch.cat([adjacent(a[k], b[k], dtype).flatten() for k in sorted(a)])
+        more = d[(d > 0) & ~step]  # further apart than one storage step
         agree = (a["logits"].argmax(0) == b["logits"].argmax(0)).float().mean()
         rows.append({"image": entry["name"], "tensors": sorted(a), "values": int(d.numel()),
                      "max_abs": float(d.max()), "mean_abs": float(d.mean()), "argmax_agreement": float(agree),
-                     "values_differing": int((d > 0).sum()), "max_abs_logit": float(a["logits"].abs().max())})
+                     "values_differing": int((d > 0).sum()), "values_one_step_apart": int(step.sum()),
+                     "max_abs_more_than_one_step": float(more.max()) if more.numel() else 0.0,
+                     "max_abs_logit": float(a["logits"].abs().max())})
     return rows
 
 
@@ -105,6 +115,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "argmax_agreement_min": min(r["argmax_agreement"] for r in rows),
             "argmax_agreement_mean": statistics.fmean(r["argmax_agreement"] for r in rows),
             "values": sum(r["values"] for r in rows), "values_differing": sum(r["values_differing"] for r in rows),
+            "values_one_step_apart": sum(r["values_one_step_apart"] for r in rows),
+            "max_abs_more_than_one_step": max(r["max_abs_more_than_one_step"] for r in rows),
             "max_abs_logit": max(r["max_abs_logit"] for r in rows),
             "images_over_criterion": sum(r["max_abs"] > CRITERION for r in rows),
             "passes": worst["max_abs"] <= CRITERION}
@@ -124,11 +136,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
         "torch": torch.__version__, "onnxruntime": _ort_version(), "storage": {}}
     for dtype in DTYPES:
-        pt, pt_s = build(args, teacher, dtype, "pytorch")
-        ox, ox_s = build(args, onnx, dtype, "onnx")
-        rows = compare(pt, ox)
-        doc["storage"][dtype] = {"build_s": {"pytorch": pt_s, "onnx": ox_s}, "summary": summarise(rows),
-                                 "per_image": rows}
+        rows = compare(build(args, teacher, dtype, "pytorch"), build(args, onnx, dtype, "onnx"))
+        doc["storage"][dtype] = {"summary": summarise(rows), "per_image": rows}
         print(dtype, json.dumps(doc["storage"][dtype]["summary"]), flush=True)
     doc["passes"] = doc["storage"]["float32"]["summary"]["passes"]
     return doc
@@ -150,24 +159,29 @@ def render(doc: dict[str, Any]) -> str:
              f"{doc['image_size'][0]}x{doc['image_size'][1]}, the teacher's logits at stride 8) built once from the "
              "checkpoint in PyTorch and once from the ONNX file in ONNX Runtime, with the same cache options; "
              f"every stored value compared. Criterion: max |d| <= {doc['criterion_max_abs']:g}.", "",
-             "| storage (`--cache-dtype`) | max \\|d\\| (worst image) | mean \\|d\\| | values that differ | argmax "
-             "agreement: worst image / mean | build s: PyTorch / ONNX | criterion |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| storage (`--cache-dtype`) | max \\|d\\| (worst image) | mean \\|d\\| | values that differ (of "
+             "them: one storage step apart) | argmax agreement: worst image / mean | criterion |",
+             "|---|---:|---:|---:|---:|---|"]
     for dtype, res in doc["storage"].items():
-        s, b = res["summary"], res["build_s"]
+        s = res["summary"]
         lines.append(f"| {dtype} | {s['max_abs']:.3g} ({s['worst_image']}) | {s['mean_abs']:.3g} | "
-                     f"{s['values_differing']:,} of {s['values']:,} | {100 * s['argmax_agreement_min']:.3f} % / "
-                     f"{100 * s['argmax_agreement_mean']:.4f} % | {b['pytorch']:.0f} / {b['onnx']:.0f} | "
+                     f"{s['values_differing']:,} of {s['values']:,} ({s['values_one_step_apart']:,}) | "
+                     f"{100 * s['argmax_agreement_min']:.3f} % / "
+                     f"{100 * s['argmax_agreement_mean']:.4f} % | "
                      f"{'pass' if s['passes'] else 'fail'} ({s['images_over_criterion']} images over) |")
     f16, f32 = doc["storage"]["float16"]["summary"], doc["storage"]["float32"]["summary"]
     lines += ["", f"The fp32 caches hold the two teachers' own values: they agree to {f32['max_abs']:.2g}, "
               "fp32 round-off between two runtimes. In the default fp16 storage each value is rounded to 2^-11 of its "
-              f"size (the logits reach {f16['max_abs_logit']:.1f}, where one fp16 step is "
-              f"{_fp16_step(f16['max_abs_logit']):g}), so wherever the two nearly equal values straddle a rounding "
-              "boundary the stored ones differ by one whole step; that is the storage's rounding, not a "
-              "disagreement of the teachers, and it is why `--cache-dtype float32` exists for comparisons like this "
-              "one (the fp16 default keeps half the bytes: its rounding is far below what a distillation loss can "
-              "tell).", "", END]
+              f"size (one fp16 step is {_fp16_step(8.0):g} for values in [8, 16), {_fp16_step(16.0):g} in [16, 32); "
+              f"the logits reach {f16['max_abs_logit']:.1f}), so wherever the two nearly equal values straddle a "
+              f"rounding boundary the stored ones differ by one whole step: {f16['values_one_step_apart']:,} of the "
+              f"{f16['values_differing']:,} differing fp16 values are exactly one step apart, and the others differ "
+              f"by at most {f16['max_abs_more_than_one_step']:.2g} (values near 0, where an fp16 step is finer than "
+              "the teachers' fp32 difference). That is the storage's "
+              "rounding, not a disagreement of the teachers, and it is why `--cache-dtype float32` exists for "
+              "comparisons like this one (the fp16 default keeps half the bytes: its rounding is far below what a "
+              "distillation loss can tell).",
+              "", END]
     return "\n".join(lines) + "\n"
 
 
