@@ -27,6 +27,7 @@ from segkd.errors import SegkdError
 from segkd.methods.base import Method, MethodSpec, Terms, resize_to, resolve_tap, valid_mask
 from segkd.methods.distill_data import pseudo_labels
 from segkd.methods.targets import model_outputs, teacher_targets
+from segkd.methods.teacher_cache import warp_stored
 from segkd.models import SegModel, SegOutput, count_params, deploy_param_count
 
 
@@ -83,11 +84,13 @@ class DistillTask(NoExtraState):
         return SegOutput(targets.logits, targets.features)
 
     def targets(self, batch: Batch) -> SegOutput:
-        """What the teacher says about this batch: the cached, warped outputs when the batch carries them
-        (``--teacher-cache``), else a forward on the clean teacher view (``--teacher-view clean``) or on the
-        student's own input (``same``)."""
-        if batch.teacher is not None:
-            return SegOutput(batch.teacher.logits, {n: batch.teacher.features[n] for n in self.teacher_taps()})
+        """What the teacher says about this batch: the cache's stored maps warped onto the crops here, on the
+        batch's device (``--teacher-cache``; :func:`~segkd.methods.teacher_cache.warp_stored`), ready targets the
+        batch carries, else a forward on the clean teacher view (``--teacher-view clean``) or on the student's own
+        input (``same``)."""
+        ready = warp_stored(batch.stored) if batch.stored is not None else batch.teacher
+        if ready is not None:
+            return SegOutput(ready.logits, {n: ready.features[n] for n in self.teacher_taps()})
         return self.teacher_outputs(batch.teacher_images if batch.teacher_images is not None else batch.images)
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
