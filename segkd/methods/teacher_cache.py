@@ -2,9 +2,15 @@
 
 ``segkd distill --teacher-cache DIR`` (or :func:`build_cache`) stores, per training image, the teacher's logits at
 its own output stride and the feature taps the method reads, as fp16 tensors in safetensors shards of
-``SHARD_SIZE`` images. At train time :func:`warp` resamples them with exactly the geometry of the student's crop
+``SHARD_SIZE`` images. At train time they are resampled with exactly the geometry of the student's crop
 (:class:`~segkd.data.transforms.Geometry`: resize, random rescale, crop, flip, padding), so every step gets
-full-context teacher targets without a teacher forward.
+full-context teacher targets without a teacher forward. Where: the DataLoader workers only read each image's stored
+tensors (compact: fp16, or the top-K form) and hand them over with the crop's geometry (:func:`stored_item`,
+batched by :class:`~segkd.engine.batch.StoredTargets`); the task warps the whole batch on the training device in
+the step, before the loss (:func:`warp_stored`: densify a top-K cache, then one ``grid_sample`` per tensor kind).
+The warp equals the per-crop warp the workers ran before, bit for bit when the batch's stored maps have one size
+(every image of the same size), within a few float32 ulps when images of different sizes share a batch (edge
+padding, see :class:`~segkd.engine.batch.StoredTargets`).
 
 Layout of ``DIR``::
 
@@ -17,7 +23,7 @@ Layout of ``DIR``::
 What the key covers, and why: a cache answers "what does *this* teacher say about *this* image", so it is keyed by
 the teacher checkpoint's sha256, the normalisation, the teacher's input size (``native``: the stored image size)
 and the sha256 of every image file. It deliberately does **not** depend on crop size, rescale range or flips:
-those are applied at train time by :func:`warp`, so one cache serves any augmentation setting. A cache built for
+those are applied at train time by :func:`warp_stored`, so one cache serves any augmentation setting. A cache built for
 another teacher, other weights, another normalisation or input size is refused with one line naming the mismatch;
 an interrupted build continues where it stopped (shards are written atomically, the manifest after each shard).
 Under torchrun every rank builds a disjoint slice of the shards and waits by polling, never at a long barrier
@@ -36,9 +42,10 @@ way, and so is a manifest whose fields have the wrong types or whose shard names
 Compact targets (``--cache-topk K``): instead of every class's logit, a shard stores per cell the K largest
 logits (fp16, ``logits_top``), their class indices (uint8, int16 above 256 classes, ``logits_top_index``) and the
 logsumexp of the other classes' logits (fp16, ``logits_rest``: the rest's probability mass, -inf when K = C).
-:meth:`TeacherCache.tensors` densifies them on read (:func:`densify`) to ``C`` logits in which the top-K classes
-keep their logits and every other class gets ``rest - log(C - K)``: the rest's mass spread evenly. Warping and
-every method then run as on a full cache. Why this form (see :func:`densify` for the proof of what is exact):
+The warp densifies them (:func:`densify`; :meth:`TeacherCache.tensors` does the same on read) to ``C`` logits in
+which the top-K classes keep their logits and every other class gets ``rest - log(C - K)``: the rest's mass spread
+evenly. Warping and every method then run as on a full cache. Why this form (see :func:`densify` for the proof
+of what is exact):
 
 * logits, not fp16 probabilities or log-probabilities: p in fp16 underflows below 6e-8 and loses relative
   precision below 6e-5, just where a temperature of 4 lifts the tail (p^(1/4)); and CWD's softmax runs over the
