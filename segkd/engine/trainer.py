@@ -272,11 +272,16 @@ class Trainer:
                 # bucket view; the reducer warns on every step although the layouts are equivalent (a plain copy).
                 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                module = DistributedDataParallel(
-                    module, device_ids=ids, gradient_as_bucket_view=True,
-                    find_unused_parameters=bool(getattr(self.task, "find_unused_parameters", False)))
+                module = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True,
+                                                 find_unused_parameters=self.find_unused())
             self._wrapped = module
         return self._wrapped
+
+    def find_unused(self) -> bool:
+        """DDP's ``find_unused_parameters``: the task's answer for this run's images per process (the task
+        protocol's optional ``find_unused_parameters(local_batch)``; absent: False)."""
+        ask = getattr(self.task, "find_unused_parameters", None)
+        return bool(ask(self.cfg.batch // self.info.world_size)) if callable(ask) else False
 
     def _check_finite(self, values: dict[str, float], what: str) -> None:
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}

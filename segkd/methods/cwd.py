@@ -79,7 +79,8 @@ class CWD(Method):
 
 
 @register_method("cwd", "channel-wise distillation on logits (T=4, x3), optionally features (x50)", CWDOptions,
-                 taps={"student": ("deep",), "teacher": ("deep",)}, taps_when=lambda o: o.feature)
+                 taps={"student": ("deep",), "teacher": ("deep",)}, taps_when=lambda o: o.feature,
+                 unused_params=lambda o, b: o.feature and (o.feat_weight == 0 or o.weight == o.ce_weight == 0))
 def _build(opts: CWDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> CWD:
     return CWD(opts, student, teacher, ignore_index)
 

@@ -66,8 +66,6 @@ class DistillTask(NoExtraState):
 
     kind = "distillation"
 
-    find_unused_parameters = True  # e.g. TransKD's SK BN is skipped at batch 1; some adapters idle in ablations
-
     def __init__(self, spec: MethodSpec, method: Method, student: SegModel, teacher: SegModel,
                  optim: OptimConfig) -> None:
         self.spec, self.method, self.student, self.teacher = spec, method, student, teacher
@@ -111,6 +109,10 @@ class DistillTask(NoExtraState):
     def deploy_models(self) -> dict[str, SegModel]:
         return {"student": self.student}
 
+    def find_unused_parameters(self, local_batch: int) -> bool:
+        """What the method's spec says of its options (:meth:`~segkd.methods.base.MethodSpec.find_unused`)."""
+        return self.spec.find_unused(self.method.opts, local_batch)
+
     def train(self, mode: bool = True) -> DistillTask:
         self.student.train(mode)
         self.method.train(mode)
@@ -133,8 +135,6 @@ class OnlineTask(NoExtraState):
     """Two students trained together by an online method; each part has its own adapters and optimiser."""
 
     kind = "online distillation"
-
-    find_unused_parameters = True  # region/pixel masks can leave a projection without a gradient
 
     def __init__(self, spec: MethodSpec, method: Method, student: SegModel, peer: SegModel, optim: OptimConfig,
                  peer_optim: OptimConfig) -> None:
@@ -162,6 +162,9 @@ class OnlineTask(NoExtraState):
 
     def deploy_models(self) -> dict[str, SegModel]:
         return {"student": self.student, "peer": self.peer}
+
+    def find_unused_parameters(self, local_batch: int) -> bool:
+        return self.spec.find_unused(self.method.opts, local_batch)
 
     def train(self, mode: bool = True) -> OnlineTask:
         self.student.train(mode)
