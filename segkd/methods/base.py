@@ -297,6 +297,13 @@ def align_logits(student: Tensor, other: Tensor, labels: Tensor, align: str = "l
     return resize_to(student, size), resize_to(other, size), labels  # type: ignore[arg-type]
 
 
+def ce_input(student: Tensor, aligned: Tensor, align: str) -> Tensor:
+    """What a method's cross-entropy term reads: with ``align="label"`` the student's logits already upsampled to the
+    label size by :func:`align_logits` (the tensor ``seg_cross_entropy`` would compute again, so its value is the
+    same; the backward then runs one upsampling instead of two), else the student's own logits."""
+    return aligned if align == "label" else student
+
+
 def resize_to(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """Bilinear resize of a feature map or logits (no-op when the size already matches): the one resizer,
     :func:`segkd.models.base.upsample_logits`, under the name the methods read best."""

@@ -22,6 +22,7 @@ from segkd.engine.losses import seg_cross_entropy
 from segkd.methods.base import (
     Method,
     align_logits,
+    ce_input,
     check_positive,
     check_temperature,
     register_method,
@@ -68,7 +69,8 @@ class CWD(Method):
         o = self.opts
         zs, zt, _ = align_logits(outs["student"].logits, outs["teacher"].logits, labels, o.align)
         terms = {
-            "ce": (o.ce_weight, seg_cross_entropy(outs["student"].logits, labels, self.ignore_index)),
+            "ce": (o.ce_weight, seg_cross_entropy(ce_input(outs["student"].logits, zs, o.align), labels,
+                                                  self.ignore_index)),
             "cwd": (o.weight, cwd_loss(zs, zt, o.temperature)),
         }
         if o.feature:

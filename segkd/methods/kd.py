@@ -17,6 +17,7 @@ from segkd.engine.losses import seg_cross_entropy
 from segkd.methods.base import (
     Method,
     align_logits,
+    ce_input,
     check_positive,
     check_temperature,
     distill_labels,
@@ -69,7 +70,8 @@ class KD(Method):
                                    o.align)
         mask = valid_mask(lab, self.ignore_index) if o.mask_ignore else None
         return self.record({
-            "ce": (o.ce_weight, seg_cross_entropy(outs["student"].logits, labels, self.ignore_index)),
+            "ce": (o.ce_weight, seg_cross_entropy(ce_input(outs["student"].logits, zs, o.align), labels,
+                                                  self.ignore_index)),
             "kd": (o.weight, kd_loss(zs, zt, o.temperature, mask)),
         })
 
