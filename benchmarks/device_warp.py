@@ -21,7 +21,13 @@ Three caches kinds: ``kd`` (fp16 logits), ``kd top-2`` (``--cache-topk 2``), ``c
 :mod:`segkd.bench.trainstep`: SegFormer-B0 student, DeepLabV3-R18 teacher, random weights, 11 classes,
 ``--input``): the student alone (the bound), and for kd, kd top-2, cwd and dkd with default options the step with
 the stored batch warped in it (this branch) and the step with the targets handed over ready (main's bench: the
-warp then ran on the DataLoader side).
+warp then ran on the DataLoader side). The ratio per repetition is the step's CPU time over the student's in the
+same repetition (back to back, same load); the table gives their median and quartiles.
+
+**``segkd bench`` itself, before and after** (``--cli-iters``): ``segkd bench --train-step --teacher-cache`` for kd,
+cwd and dkd, run from main's tree at the "before" commit (extracted with ``git archive``; its step takes the targets
+ready-warped and its losses are main's) and from this branch, one after the other per method, in separate
+processes: each report's step / bound, wall p50 and CPU time.
 
     python benchmarks/device_warp.py --data ../shared/data/camvid \\
         --teacher-weights ../shared/checkpoints/camvid-quarter-deeplabv3-resnet18.safetensors
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -135,6 +142,34 @@ def step_pieces(shape: tuple[int, int, int, int]) -> dict[str, Callable[[], obje
     return fns
 
 
+def cli_steps(args: argparse.Namespace, commit: str, work: Path) -> dict[str, dict[str, Any]]:
+    """``segkd bench --train-step --teacher-cache`` itself, per method, as main at ``commit`` runs it (its tree
+    extracted with ``git archive``) and as this branch does, one after the other per method: each report's wall p50
+    ratio and CPU-time ratio (mean x CPU utilisation of the timed loop, step over bound)."""
+    tree = work / "before-tree"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", commit, "segkd"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    here = Path(__file__).resolve().parents[1]
+    out: dict[str, dict[str, Any]] = {}
+    for method in ("kd", "cwd", "dkd"):
+        for side, root in (("before", tree), ("after", here)):
+            path = work / f"{method}-{side}.json"
+            cmd = [sys.executable, "-m", "segkd", "bench", "--train-step", "--teacher-cache", "--method", method,
+                   "--teacher", "deeplabv3-resnet18", "--student", "segformer-b0", "--num-classes", "11", "--input",
+                   args.input, "--iters", str(args.cli_iters), "--warmup", "2", "--threads", "1", "--device", "cpu",
+                   "--json-out", str(path)]
+            env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+            subprocess.run(cmd, check=True, cwd=root, env=env, stdout=subprocess.DEVNULL)
+            e = json.loads(path.read_text())["train_step"][0]
+            cpu = [e[k]["latency_ms"]["mean"] * e[k]["cpu_util"] for k in ("method_step", "lower_bound")]
+            out[f"{method}: {side}"] = {"wall_p50_ratio": e["overhead_ratio"], "cpu_ratio": cpu[0] / cpu[1],
+                                        "step_p50_ms": e["method_step"]["latency_ms"]["p50"],
+                                        "bound_p50_ms": e["lower_bound"]["latency_ms"]["p50"]}
+            print(f"bench {method} {side}: {out[f'{method}: {side}']}", flush=True)
+    return out
+
+
 def interleave(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, dict[str, list[float]]]:
     """Each function once per repetition, in turn, after one untimed call each; process CPU and wall seconds."""
     for fn in fns.values():
@@ -173,15 +208,36 @@ def render(doc: dict[str, Any]) -> str:
     lines += ["", f"**Step** at {'x'.join(map(str, doc['input']))} (what `segkd bench --train-step --teacher-cache`"
               " times; SegFormer-B0 student, DeepLabV3-R18 teacher, random weights, 11 classes, AdamW): the student "
               f"alone {ms('student alone', s):.0f} ms.", "",
-              "| method | step with the device warp (ms) | / student alone | goal | met | step, targets ready "
-              "(main's bench) / student alone |", "|---|---:|---:|---:|---|---:|"]
-    base = ms("student alone", s)
+              "| method | step with the device warp (ms, median) | / student alone (median of the repetitions' ratios; "
+              "quartiles) | goal | met | step, targets ready (main's bench) / student alone |",
+              "|---|---:|---:|---:|---|---:|"]
+    runs = doc["step"]["runs"]
     for name in STEPS:
-        dev, ready = ms(f"{name}: step, device warp", s), ms(f"{name}: step, targets ready", s)
+        dev, ready = (ratio(runs, f"{name}: step, {kind}") for kind in ("device warp", "targets ready"))
         goal = 1.05 if name.startswith("kd") else 1.15
-        lines.append(f"| {name} | {dev:.0f} | {dev / base:.3f}x | {goal:.2f}x | {'yes' if dev / base <= goal else 'no'}"
-                     f" | {ready / base:.3f}x |")
+        step_ms = ms(f"{name}: step, device warp", s)
+        lines.append(f"| {name} | {step_ms:.0f} | {dev[1]:.3f}x ({dev[0]:.3f}-{dev[2]:.3f}) | {goal:.2f}x | "
+                     f"{'yes' if dev[1] <= goal else 'no'} | {ready[1]:.3f}x |")
+    cli = doc.get("bench_cli")
+    if cli:
+        lines += ["", f"`segkd bench --train-step --teacher-cache` itself (separate processes, {doc['cli_iters']} "
+                  "timed steps after 2 warm-ups, main's tree at the commit above against this branch, one method after"
+                  " the other): step / bound.", "",
+                  "| method | before: wall p50 | before: CPU time | after: wall p50 | after: CPU time |",
+                  "|---|---:|---:|---:|---:|"]
+        for m in ("kd", "cwd", "dkd"):
+            b, a = cli[f"{m}: before"], cli[f"{m}: after"]
+            lines.append(f"| {m} | {b['wall_p50_ratio']:.3f}x | {b['cpu_ratio']:.3f}x | {a['wall_p50_ratio']:.3f}x | "
+                         f"{a['cpu_ratio']:.3f}x |")
     return "\n".join(lines + ["", END]) + "\n"
+
+
+def ratio(runs: dict[str, dict[str, list[float]]], name: str) -> tuple[float, float, float]:
+    """``name``'s CPU time over the student alone's in the same repetition (the two ran back to back, under the same
+    load): quartile 1, median, quartile 3 over the repetitions."""
+    r = sorted(a / b for a, b in zip(runs[name]["cpu_s"], runs["student alone"]["cpu_s"], strict=True))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return q[0], statistics.median(r), q[2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--input", default="2x3x180x240")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--cli-iters", type=int, default=10, help="timed steps of each `segkd bench` run (0: skip them)")
     p.add_argument("--before", default="main", help="the git revision whose DataLoader warp is 'before'")
     p.add_argument("--load", default="other jobs", help="what else ran on the machine (for the table's caption)")
     p.add_argument("--json", default="benchmarks/results/device-warp.json")
@@ -202,13 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="device-warp-"))
     try:
         warp = interleave(warp_pieces(args, work, before), args.reps)
+        cli = cli_steps(args, commit, work) if args.cli_iters else {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     shape = tuple(int(x) for x in args.input.split("x"))
     step = interleave(step_pieces(shape), args.reps)  # type: ignore[arg-type]
     doc = {"machine": f"{platform.machine()} CPU", "threads": 1, "reps": args.reps, "load": args.load,
            "before_commit": commit, "batch": args.batch, "images": args.images, "input": list(shape),
-           "warp": {"runs": warp, "median": medians(warp)}, "step": {"runs": step, "median": medians(step)}}
+           "warp": {"runs": warp, "median": medians(warp)}, "step": {"runs": step, "median": medians(step)},
+           "cli_iters": args.cli_iters, "bench_cli": cli}
     atomic_write_text(Path(args.json), json.dumps(doc, indent=1) + "\n")
     text = render(doc)
     from benchmarks.cache_topk import write_section
