@@ -114,6 +114,7 @@ def check_shared_dir(path: Path, info: DistInfo, option: str) -> None:
     blind = [h for h in gather_objects(None if seen else f"rank {info.rank} on {socket.gethostname()}", info) if h]
     if info.is_main:
         token.unlink(missing_ok=True)
+    barrier(info)  # every rank returns with the folder as it was
     if blind:
         err = SegkdError(f"{option} {path}: not the same folder on every process ({', '.join(blind)} cannot see "
                          "what rank 0 writes there); on several nodes it must be on a shared file system")
