@@ -26,6 +26,11 @@ Rows (CamVid train split for training, val split for reporting; every val image 
   (distillation terms only there; each step has the 8 labelled crops of the row alone plus 8 unlabelled ones).
   ``quarter-kd+unl-t367`` and ``quarter-c2vkd+unl-t367``: the same with teacher ``all``, which saw the labels of
   the "unlabeled" images (kept from the first table, labelled as such).
+* a mobile student from timm (issue 20): ``quarter-mnv3`` (``lraspp-mobilenetv3_large_100`` alone on the 92 labelled
+  images, quarter-b0's recipe) and ``quarter-mnv3-kd+unl`` (the same student, kd from teacher ``quarter`` **given as
+  ONNX**: a protocol step exports the quarter teacher with ``segkd export`` into
+  ``OUT/teacher-quarter-onnx/<checkpoint sha256>.onnx``, and the row distils through ``--teacher-weights
+  teacher.onnx`` with its own teacher cache and the unlabeled images, like quarter-kd+unl); baseline quarter-mnv3.
 
 Protocol (the budget of two CPU cores): inputs resized to 60x80 (one third), random rescale 0.75-1.5, crop
 60x80, flip, jitter (the teacher sees the un-jittered view), batch 8, AdamW lr 6e-4 (head x10), 50 warm-up
@@ -137,9 +142,11 @@ class Row:
     legacy_ok: bool = False
     note: str | None = None  # a row that reports why it was not run
     cache_topk: int = 0  # --cache-topk of the row's teacher cache (0: full logits)
+    onnx: bool = False  # the teacher given as its segkd export (--teacher-weights teacher.onnx, ONNX Runtime)
 
 
 CWD = {"weight": "0.3", "feature": "true", "feat_weight": "5"}  # CIRKD's SegFormer-B0 weights
+MNV3 = "lraspp-mobilenetv3_large_100"  # the timm student of the issue-20 rows (LR-ASPP on MobileNetV3-Large)
 
 
 def rows() -> list[Row]:
@@ -173,15 +180,21 @@ def rows() -> list[Row]:
         # every KD row, the comparison that matters is against the full-cache row of the same method and seed
         Row("kd-top2", method="kd", cache_topk=2),
         Row("dkd-top2", method="dkd", cache_topk=2),
+        # a timm mobile student (issue 20) alone and distilled from the clean quarter teacher exported to ONNX
+        Row("quarter-mnv3", model=MNV3, data="quarter", baseline=None, teacher=None),
+        Row("quarter-mnv3-kd+unl", model=MNV3, method="kd", onnx=True, **{**q, "baseline": "quarter-mnv3"}),  # type: ignore[arg-type]
     ]
 
 
 # Run order (a cut budget leaves whole rows at 3 seeds rather than seedless rows): the clean label-scarce rows; the
-# cache rows the paired-start fix changed; the fourth and fifth seeds; the remaining reruns and kd-online's seeds;
-# collab (a ResNet-18 beside the B0: ~6x a B0 row); the 4x rows; the transformer teacher and its rows.
+# cache rows the paired-start fix changed; kd with a top-2 cache; the timm student alone and from the ONNX teacher;
+# the fourth and fifth seeds; the remaining reruns and kd-online's seeds; collab (a ResNet-18 beside the B0: ~6x a
+# B0 row); the 4x rows; the transformer teacher and its rows.
 ORDER = [
     (["quarter-kd+unl", "quarter-cwd+unl", "quarter-dkd+unl", "quarter-c2vkd+unl"], range(3)),
     (["kd", "cwd"], range(3)),
+    (["kd-top2"], range(3)),
+    (["quarter-mnv3", "quarter-mnv3-kd+unl"], range(3)),
     (["b0", "quarter-b0", "quarter-kd+unl", "kd", "cwd"], range(3, 5)),
     (["dkd", "c2vkd+ce", "kd-mask", "c2vkd", "kd-online", "dml", "r18", "b0", "quarter-b0"], range(3)),
     (["collab"], range(3)),
@@ -189,7 +202,7 @@ ORDER = [
     (["teacher:b1"], range(1)),
     (["transkd", "kd-b1", "transkd-ea"], range(3)),
     (["quarter-kd+unl-t367", "quarter-c2vkd+unl-t367"], range(3)),
-    (["kd-top2", "dkd-top2"], range(3)),
+    (["dkd-top2"], range(3)),
 ]
 
 
@@ -335,27 +348,63 @@ def b1_teacher_config(args: argparse.Namespace) -> DistillConfig:
                          progress=not args.no_progress, **args.protocol.train_kwargs(2))
 
 
-def teacher_path(name: str, args: argparse.Namespace) -> Path:
-    """The weights file of teacher ``name``: lane 0 makes the quarter teacher, other lanes wait for its path; the
-    B1 teacher is a job of some lane, the rows that need it wait for it."""
-    if name == "all":
+def teacher_path(name: str, args: argparse.Namespace, onnx: bool = False) -> Path:
+    """The weights file of teacher ``name`` (``onnx``: its segkd export): lane 0 makes the quarter teacher and the
+    exports, other lanes wait for their paths; the B1 teacher is a job of some lane, the rows that need it wait."""
+    if onnx and args.lane_k == 0:
+        return ensure_onnx_teacher(name, args)
+    if not onnx and name == "all":
         return Path(args.teacher)
-    if name == "quarter" and (args.lane_k == 0 or args.quarter_teacher not in ("auto", "train")):
+    if not onnx and name == "quarter" and (args.lane_k == 0 or args.quarter_teacher not in ("auto", "train")):
         return ensure_quarter_teacher(args)
-    while made_teacher(name, args) is None:
+    while made_teacher(name, args, onnx) is None:
         time.sleep(10)
-    return made_teacher(name, args)  # type: ignore[return-value]
+    return made_teacher(name, args, onnx)  # type: ignore[return-value]
 
 
-def made_teacher(name: str, args: argparse.Namespace) -> Path | None:
-    """The teacher's file if it exists already (never trains one)."""
+def made_teacher(name: str, args: argparse.Namespace, onnx: bool = False) -> Path | None:
+    """The teacher's file (``onnx``: its export) if it exists already (never trains or exports one)."""
+    if onnx or name == "quarter":
+        marker = Path(args.out) / f"teacher-{name}{'-onnx' if onnx else ''}.path"
+        return Path(marker.read_text().strip()) if marker.is_file() else None
     if name == "all":
         return Path(args.teacher)
-    if name == "quarter":
-        marker = Path(args.out) / "teacher-quarter.path"
-        return Path(marker.read_text().strip()) if marker.is_file() else None
     path = Path(args.out) / "teacher-b1" / "last.safetensors"
     return path if finished_run(path.parent) is not None else None
+
+
+def ensure_onnx_teacher(name: str, args: argparse.Namespace) -> Path:
+    """Teacher ``name`` as ONNX: ``segkd export`` of its checkpoint (fp32, dynamic H/W, verified against PyTorch by
+    ONNX Runtime) to ``OUT/teacher-<name>-onnx/<checkpoint sha256>.onnx``. Named by the checkpoint's sha256, so a
+    new teacher is a new file and an existing export is reused; the export writes atomically (a killed one leaves
+    nothing, and the next start exports again). Its path goes to ``OUT/teacher-<name>-onnx.path`` for the other
+    lanes."""
+    from segkd.export.onnx_export import ExportConfig, export_checkpoint
+
+    src = teacher_path(name, args)
+    out = Path(args.out) / f"teacher-{name}-onnx" / f"{file_sha256(src)}.onnx"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"== teacher: segkd export of teacher {name!r} to ONNX", file=sys.stderr, flush=True)
+        export_checkpoint(src, out, ExportConfig(threads=args.threads, progress=False))
+    atomic_write_text(Path(args.out) / f"teacher-{name}-onnx.path", f"{out}\n")
+    return out
+
+
+def teacher_identity(weights: str | Path) -> dict[str, Any]:
+    """What a summary records of a teacher file: its sha256, or for a segkd ONNX export the sha256 of the
+    checkpoint it came from (the teacher's identity, as the teachers table has it) and the ONNX file's own."""
+    from segkd.onnxrt import segkd_onnx_metadata
+
+    path = Path(weights)
+    if path.suffix != ".onnx":
+        return {"sha256": file_sha256(path)}
+    found = segkd_onnx_metadata(path)
+    source = found[1].get("checkpoint_sha256") if found is not None and found[1] else None
+    if not source:
+        raise SystemExit(f"{path}: not a segkd export (no checkpoint_sha256 in its metadata); the protocol's ONNX "
+                         "teachers are made by ensure_onnx_teacher")
+    return {"sha256": source, "format": "onnx", "onnx_sha256": file_sha256(path)}
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -365,6 +414,8 @@ def prepare(args: argparse.Namespace) -> None:
     if any(getattr(r, "teacher", None) == "quarter" for r, _ in args.jobs):
         path = ensure_quarter_teacher(args)
         atomic_write_text(Path(args.out) / "teacher-quarter.path", f"{path}\n")
+    for name in sorted({r.teacher for r, _ in args.jobs if isinstance(r, Row) and r.onnx and r.teacher}):
+        ensure_onnx_teacher(name, args)
     atomic_write_text(Path(args.out) / "prepared", "ok\n")
 
 
@@ -377,11 +428,14 @@ def config(row: Row, seed: int, args: argparse.Namespace, teacher: Path | None =
         return TrainConfig(model=row.model, **common)
     extra: dict[str, Any] = {}
     if row.teacher is not None:
-        model = TEACHERS[row.teacher]["model"]
-        extra = {"teacher": model, "teacher_weights": str(teacher or teacher_path(row.teacher, args))}
+        weights = str(teacher or teacher_path(row.teacher, args, row.onnx))
+        # an ONNX file is its own model (--teacher is refused beside it)
+        extra = {"teacher": None if row.onnx else TEACHERS[row.teacher]["model"], "teacher_weights": weights}
         if row.cache:
             extra["teacher_cache"] = str(Path(args.out) / ("teacher-cache" if row.teacher == "all"
                                                            else f"teacher-cache-{row.teacher}"))
+            if row.onnx:  # keyed by the ONNX file: a folder of its own
+                extra["teacher_cache"] += "-onnx"
             if row.cache_topk:  # a top-K cache is keyed apart from the full one: a folder of its own
                 extra["teacher_cache"] += f"-top{row.cache_topk}"
                 extra["cache_topk"] = row.cache_topk
@@ -436,7 +490,7 @@ def write_summary(row: Row, seed: int, cfg: TrainConfig, doc: dict[str, Any], ar
     s, out = doc["summary"], Path(cfg.out)
     teacher = None
     if getattr(cfg, "teacher_weights", None):
-        teacher = {"name": row.teacher, "sha256": file_sha256(Path(cfg.teacher_weights))}  # type: ignore[attr-defined]
+        teacher = {"name": row.teacher, **teacher_identity(cfg.teacher_weights)}  # type: ignore[attr-defined]
     roles = {role: {"miou": s["final"][role]["miou"], "best": s["best"][role]["miou"],
                     "per_class_iou": s["final"][role].get("per_class_iou"), "curve": val_curve(out, role)}
              for role in s["final"]}
@@ -452,8 +506,9 @@ def write_summary(row: Row, seed: int, cfg: TrainConfig, doc: dict[str, Any], ar
 
 def row_spec(row: Row) -> dict[str, Any]:
     """What a row is besides the trainer's options: which data, unlabeled images, teacher, cache, schedule."""
-    return {"data": row.data, "unlabeled": row.unlabeled, "teacher": row.teacher,
+    spec = {"data": row.data, "unlabeled": row.unlabeled, "teacher": row.teacher,
             "cache": bool(row.cache and row.teacher), "peer": row.peer, "schedule": row.schedule}
+    return {**spec, "teacher_format": "onnx"} if row.onnx else spec  # the other rows' summaries predate the key
 
 
 def check_summary(rec: dict[str, Any], row: Row, cfg: TrainConfig, sha: str | None, where: Path,
@@ -486,7 +541,7 @@ def check_summary(rec: dict[str, Any], row: Row, cfg: TrainConfig, sha: str | No
 
 def job_done(row: Row, seed: int, cfg: TrainConfig, args: argparse.Namespace) -> bool:
     """A committed summary (or, for legacy-ok rows, a legacy one) or a finished run directory."""
-    sha = file_sha256(Path(cfg.teacher_weights)) if getattr(cfg, "teacher_weights", None) else None  # type: ignore[attr-defined]
+    sha = teacher_identity(cfg.teacher_weights)["sha256"] if getattr(cfg, "teacher_weights", None) else None  # type: ignore[attr-defined]
     for path in [summary_path(args, row.name, seed)] + [legacy_path(args, row.name, seed)] * row.legacy_ok:
         if path.is_file():
             check_summary(json.loads(path.read_text()), row, cfg, sha, path, args.data_fingerprint, seed)
@@ -502,7 +557,7 @@ def job_done(row: Row, seed: int, cfg: TrainConfig, args: argparse.Namespace) ->
 
 def _run_teacher_sha(doc: dict[str, Any]) -> str | None:
     path = doc["config"].get("teacher_weights")
-    return file_sha256(Path(path)) if path and Path(path).is_file() else None
+    return teacher_identity(path)["sha256"] if path and Path(path).is_file() else None
 
 
 def run_job(row: Row | str, seed: int, args: argparse.Namespace) -> None:
@@ -576,6 +631,7 @@ def collect(table: list[Row], args: argparse.Namespace) -> dict[str, Any]:
                     "miou": r["miou"], "best": r["best"], "spread": flat_spread(r["curve"], rec["iters"]),
                     "curve": r["curve"], "per_class_iou": r["per_class_iou"], "wall_s": rec["wall_s"],
                     "iters": rec["iters"], "teacher_sha256": (rec.get("teacher") or {}).get("sha256"),
+                    "teacher_onnx_sha256": (rec.get("teacher") or {}).get("onnx_sha256"),
                     "initial_weights_sha256": init, "legacy": rec.get("legacy"),
                     "start": _start_label(rec, row, role, init, starts.get(key))}
     return res
@@ -663,11 +719,13 @@ def _row_line(row: Row, name: str, res: dict[str, Any], teachers: dict[str, Any]
     method = (row.method or "CE alone") + "".join(f" {k}={v}" for k, v in row.opts.items())
     method += "" if row.method is None or row.peer or row.note else (
         (f" (top-{row.cache_topk} cache)" if row.cache_topk else " (cache)") if row.cache else " (online)")
+    if row.onnx:
+        method += ", ONNX Runtime teacher"
     if row.schedule > 1:
         method += f", {row.schedule}x schedule"
     data = ("1/4 labelled" + (" + 3/4 unlabeled" if row.unlabeled else "")) if row.data == "quarter" \
         else "all labelled"
-    teacher = "—" if row.teacher is None else f"{row.teacher}"
+    teacher = "—" if row.teacher is None else f"{row.teacher}" + (" (as ONNX)" if row.onnx else "")
     label = name + (f" [{row.peer}]" if peer else "")
     vals = res.get(name, {})
     if not vals:
@@ -702,6 +760,7 @@ def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args
         miou = f"{100 * t['val_miou']:.2f}" if t.get("val_miou") is not None else "not made yet"
         sha = f"`{t['sha256'][:16]}…`" if t.get("sha256") else "—"
         lines.append(f"| {name} | {t['model']} | {t['labels']} | {t['selection']} | {miou} | {sha} |")
+    lines += onnx_teacher_lines(table, res, teachers)
     lines += [
         "", "## Rows", "",
         "val mIoU = final val mIoU, mean ± sample std over seeds (n seeds, each listed); best val = the best periodic "
@@ -735,6 +794,20 @@ def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args
               f"Environment: Python {platform.python_version()}, torch {torch.__version__}, {args.threads} thread(s) "
               "per process, two processes on the 2-core machine.", ""]
     return "\n".join(lines)
+
+
+def onnx_teacher_lines(table: list[Row], res: dict[str, Any], teachers: dict[str, Any]) -> list[str]:
+    """Below the teachers table: each teacher some row distilled from as ONNX, with the sha256 of the export(s)
+    its runs recorded (the checkpoint's sha256 is the teacher's, in the table)."""
+    lines = []
+    for name in sorted({r.teacher for r in table if r.onnx and r.teacher}):
+        found = sorted({v["teacher_onnx_sha256"] for r in table if r.onnx and r.teacher == name
+                        for v in res.get(r.name, {}).values() if v.get("teacher_onnx_sha256")})
+        files = ", ".join(f"`{h[:16]}…`" for h in found) or "not made yet"
+        lines.append(f"\nTeacher {name} **as ONNX** (rows marked `{name} (as ONNX)`): its checkpoint "
+                     f"(`{str(teachers.get(name, {}).get('sha256', '?'))[:16]}…`) exported by `segkd export` (fp32, "
+                     f"dynamic H/W, verified against PyTorch) and run by ONNX Runtime; ONNX sha256: {files}.")
+    return lines
 
 
 def teacher_table(args: argparse.Namespace) -> dict[str, Any]:

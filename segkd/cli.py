@@ -25,6 +25,7 @@ from typer.core import TyperGroup
 from segkd import __version__
 from segkd.cliopts import ParameterSource, get_current_context  # one place that knows where click lives
 from segkd.errors import SegkdError
+from segkd.options import IMG_SUFFIX_HELP, SEG_SUFFIX_HELP
 from segkd.textout import make_console
 
 try:  # typer >= 0.20 vendors its own click
@@ -705,15 +706,21 @@ def data_inspect_cmd(
                                                     "omitted.")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Classes of a folder dataset without a class file.")] = None,
     ignore_index: Annotated[int, typer.Option(help="Label value that marks void pixels.")] = 255,
+    img_suffix: Annotated[str | None, typer.Option(help=IMG_SUFFIX_HELP)] = None,
+    seg_suffix: Annotated[str | None, typer.Option(help=SEG_SUFFIX_HELP)] = None,
     as_json: JsonFlag = False,
     json_out: JsonOutOption = None,
 ) -> None:
     """Splits, image sizes, class pixel frequencies and every unreadable or inconsistent file (exit 1 if any)."""
     from segkd.data import inspect_dataset, resolve_data_root
+    from segkd.data.datasets import check_name_suffixes
     from segkd.data.report import render_inspect
 
+    with option_values():
+        check_name_suffixes(img_suffix, seg_suffix)
     json_output = JsonOutput(as_json, json_out)
-    report = inspect_dataset(resolve_data_root(root), data_format, num_classes, ignore_index, progress=True)
+    report = inspect_dataset(resolve_data_root(root), data_format, num_classes, ignore_index, progress=True,
+                             img_suffix=img_suffix, seg_suffix=seg_suffix)
     json_output.emit(report, lambda view: render_inspect(report, view))
     if report["problems"]:
         raise SegkdError(f"{root}: {len(report['problems'])} problem(s) found, first: {report['problems'][0]}")

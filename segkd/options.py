@@ -26,3 +26,11 @@ def option(default: Any = MISSING, help: str = "", *flags: str, machine: bool = 
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# Help of the dataset file-name options, shared by every command that reads a dataset (train, distill, eval,
+# export --int8 and data inspect): one text, here because those commands sit on several floors.
+IMG_SUFFIX_HELP = ("End of the image file names, extension included, as mmseg's img_suffix (e.g. .jpg or "
+                   "_leftImg8bit.png); other files are ignored. folder and mmseg formats (default: every image file).")
+SEG_SUFFIX_HELP = ("End of the label file names, as mmseg's seg_map_suffix (e.g. _mask.png): NAME + it labels the "
+                   "image NAME + --img-suffix; other files are ignored. folder and mmseg formats (default: detected).")

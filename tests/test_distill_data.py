@@ -155,7 +155,8 @@ def test_stale_cache_is_refused_with_one_line(tiny: dict[str, Path], tmp_path: P
     for change, msg in ((dict(mean=[0.5, 0.5, 0.5]), "built with mean/std"),
                         (dict(num_classes=4), "built for 3 classes, not 4"),
                         (dict(taps={"layer3": 8}), "holds no 'layer3' tap"),
-                        (dict(input="90x120"), "teacher input native, not")):
+                        (dict(input="90x120"), "teacher input native, not"),
+                        (dict(dtype="float32"), "stored as float16, this run asks for --cache-dtype float32")):
         bad = tc.CacheKey(**{**vars(key), **change})
         with pytest.raises(SegkdError, match=msg):
             tc.build_cache(root, bad, images, model, data.mean, data.std, progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from conftest import random_teacher
 from torch import nn
 
+from segkd.checkpoint import file_sha256
 from segkd.data.synth import synthesize
 from segkd.errors import SegkdError
 from segkd.export.onnx_export import ExportConfig, export_checkpoint
@@ -52,6 +54,27 @@ def test_segkd_export_and_pytorch_build_agreeing_caches(tiny: dict[str, Path], t
     assert sorted(onnx) == sorted(ref) and len(ref) == 6
     delta = max(float((onnx[k] - ref[k]).abs().max()) for k in ref)
     assert delta <= 1e-3 and tuple(ref[next(iter(ref))].shape) == (K, 4, 6)  # stride 8 of a 32x48 image
+
+
+def test_fp32_caches_show_the_agreement_fp16_storage_rounds_away(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """--cache-dtype float32 stores the teachers' own values: the ONNX and PyTorch caches then agree to fp32 noise,
+    where fp16 storage would differ by a whole fp16 step wherever two nearly equal values straddle a rounding
+    boundary. The shards hold float32 tensors and the cache is keyed apart from an fp16 one."""
+    from safetensors import safe_open
+
+    caches = {name: tmp_path / name for name in ("onnx", "pt")}
+    onnx = _cache_logits(_cfg(tiny, tmp_path, teacher_cache=str(caches["onnx"]), cache_dtype="float32"))
+    ref = _cache_logits(_cfg(tiny, tmp_path, teacher="deeplabv3-resnet18", teacher_weights=str(tiny["ckpt"]),
+                             teacher_cache=str(caches["pt"]), cache_dtype="float32"))
+    assert sorted(onnx) == sorted(ref) and max(float((onnx[k] - ref[k]).abs().max()) for k in ref) <= 1e-4
+    for root in caches.values():
+        shard = next(root.glob("shard-*.safetensors"))
+        with safe_open(str(shard), framework="pt") as f:
+            assert {f.get_tensor(n).dtype for n in f.keys()} == {torch.float32}
+    with pytest.raises(SegkdError, match="stored as float32, this run asks for --cache-dtype float16"):
+        _cache_logits(_cfg(tiny, tmp_path, teacher_cache=str(caches["onnx"])))
+    with pytest.raises(SegkdError, match="--cache-dtype float64: one of float16, float32, with --teacher-cache"):
+        _cfg(tiny, tmp_path, teacher_cache=str(caches["onnx"]), cache_dtype="float64").check()
 
 
 def test_normalisation_is_converted_to_the_teachers(tiny: dict[str, Path]) -> None:
@@ -180,3 +203,26 @@ def test_onnx_teacher_flags_are_checked(tiny: dict[str, Path], tmp_path: Path) -
     with pytest.raises(SegkdError, match="describe an ONNX teacher; --teacher-weights .* is a checkpoint"):
         _cfg(tiny, tmp_path, teacher="deeplabv3-resnet18", teacher_weights=str(tiny["ckpt"]),
              teacher_mean="0.5,0.5,0.5", teacher_std="1,1,1").check()
+
+
+def test_the_cache_agreement_benchmark_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """benchmarks/onnx_cache_agreement.py on the tiny set: export, four cache builds, per-image figures, the docs
+    section (written twice: replaced, not appended)."""
+    from benchmarks.onnx_cache_agreement import BEGIN, main
+
+    docs, out = tmp_path / "bench.md", tmp_path / "agree.json"
+    docs.write_text("# page\n\nkept\n")
+    args = ["--data", str(tiny["data"]), "--teacher", str(tiny["ckpt"]), "--work", str(tmp_path / "w"),
+            "--json", str(out), "--docs", str(docs)]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["image_size"] == [32, 48] and doc["teacher"]["checkpoint_sha256"] == file_sha256(tiny["ckpt"])
+    for dtype in ("float16", "float32"):
+        res = doc["storage"][dtype]
+        assert len(res["per_image"]) == 6 and {r["tensors"][0] for r in res["per_image"]} == {"logits"}
+        assert all(r["values"] == K * 4 * 6 and 0 <= r["argmax_agreement"] <= 1 for r in res["per_image"])
+    f32 = doc["storage"]["float32"]["summary"]
+    assert f32["passes"] and f32["max_abs"] <= 1e-4 and doc["passes"]
+    assert main(args) == 0  # the second run finds the export and the caches and only compares
+    text = docs.read_text()
+    assert text.startswith("# page\n\nkept\n") and text.count(BEGIN) == 1 and "| float32 |" in text

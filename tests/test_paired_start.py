@@ -124,3 +124,22 @@ def test_the_b0_draw_of_the_first_table_is_unchanged(seed: int, prefix: str) -> 
     initial-weights hash. Those runs' student was the first draw after seeding; these are the sha256 of that draw as
     the first table's code (commit 4328eb7) builds it, recomputed by an audit: the draw must not move."""
     assert weights_sha256(build_student(seed, lambda: create_model("segformer-b0", num_classes=11))).startswith(prefix)
+
+
+def test_the_timm_student_starts_the_same_alone_and_from_an_onnx_teacher(setup: dict[str, Path],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CamVid protocol's quarter-mnv3 / quarter-mnv3-kd+unl pair: the LR-ASPP MobileNetV3 student trained alone
+    and distilled (kd) from an ONNX teacher through the cache with unlabeled images start from one draw."""
+    from segkd.export.onnx_export import ExportConfig, export_checkpoint
+
+    root, model = setup["root"], "lraspp-mobilenetv3_large_100"
+    onnx = root / "teacher.onnx"
+    export_checkpoint(setup["teacher"], onnx, ExportConfig(size="32x48", progress=False))
+    common = dict(model=model, data=str(setup["data"]), seed=3, iters=2, batch=2, crop="32x32", workers=0,
+                  device="cpu", progress=False)
+    alone = _initial_student(monkeypatch, run_train, TrainConfig(out=str(root / "mnv3-train"), **common))
+    kd = _initial_student(monkeypatch, run_distill, DistillConfig(
+        method="kd", teacher_weights=str(onnx), teacher_cache=str(root / "cache-onnx"), unlabeled=str(setup["unl"]),
+        out=str(root / "mnv3-kd"), **common))
+    assert alone[1] == kd[1] == weights_sha256(build_student(3, lambda: create_model(model, num_classes=K)))
+    assert alone[0].keys() == kd[0].keys() and all(torch.equal(alone[0][k], kd[0][k]) for k in alone[0])

@@ -56,7 +56,7 @@ def test_jobs_run_the_clean_label_scarce_rows_first(rc: ModuleType) -> None:
     assert {r.name for r in table if r.legacy_ok} == {"b0", "kd-online", "dml", "r18", "quarter-b0",
                                                      "quarter-kd+unl-t367", "quarter-c2vkd+unl-t367"}
     assert {r.name for r in table if r.data == "quarter" and r.unlabeled and r.teacher == "quarter"} == {
-        "quarter-kd+unl", "quarter-cwd+unl", "quarter-dkd+unl", "quarter-c2vkd+unl"}
+        "quarter-kd+unl", "quarter-cwd+unl", "quarter-dkd+unl", "quarter-c2vkd+unl", "quarter-mnv3-kd+unl"}
 
 
 def test_gpu_recipe_refuses_without_cuda(rc: ModuleType, capsys: pytest.CaptureFixture) -> None:
@@ -68,17 +68,19 @@ def test_gpu_recipe_refuses_without_cuda(rc: ModuleType, capsys: pytest.CaptureF
 
 
 def test_gpu_recipe_dry_run_on_cpu(rc: ModuleType, tmp_path: Path) -> None:
-    """The recipe end to end (two spawned lanes: splits, the quarter teacher trained as a protocol step, teacher
-    caches, train, cached KD with unlabeled images; committed summaries; the report) for 2 iterations on CPU, on an
-    8-image synthetic set with a random 'all' teacher. Then: summaries count as done on a machine without the run
-    directories, and a restart with another teacher for finished rows is refused."""
+    """The recipe end to end (two spawned lanes: splits, the quarter teacher trained and exported to ONNX as protocol
+    steps, teacher caches, train, cached KD with unlabeled images from the checkpoint and from the ONNX teacher;
+    committed summaries; the report) for 2 iterations on CPU, on an 8-image synthetic set with a random 'all'
+    teacher. Then: summaries count as done on a machine without the run directories, and a restart with another
+    teacher for finished rows is refused."""
     import shutil
 
     data = synthesize(tmp_path / "data", n_train=8, n_val=2, size=(32, 48), num_classes=3, seed=1)
     teacher = random_teacher(tmp_path / "t.safetensors", 3, seed=0)
     out, docs, summ = tmp_path / "runs", tmp_path / "results.md", tmp_path / "summaries"
     base = ["--gpu-recipe", "--dry-run", "--out", str(out), "--data", str(data), "--teacher", str(teacher),
-            "--quarter-teacher", "train", "--seeds", "0", "--only", "b0,kd,quarter-b0,quarter-kd+unl",
+            "--quarter-teacher", "train", "--seeds", "0", "--only",
+            "b0,kd,quarter-b0,quarter-kd+unl,quarter-mnv3,quarter-mnv3-kd+unl",
             "--docs", str(docs), "--json", str(tmp_path / "results.json"), "--summaries", str(summ), "--no-progress"]
     assert rc.main(base) == 0
     assert len(list((out / "data" / "camvid-quarter" / "images" / "train").iterdir())) == 2  # every 4th of 8
@@ -93,7 +95,20 @@ def test_gpu_recipe_dry_run_on_cpu(rc: ModuleType, tmp_path: Path) -> None:
     rows = doc["rows"]
     assert rows["quarter-kd+unl"]["0"]["teacher_sha256"] == q["sha256"]
     assert rows["kd"]["0"]["teacher_sha256"] == file_sha256(teacher)
-    assert {rows[n]["0"]["start"] for n in ("b0", "kd", "quarter-b0", "quarter-kd+unl")} == {"paired"}
+    assert {rows[n]["0"]["start"] for n in ("b0", "kd", "quarter-b0", "quarter-kd+unl", "quarter-mnv3",
+                                            "quarter-mnv3-kd+unl")} == {"paired"}
+    # the ONNX teacher: the export of the quarter checkpoint, named by its sha256; the summary records both files
+    onnx = out / "teacher-quarter-onnx" / f"{q['sha256']}.onnx"
+    assert (out / "teacher-quarter-onnx.path").read_text().strip() == str(onnx)
+    mnv3 = json.loads((summ / "quarter-mnv3-kd_unl_s0.json").read_text())
+    assert mnv3["teacher"] == {"name": "quarter", "sha256": q["sha256"], "format": "onnx",
+                               "onnx_sha256": file_sha256(onnx)}
+    assert mnv3["protocol_config"]["model"] == "lraspp-mobilenetv3_large_100"
+    assert rows["quarter-mnv3-kd+unl"]["0"]["teacher_onnx_sha256"] == file_sha256(onnx)
+    assert doc["stats"]["quarter-mnv3-kd+unl"]["delta"]["baseline"] == "quarter-mnv3"
+    assert (out / "teacher-cache-quarter-onnx" / "cache.json").exists()
+    assert "| quarter-mnv3-kd+unl | quarter (as ONNX) | kd (cache), ONNX Runtime teacher |" in text
+    assert f"ONNX sha256: `{file_sha256(onnx)[:16]}…`" in text
     assert (out / "teacher-cache" / "cache.json").exists() and (out / "teacher-cache-quarter" / "cache.json").exists()
     # a new machine: no run directories, only the committed summaries: nothing is trained again
     kept = shutil.copy(out / "teacher-quarter" / "last.safetensors", tmp_path / "quarter.safetensors")
@@ -114,13 +129,12 @@ def test_gpu_recipe_dry_run_on_cpu(rc: ModuleType, tmp_path: Path) -> None:
         rc.main([*base, "--spawn", "1", "--iters", "3", "--only", "b0"])
 
 
-def test_top_k_cache_rows_come_last_and_use_their_own_cache(rc: ModuleType, tmp_path: Path) -> None:
+def test_top_k_cache_rows_use_their_own_cache(rc: ModuleType, tmp_path: Path) -> None:
     import argparse
 
     table = rc.rows()
     jobs = [(r if isinstance(r, str) else r.name, s) for r, s in rc.jobs(table)]
-    assert jobs[-6:] == [("kd-top2", 0), ("dkd-top2", 0), ("kd-top2", 1), ("dkd-top2", 1), ("kd-top2", 2),
-                         ("dkd-top2", 2)]  # after everything else: running lanes keep their order
+    assert jobs[-3:] == [("dkd-top2", 0), ("dkd-top2", 1), ("dkd-top2", 2)]  # after everything else
     by_name = {r.name: r for r in table}
     args = argparse.Namespace(out=str(tmp_path), data="d", no_progress=True, protocol=rc.Protocol())
     for name, full in (("kd-top2", "kd"), ("dkd-top2", "dkd")):
@@ -138,3 +152,37 @@ def test_top_k_cache_rows_come_last_and_use_their_own_cache(rc: ModuleType, tmp_
         rc.check_summary({"seed": 0, "protocol_config": rc.protocol_config(ref)}, by_name[name], top, None, tmp_path)
     line = rc._row_line(by_name["kd-top2"], "kd-top2", {}, {})
     assert "| kd (top-2 cache) |" in line and "not run yet" in line
+
+
+def test_the_timm_student_rows(rc: ModuleType, tmp_path: Path) -> None:
+    """quarter-mnv3 is quarter-b0 with the LR-ASPP MobileNetV3 student; quarter-mnv3-kd+unl is quarter-kd+unl with
+    that student and the quarter teacher given as ONNX (its own cache folder), paired with quarter-mnv3. In the
+    run order they follow kd-top2, which follows the kd/cwd group."""
+    import argparse
+
+    table = rc.rows()
+    by_name = {r.name: r for r in table}
+    jobs = [(r if isinstance(r, str) else r.name, s) for r, s in rc.jobs(table)]
+    start = jobs.index(("cwd", 2)) + 1
+    assert jobs[start:start + 9] == [("kd-top2", 0), ("kd-top2", 1), ("kd-top2", 2),
+                                     ("quarter-mnv3", 0), ("quarter-mnv3-kd+unl", 0), ("quarter-mnv3", 1),
+                                     ("quarter-mnv3-kd+unl", 1), ("quarter-mnv3", 2), ("quarter-mnv3-kd+unl", 2)]
+    assert jobs[start + 9] == ("b0", 3)
+    alone, kd = by_name["quarter-mnv3"], by_name["quarter-mnv3-kd+unl"]
+    assert (alone.seeds, kd.seeds, kd.baseline, kd.teacher, kd.onnx) == (3, 3, "quarter-mnv3", "quarter", True)
+    args = argparse.Namespace(out=str(tmp_path), data="d", no_progress=True, protocol=rc.Protocol())
+    onnx = tmp_path / "teacher-quarter-onnx" / "abc.onnx"
+    pairs = (("quarter-mnv3", "quarter-b0", None), ("quarter-mnv3-kd+unl", "quarter-kd+unl", onnx))
+    for name, ref_name, teacher in pairs:
+        cfg = rc.config(by_name[name], 1, args, teacher=teacher)
+        ref = rc.config(by_name[ref_name], 1, args, teacher=Path("q.safetensors") if teacher else None)
+        assert cfg.model == "lraspp-mobilenetv3_large_100" and ref.model == "segformer-b0"
+        differ = {k for k in vars(ref) if vars(ref)[k] != vars(cfg)[k]}
+        assert differ == ({"model", "out"} | ({"teacher", "teacher_weights", "teacher_cache"} if teacher else set()))
+    assert (cfg.teacher, cfg.teacher_weights) == (None, str(onnx))  # an ONNX file is its own model
+    assert cfg.teacher_cache == f"{ref.teacher_cache}-onnx" and cfg.unlabeled == ref.unlabeled
+    assert rc.row_spec(kd) == {**rc.row_spec(by_name["quarter-kd+unl"]), "teacher_format": "onnx"}
+    assert "teacher_format" not in rc.row_spec(by_name["quarter-kd+unl"])  # committed summaries keep matching
+    line = rc._row_line(kd, kd.name, {}, {})
+    assert "| quarter-mnv3-kd+unl | quarter (as ONNX) | kd (cache), ONNX Runtime teacher | 1/4 labelled + 3/4 " \
+           "unlabeled | not run yet |" in line

@@ -73,6 +73,8 @@ class Format:
     splits: tuple[str, ...] = ("train", "val")
     suffix_luts: Callable[[int], dict[str, np.ndarray]] = _no_suffix_luts
     find_splits: Callable[[Path], tuple[str, ...]] | None = None  # splits present on disk (default: ``splits``)
+    # formats that pair files by name in two folders: (root, split, --img-suffix, --seg-suffix) -> the listing
+    list_named: Callable[[Path, str, str | None, str | None], Listing] | None = None
 
     def splits_in(self, root: Path) -> tuple[str, ...]:
         """The splits ``inspect`` looks at: those found on disk when the format can tell, else the usual ones."""
@@ -101,38 +103,92 @@ def label_suffix(image_stems: set[str], label_stems: list[str]) -> str:
     return ""
 
 
-def _pair_by_stem(img_dir: Path, lab_dir: Path, img_suffix: str = "", lab_suffix: str = "") -> Listing:
-    """Pair ``img_dir/NAME{img_suffix}.*`` with ``lab_dir/NAME{lab_suffix}.png``."""
+NAME_SUFFIX_FORMATS = ("folder", "mmseg")  # the formats --img-suffix/--seg-suffix apply to
+
+
+def check_name_suffixes(img_suffix: str | None, seg_suffix: str | None) -> None:
+    """``--img-suffix``/``--seg-suffix`` as mmseg's ``img_suffix``/``seg_map_suffix``: the end of the file names,
+    extension included (``.jpg``, ``_mask.png``); labels are PNG files. One line naming the option otherwise.
+
+    Why the extension is part of it (mmseg's choice): ``NAME_leftImg8bit.png`` and ``NAME.jpg`` are then one
+    option each, and the options also pick the files (a folder may hold other files, e.g. colour previews)."""
+    for flag, value, exts in (("--img-suffix", img_suffix, IMAGE_EXTS), ("--seg-suffix", seg_suffix, (".png",))):
+        if value is None:
+            continue
+        if "/" in value or "\\" in value or not value.lower().endswith(exts):
+            kinds = "an image extension (" + ", ".join(exts) + ")" if len(exts) > 1 else "'.png' (labels are PNG)"
+            raise SegkdError(f"{flag} {value!r}: the end of the file names, extension included, ending in {kinds}; "
+                             f"e.g. {'.jpg' if flag == '--img-suffix' else '_mask.png'}")
+
+
+def _files_ending(folder: Path, suffix: str) -> list[tuple[str, Path]]:
+    """``(name without suffix, path)`` of the files of ``folder`` whose name ends with ``suffix`` (exactly)."""
+    return [(p.name[: -len(suffix)], p) for p in sorted(folder.iterdir())
+            if p.is_file() and p.name.endswith(suffix) and len(p.name) > len(suffix)]
+
+
+def _detected_labels(lab_dir: Path, names: set[str], problems: list[str]) -> tuple[dict[str, Path], str]:
+    """The PNG labels of ``lab_dir`` by the name they label, and the suffix :func:`label_suffix` found (non-PNG
+    files are problems)."""
+    lab_files = _images_in(lab_dir)
+    found = label_suffix(names, [p.stem for p in lab_files if p.suffix.lower() == ".png"])
+    labels: dict[str, Path] = {}
+    for lab in lab_files:
+        if lab.suffix.lower() != ".png":
+            problems.append(f"{lab}: labels must be PNG files (class indices, losslessly stored)")
+        elif lab.stem.endswith(found):
+            labels[lab.stem.removesuffix(found)] = lab
+    return labels, found
+
+
+def _suffix_problem(img_dir: Path, lab_dir: Path, images: list[tuple[str, Path]], labels: dict[str, Path],
+                    img_suffix: str | None, seg_suffix: str | None, lab_end: str) -> str | None:
+    """One line naming the folder and the suffix when an explicit suffix leaves a split without a pair."""
+    if img_suffix and not images and any(p.is_file() for p in img_dir.iterdir()):
+        return f"{img_dir}: no file name ends with --img-suffix {img_suffix!r}"
+    if seg_suffix and not labels and any(p.is_file() for p in lab_dir.iterdir()):
+        return f"{lab_dir}: no file name ends with --seg-suffix {seg_suffix!r}"
+    if (img_suffix or seg_suffix) and images and labels and not any(n in labels for n, _ in images):
+        given = " and ".join(f"{f} {v!r}" for f, v in (("--img-suffix", img_suffix), ("--seg-suffix", seg_suffix))
+                             if v)
+        name, img = images[0]
+        return (f"{lab_dir}: no label pairs with an image of {img_dir} under {given} ({img.name} would need "
+                f"{name}{lab_end})")
+    return None
+
+
+def _pair_by_stem(img_dir: Path, lab_dir: Path, img_suffix: str | None = None,
+                  seg_suffix: str | None = None) -> Listing:
+    """Pair ``img_dir/NAME{img_suffix}`` with ``lab_dir/NAME{seg_suffix}``. Without ``img_suffix`` every image file
+    counts and NAME is its stem; without ``seg_suffix`` labels are the PNG files, named NAME or NAME plus the
+    suffix :func:`label_suffix` detects. Files that do not end with a given suffix are ignored."""
     problems: list[str] = []
     if not img_dir.is_dir():
         return Listing([], [f"{img_dir}: image folder not found"])
     if not lab_dir.is_dir():
         return Listing([], [f"{lab_dir}: label folder not found"])
-    labels: dict[str, Path] = {}
-    lab_files = _images_in(lab_dir)
-    if not lab_suffix:
-        lab_suffix = label_suffix({p.stem.removesuffix(img_suffix) for p in _images_in(img_dir)},
-                                  [p.stem for p in lab_files if p.suffix.lower() == ".png"])
-    for lab in lab_files:
-        if lab.suffix.lower() != ".png":
-            problems.append(f"{lab}: labels must be PNG files (class indices, losslessly stored)")
-            continue
-        if lab.stem.endswith(lab_suffix):
-            labels[lab.stem.removesuffix(lab_suffix)] = lab
+    images = _files_ending(img_dir, img_suffix) if img_suffix else [(p.stem, p) for p in _images_in(img_dir)]
+    if seg_suffix:
+        labels, found, lab_end = dict(_files_ending(lab_dir, seg_suffix)), seg_suffix[:-4], seg_suffix
+    else:
+        labels, found = _detected_labels(lab_dir, {n for n, _ in images}, problems)
+        lab_end = found + ".png"
+    wrong = _suffix_problem(img_dir, lab_dir, images, labels, img_suffix, seg_suffix, lab_end)
+    if wrong:
+        return Listing([], [wrong], found)
     pairs = []
     seen: set[str] = set()
-    for img in _images_in(img_dir):
-        stem = img.stem.removesuffix(img_suffix)
-        lab = labels.get(stem)
-        if stem in seen:
-            problems.append(f"{img}: another image in {img_dir} has the same name stem {stem!r}")
+    for name, img in images:
+        lab = labels.get(name)
+        if name in seen:
+            problems.append(f"{img}: another image in {img_dir} has the same name {name!r}")
         elif lab is None:
-            problems.append(f"{img}: missing label {lab_dir / (stem + lab_suffix + '.png')}")
+            problems.append(f"{img}: missing label {lab_dir / (name + lab_end)}")
         else:
             pairs.append((img, lab))
-            seen.add(stem)
+            seen.add(name)
     problems += [f"{p}: label without an image in {img_dir}" for s, p in sorted(labels.items()) if s not in seen]
-    return Listing(pairs, problems, lab_suffix)
+    return Listing(pairs, problems, found)
 
 
 def _read_classes_file(root: Path) -> dict | None:
@@ -224,7 +280,8 @@ def _subfolders(folder: Path) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------------------------- the formats
 def _split_folders(name: str, images: str, labels: str) -> Format:
-    """A layout of ``ROOT/<images>/SPLIT`` and ``ROOT/<labels>/SPLIT`` paired by stem, classes as for ``folder``."""
+    """A layout of ``ROOT/<images>/SPLIT`` and ``ROOT/<labels>/SPLIT`` paired by name (``--img-suffix`` and
+    ``--seg-suffix`` apply), classes as for ``folder``."""
     return Format(
         name,
         detect=lambda r: (r / images).is_dir() and (r / labels).is_dir(),
@@ -232,6 +289,7 @@ def _split_folders(name: str, images: str, labels: str) -> Format:
         classes=_folder_classes,
         lut=C.identity_lut,
         find_splits=lambda r: _subfolders(r / images),
+        list_named=lambda r, s, i, g: _pair_by_stem(r / images / s, r / labels / s, i, g),
     )
 
 
@@ -502,11 +560,20 @@ class SegDataset(Dataset):
         return self.transform(img, lab, rng)
 
 
-def list_split(root: str | Path, split: str, fmt: str | None = None) -> tuple[str, Listing]:
-    """``(format name, pairs + pairing problems)`` of one split; detects the format unless ``fmt`` names it."""
+def list_split(root: str | Path, split: str, fmt: str | None = None, img_suffix: str | None = None,
+               seg_suffix: str | None = None) -> tuple[str, Listing]:
+    """``(format name, pairs + pairing problems)`` of one split; detects the format unless ``fmt`` names it.
+    ``img_suffix``/``seg_suffix`` (:func:`check_name_suffixes`) apply to the formats that pair files by name."""
     root = Path(root)
     name = DATASETS.canonical(fmt) if fmt else detect_format(root)
-    return name, DATASETS.get(name).list_split(root, split)
+    spec = DATASETS.get(name)
+    if img_suffix is None and seg_suffix is None:
+        return name, spec.list_split(root, split)
+    if spec.list_named is None:
+        flag = "--img-suffix" if img_suffix is not None else "--seg-suffix"
+        raise SegkdError(f"{flag}: {root} is a {name} dataset, whose file names its format fixes; the option "
+                         f"applies to the {' and '.join(NAME_SUFFIX_FORMATS)} formats")
+    return name, spec.list_named(root, split, img_suffix, seg_suffix)
 
 
 def dataset_info(root: str | Path, fmt: str, num_classes: int | None = None, ignore_index: int = 255) -> DatasetInfo:
@@ -516,12 +583,14 @@ def dataset_info(root: str | Path, fmt: str, num_classes: int | None = None, ign
 
 
 def build_dataset(root: str | Path, split: str = "train", fmt: str | None = None, transform: Transform | None = None,
-                  num_classes: int | None = None, ignore_index: int = 255, seed: int = 0) -> SegDataset:
-    """A split of a dataset root, its format detected unless ``fmt`` names it. Fails on the first bad pairing."""
+                  num_classes: int | None = None, ignore_index: int = 255, seed: int = 0,
+                  img_suffix: str | None = None, seg_suffix: str | None = None) -> SegDataset:
+    """A split of a dataset root, its format detected unless ``fmt`` names it, its files named as
+    ``img_suffix``/``seg_suffix`` say (:func:`list_split`). Fails on the first bad pairing."""
     root = Path(root)
     if not root.is_dir():
         raise SegkdError(f"{root}: dataset folder not found")
-    name, listing = list_split(root, split, fmt)
+    name, listing = list_split(root, split, fmt, img_suffix, seg_suffix)
     if listing.problems:
         raise SegkdError(listing.problems[0] + (f" (+{len(listing.problems) - 1} more problems; run `segkd data "
                                                   "inspect`)" if len(listing.problems) > 1 else ""))

@@ -82,22 +82,24 @@ def validate_dataset(ds: SegDataset, full: bool = False, progress: bool = False)
 
 def inspect_dataset(root: str | Path, fmt: str | None = None, num_classes: int | None = None,
                     ignore_index: int = 255, splits: tuple[str, ...] | None = None,
-                    progress: bool = False) -> dict:
-    """Splits, image sizes, class pixel frequencies and *every* unreadable or inconsistent file.
+                    progress: bool = False, img_suffix: str | None = None, seg_suffix: str | None = None) -> dict:
+    """Splits, image sizes, class pixel frequencies and *every* unreadable or inconsistent file; files named as
+    ``img_suffix``/``seg_suffix`` say (``--img-suffix``/``--seg-suffix``, :func:`~segkd.data.datasets.list_split`).
 
     Unlike ``build_dataset``/``validate_dataset`` it never stops at a problem: each one is one line in
     ``report["problems"]`` and the statistics cover the pairs that loaded. A split that does not exist is skipped.
     """
     root = Path(root)
-    name, _ = list_split(root, "train", fmt)
+    name, _ = list_split(root, "train", fmt, img_suffix, seg_suffix)
     spec = DATASETS.get(name)
     info = dataset_info(root, name, num_classes, ignore_index)
     report: dict = {"root": str(root), "format": name, "num_classes": info.num_classes,
-                    "class_names": info.class_names, "ignore_index": ignore_index, "splits": {}, "problems": []}
+                    "class_names": info.class_names, "ignore_index": ignore_index, "img_suffix": img_suffix,
+                    "seg_suffix": seg_suffix, "splits": {}, "problems": []}
     wanted = splits or spec.splits_in(root)
     missing: list[str] = []
     for split in wanted:
-        _, listing = list_split(root, split, name)
+        _, listing = list_split(root, split, name, img_suffix, seg_suffix)
         if not listing.pairs and not listing.problems:  # the split's folders exist but hold no image
             report["problems"].append(f"{root}: split {split!r} has no images (its folders are empty)")
             continue

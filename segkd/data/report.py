@@ -10,8 +10,11 @@ from segkd.textout import print_table
 
 def render_inspect(report: dict, console: Console) -> None:
     """Header line, one table of class pixel shares per split, image sizes, then every problem."""
+    given = ", ".join(f"{flag} {report[key]!r}" for flag, key in (("--img-suffix", "img_suffix"),
+                                                                    ("--seg-suffix", "seg_suffix")) if report.get(key))
     console.print(f"[bold]{report['root']}[/]: {report['format']} dataset, {report['num_classes']} classes, "
-                  f"ignore index {report['ignore_index']}", highlight=False)
+                  f"ignore index {report['ignore_index']}" + (f", files named by {given}" if given else ""),
+                  highlight=False)
     splits = report["splits"]
     if splits:
         table = Table(title="class pixel share (% of all pixels)")

@@ -43,8 +43,9 @@ class StoredTargets:
     """The teacher cache's entries for a batch of crops, as stored, with what the warp needs; the task warps them
     on the training device (:func:`segkd.methods.teacher_cache.warp_stored`), one ``grid_sample`` per tensor kind.
 
-    ``maps``: stored name -> ``B x C x h x w`` as the shard holds it (fp16 ``logits``, or the top-K triple
-    ``logits_top``/``logits_top_index``/``logits_rest``; fp16 taps), each image's map edge-padded to the batch's
+    ``maps``: stored name -> ``B x C x h x w`` as the shard holds it (``logits``, or the top-K triple
+    ``logits_top``/``logits_top_index``/``logits_rest``; taps; fp16, or fp32 with ``--cache-dtype float32``), each
+    image's map edge-padded to the batch's
     largest ``h x w`` (:meth:`join`); ``sizes``: stored name -> ``B x 2`` int64, each image's own ``h, w``;
     ``geometry``: ``B x 11`` int64 rows of each crop's :class:`~segkd.data.transforms.Geometry`
     (:func:`~segkd.methods.teacher_cache.geometry_row`); ``strides``: target name (``logits``, taps) -> stride of the

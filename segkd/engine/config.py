@@ -22,11 +22,12 @@ from typing import Any
 
 import yaml
 
+from segkd.data.datasets import check_name_suffixes
 from segkd.engine.distributed import check_device
 from segkd.engine.schedule import lr_factor
 from segkd.engine.task import OptimConfig
 from segkd.errors import SegkdError
-from segkd.options import option
+from segkd.options import IMG_SUFFIX_HELP, SEG_SUFFIX_HELP, option
 from segkd.shapes import parse_hw
 
 CONFIG_FILE = "config.yaml"
@@ -69,6 +70,8 @@ class TrainConfig:
     model: str = option("segformer-b0", "Zoo model to train, e.g. segformer-b0.", "--model", "-m", required=True)
     data: str = option("synth", "Dataset root, or 'synth' for the built-in procedural dataset.", path="dir")
     data_format: str | None = option(None, "Dataset format (default: detected from the root).")
+    img_suffix: str | None = option(None, IMG_SUFFIX_HELP)
+    seg_suffix: str | None = option(None, SEG_SUFFIX_HELP)
     num_classes: int | None = option(None, "Classes, for the 'folder' format.")
     ignore_index: int = option(255, "Label value ignored by the loss and the metrics.")
     out: str = option("runs/train", "Run directory for checkpoints and logs.", "--out", "-o", path="out")
@@ -107,7 +110,8 @@ class TrainConfig:
                              "'native' size (logits upsampled).")
     progress: bool = option(True, "A progress bar on a terminal; --no-progress prints plain log lines.",
                             machine=True)
-    threads: int | None = option(None, "CPU threads for torch (default: torch's).", machine=True)
+    threads: int | None = option(None, "CPU threads for torch and an ONNX teacher's ONNX Runtime (default: theirs).",
+                                 machine=True)
     keep: str = option("best,last,resume", "What a finished run keeps: best, last, resume (comma-separated); all "
                        "are written while it runs. resume.pt is about 3x a checkpoint.", machine=True)
 
@@ -137,6 +141,7 @@ class TrainConfig:
             if getattr(self, opt) is not None:
                 parse_hw(getattr(self, opt), f"--{opt}")
         parse_scale(self.scale)
+        check_name_suffixes(self.img_suffix, self.seg_suffix)
         if self.val_labels not in ("resized", "native"):
             raise SegkdError(f"--val-labels must be resized or native, got {self.val_labels!r}")
 

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from segkd.data import build_dataset, build_eval_transform, resolve_data_root
+from segkd.data.datasets import check_name_suffixes
 from segkd.engine.config import check_machine_values
 from segkd.engine.distributed import init_distributed
 from segkd.engine.inference import make_predictor, parse_resize, parse_scales, resolve_input_size
@@ -45,7 +46,7 @@ from segkd.errors import SegkdError
 from segkd.models import zoo_stride
 from segkd.models.base import upsample_logits
 from segkd.models.loading import load_model
-from segkd.options import option
+from segkd.options import IMG_SUFFIX_HELP, SEG_SUFFIX_HELP, option
 from segkd.provenance import provenance
 from segkd.shapes import check_min_size, model_stride, parse_hw
 from segkd.textout import print_table
@@ -289,6 +290,9 @@ class EvalConfig(InferenceOptions):
     data: str | None = option(None, "Dataset root, or 'synth' for the built-in procedural dataset (the default, with "
                               "a note saying so).")
     data_format: str | None = option(None, "Dataset format (default: detected from the root).")
+    img_suffix: str | None = option(None, IMG_SUFFIX_HELP + " Without either suffix option, --data the checkpoint "
+                                    "was trained on is read with its run's.")
+    seg_suffix: str | None = option(None, SEG_SUFFIX_HELP)
     split: str = option("val", "Split to evaluate.")
     val_labels: str | None = option(None, "Score against labels 'resized' with the input or at their 'native' size "
                                     "(logits upsampled), like training's --val-labels (default: the checkpoint's).")
@@ -304,6 +308,7 @@ class EvalConfig(InferenceOptions):
                 raise SegkdError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         check_machine_values(self.workers)
         super().check()
+        check_name_suffixes(self.img_suffix, self.seg_suffix)
         if self.val_labels not in (None, "resized", "native"):
             raise SegkdError(f"--val-labels must be resized or native, got {self.val_labels!r}")
 
@@ -360,9 +365,12 @@ def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset
     setup = prepare_inference(source, cfg, cfg.val_labels)
     predict, meta, kind, size, info = setup.predict, setup.meta, setup.kind, setup.size, setup.info
     given = dataset
-    dataset = _eval_dataset(source, cfg, dataset, size.resize, meta, size.val_labels)
-    if given is None and note is not None and info.rank == 0 and size.from_checkpoint:  # checks passed: say it
-        note(size.note)
+    names = run_suffixes(cfg, meta, source) if given is None else NameSuffixes()
+    dataset = _eval_dataset(source, cfg, dataset, size.resize, meta, size.val_labels, names)
+    if given is None and note is not None and info.rank == 0:  # checks passed: say what the checkpoint chose
+        for line in (size.note if size.from_checkpoint else None, names.note):
+            if line:
+                note(line)
     ds_ignore = _dataset_classes(dataset)[1]
     indices = list(range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]
     loader = DataLoader(Subset(dataset, indices) if info.world_size > 1 else dataset, batch_size=cfg.batch,
@@ -376,6 +384,7 @@ def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset
         "source": str(source), "kind": kind, "model": meta.model,
         "data": str(cfg.data) if cfg.data is not None else None,
         "data_format": getattr(getattr(dataset, "info", None), "format", cfg.data_format), "split": cfg.split,
+        "img_suffix": names.img, "seg_suffix": names.seg,
         "resize": list(size.resize) if size.resize and given is None else None,
         "val_labels": size.val_labels if given is None else None, "input_size": size.note if given is None else None,
         "mode": cfg.mode,
@@ -388,15 +397,45 @@ def run_eval(source: str | Path, cfg: EvalConfig | None = None, dataset: Dataset
     return result
 
 
+@dataclass(frozen=True)
+class NameSuffixes:
+    """The ``--img-suffix``/``--seg-suffix`` an evaluation reads its dataset with, and the line saying where they
+    came from when the checkpoint's run chose them."""
+
+    img: str | None = None
+    seg: str | None = None
+    note: str | None = None
+
+
+def run_suffixes(cfg: EvalConfig, meta: Any, source: str | Path) -> NameSuffixes:
+    """``cfg``'s suffix options; when neither is given and ``--data`` is the dataset the checkpoint was trained on,
+    the ones its run read it with (the run arguments a checkpoint records, as its config.yaml holds them). Only
+    on that dataset: another root may name its files otherwise, and a suffix wrong there would refuse it."""
+    if cfg.img_suffix is not None or cfg.seg_suffix is not None or cfg.data is None:
+        return NameSuffixes(cfg.img_suffix, cfg.seg_suffix)
+    args = getattr(meta, "args", None)
+    if not isinstance(args, dict) or not (args.get("img_suffix") or args.get("seg_suffix")):
+        return NameSuffixes()
+    trained_on = str(args.get("data"))
+    same = trained_on == str(cfg.data) or ("synth" not in (trained_on, str(cfg.data)) and
+                                           Path(trained_on).expanduser().resolve() == Path(str(cfg.data)).resolve())
+    if not same:
+        return NameSuffixes()
+    img, seg = args.get("img_suffix"), args.get("seg_suffix")
+    given = " ".join(f"{flag} {v}" for flag, v in (("--img-suffix", img), ("--seg-suffix", seg)) if v)
+    return NameSuffixes(img, seg, f"file names: {given} (how the run of {Path(source).name} read this dataset)")
+
+
 def _eval_dataset(source: str | Path, cfg: EvalConfig, dataset: Dataset | None, resize: tuple[int, int] | None,
-                  meta: Any, val_labels: str = "resized") -> Dataset:
-    """The dataset to score (given, or built from ``cfg.data`` with the checkpoint's normalisation), checked to
-    hold samples of the model's classes."""
+                  meta: Any, val_labels: str = "resized", names: NameSuffixes = NameSuffixes()) -> Dataset:
+    """The dataset to score (given, or built from ``cfg.data`` with the checkpoint's normalisation, its files
+    named as ``names`` says), checked to hold samples of the model's classes."""
     if dataset is None:
         if cfg.data is None:
             raise SegkdError("--data is required (a dataset root, or 'synth')")
         dataset = build_eval_dataset(cfg.data, cfg.data_format, cfg.split, resize, meta,
-                                     resize_labels=val_labels == "resized")
+                                     resize_labels=val_labels == "resized", img_suffix=names.img,
+                                     seg_suffix=names.seg)
     ds_classes = _dataset_classes(dataset)[0]
     if ds_classes is not None and ds_classes != meta.num_classes:
         where = f"the dataset {cfg.data}" if cfg.data is not None else "the dataset"
@@ -419,7 +458,8 @@ def _save_hook(out_dir: Path, dataset: Any, indices: list[int], meta: Any) -> Ba
 
 
 def build_eval_dataset(data: str | Path, data_format: str | None, split: str, resize: tuple[int, int] | None,
-                       meta: Any, resize_labels: bool = True) -> Dataset:
+                       meta: Any, resize_labels: bool = True, img_suffix: str | None = None,
+                       seg_suffix: str | None = None) -> Dataset:
     """The evaluation split through the data package, normalised with the checkpoint's mean/std (labels resized
     with the images unless ``resize_labels=False``: then scored at their stored size, as ``--val-labels native``).
 
@@ -430,11 +470,12 @@ def build_eval_dataset(data: str | Path, data_format: str | None, split: str, re
     root = resolve_data_root(str(data))
     transform = build_eval_transform(resize=resize, mean=list(meta.mean), std=list(meta.std),
                                      resize_labels=resize_labels)
+    common = {"fmt": data_format, "transform": transform, "ignore_index": meta.ignore_index,
+              "img_suffix": img_suffix, "seg_suffix": seg_suffix}
     try:  # the dataset's own class list first, so a mismatch with the checkpoint is reported as such
-        return build_dataset(root, split, fmt=data_format, transform=transform, ignore_index=meta.ignore_index)
+        return build_dataset(root, split, **common)
     except SegkdError:  # e.g. a folder dataset without a class file: the checkpoint's class count applies
-        return build_dataset(root, split, fmt=data_format, transform=transform, num_classes=meta.num_classes,
-                             ignore_index=meta.ignore_index)
+        return build_dataset(root, split, num_classes=meta.num_classes, **common)
 
 
 def report_names(model_names: Sequence[str] | None, dataset: Any) -> list[str] | None:

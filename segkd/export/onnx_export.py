@@ -41,10 +41,11 @@ from torch import Tensor, nn
 
 from segkd import __version__
 from segkd.checkpoint import META_KEY, atomic_write, file_sha256
+from segkd.data.datasets import check_name_suffixes
 from segkd.errors import GateFailure, SegkdError
 from segkd.export.runtime import EXPORT_KEY, parse_providers, probe_providers
 from segkd.models.loading import load_model
-from segkd.options import option
+from segkd.options import IMG_SUFFIX_HELP, SEG_SUFFIX_HELP, option
 from segkd.safeio import remove_dead_tmps, segkd_tempdir
 from segkd.shapes import check_min_size, hw_text, model_stride, parse_hw, parse_shape, trained_size
 
@@ -94,6 +95,8 @@ class ExportConfig:
     resize: str | None = option(None, "--int8: resize calibration and evaluation images to HxW (default: the size "
                                       "the checkpoint was validated at, else as stored; 'native' = as stored).")
     data_format: str | None = option(None, "--int8: dataset format (default: detected).")
+    img_suffix: str | None = option(None, "--int8: " + IMG_SUFFIX_HELP)
+    seg_suffix: str | None = option(None, "--int8: " + SEG_SUFFIX_HELP)
     progress: bool = option(True, "Progress bars on a terminal.")
 
     def check(self) -> None:
@@ -112,6 +115,7 @@ class ExportConfig:
             raise SegkdError(f"--threads must be >= 0, got {self.threads}")
         for opt in ("size", "resize"):
             parse_hw(getattr(self, opt), f"--{opt}")
+        check_name_suffixes(self.img_suffix, self.seg_suffix)
         for opt in ("static", "trt_min", "trt_max"):
             if getattr(self, opt):
                 parse_shape(getattr(self, opt), f"--{opt.replace('_', '-')}")

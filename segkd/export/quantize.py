@@ -82,7 +82,8 @@ def calibration_batches(cfg: Any, meta: Any, fold: bool, progress: bool = True) 
     from segkd.engine.inference import parse_resize
 
     resize = parse_resize(cfg.resize)
-    dataset = build_eval_dataset(cfg.data, cfg.data_format, cfg.calib_split, resize, meta)
+    dataset = build_eval_dataset(cfg.data, cfg.data_format, cfg.calib_split, resize, meta,
+                                 img_suffix=cfg.img_suffix, seg_suffix=cfg.seg_suffix)
     found = len(dataset)  # type: ignore[arg-type]
     if found < cfg.calib_images:
         raise SegkdError(f"--data {cfg.data}: split {cfg.calib_split!r} has {found} images, fewer than "
@@ -202,7 +203,7 @@ def evaluate_miou(path: Path, cfg: Any, progress: bool) -> tuple[float, int]:
     from segkd.engine.evaluate import run_eval
 
     result = run_eval(path, data=cfg.data, data_format=cfg.data_format, split=cfg.eval_split, resize=cfg.resize,
-                      device="cpu", progress=progress)
+                      img_suffix=cfg.img_suffix, seg_suffix=cfg.seg_suffix, device="cpu", progress=progress)
     return 100.0 * float(result.miou), int(result.n_images)
 
 

@@ -17,8 +17,9 @@ Layout of ``DIR``::
     cache.json               manifest: teacher (model, sha256 of the weights file), normalisation, teacher input
                              size, taps with their strides and channels, the image set (sha256 of every image
                              file, its shard), the shards and the sha256 of each shard file
-    shard-00000.safetensors  ``<image sha256>.logits`` / ``<image sha256>.<tap>`` tensors, C x h x w, fp16; its
-                             header metadata holds the cache key's digest (teacher, weights, classes, ...)
+    shard-00000.safetensors  ``<image sha256>.logits`` / ``<image sha256>.<tap>`` tensors, C x h x w, fp16 (fp32
+                             with ``--cache-dtype float32``); its header metadata holds the cache key's digest
+                             (teacher, weights, classes, ...)
 
 What the key covers, and why: a cache answers "what does *this* teacher say about *this* image", so it is keyed by
 the teacher checkpoint's sha256, the normalisation, the teacher's input size (``native``: the stored image size)
@@ -55,6 +56,12 @@ of what is exact):
   confident pixels, where the tempered tail matters most.
 
 The top-K setting is part of the key: a top-2 cache never serves a full-logit run, nor the reverse.
+
+Storage precision (``--cache-dtype``, part of the key): fp16 by default, half the bytes, each value rounded to
+2^-11 of its magnitude (0.0078 at a logit of 15: far below what a distillation loss can tell). ``float32`` stores the
+teacher's values exactly, for when two caches are to be compared: two teachers that agree to 1e-5 in fp32 (an ONNX
+export and its checkpoint) differ by a whole fp16 step wherever their values straddle a rounding boundary, so only
+fp32 caches show their agreement (benchmarks/onnx_cache_agreement.py).
 
 Where the cache is approximate (also in docs/methods.md):
 
@@ -111,6 +118,7 @@ MANIFEST = "cache.json"
 FORMAT = "segkd-teacher-cache"
 VERSION = 2  # 2: per-shard sha256 and key digest, tap channels (v1 caches are refused: build anew)
 SHARD_SIZE = 32
+CACHE_DTYPES = ("float16", "float32")  # --cache-dtype: how logits and taps are stored
 # what a top-K cache (K < classes) changes for each method's loss: printed in one line when such a cache serves it
 TOPK_NOTES = {
     "kd": "exact at temperature 1 on the top-K classes and the rest's mass; at T > 1 the tail's tempered mass is "
@@ -137,6 +145,7 @@ class CacheKey:
     logit_stride: int
     input: str = "native"
     topk: int = 0  # --cache-topk: classes stored per cell (0: all, full logits)
+    dtype: str = "float16"  # --cache-dtype: how logits and taps are stored
 
     def mismatch(self, other: dict[str, Any]) -> str | None:
         """A one-phrase reason why the manifest ``other`` does not serve this key, or None."""
@@ -157,6 +166,9 @@ class CacheKey:
         if other.get("topk", 0) != self.topk:
             return (f"built with {_topk_words(other.get('topk', 0))}, this run asks for {_topk_words(self.topk)}; use "
                     "another --teacher-cache folder (or the cache's --cache-topk)")
+        if other.get("dtype", "float16") != self.dtype:
+            return (f"stored as {other.get('dtype')}, this run asks for --cache-dtype {self.dtype}; use another "
+                    "--teacher-cache folder (or the cache's --cache-dtype)")
         have = other.get("taps", {})
         missing = [t for t in self.taps if t not in have]
         if missing:
@@ -201,6 +213,8 @@ def key_digest(manifest: dict[str, Any]) -> str:
              manifest["input"], manifest["logit_stride"]]
     if manifest.get("topk", 0):  # appended only when set: full-logit v2 caches keep their digest
         parts.append(["topk", manifest["topk"]])
+    if manifest.get("dtype", "float16") != "float16":  # likewise: fp16 caches keep theirs
+        parts.append(["dtype", manifest["dtype"]])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -293,18 +307,19 @@ class TeacherCache:
 TOPK_TENSORS = ("logits_top", "logits_top_index", "logits_rest")
 
 
-def encode_logits(z: Tensor, topk: int = 0) -> dict[str, Tensor]:
-    """What a shard stores of one image's ``C x h x w`` logits: ``logits`` in fp16, or with ``topk`` the K largest
-    logits (fp16), their class indices (uint8 up to 256 classes, else int16) and the other classes' logsumexp
-    (fp16, ``1 x h x w``; -inf when K = C). The rest is computed in fp32 from the unrounded logits."""
+def encode_logits(z: Tensor, topk: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
+    """What a shard stores of one image's ``C x h x w`` logits: ``logits`` in ``dtype`` (fp16 by default), or with
+    ``topk`` the K largest logits (``dtype``), their class indices (uint8 up to 256 classes, else int16) and the
+    other classes' logsumexp (``dtype``, ``1 x h x w``; -inf when K = C). The rest is computed in fp32 from the
+    unrounded logits."""
     if not topk:
-        return {"logits": z.half().contiguous()}
+        return {"logits": z.to(dtype).contiguous()}
     c = z.shape[0]
     top, index = z.float().topk(topk, dim=0)
     rest = z.float().scatter(0, index, float("-inf")).logsumexp(0, keepdim=True)
-    return {"logits_top": top.half().contiguous(),
+    return {"logits_top": top.to(dtype).contiguous(),
             "logits_top_index": index.to(torch.uint8 if c <= 256 else torch.int16).contiguous(),
-            "logits_rest": rest.half().contiguous()}
+            "logits_rest": rest.to(dtype).contiguous()}
 
 
 def densify(top: Tensor, index: Tensor, rest: Tensor, num_classes: int) -> Tensor:
@@ -371,6 +386,8 @@ def _malformed(doc: Any) -> str | None:
         return "every tap must be {stride: int}"
     if not isinstance(doc.get("topk", 0), int) or doc.get("topk", 0) < 0:
         return f"'topk' must be an int >= 0, got {doc.get('topk')!r}"
+    if doc.get("dtype", "float16") not in CACHE_DTYPES:
+        return f"'dtype' must be one of {', '.join(CACHE_DTYPES)}, got {doc.get('dtype')!r}"
     return None
 
 
@@ -446,7 +463,7 @@ def _new_manifest(key: CacheKey) -> dict[str, Any]:
             "teacher": {"model": key.teacher, "weights_sha256": key.weights_sha256, "num_classes": key.num_classes},
             "mean": list(key.mean), "std": list(key.std), "input": key.input,
             "taps": {t: {"stride": s} for t, s in key.taps.items()}, "logit_stride": key.logit_stride,
-            "topk": key.topk, "dtype": "float16", "images": {}, "shards": [], "shard_sha256": {}}
+            "topk": key.topk, "dtype": key.dtype, "images": {}, "shards": [], "shard_sha256": {}}
 
 
 def _forget_missing_shards(root: Path, manifest: dict[str, Any]) -> None:
@@ -538,15 +555,17 @@ def fill(root: Path, manifest: dict[str, Any], jobs: list[tuple[str, list[CacheI
 
 def _teacher_tensors(im: CacheImage, manifest: dict[str, Any], teacher: torch.nn.Module, mean: Sequence[float],
                      std: Sequence[float], device: torch.device) -> dict[str, Tensor]:
-    """What a shard holds of one image: its encoded logits and every tap of the cache, fp16 on the CPU."""
+    """What a shard holds of one image: its encoded logits and every tap of the cache, in the cache's dtype (fp16
+    unless ``--cache-dtype float32``) on the CPU."""
     img = im.load()
     x, _ = to_tensors(img, img[..., 0], mean, std)
     taps = list(manifest["taps"])
     out = teacher_targets(teacher, taps, x[None].to(device))
+    dtype = getattr(torch, manifest.get("dtype", "float16"))
     tensors = {f"{im.sha256}.{n}": t.cpu()  # encoded on the device: only K maps cross over
-               for n, t in encode_logits(out.logits[0], int(manifest.get("topk", 0))).items()}
+               for n, t in encode_logits(out.logits[0], int(manifest.get("topk", 0)), dtype).items()}
     for tap, value in out.features.items():
-        tensors[f"{im.sha256}.{tap}"] = value[0].half().cpu().contiguous()
+        tensors[f"{im.sha256}.{tap}"] = value[0].to(dtype).cpu().contiguous()
     return tensors
 
 

@@ -172,14 +172,16 @@ def _probe(path: Path, session: Any) -> tuple[int, int]:
 
 def load_onnx_teacher(path: str | Path, num_classes: int, run_mean: Sequence[float], run_std: Sequence[float],
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                      providers: str | Sequence[str] = ("cpu",), gpu: int | None = None) -> OnnxTeacher:
+                      providers: str | Sequence[str] = ("cpu",), gpu: int | None = None,
+                      threads: int = 0) -> OnnxTeacher:
     """The :class:`OnnxTeacher` of ``path`` for a run normalising with ``run_mean``/``run_std`` on a dataset of
-    ``num_classes``; ``mean``/``std`` describe a foreign file's input. Each mismatch is one line naming the file."""
+    ``num_classes``; ``mean``/``std`` describe a foreign file's input; ``threads``: ONNX Runtime's intra-op threads
+    (the run's ``--threads``; 0 = its default). Each mismatch is one line naming the file."""
     path = Path(path)
     found = segkd_onnx_metadata(path)
     meta, export = found if found is not None else (None, None)
     model_input = _model_input(path, export, meta, mean, std)
-    session = create_session(path, providers, gpu=gpu)
+    session = create_session(path, providers, threads=threads, gpu=gpu)
     _check_graph(path, session)
     classes, stride = _probe(path, session)
     if meta is not None:

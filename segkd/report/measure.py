@@ -84,7 +84,7 @@ def resolve_teachers(runs: list[Run], teacher: Path | None) -> tuple[list[Teache
     return refs, notes
 
 
-VAL_SETTINGS = ("data", "data_format", "resize", "val_labels", "val_split")
+VAL_SETTINGS = ("data", "data_format", "img_suffix", "seg_suffix", "resize", "val_labels", "val_split")
 
 
 def shown_as_run(ref: TeacherRef, runs: list[Run]) -> str | None:
@@ -163,7 +163,7 @@ def val_dataset(run: Run, data: str | None, resize: bool = True, mean: Any = Non
                               resize_labels=resize and cfg.get("val_labels", "resized") == "resized")
     return build_dataset(root, cfg.get("val_split", "val"), fmt=cfg.get("data_format"),
                          num_classes=cfg.get("num_classes"), ignore_index=int(cfg.get("ignore_index", 255)),
-                         transform=tf)
+                         transform=tf, img_suffix=cfg.get("img_suffix"), seg_suffix=cfg.get("seg_suffix"))
 
 
 def evaluate_teacher(entry: Entry, data: str | None) -> None:

@@ -26,7 +26,7 @@ from segkd.methods import METHODS, MethodSpec, check_pair, make_options, resolve
 from segkd.methods.base import logits_only_refusal
 from segkd.methods.distill_data import TEACHER_VIEWS, DistillDataset, UnlabeledImages
 from segkd.methods.task import DistillTask, OnlineTask, assemble_task
-from segkd.methods.teacher_cache import CacheKey, build_cache, topk_note
+from segkd.methods.teacher_cache import CACHE_DTYPES, CacheKey, build_cache, topk_note
 from segkd.models import MODELS, SegModel, create_model
 from segkd.models.flops import count_flops
 from segkd.models.loading import load_teacher, teacher_named_by
@@ -80,6 +80,9 @@ class DistillConfig(TrainConfig):
                                        path="out")
     cache_topk: int = option(0, "With --teacher-cache: store per pixel only the K largest teacher logits, their "
                              "classes and the rest's mass (0: every class, full logits); part of the cache's key.")
+    cache_dtype: str = option("float16", "With --teacher-cache: how logits and taps are stored, float16 (half the "
+                              "bytes, values rounded to 2^-11 of their size) or float32 (the teacher's values "
+                              "exactly); part of the cache's key.")
     unlabeled: str | None = option(None, "Folder of images without labels: they get only the distillation terms.",
                                    path="dir")
     unlabeled_ratio: int = option(1, "With --unlabeled: unlabeled images added to the batch per labelled one (the "
@@ -111,6 +114,9 @@ class DistillConfig(TrainConfig):
                              "not a directory")
         if self.cache_topk < 0 or (self.cache_topk and not self.teacher_cache):
             raise SegkdError(f"--cache-topk {self.cache_topk}: needs --teacher-cache and K >= 1 (0: full logits)")
+        if self.cache_dtype not in CACHE_DTYPES or (self.cache_dtype != "float16" and not self.teacher_cache):
+            raise SegkdError(f"--cache-dtype {self.cache_dtype}: one of {', '.join(CACHE_DTYPES)}, with "
+                             "--teacher-cache")
         if self.unlabeled_ratio < 1:
             raise SegkdError(f"--unlabeled-ratio must be >= 1, got {self.unlabeled_ratio}")
 
@@ -199,7 +205,8 @@ class DistillBuilder:
             mean, std = cfg.onnx_teacher_input()
             self.teacher = load_onnx_teacher(cfg.teacher_weights, data.num_classes, data.mean, data.std,  # type: ignore[arg-type]
                                              mean, std, cfg.teacher_providers or ("cuda" if cuda else "cpu"),
-                                             gpu=device.index if cuda else None)  # type: ignore[union-attr]
+                                             gpu=device.index if cuda else None,  # type: ignore[union-attr]
+                                             threads=cfg.threads or 0)
         elif self.teacher is None:
             self.teacher = load_teacher(cfg.teacher, cfg.teacher_weights, data.num_classes, data.mean,  # type: ignore[arg-type]
                                         data.std)
@@ -234,7 +241,8 @@ def cache_key(cfg: DistillConfig, teacher: SegModel, data: DataBundle) -> CacheK
         raise SegkdError(f"--cache-topk {cfg.cache_topk}: more than the dataset's {data.num_classes} classes")
     name = teacher.cache_name if isinstance(teacher, OnnxTeacher) else teacher.zoo_name
     return CacheKey(name, file_sha256(Path(cfg.teacher_weights)), data.num_classes,  # type: ignore[arg-type]
-                    list(data.mean), list(data.std), taps, int(teacher.output_stride), topk=cfg.cache_topk)
+                    list(data.mean), list(data.std), taps, int(teacher.output_stride), topk=cfg.cache_topk,
+                    dtype=cfg.cache_dtype)
 
 
 def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None,

@@ -47,7 +47,8 @@ def prepare_data(cfg: TrainConfig, info: DistInfo | None = None) -> DataBundle:
     train_tf = build_train_transform(crop=crop, scale=parse_scale(cfg.scale), flip=cfg.flip, jitter=cfg.jitter,
                                      resize=resize, mean=mean, std=std, ignore_index=cfg.ignore_index)
     eval_tf = build_eval_transform(resize=resize, mean=mean, std=std, resize_labels=cfg.val_labels == "resized")
-    common = {"fmt": cfg.data_format, "num_classes": cfg.num_classes, "ignore_index": cfg.ignore_index}
+    common = {"fmt": cfg.data_format, "num_classes": cfg.num_classes, "ignore_index": cfg.ignore_index,
+              "img_suffix": cfg.img_suffix, "seg_suffix": cfg.seg_suffix}
     train = build_dataset(root, cfg.train_split, transform=train_tf, seed=cfg.seed, **common)
     val = build_dataset(root, cfg.val_split, transform=eval_tf, seed=cfg.seed, **common)
     error: SegkdError | None = None
