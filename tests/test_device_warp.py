@@ -60,22 +60,22 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "teacher": random_teacher(root / "teacher.safetensors", K, seed=1)}
 
 
-def _dataset(setup: dict[str, Path], topk: int) -> DistillDataset:
+def _dataset(setup: dict[str, Path], topk: int, dtype: str = "float16") -> DistillDataset:
     """cwd with its feature term: the cache holds logits and the teacher's ``layer4`` (2 tensor kinds); crops
     larger than some rescaled images (padding), random rescale and flips."""
     cfg = DistillConfig(model="segformer-b0", method="cwd", method_opts={"feature": "true"},
                         teacher="deeplabv3-resnet18", teacher_weights=str(setup["teacher"]), data=str(setup["data"]),
                         crop="40x56", scale="0.6,1.6", iters=1, batch=2, workers=0, device="cpu", progress=False,
-                        out=str(setup["root"] / f"run{topk}"), teacher_cache=str(setup["root"] / f"cache{topk}"),
-                        cache_topk=topk)
+                        out=str(setup["root"] / f"run{topk}"),
+                        teacher_cache=str(setup["root"] / f"cache{topk}{dtype}"), cache_topk=topk, cache_dtype=dtype)
     ds = prepare_distill_data(cfg).train
     assert isinstance(ds, DistillDataset) and ds.cache is not None and ds.cache.topk == topk
     return ds
 
 
-@pytest.mark.parametrize("topk", [0, 2])
-def test_device_warp_equals_the_worker_warp(setup: dict[str, Path], topk: int) -> None:
-    ds = _dataset(setup, topk)
+@pytest.mark.parametrize(("topk", "dtype"), [(0, "float16"), (2, "float16"), (0, "float32")])
+def test_device_warp_equals_the_worker_warp(setup: dict[str, Path], topk: int, dtype: str) -> None:
+    ds = _dataset(setup, topk, dtype)
     assert ds.cache is not None and ds.taps == ["layer4"]
     seen_flip = seen_pad = seen_scale = False
     worst = 0.0
@@ -86,7 +86,7 @@ def test_device_warp_equals_the_worker_warp(setup: dict[str, Path], topk: int) -
         assert batch.stored is not None and batch.teacher is None
         stored = batch.stored.maps
         assert set(stored) == ({"logits"} if not topk else set(tc.TOPK_TENSORS)) | {"layer4"}
-        assert all(t.dtype != torch.float32 for t in stored.values())  # compact: fp16 / uint8, never warped
+        assert {t.dtype for t in stored.values()} <= {getattr(torch, dtype), torch.uint8}  # as stored, unwarped
         got = tc.warp_stored(batch.stored)
         for i in range(len(ds)):
             g = geometry_of(batch.stored.geometry[i])
