@@ -90,6 +90,29 @@ def test_supervised_task_needs_the_flag_only_for_an_idle_aux_head() -> None:
     assert not SupervisedTask(create_model("segformer-b0", num_classes=3)).find_unused_parameters(1)
 
 
+def test_the_trainer_asks_the_task_with_its_images_per_process(tmp_path: Path) -> None:
+    from segkd.engine.distributed import DistInfo
+    from segkd.engine.trainer import Trainer
+    from tests.test_train import bundle, cfg_for
+
+    asked: list[int] = []
+
+    class Asking(SupervisedTask):
+        def find_unused_parameters(self, local_batch: int) -> bool:
+            asked.append(local_batch)
+            return local_batch == 1
+
+    trainer = Trainer(Asking(create_model("segformer-b0", num_classes=2)), cfg_for(tmp_path, batch=4), bundle())
+    assert not trainer.find_unused()
+    trainer.info = DistInfo(world_size=4, enabled=True)  # what a 4-process run asks (nothing else reads it here)
+    assert trainer.find_unused() and asked == [4, 1]
+
+    class OldForm(SupervisedTask):  # the protocol's earlier plain attribute is still honoured
+        find_unused_parameters = True  # type: ignore[assignment]
+
+    assert Trainer(OldForm(create_model("segformer-b0", num_classes=2)), cfg_for(tmp_path), bundle()).find_unused()
+
+
 # ------------------------------------------------------------------------------------------- interrupt, resume
 def test_launch_command_names_torchrun_under_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
     from segkd.engine.distributed import DistInfo, launch_command

@@ -285,9 +285,10 @@ class Trainer:
 
     def find_unused(self) -> bool:
         """DDP's ``find_unused_parameters``: the task's answer for this run's images per process (the task
-        protocol's optional ``find_unused_parameters(local_batch)``; absent: False)."""
-        ask = getattr(self.task, "find_unused_parameters", None)
-        return bool(ask(self.cfg.batch // self.info.world_size)) if callable(ask) else False
+        protocol's optional ``find_unused_parameters(local_batch)``; a plain bool attribute, the protocol's older
+        form, is taken as it is; absent: False)."""
+        ask = getattr(self.task, "find_unused_parameters", False)
+        return bool(ask(self.cfg.batch // self.info.world_size)) if callable(ask) else bool(ask)
 
     def _check_finite(self, values: dict[str, float], what: str) -> None:
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
