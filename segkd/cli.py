@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -204,13 +205,21 @@ _RESUME_OWN = {"resume", "as_json", "json_out", "config", "method_opt", "iters"}
 
 def _print_run(summary: dict[str, Any], view: Console, *extra: str) -> None:
     """A run's speed, the files it left and their sizes (what ``--keep`` decides), then its small files."""
-    view.print(f"{summary['iterations']} iterations in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} "
-               "img/s)")
+    view.print(f"{run_span(summary)} in {summary['wall_time_s']:.1f} s ({summary['img_s']:.1f} img/s)")
     from segkd.textout import human_size
 
     files = ", ".join(f"{path} ({human_size(size)})" for path, size in summary["files"].items())
     view.print(f"wrote {files}", highlight=False)
     view.print("wrote " + ", ".join(f"{summary['out']}/{name}" for name in ("run.json", *extra)), highlight=False)
+
+
+def run_span(summary: dict[str, Any]) -> str:
+    """What the throughput line's time covers: ``N iterations``, or after a resume the iterations run since it
+    (``iterations 5-6 of 6 (2 since the resume at 4)``), so the img/s reads against the right count."""
+    start, end = int(summary.get("resumed_from", 0)), int(summary["iterations"])
+    if not start:
+        return f"{end} iterations"
+    return f"iterations {start + 1}-{end} of {end} ({end - start} since the resume at {start})"
 
 
 def _warn_ignored_on_resume(values: dict[str, Any], resume: Path) -> None:
@@ -759,7 +768,8 @@ def main() -> None:
     try:
         app()
     except SegkdError as e:
-        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # paths may hold [..]
+        if not e.silent:  # under torchrun rank 0 says it for every rank
+            console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # paths may hold [..]
         sys.exit(e.exit_code)
     except OSError as e:  # read-only file system, disk full, permissions: the path, the cause, what was kept
         from segkd.safeio import os_error_message
@@ -767,7 +777,8 @@ def main() -> None:
         console.print(f"[red]error:[/] {escape(os_error_message(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        console.print("interrupted", highlight=False)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the Ctrl-C: one line, from rank 0
+            console.print("interrupted", highlight=False)
         sys.exit(130)
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 
 class SegkdError(Exception):
-    """Bad input or an impossible request. The CLI prints ``error: <message>`` and exits with ``exit_code``."""
+    """Bad input or an impossible request. The CLI prints ``error: <message>`` and exits with ``exit_code``;
+    ``silent`` errors exit without the line (under torchrun every rank raises, rank 0 alone says it)."""
 
     exit_code = 1
+    silent = False
 
 
 class GateFailure(SegkdError):

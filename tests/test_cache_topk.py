@@ -11,7 +11,7 @@ import torch
 
 from segkd.checkpoint import CheckpointMeta, save_checkpoint
 from segkd.data import synthesize
-from segkd.data.transforms import Geometry
+from segkd.data.transforms import Geometry, collate_pairs
 from segkd.engine.batch import Batch
 from segkd.errors import SegkdError
 from segkd.methods import teacher_cache as tc
@@ -167,10 +167,11 @@ def test_topk_cache_serves_a_distillation_step(tiny: dict[str, Path], tmp_path: 
     cfg = _cfg(tiny, tmp_path, method="dkd", cache_topk=2, teacher_cache=str(tmp_path / "c"))
     data = prepare_distill_data(cfg)
     assert "top-2 of 3 classes per pixel; dkd: TCKD" in capsys.readouterr().err
-    x, y, extras = data.train[0]
-    assert tuple(extras["teacher_logits"].shape) == (K, 32, 32)
+    batch = Batch.from_loader(collate_pairs([data.train[0]]))
+    assert batch.stored is not None and batch.stored.maps["logits_top"].dtype == torch.float16
+    assert tuple(tc.warp_stored(batch.stored).logits.shape) == (1, K, 32, 32)  # densified, then warped
     task = build_distill_task(cfg, data)
-    terms = task.losses(Batch.from_loader((x[None], y[None], {k: v[None] for k, v in extras.items()})))
+    terms = task.losses(batch)
     assert torch.isfinite(terms["loss"]) and float(terms["raw_dkd"]) > 0
 
 

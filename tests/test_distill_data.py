@@ -13,7 +13,7 @@ import torch
 from segkd.checkpoint import file_sha256
 from segkd.data import build_dataset, build_eval_transform, build_train_transform, synthesize
 from segkd.data.transforms import Geometry, TrainTransform, collate_pairs
-from segkd.engine.batch import Batch
+from segkd.engine.batch import Batch, StoredTargets
 from segkd.errors import SegkdError
 from segkd.methods import teacher_cache as tc
 from segkd.methods.distill_data import DistillDataset, UnlabeledImages, pseudo_labels
@@ -168,8 +168,9 @@ def test_cached_targets_replace_the_teacher_forward(tiny: dict[str, Path], tmp_p
     ds = data.train
     assert isinstance(ds, DistillDataset) and ds.cache is not None
     x, y, extras = ds[0]
-    assert set(extras) == {"teacher_logits", "tap.layer4", "inside"}
-    assert tuple(extras["teacher_logits"].shape) == (K, 32, 32) and tuple(extras["tap.layer4"].shape)[1:] == (4, 4)
+    assert set(extras) == {"teacher_stored", "inside"}  # the stored maps and the crop's geometry, unwarped
+    targets = tc.warp_stored(extras["teacher_stored"])
+    assert tuple(targets.logits.shape) == (1, K, 32, 32) and tuple(targets.features["layer4"].shape)[2:] == (4, 4)
     # with no rescale and no crop, the cached logits are the teacher's own upsampled logits on the clean image
     whole = build_dataset(tiny["data"], "train", transform=build_eval_transform())
     model = load_teacher("deeplabv3-resnet18", tiny["teacher1"], K)
@@ -185,8 +186,7 @@ def test_cached_targets_replace_the_teacher_forward(tiny: dict[str, Path], tmp_p
         raise AssertionError("the teacher ran although the batch carries cached targets")
 
     task.teacher.register_forward_pre_hook(refuse)
-    batch = {k: v[None] for k, v in extras.items()}
-    terms = task.losses(Batch.from_loader((x[None], y[None], batch)))
+    terms = task.losses(Batch.from_loader(collate_pairs([ds[0]])))
     assert torch.isfinite(terms["loss"]) and {"loss_pdd", "loss_vlfd_patch"} <= set(terms)
 
 
@@ -229,6 +229,16 @@ def test_pseudo_labels_by_hand() -> None:
     assert out.tolist() == [[[0, 255], [1, 1]], [[2, 1], [2, 255]]]
 
 
+def _pick(batch: Batch, rows: list[int]) -> Batch:
+    """The images ``rows`` of a batch (a stored teacher cache's rows too)."""
+    st = batch.stored
+    assert st is not None
+    stored = StoredTargets({k: v[rows] for k, v in st.maps.items()}, {k: v[rows] for k, v in st.sizes.items()},
+                           st.geometry[rows], st.strides, st.num_classes, st.topk)
+    return Batch(batch.images[rows], batch.labels[rows], inside=batch.inside[rows],  # type: ignore[index]
+                 labeled=batch.labeled[rows], stored=stored)  # type: ignore[index]
+
+
 def test_unlabeled_images_get_only_distillation_terms(tiny: dict[str, Path], tmp_path: Path) -> None:
     folder = tmp_path / "raw"
     folder.mkdir()
@@ -245,16 +255,15 @@ def test_unlabeled_images_get_only_distillation_terms(tiny: dict[str, Path], tmp
     assert sorted(set(partners)) == [0, 1]  # the 2 unlabelled images, cycled through a seeded permutation
     batch = collate_pairs([ds[0], ds[1]])
     assert tuple(batch[0].shape)[0] == 6 and batch[2]["labeled"].tolist() == [True, False, False] * 2
-    x, y, extras = x3[1], y3[1], {k: v[1] for k, v in e3.items()}
-    assert bool((y == 255).all()) and bool(extras["inside"].any())
+    group = Batch.from_loader((x3, y3, e3))
+    assert group.stored is not None and len(group.stored.geometry) == 3  # one stored entry per image of the group
+    assert bool((y3[1] == 255).all()) and bool(e3["inside"][1].any())
     task = build_distill_task(cfg, data)
-    terms = task.losses(Batch.from_loader((x[None], y[None], {k: v[None] for k, v in extras.items()})))
+    terms = task.losses(_pick(group, [1]))
     assert float(terms["raw_ce"]) == 0.0 and float(terms["raw_dkd"]) > 0.0  # no label: CE skips it, DKD does not
-    xl, yl, el = x3[0], y3[0], {k: v[0] for k, v in e3.items()}
     task.train(False)  # batch-norm statistics must not depend on the batch for this comparison
-    both = task.losses(Batch.from_loader((torch.stack([xl, x]), torch.stack([yl, y]),
-                                          {k: torch.stack([el[k], extras[k]]) for k in el})))
-    alone = task.losses(Batch.from_loader((xl[None], yl[None], {k: v[None] for k, v in el.items()})))
+    both = task.losses(_pick(group, [0, 1]))
+    alone = task.losses(_pick(group, [0]))
     assert float(both["raw_ce"]) == pytest.approx(float(alone["raw_ce"]), rel=1e-5)  # CE over labelled pixels only
     with pytest.raises(SegkdError, match="--unlabeled-ratio must be >= 1, got 0"):
         _cfg(tiny, tmp_path, unlabeled=str(folder), unlabeled_ratio=0).check()
@@ -361,7 +370,7 @@ def test_cache_serves_a_subset_and_adds_only_new_images(tiny: dict[str, Path], t
     both = _cfg(tiny, tmp_path, teacher_cache=str(tmp_path / "c2"), unlabeled=str(folder))
     assert len(prepare_distill_data(both).train.cache.manifest["images"]) == 8
     alone = prepare_distill_data(_cfg(tiny, tmp_path, teacher_cache=str(tmp_path / "c2")))
-    assert len(alone.train.cache.manifest["images"]) == 8 and alone.train[0][2]["teacher_logits"].dim() == 3
+    assert len(alone.train.cache.manifest["images"]) == 8 and "teacher_stored" in alone.train[0][2]
 
 
 def test_swapped_or_malformed_shards_are_refused_in_one_line(tiny: dict[str, Path], tmp_path: Path) -> None:

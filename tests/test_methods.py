@@ -116,6 +116,47 @@ def test_dkd_by_hand() -> None:
     assert dkd_loss(s, t, torch.full_like(labels, 255)).item() == 0.0
 
 
+def test_dkd_on_maps_equals_the_row_form() -> None:
+    """dkd_loss runs on the B x K x H x W maps; the per-row form over the labelled pixels (valid_pixels +
+    dkd_rows, what it computed before) gives the same value and gradient within float32 rounding."""
+    from segkd.methods.dkd import dkd_rows, valid_pixels
+
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randn(2, 11, 18, 24, generator=g, requires_grad=True)
+    zt = 3 * torch.randn(2, 11, 18, 24, generator=g)
+    labels = torch.randint(0, 11, (2, 18, 24), generator=g)
+    labels[torch.rand(labels.shape, generator=g) < 0.2] = 255
+    new = dkd_loss(zs, zt, labels, 1.0, 8.0, 4.0)
+    (g_new,) = torch.autograd.grad(new, zs)
+    s, t, y = valid_pixels(zs, zt, labels, 255)
+    tckd, nckd = dkd_rows(s, t, y, 1.0, 8.0, 4.0)
+    ref = (tckd + 8.0 * nckd).mean()
+    (g_ref,) = torch.autograd.grad(ref, zs)
+    assert float(new) == pytest.approx(float(ref), rel=1e-6)
+    assert float((g_new - g_ref).abs().max()) <= 1e-6 * float(g_ref.abs().max())
+    assert float(g_new[0][:, labels[0] == 255].abs().max()) == 0.0  # void pixels get no gradient
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd", "cwd"])
+def test_ce_reads_the_aligned_logits_with_the_same_value(method: str) -> None:
+    """The CE term reuses the student logits align_logits upsampled to the label size: the same value as CE on the
+    student's own logits, and the same gradient within float32 rounding (one upsampling backward instead of two)."""
+    from segkd.engine.losses import seg_cross_entropy
+    from segkd.models import SegOutput
+
+    spec = METHODS.get(method)
+    m = spec.build(make_options(spec, {}), None, None, ignore_index=255)
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randn(2, 5, 6, 8, generator=g, requires_grad=True)
+    zt, labels = torch.randn(2, 5, 24, 32, generator=g), torch.randint(0, 5, (2, 24, 32), generator=g)
+    terms = m(None, labels, {"student": SegOutput(zs), "teacher": SegOutput(zt)})
+    assert torch.equal(terms.raw["ce"], seg_cross_entropy(zs, labels, 255).detach())
+    (got,) = torch.autograd.grad(sum(terms.values()), zs, retain_graph=True)
+    separate = seg_cross_entropy(zs, labels, 255) + sum(v for k, v in terms.items() if k != "ce")
+    (ref,) = torch.autograd.grad(separate, zs)
+    assert float((got - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+
+
 def test_pdd_both_modes_by_hand() -> None:
     s = torch.cat([px(0.0, 0.0, 0.0), px(9.0, 0.0, 0.0)], dim=3)
     t = torch.cat([px(math.log(2), math.log(2), 0.0), px(0.0, 0.0, 9.0)], dim=3)

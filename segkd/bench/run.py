@@ -83,6 +83,8 @@ class BenchConfig:
     student: str | None = option(None, "With --train-step: student zoo model.")
     teacher_cache: bool = option(False, "With --train-step: time the step as `distill --teacher-cache` runs it "
                                  "(teacher targets from the batch, no teacher forward) against the student alone.")
+    cache_topk: int = option(0, "With --train-step --teacher-cache: the batch carries a top-K cache's compact logits "
+                             "(0: full fp16 logits).")
 
     def check(self) -> None:
         """One-line errors for option values (sizes within segkd's pixel limit, device spelling, counts), before
@@ -297,6 +299,8 @@ def _check_train_step(cfg: BenchConfig) -> None:
                if not v]
     if missing:
         raise SegkdError(f"--train-step needs {', '.join(missing)}")
+    if cfg.cache_topk < 0 or (cfg.cache_topk and not cfg.teacher_cache):
+        raise SegkdError(f"--cache-topk {cfg.cache_topk}: needs --teacher-cache and K >= 1 (0: full logits)")
     METHODS.canonical(cfg.method or "")
     MODELS.canonical(cfg.teacher or "")
     MODELS.canonical(cfg.student or "")
@@ -312,7 +316,7 @@ def _train_steps(cfg: BenchConfig, shapes: list[tuple[int, int, int, int]], devi
             progress(f"{cfg.method} train step {'x'.join(map(str, shape))}")
         out.append(bench_train_step(cfg.method or "", cfg.teacher or "", cfg.student or "", shape, device,
                                     cfg.num_classes or 19, cfg.warmup, cfg.iters, cfg.min_time, threads,
-                                    cached=cfg.teacher_cache))
+                                    cached=cfg.teacher_cache, topk=cfg.cache_topk))
     return out
 
 

@@ -9,11 +9,14 @@ student forward + cross-entropy + backward + optimiser step on the student alone
 ``collab``; the ``--teacher`` model is then the peer) the bound is two plain supervised steps, one per student.
 The overhead ratio is method p50 / bound p50.
 
-With ``--teacher-cache`` the step is timed as ``segkd distill --teacher-cache`` runs it: the teacher's logits (at
-the label size) and taps come with the batch, computed once before timing, so no teacher forward is timed; the
-bound is then the student trained alone (forward + CE + backward + step). The data-side cost the cache adds, warping
-one batch of cached maps onto the crops (:func:`segkd.methods.teacher_cache.warp`, done by the DataLoader), is
-timed on its own (``warp``) and also reported added to the step (``overhead_ratio_with_warp``).
+With ``--teacher-cache`` the step is timed as ``segkd distill --teacher-cache`` runs it: the batch carries the
+teacher's whole-image outputs as the cache stores them (fp16 logits at the teacher's stride, or with ``--cache-topk
+K`` the top-K form, and fp16 taps; computed once before timing, so no teacher forward is timed) with each crop's
+geometry, and the step warps them onto the crops on the device (:func:`segkd.methods.teacher_cache.warp_stored`:
+densify, one ``grid_sample`` per tensor kind) before the loss; the bound is then the student trained alone (forward
++ CE + backward + step). The warp is also timed on its own (``warp``: part of the step, not added to it). The
+copy of the stored tensors from the DataLoader to the device is not timed (on a GPU it overlaps with the step when
+the loader pins memory; on the CPU there is none).
 
 Choices (documented because the trainer lets users change them): AdamW (lr 6e-5, the SegFormer recipe) for both
 the step and the bound, so the ratio isolates the method; random weights (cost does not depend on them); labels
@@ -30,14 +33,14 @@ from torch import Tensor, nn
 
 from segkd.bench.latency import peak_rss_bytes, time_loop
 from segkd.data.transforms import Geometry
-from segkd.engine.batch import Batch
+from segkd.engine.batch import Batch, StoredTargets
 from segkd.engine.losses import seg_cross_entropy
 from segkd.engine.task import OptimConfig
 from segkd.errors import SegkdError
 from segkd.methods import METHODS, check_pair, make_options
 from segkd.methods.targets import teacher_targets
 from segkd.methods.task import DistillTask, assemble_task
-from segkd.methods.teacher_cache import warp
+from segkd.methods.teacher_cache import encode_logits, one_stored, warp_stored
 from segkd.models import count_params, create_model
 
 LR = 6e-5
@@ -125,8 +128,10 @@ def bench_train_step(
     min_time: float,
     threads: int,
     cached: bool = False,
+    topk: int = 0,
 ) -> dict[str, Any]:
-    """Time ``method``'s training step and its lower bound on one batch shape; returns a report entry."""
+    """Time ``method``'s training step and its lower bound on one batch shape; returns a report entry (``topk``:
+    with ``cached``, the batch carries a top-K cache's compact logits)."""
     if shape[0] < 2:
         raise SegkdError(f"--train-step: batch {shape[0]} is too small; use --batch 2 or more "
                          "(BatchNorm in train mode needs more than one value per channel)")
@@ -141,15 +146,17 @@ def bench_train_step(
     # the task segkd distill builds (one constructor), with the method's default options
     task = assemble_task(spec, make_options(spec, {}), s_model, o_model, OptimConfig(), OptimConfig())
     task.method.to(device)
-    batch, warp_fn = _cached_batch(task, images, labels) if cached else (Batch(images, labels), None)  # type: ignore[arg-type]
+    if topk and not 0 < topk <= num_classes:
+        raise SegkdError(f"--cache-topk {topk}: needs --teacher-cache and 1 <= K <= the {num_classes} classes")
+    batch = _cached_batch(task, images, labels, topk) if cached else Batch(images, labels)  # type: ignore[arg-type]
     measured = _measure(_method_step(task, batch), device, warmup, iters, min_time, threads)
     bound_fn, bound_definition = _bound_step(s_model, o_model, images, labels, spec.peer, cached)
     bound = _measure(bound_fn, device, warmup, iters, min_time, threads)
     extra: dict[str, Any] = {}
-    if warp_fn is not None:
-        warp = _measure(warp_fn, torch.device("cpu"), warmup, iters, min_time, threads)
-        extra = {"warp": warp, "overhead_ratio_with_warp": (measured["latency_ms"]["p50"] + warp["latency_ms"]["p50"])
-                 / bound["latency_ms"]["p50"]}
+    if batch.stored is not None:
+        stored = batch.stored
+        extra = {"warp": _measure(lambda: warp_stored(stored), device, warmup, iters, min_time, threads),
+                 "cache_topk": topk}
     return {
         "method": spec.name,
         "online": spec.peer,
@@ -170,21 +177,14 @@ def bench_train_step(
     }
 
 
-def _cached_batch(task: DistillTask, images: Tensor, labels: Tensor) -> tuple[Batch, Any]:
-    """The batch of a cached run (teacher targets at the label size / their taps' own stride, computed once, as
-    the cache serves them) and a function that warps one batch of whole-image maps of those sizes, as the
-    DataLoader does per batch."""
+def _cached_batch(task: DistillTask, images: Tensor, labels: Tensor, topk: int = 0) -> Batch:
+    """The batch of a cached run: each image's whole-image teacher outputs at the teacher's stride as a shard
+    stores them (:func:`~segkd.methods.teacher_cache.encode_logits`, fp16 taps), computed once, with a crop
+    geometry that rescales (x1.25), offsets and flips, so the step's warp does the work of a real one."""
     h, w = images.shape[-2:]
-    targets = teacher_targets(task.teacher, task.teacher_taps(), images, size=(h, w))
     raw = teacher_targets(task.teacher, task.teacher_taps(), images)  # whole-image maps as stored (teacher grid)
-    stored = {"logits": (raw.logits[0].half().cpu(), 1)}
-    for k, v in raw.features.items():
-        stored[k] = (v[0].half().cpu(), max(1, round(h / v.shape[-2])))
+    strides = {"logits": 1, **{k: max(1, round(h / v.shape[-2])) for k, v in raw.features.items()}}
     geom = Geometry((h, w), (round(h * 1.25), round(w * 1.25)), 3, 5, (h, w), (h, w), True)
-
-    def warp_batch() -> None:
-        for _ in range(images.shape[0]):
-            for m, stride in stored.values():
-                warp(m.float(), geom, stride)
-
-    return Batch(images, labels, teacher=targets), warp_batch
+    parts = [one_stored({**encode_logits(raw.logits[i], topk), **{k: v[i].half() for k, v in raw.features.items()}},
+                        geom, strides, int(raw.logits.shape[1]), topk) for i in range(images.shape[0])]
+    return Batch(images, labels, stored=StoredTargets.join(parts).to(images.device))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,9 +186,9 @@ def collate_pairs(batch: list[tuple]) -> tuple:
     """Stack (image, label) pairs; images of different sizes get a one-line hint instead of a stack error.
 
     Items may carry a third element, a dict of per-image tensors (a distillation dataset's teacher view, cached
-    teacher maps, labelled flags); each key is stacked and the batch is ``(images, labels, extras)``. An item may
-    also be a group of images (a 4-D image tensor, e.g. a labelled crop with its unlabelled partners): groups are
-    concatenated along the batch."""
+    teacher maps, labelled flags); each key is stacked and the batch is ``(images, labels, extras)`` (see
+    :func:`join_extras`). An item may also be a group of images (a 4-D image tensor, e.g. a labelled crop with its
+    unlabelled partners): groups are concatenated along the batch."""
     shapes = {tuple(b[0].shape[-3:]) for b in batch}
     if len(shapes) > 1:
         sizes = ", ".join(f"{s[1]}x{s[2]}" for s in sorted(shapes)[:3])
@@ -196,4 +197,15 @@ def collate_pairs(batch: list[tuple]) -> tuple:
     images, labels = join([b[0] for b in batch]), join([b[1] for b in batch])
     if len(batch[0]) < 3:
         return images, labels
-    return images, labels, {k: join([b[2][k] for b in batch]) for k in batch[0][2]}
+    return images, labels, join_extras([b[2] for b in batch], join)
+
+
+def join_extras(items: list[dict[str, Any]], join: Any = torch.stack) -> dict[str, Any]:
+    """Per-image extras joined key by key: tensors with ``join`` (stack, or cat for groups); any other value by its
+    own ``join`` (e.g. :class:`~segkd.engine.batch.StoredTargets`, already batched, which pads maps of different
+    sizes and concatenates)."""
+    out: dict[str, Any] = {}
+    for k in items[0]:
+        values = [e[k] for e in items]
+        out[k] = join(values) if isinstance(values[0], torch.Tensor) else type(values[0]).join(values)
+    return out

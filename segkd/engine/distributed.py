@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +73,53 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, device, True, owns)
+
+
+def launch_command(command: str, info: DistInfo) -> str:
+    """``command`` (``segkd ...``, with its arguments) as it must be typed to run again on this run's processes:
+    itself for one process, else through ``torchrun`` with this run's processes per node (``LOCAL_WORLD_SIZE``),
+    and for several nodes the rendezvous options to repeat on every node (segkd cannot know the endpoint the user
+    typed; ``HOST:PORT`` stands for it)."""
+    if not info.enabled or info.world_size <= 1:
+        return command
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    nodes = max(1, info.world_size // max(per_node, 1))
+    module = "-m " + command if command.startswith("segkd ") else command
+    if nodes == 1:
+        return f"torchrun --nproc_per_node {per_node} {module}"
+    return (f"torchrun --nnodes {nodes} --nproc_per_node {per_node} --rdzv_backend c10d --rdzv_endpoint HOST:PORT "
+            f"{module} (on every node)")
+
+
+def check_shared_dir(path: Path, info: DistInfo, option: str) -> None:
+    """Under torchrun, that every rank sees ``path`` as rank 0 does: rank 0 writes a token file there, every rank
+    reads it back. On several nodes ``--out`` (resume state, checkpoints) and ``--teacher-cache`` (shards written by
+    every rank, merged by rank 0) must be on a file system all nodes share; a node-local folder of the same name
+    would otherwise show up as a rank waiting for shards forever or a resume that finds no state. A rank that cannot
+    see the token is one line naming the folder and its host (printed by rank 0; the others exit silently)."""
+    if not info.enabled or info.world_size <= 1:
+        return
+    # a temp-file name (``.NAME.PID-RANDOM.tmp``): if a crash leaves it, the next run's lock removes it
+    name = gather_objects(f".segkd-shared.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp" if info.is_main else None,
+                          info)[0]
+    token = path / name
+    if info.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        token.write_text(name)
+    barrier(info)
+    try:
+        seen = token.read_text() == name
+    except OSError:
+        seen = False
+    blind = [h for h in gather_objects(None if seen else f"rank {info.rank} on {socket.gethostname()}", info) if h]
+    if info.is_main:
+        token.unlink(missing_ok=True)
+    barrier(info)  # every rank returns with the folder as it was
+    if blind:
+        err = SegkdError(f"{option} {path}: not the same folder on every process ({', '.join(blind)} cannot see "
+                         "what rank 0 writes there); on several nodes it must be on a shared file system")
+        err.silent = not info.is_main
+        raise err
 
 
 def cleanup_distributed(info: DistInfo) -> None:

@@ -26,8 +26,10 @@ A task is any object with:
 ``checkpoint_meta() -> dict[str, dict]`` (optional)
     Extra :class:`~segkd.checkpoint.CheckpointMeta` fields per deploy model (e.g. ``{"student": {"metrics":
     {"adapter_params": 123}}}``).
-``find_unused_parameters: bool`` (optional attribute)
-    Passed to DDP for tasks where some parameters get no gradient in an iteration.
+``find_unused_parameters(local_batch: int) -> bool`` (optional)
+    Whether a step at ``local_batch`` images per process can leave a trainable parameter out of the loss's graph;
+    passed to DDP (without it, such a parameter stops DDP at the next step; with it, every step pays a graph
+    traversal, so answer True only when it can happen). Absent: False.
 """
 
 from __future__ import annotations
@@ -159,8 +161,6 @@ class SupervisedTask(NoExtraState):
 
     kind = "supervised training"
 
-    find_unused_parameters = False
-
     def __init__(self, model: SegModel, ignore_index: int = 255, aux_weight: float = 0.4,
                  optim: OptimConfig | None = None) -> None:
         self.model = model
@@ -184,6 +184,10 @@ class SupervisedTask(NoExtraState):
 
     def deploy_models(self) -> dict[str, SegModel]:
         return {"student": self.model}
+
+    def find_unused_parameters(self, local_batch: int) -> bool:
+        """An auxiliary head built but weighted 0 gets no gradient."""
+        return self.has_aux and self.aux_weight <= 0
 
     def train(self, mode: bool = True) -> SupervisedTask:
         self.model.train(mode)

@@ -35,7 +35,7 @@ from segkd.data.transforms import collate_pairs
 from segkd.engine.batch import Batch
 from segkd.engine.config import TrainConfig
 from segkd.engine.display import Display
-from segkd.engine.distributed import DistInfo, StepSampler, any_rank, barrier, gather_objects
+from segkd.engine.distributed import DistInfo, StepSampler, any_rank, barrier, gather_objects, launch_command
 from segkd.engine.hooks import (
     Checkpointing,
     Hook,
@@ -72,9 +72,14 @@ class DataBundle:
 
 
 class TrainingInterrupted(SegkdError):
-    """Ctrl-C / SIGTERM: the resumable state was saved; exit code 130 like an interrupted shell command."""
+    """Ctrl-C / SIGTERM: the resumable state was saved; exit code 130 like an interrupted shell command. Raised on
+    every rank; ``silent`` on all but rank 0, so one line is printed per run, not one per process."""
 
     exit_code = 130
+
+    def __init__(self, message: str, silent: bool = False) -> None:
+        super().__init__(message)
+        self.silent = silent  # type: ignore[misc]
 
 
 class _TaskModule(nn.Module):
@@ -124,7 +129,8 @@ class Trainer:
         self.iteration = self.epoch = self.step_in_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.display = Display(cfg.iters, 0, enabled=False, rich_ok=False)  # replaced when fit() starts
-        self.run_images = 0
+        self.run_images = 0  # images of this process's steps (a resumed run: since the resume)
+        self.start_iteration = 0  # the iteration fit() started at (a resumed run: where it resumed)
         self._stop_requested = False
         self._wrapped: nn.Module | None = None
         # sha256 of each deploy model's weights as built, before any step (run_task sets it; run.json records it)
@@ -272,11 +278,17 @@ class Trainer:
                 # bucket view; the reducer warns on every step although the layouts are equivalent (a plain copy).
                 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                module = DistributedDataParallel(
-                    module, device_ids=ids, gradient_as_bucket_view=True,
-                    find_unused_parameters=bool(getattr(self.task, "find_unused_parameters", False)))
+                module = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True,
+                                                 find_unused_parameters=self.find_unused())
             self._wrapped = module
         return self._wrapped
+
+    def find_unused(self) -> bool:
+        """DDP's ``find_unused_parameters``: the task's answer for this run's images per process (the task
+        protocol's optional ``find_unused_parameters(local_batch)``; a plain bool attribute, the protocol's older
+        form, is taken as it is; absent: False)."""
+        ask = getattr(self.task, "find_unused_parameters", False)
+        return bool(ask(self.cfg.batch // self.info.world_size)) if callable(ask) else bool(ask)
 
     def _check_finite(self, values: dict[str, float], what: str) -> None:
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
@@ -291,10 +303,14 @@ class Trainer:
                                 f"{kept} (try a lower --lr, --clip-grad, or no --amp)")
 
     def _install_signals(self) -> dict[int, Any]:
+        """Ctrl-C / SIGTERM ask for a stop after the current step; a second one stops at once, except under
+        torchrun: there a worker gets the terminal's Ctrl-C and then the same signal again from torchrun, which
+        forwards what it receives and kills its workers itself after its own timeout, so a rank never aborts
+        mid-step (its resume state would be lost and the other ranks would wait in a collective)."""
         old: dict[int, Any] = {}
 
         def handler(signum: int, frame: Any) -> None:
-            if self._stop_requested:  # second Ctrl-C: stop now
+            if self._stop_requested and not self.info.enabled:  # second Ctrl-C: stop now
                 raise KeyboardInterrupt
             self._stop_requested = True
 
@@ -335,6 +351,7 @@ class Trainer:
 
     def _begin(self) -> None:
         """The hooks' start (run directory files), the progress display, train mode, the batch stream."""
+        self.start_iteration = self.iteration
         for hook in self.hooks:
             hook.start(self)
         # the bar only on a terminal and without --no-progress; plain periodic lines otherwise (never silence)
@@ -355,17 +372,22 @@ class Trainer:
         """After Ctrl-C / SIGTERM (on any rank): save the resume state and stop with the command that continues."""
         if any_rank(self._stop_requested, self.info) and not self.last_step:
             path = self.save_resume()
-            raise TrainingInterrupted(
-                f"interrupted at iteration {self.iteration}/{self.cfg.iters}; resumable state saved to {path}; "
-                f"continue with: {self.source} --resume {self.out}")
+            again = launch_command(f"{self.source} --resume {self.out}", self.info)
+            raise TrainingInterrupted(f"interrupted at iteration {self.iteration}/{self.cfg.iters}; resumable state "
+                                      f"saved to {path}; continue with: {again}", silent=not self.info.is_main)
 
     def summary(self, wall: float, images: int) -> dict[str, Any]:
-        """The trainer's part of the summary; the hooks add the results, checkpoints and files."""
+        """The trainer's part of the summary; the hooks add the results, checkpoints and files. ``iterations`` is
+        where the run stands; ``wall_time_s`` and ``img_s`` are this process's session only (a resumed run: the
+        ``iterations_run`` since ``resumed_from``, never the iterations of an earlier session over this one's
+        time)."""
         return {
             "out": str(self.out),
             "rank": self.info.rank,
             "world_size": self.info.world_size,
             "iterations": self.iteration,
+            "resumed_from": self.start_iteration,
+            "iterations_run": self.iteration - self.start_iteration,
             "wall_time_s": round(wall, 3),
             "img_s": round(images / max(wall, 1e-9), 3),
             "models": {n: getattr(m, "zoo_name", type(m).__name__) for n, m in self.task.deploy_models().items()},

@@ -59,6 +59,12 @@ class MethodSpec:
     ``taps_when``: the taps are read only when this is true of the options (cwd reads its ``deep`` taps only with
     ``feature``), so a logits-only run neither computes, caches nor asks an ONNX teacher for them (:meth:`taps_read`).
     What a method says about itself in distill.json beyond its options is :meth:`Method.report`.
+    ``unused_params(opts, local_batch)``: whether a step with these options, at this many images per process, can
+    leave a trainable parameter (the student's or an adapter's) out of the loss's graph: a term whose weight is 0
+    (its adapter idles), a student head no term reads, a BatchNorm skipped at batch 1. It sets DDP's
+    ``find_unused_parameters`` (None: never; the flag costs a graph traversal per step, and a parameter left out
+    without it stops DDP at the next step). ``tests/test_ddp_hygiene.py`` checks each method's answer against a
+    real backward.
     """
 
     name: str
@@ -75,10 +81,15 @@ class MethodSpec:
     pair_check: Callable[[SegModel, SegModel], str | None] | None = None
     cache_refusal: str | None = None
     taps_when: Callable[[Any], bool] | None = None
+    unused_params: Callable[[Any, int], bool] | None = None
 
     def taps_read(self, opts: Any) -> dict[str, tuple[str, ...]]:
         """The taps the method reads with the options ``opts``: ``taps``, or none when ``taps_when(opts)`` is false."""
         return self.taps if self.taps_when is None or self.taps_when(opts) else {}
+
+    def find_unused(self, opts: Any, local_batch: int) -> bool:
+        """DDP's ``find_unused_parameters`` for ``opts`` at ``local_batch`` images per process (``unused_params``)."""
+        return self.unused_params is not None and bool(self.unused_params(opts, local_batch))
 
     @property
     def online(self) -> bool:
@@ -284,6 +295,13 @@ def align_logits(student: Tensor, other: Tensor, labels: Tensor, align: str = "l
         raise SegkdError(f"logit alignment must be 'label' or 'student', got {align!r}")
 
     return resize_to(student, size), resize_to(other, size), labels  # type: ignore[arg-type]
+
+
+def ce_input(student: Tensor, aligned: Tensor, align: str) -> Tensor:
+    """What a method's cross-entropy term reads: with ``align="label"`` the student's logits already upsampled to the
+    label size by :func:`align_logits` (the tensor ``seg_cross_entropy`` would compute again, so its value is the
+    same; the backward then runs one upsampling instead of two), else the student's own logits."""
+    return aligned if align == "label" else student
 
 
 def resize_to(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

@@ -442,9 +442,19 @@ class C2VKD(Method):
         return self.record(terms)
 
 
+def _idle(o: C2VKDOptions) -> bool:
+    """Whether a step leaves a parameter out of the graph: the student's head when neither PDD nor CE is weighted,
+    the visual head when no VLFD term that reads it is, the linguistic head when its term is weighted 0."""
+    head = o.pdd_weight > 0 or (o.add_ce and o.ce_weight > 0)
+    ling = o.vlfd_ling and o.ling_weight > 0
+    vis = (o.vlfd_global and o.global_weight > 0) or (o.vlfd_patch and o.patch_weight > 0) or (
+        ling and o.ling_student == "pool")
+    return not head or not vis or (o.vlfd_ling and o.ling_student == "head" and o.ling_weight == 0)
+
+
 @register_method("c2vkd", "CNN -> ViT: VLFD (global, patch-relation, linguistic) + PDD; no CE by default",
                  C2VKDOptions, student_family="transformer", other_family="cnn",
-                 taps={"student": ("deep",), "teacher": ("layer4",)})
+                 taps={"student": ("deep",), "teacher": ("layer4",)}, unused_params=lambda o, b: _idle(o))
 def _build(opts: C2VKDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> C2VKD:
     return C2VKD(opts, student, teacher, ignore_index)
 

@@ -222,7 +222,10 @@ class Collab(Method):
 
 @register_method("collab", "online CNN<->ViT collaborative learning (reconstruction): HFD + region-wise and "
                  "pixel-wise BSD", CollabOptions, teacher=False, peer=True,
-                 taps={"student": ("low", "deep"), "peer": ("low", "deep")}, reconstruction=True)
+                 taps={"student": ("low", "deep"), "peer": ("low", "deep")}, reconstruction=True,
+                 # HFD's / RBSD's projections idle at weight 0; the heads when neither CE nor PBSD is weighted
+                 unused_params=lambda o, b: o.hfd_weight == 0 or o.rbsd_weight == 0 or (
+                     o.ce_weight == o.pbsd_weight == 0))
 def _build(opts: CollabOptions, student: SegModel, peer: SegModel, ignore_index: int = 255) -> Collab:
     return Collab(opts, student, peer, ignore_index)
 

@@ -22,6 +22,7 @@ from segkd.engine.losses import seg_cross_entropy
 from segkd.methods.base import (
     Method,
     align_logits,
+    ce_input,
     check_positive,
     check_temperature,
     register_method,
@@ -68,7 +69,8 @@ class CWD(Method):
         o = self.opts
         zs, zt, _ = align_logits(outs["student"].logits, outs["teacher"].logits, labels, o.align)
         terms = {
-            "ce": (o.ce_weight, seg_cross_entropy(outs["student"].logits, labels, self.ignore_index)),
+            "ce": (o.ce_weight, seg_cross_entropy(ce_input(outs["student"].logits, zs, o.align), labels,
+                                                  self.ignore_index)),
             "cwd": (o.weight, cwd_loss(zs, zt, o.temperature)),
         }
         if o.feature:
@@ -79,7 +81,8 @@ class CWD(Method):
 
 
 @register_method("cwd", "channel-wise distillation on logits (T=4, x3), optionally features (x50)", CWDOptions,
-                 taps={"student": ("deep",), "teacher": ("deep",)}, taps_when=lambda o: o.feature)
+                 taps={"student": ("deep",), "teacher": ("deep",)}, taps_when=lambda o: o.feature,
+                 unused_params=lambda o, b: o.feature and (o.feat_weight == 0 or o.weight == o.ce_weight == 0))
 def _build(opts: CWDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> CWD:
     return CWD(opts, student, teacher, ignore_index)
 

@@ -8,8 +8,10 @@ without labels). Items are ``(student image, labels, extras)`` (extras written b
   geometry (rescale, crop, flip, padding) but without photometric jitter. The teacher never saw jittered images in
   its own training; the student still gets its augmentation. ``--teacher-view same`` hands the teacher the
   student's jittered tensor (segkd < 0.2 behaviour) and adds no extra.
-* ``teacher`` (``--teacher-cache DIR``; :class:`~segkd.engine.batch.TeacherTargets`): the cached whole-image
-  teacher outputs warped onto this crop (:mod:`segkd.methods.teacher_cache`); no teacher forward at train time.
+* ``teacher_stored`` (``--teacher-cache DIR``; :class:`~segkd.engine.batch.StoredTargets`): the cached whole-image
+  teacher outputs as stored (fp16 logits or the top-K form, taps) and the crop's geometry; the task warps the batch
+  onto its crops on the training device (:func:`~segkd.methods.teacher_cache.warp_stored`), so the workers only read
+  compact tensors. No teacher forward at train time.
 * ``labeled`` (bool per image) and ``inside`` (the crop's real pixels) with ``--unlabeled``: unlabelled images
   come with void labels, so every cross-entropy term skips them, and the task fills in the teacher's argmax as
   the class the distillation terms decouple on (DKD/PDD need one per pixel). Each labelled image brings
@@ -31,9 +33,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from segkd.data.datasets import IMAGE_EXTS, DatasetInfo, SegDataset, item_rng, read_image
+from segkd.data.transforms import join_extras
 from segkd.engine.batch import item_extras
 from segkd.errors import SegkdError
-from segkd.methods.teacher_cache import CacheImage, TeacherCache, cached_targets, image_sha256, inside_mask
+from segkd.methods.teacher_cache import CacheImage, TeacherCache, image_sha256, inside_mask, stored_item
 from segkd.models.base import upsample_logits
 
 TEACHER_VIEWS = ("clean", "same")
@@ -139,28 +142,28 @@ class DistillDataset(Dataset):
             self._perm = (epoch, item_rng(self.seed, epoch, 0, 2).permutation(len(self.unlabeled)))
         return int(self._perm[1][(index * self.ratio + k) % len(self.unlabeled)])
 
-    def _one(self, is_lab: bool, j: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def _one(self, is_lab: bool, j: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
         ds = self.labeled if is_lab else self.unlabeled
         img, lab = ds.load(j)  # type: ignore[union-attr]
         rng = item_rng(ds.seed, ds.epoch, j, 0 if is_lab else 1)  # type: ignore[union-attr]
         clean = self.cache is None and self.teacher_view == "clean"
         x, y, geom, tx = self.transform.apply(img, lab, rng, clean=clean)
-        teacher = cached_targets(self.cache, self._sha_of(is_lab, j), geom, self.taps) if self.cache else None
+        stored = stored_item(self.cache, self._sha_of(is_lab, j), geom, self.taps) if self.cache else None
         # the crop's real pixels (padding has no teacher output), with the cache or unlabelled images
         inside = inside_mask(geom) if self.cache is not None or self.unlabeled is not None else None
         labeled = torch.tensor(is_lab) if self.unlabeled is not None else None
         if self.unlabeled is not None and not is_lab:
             y = torch.full_like(y, self.info.ignore_index)
-        extras = item_extras(teacher, tx if clean else None, inside, labeled)  # type: ignore[arg-type]
+        extras = item_extras(None, tx if clean else None, inside, labeled, stored)  # type: ignore[arg-type]
         return x, y, extras
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
         item = self._one(True, index)
         if self.unlabeled is None:
             return item
         group = [item] + [self._one(False, self.unlabeled_index(index, k)) for k in range(self.ratio)]
         return (torch.stack([g[0] for g in group]), torch.stack([g[1] for g in group]),
-                {k: torch.stack([g[2][k] for g in group]) for k in item[2]})
+                join_extras([g[2] for g in group]))
 
 
 class _Loader:

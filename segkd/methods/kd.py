@@ -17,6 +17,7 @@ from segkd.engine.losses import seg_cross_entropy
 from segkd.methods.base import (
     Method,
     align_logits,
+    ce_input,
     check_positive,
     check_temperature,
     distill_labels,
@@ -27,9 +28,12 @@ from segkd.models import SegModel, SegOutput
 
 
 def pixel_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
-    """Per-pixel ``KL(softmax(t/T) || softmax(s/T))`` over the class axis: ``B x K x H x W`` -> ``B x H x W``."""
-    log_s = F.log_softmax(student.float() / temperature, dim=1)
-    log_t = F.log_softmax(teacher.float() / temperature, dim=1)
+    """Per-pixel ``KL(softmax(t/T) || softmax(s/T))`` over the class axis: ``B x K x H x W`` -> ``B x H x W``.
+    At ``T = 1`` the division is skipped (``x / 1`` is ``x`` exactly, forward and backward): two full passes over
+    the label-size logits less per step."""
+    scale = (lambda z: z) if temperature == 1 else (lambda z: z / temperature)
+    log_s = F.log_softmax(scale(student.float()), dim=1)
+    log_t = F.log_softmax(scale(teacher.float()), dim=1)
     return (log_t.exp() * (log_t - log_s)).sum(1)
 
 
@@ -66,7 +70,8 @@ class KD(Method):
                                    o.align)
         mask = valid_mask(lab, self.ignore_index) if o.mask_ignore else None
         return self.record({
-            "ce": (o.ce_weight, seg_cross_entropy(outs["student"].logits, labels, self.ignore_index)),
+            "ce": (o.ce_weight, seg_cross_entropy(ce_input(outs["student"].logits, zs, o.align), labels,
+                                                  self.ignore_index)),
             "kd": (o.weight, kd_loss(zs, zt, o.temperature, mask)),
         })
 

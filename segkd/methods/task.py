@@ -27,6 +27,7 @@ from segkd.errors import SegkdError
 from segkd.methods.base import Method, MethodSpec, Terms, resize_to, resolve_tap, valid_mask
 from segkd.methods.distill_data import pseudo_labels
 from segkd.methods.targets import model_outputs, teacher_targets
+from segkd.methods.teacher_cache import warp_stored
 from segkd.models import SegModel, SegOutput, count_params, deploy_param_count
 
 
@@ -49,10 +50,14 @@ def pixel_accuracy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     Logged per step as ``acc_teacher`` / ``acc_student`` / ``acc_peer``: a teacher barely better than the student
     *on the training crops it distils from* (smaller than the images it was trained or evaluated on) has little to
     teach. A batch with no labelled pixel counts as 0 rather than NaN (the trainer stops on a non-finite value).
+
+    Cost: ``max(1).indices`` is ``argmax(1)`` (the first maximal class on ties, NaN propagated alike) at a fifth
+    of the CPU time on the ``B x C x H x W`` class axis (2.4 against 11.7 ms for 2 x 11 x 180 x 240, one thread):
+    the metric is computed every step, so it must not cost more than the distillation term.
     """
     with torch.no_grad():
         valid = valid_mask(labels, ignore_index)
-        right = (resize_to(logits.detach().float(), labels.shape[-2:]).argmax(1) == labels) & valid
+        right = (resize_to(logits.detach().float(), labels.shape[-2:]).max(1).indices == labels) & valid
         return right.sum().float() / valid.sum().clamp(min=1).float()
 
 
@@ -60,8 +65,6 @@ class DistillTask(NoExtraState):
     """A frozen teacher distilled into a student by ``method`` (see the module docstring)."""
 
     kind = "distillation"
-
-    find_unused_parameters = True  # e.g. TransKD's SK BN is skipped at batch 1; some adapters idle in ablations
 
     def __init__(self, spec: MethodSpec, method: Method, student: SegModel, teacher: SegModel,
                  optim: OptimConfig) -> None:
@@ -83,11 +86,13 @@ class DistillTask(NoExtraState):
         return SegOutput(targets.logits, targets.features)
 
     def targets(self, batch: Batch) -> SegOutput:
-        """What the teacher says about this batch: the cached, warped outputs when the batch carries them
-        (``--teacher-cache``), else a forward on the clean teacher view (``--teacher-view clean``) or on the
-        student's own input (``same``)."""
-        if batch.teacher is not None:
-            return SegOutput(batch.teacher.logits, {n: batch.teacher.features[n] for n in self.teacher_taps()})
+        """What the teacher says about this batch: the cache's stored maps warped onto the crops here, on the
+        batch's device (``--teacher-cache``; :func:`~segkd.methods.teacher_cache.warp_stored`), ready targets the
+        batch carries, else a forward on the clean teacher view (``--teacher-view clean``) or on the student's own
+        input (``same``)."""
+        ready = warp_stored(batch.stored) if batch.stored is not None else batch.teacher
+        if ready is not None:
+            return SegOutput(ready.logits, {n: ready.features[n] for n in self.teacher_taps()})
         return self.teacher_outputs(batch.teacher_images if batch.teacher_images is not None else batch.images)
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
@@ -103,6 +108,10 @@ class DistillTask(NoExtraState):
 
     def deploy_models(self) -> dict[str, SegModel]:
         return {"student": self.student}
+
+    def find_unused_parameters(self, local_batch: int) -> bool:
+        """What the method's spec says of its options (:meth:`~segkd.methods.base.MethodSpec.find_unused`)."""
+        return self.spec.find_unused(self.method.opts, local_batch)
 
     def train(self, mode: bool = True) -> DistillTask:
         self.student.train(mode)
@@ -126,8 +135,6 @@ class OnlineTask(NoExtraState):
     """Two students trained together by an online method; each part has its own adapters and optimiser."""
 
     kind = "online distillation"
-
-    find_unused_parameters = True  # region/pixel masks can leave a projection without a gradient
 
     def __init__(self, spec: MethodSpec, method: Method, student: SegModel, peer: SegModel, optim: OptimConfig,
                  peer_optim: OptimConfig) -> None:
@@ -155,6 +162,9 @@ class OnlineTask(NoExtraState):
 
     def deploy_models(self) -> dict[str, SegModel]:
         return {"student": self.student, "peer": self.peer}
+
+    def find_unused_parameters(self, local_batch: int) -> bool:
+        return self.spec.find_unused(self.method.opts, local_batch)
 
     def train(self, mode: bool = True) -> OnlineTask:
         self.student.train(mode)

@@ -2,9 +2,15 @@
 
 ``segkd distill --teacher-cache DIR`` (or :func:`build_cache`) stores, per training image, the teacher's logits at
 its own output stride and the feature taps the method reads, as fp16 tensors in safetensors shards of
-``SHARD_SIZE`` images. At train time :func:`warp` resamples them with exactly the geometry of the student's crop
+``SHARD_SIZE`` images. At train time they are resampled with exactly the geometry of the student's crop
 (:class:`~segkd.data.transforms.Geometry`: resize, random rescale, crop, flip, padding), so every step gets
-full-context teacher targets without a teacher forward.
+full-context teacher targets without a teacher forward. Where: the DataLoader workers only read each image's stored
+tensors (compact: fp16, or the top-K form) and hand them over with the crop's geometry (:func:`stored_item`,
+batched by :class:`~segkd.engine.batch.StoredTargets`); the task warps the whole batch on the training device in
+the step, before the loss (:func:`warp_stored`: densify a top-K cache, then one ``grid_sample`` per tensor kind).
+The warp equals the per-crop warp the workers ran before, bit for bit when the batch's stored maps have one size
+(every image of the same size), within a few float32 ulps when images of different sizes share a batch (edge
+padding, see :class:`~segkd.engine.batch.StoredTargets`).
 
 Layout of ``DIR``::
 
@@ -18,7 +24,7 @@ Layout of ``DIR``::
 What the key covers, and why: a cache answers "what does *this* teacher say about *this* image", so it is keyed by
 the teacher checkpoint's sha256, the normalisation, the teacher's input size (``native``: the stored image size)
 and the sha256 of every image file. It deliberately does **not** depend on crop size, rescale range or flips:
-those are applied at train time by :func:`warp`, so one cache serves any augmentation setting. A cache built for
+those are applied at train time by :func:`warp_stored`, so one cache serves any augmentation setting. A cache built for
 another teacher, other weights, another normalisation or input size is refused with one line naming the mismatch;
 an interrupted build continues where it stopped (shards are written atomically, the manifest after each shard).
 Under torchrun every rank builds a disjoint slice of the shards and waits by polling, never at a long barrier
@@ -37,9 +43,10 @@ way, and so is a manifest whose fields have the wrong types or whose shard names
 Compact targets (``--cache-topk K``): instead of every class's logit, a shard stores per cell the K largest
 logits (fp16, ``logits_top``), their class indices (uint8, int16 above 256 classes, ``logits_top_index``) and the
 logsumexp of the other classes' logits (fp16, ``logits_rest``: the rest's probability mass, -inf when K = C).
-:meth:`TeacherCache.tensors` densifies them on read (:func:`densify`) to ``C`` logits in which the top-K classes
-keep their logits and every other class gets ``rest - log(C - K)``: the rest's mass spread evenly. Warping and
-every method then run as on a full cache. Why this form (see :func:`densify` for the proof of what is exact):
+The warp densifies them (:func:`densify`; :meth:`TeacherCache.tensors` does the same on read) to ``C`` logits in
+which the top-K classes keep their logits and every other class gets ``rest - log(C - K)``: the rest's mass spread
+evenly. Warping and every method then run as on a full cache. Why this form (see :func:`densify` for the proof
+of what is exact):
 
 * logits, not fp16 probabilities or log-probabilities: p in fp16 underflows below 6e-8 and loses relative
   precision below 6e-5, just where a temperature of 4 lifts the tail (p^(1/4)); and CWD's softmax runs over the
@@ -100,7 +107,7 @@ from torch import Tensor
 from segkd.checkpoint import atomic_write_bytes, atomic_write_text, file_sha256
 from segkd.data.datasets import short_reason
 from segkd.data.transforms import Geometry, to_tensors
-from segkd.engine.batch import TeacherTargets
+from segkd.engine.batch import StoredTargets, TeacherTargets
 from segkd.errors import SegkdError
 from segkd.methods import cache_ranks
 from segkd.methods.targets import teacher_targets
@@ -243,6 +250,15 @@ class TeacherCache:
     def tensors(self, sha: str, taps: Sequence[str] | None = None) -> dict[str, Tensor]:
         """``{"logits": C x h x w, <tap>: C' x h' x w'}`` of one image, float32 (``taps``: only those); a top-K
         cache's logits densified (:func:`densify`)."""
+        raw = self.stored(sha, taps)
+        if self.topk:
+            top, index, rest = (raw.pop(n) for n in TOPK_TENSORS)
+            raw = {"logits": densify(top, index, rest, self.num_classes), **raw}
+        return {n: t.float() for n, t in raw.items()}
+
+    def stored(self, sha: str, taps: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """One image's tensors as the shard stores them (fp16 ``logits`` or the top-K triple, fp16 taps; ``taps``:
+        only those), shapes checked: what a DataLoader worker hands over (:func:`stored_item`)."""
         entry = self.manifest["images"].get(sha)
         if entry is None or entry.get("shard") is None:
             raise SegkdError(f"{self.root}: no cached teacher output for image {sha[:12]}…")
@@ -259,10 +275,7 @@ class TeacherCache:
             raise SegkdError(f"{self.root / shard}: unreadable teacher-cache shard ({short_reason(e)}); delete it "
                              "and run again to recompute its images") from None
         self._check_shapes(shard, raw)
-        if self.topk:
-            top, index, rest = (raw.pop(n) for n in TOPK_TENSORS)
-            raw = {"logits": densify(top, index, rest, self.num_classes), **raw}
-        return {n: t.float() for n, t in raw.items()}
+        return raw
 
     def _open(self, shard: str) -> Any:
         """Open a shard after checking its sha256 against the manifest and its key digest against the cache's."""
@@ -564,24 +577,94 @@ def _write_shard(path: Path, tensors: dict[str, Tensor], digest: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- warping
-def warp(m: Tensor, g: Geometry, stride: int) -> Tensor:
-    """Resample a map of the whole source image (``C x h x w``, any grid covering ``g.source``) onto the crop's
-    grid of ``stride``-pixel cells, with the crop's exact scaling, offset and flip; 0 where the crop is padding.
+def geometry_row(g: Geometry) -> Tensor:
+    """A crop's :class:`~segkd.data.transforms.Geometry` as 11 int64 values (source h, w; scaled h, w; top, left;
+    cropped h, w; out h, w; flipped): the form a batch carries to the device."""
+    return torch.tensor([*g.source, *g.scaled, g.top, g.left, *g.cropped, *g.out, int(g.flipped)], dtype=torch.int64)
+
+
+def stored_item(cache: TeacherCache, sha: str, g: Geometry, taps: Sequence[str] | None = None) -> StoredTargets:
+    """What a DataLoader worker hands over for one crop: the image's stored tensors (compact, unwarped: all cached
+    taps, or only ``taps``) and the crop's geometry, a batch of one (:meth:`StoredTargets.join` batches them)."""
+    raw = cache.stored(sha, taps)
+    return one_stored(raw, g, {"logits": 1, **{t: s for t, s in cache.taps.items() if t in raw}}, cache.num_classes,
+                      cache.topk)
+
+
+def one_stored(raw: dict[str, Tensor], g: Geometry, strides: dict[str, int], num_classes: int, topk: int
+               ) -> StoredTargets:
+    """A batch of one from an image's stored tensors (``C x h x w`` each) and its crop's geometry."""
+    return StoredTargets({n: t[None] for n, t in raw.items()},
+                         {n: torch.tensor([t.shape[-2:]], dtype=torch.int64) for n, t in raw.items()},
+                         geometry_row(g)[None], strides, num_classes, topk)
+
+
+def warp_stored(st: StoredTargets) -> TeacherTargets:
+    """A batch's teacher targets from its stored maps, on their device: logits at the crops' pixel grid (the label
+    grid, where the methods align logits by default), taps on their own stride; one ``grid_sample`` per tensor kind,
+    in fp32 with autocast off (the targets are those of the fp32 per-crop warp whatever ``--amp`` says).
+
+    A top-K cache is densified *before* the warp, at the stored (teacher-stride) resolution, and the dense ``C``
+    maps are warped: interpolating the compact form is wrong (a bilinear mix of class indices 3 and 5 is class 4,
+    and neighbouring cells hold different top-K sets, so mixing slot k of two cells mixes logits of different
+    classes), and densify-then-warp is what the per-crop worker warp did, so a resumed run reads the same targets.
+    Densifying costs ``C x h x w`` per image at the teacher's stride (64x fewer cells than the stride-1 warp output,
+    which the loss needs anyway), and what crosses from the DataLoader stays compact (K values, K indices, 1 rest)."""
+    maps, sizes = dict(st.maps), dict(st.sizes)
+    with torch.no_grad(), torch.autocast(st.geometry.device.type, enabled=False):
+        if st.topk:
+            top, index, rest = (maps.pop(n) for n in TOPK_TENSORS)
+            maps = {"logits": densify(top, index, rest, st.num_classes), **maps}
+            sizes["logits"] = sizes["logits_top"]
+        out = {n: warp_batch(m, st.geometry, sizes[n], st.strides[n]) for n, m in maps.items()}
+    logits = out.pop("logits")
+    return TeacherTargets(logits, out)
+
+
+def warp_batch(m: Tensor, geometry: Tensor, sizes: Tensor, stride: int) -> Tensor:
+    """Resample a batch of maps of whole source images (``B x C x h x w``, each covering its ``g.source``; image
+    ``i``'s own map in the top-left ``sizes[i]`` cells, edge-padded beyond) onto each crop's grid of ``stride``-pixel
+    cells, with the crop's exact scaling, offset and flip; 0 where the crop is padding. ``geometry``: ``B x 11``
+    rows of :func:`geometry_row` (every crop of the same ``out`` size).
 
     Sampling is bilinear with ``align_corners=False`` at the cell centres: with ``stride=1``, no rescale and no
-    crop it equals :func:`segkd.models.upsample_logits` of the map to the source size."""
-    oh, ow = math.ceil(g.out[0] / stride), math.ceil(g.out[1] / stride)
-    yc = (torch.arange(oh, dtype=torch.float64) + 0.5) * stride - 0.5  # cell centres, crop pixel coordinates
-    xc = (torch.arange(ow, dtype=torch.float64) + 0.5) * stride - 0.5
-    inside_y, inside_x = yc < g.cropped[0] - 0.5 + 1e-9, xc < g.cropped[1] - 0.5 + 1e-9
-    xs = (g.cropped[1] - 1 - xc) if g.flipped else xc
-    # scaled-image coordinates -> grid_sample's [-1, 1] (align_corners=False): the map's own grid size cancels out
-    gy = ((yc + g.top + 0.5) / g.scaled[0]) * 2 - 1
-    gx = ((xs + g.left + 0.5) / g.scaled[1]) * 2 - 1
-    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None].to(torch.float32)
-    out = F.grid_sample(m[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-    inside = (inside_y[:, None] & inside_x[None, :]).to(out.dtype)
-    return out * inside
+    crop it equals :func:`segkd.models.upsample_logits` of the map to the source size. The grid is computed in
+    float64 and rounded once to float32, as the per-crop warp did, so a batch of equal-sized maps warps to the same
+    values as each crop alone."""
+    geo = geometry.to(torch.float64)
+    out_h, out_w = int(geometry[0, 8]), int(geometry[0, 9])
+    if bool((geometry[:, 8:10] != geometry[:1, 8:10]).any()):
+        raise SegkdError("warp_batch: the crops of one batch must have one output size")
+    gy, in_y = _axis(math.ceil(out_h / stride), stride, geo[:, 6], geo[:, 4], geo[:, 2], None, sizes[:, 0],
+                     m.shape[-2])
+    gx, in_x = _axis(math.ceil(out_w / stride), stride, geo[:, 7], geo[:, 5], geo[:, 3], geometry[:, 10].bool(),
+                     sizes[:, 1], m.shape[-1])
+    b, oh, ow = len(geo), gy.shape[1], gx.shape[1]
+    grid = torch.stack((gx[:, None, :].expand(b, oh, ow), gy[:, :, None].expand(b, oh, ow)), dim=-1)
+    out = F.grid_sample(m.float(), grid.to(torch.float32), mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out * (in_y[:, :, None] & in_x[:, None, :]).to(out.dtype)[:, None]
+
+
+def _axis(n: int, stride: int, cropped: Tensor, offset: Tensor, scaled: Tensor, flipped: Tensor | None,
+          size: Tensor, padded: int) -> tuple[Tensor, Tensor]:
+    """One axis of the sampling grid (``B x n``, ``grid_sample``'s [-1, 1] of a ``padded``-cell map) and which of its
+    cells lie inside the crop (float64 throughout; see :func:`warp_batch`)."""
+    c = (torch.arange(n, dtype=torch.float64, device=cropped.device) + 0.5) * stride - 0.5  # crop pixel coordinates
+    inside = c[None] < (cropped - 0.5 + 1e-9)[:, None]
+    src = c[None].expand(len(cropped), n)
+    if flipped is not None:
+        src = torch.where(flipped[:, None], cropped[:, None] - 1 - c[None], src)
+    # scaled-image coordinates -> [-1, 1] of the image's own map (its grid size cancels out), then of the padded map
+    g = ((src + offset[:, None] + 0.5) / scaled[:, None]) * 2 - 1
+    size = size.to(torch.float64)[:, None]
+    return torch.where(size == padded, g, (g + 1) * size / padded - 1), inside
+
+
+def warp(m: Tensor, g: Geometry, stride: int) -> Tensor:
+    """One map of a whole source image (``C x h x w``) warped onto one crop's grid (:func:`warp_batch`)."""
+    sizes = torch.tensor([m.shape[-2:]], dtype=torch.int64)
+    return warp_batch(m[None], geometry_row(g)[None], sizes, stride)[0]
 
 
 def inside_mask(g: Geometry) -> Tensor:
@@ -593,10 +676,7 @@ def inside_mask(g: Geometry) -> Tensor:
 
 def cached_targets(cache: TeacherCache, sha: str, g: Geometry, taps: Sequence[str] | None = None
                    ) -> TeacherTargets:
-    """What a :class:`~segkd.methods.task.DistillTask` reads instead of running the teacher: warped logits at the
-    crop's pixel grid (the label grid, where the methods align logits by default) and warped taps on their own
-    stride (all cached taps, or only ``taps``)."""
-    maps = cache.tensors(sha, taps)
-    logits = warp(maps.pop("logits"), g, 1)
-    strides = cache.taps
-    return TeacherTargets(logits, {tap: warp(m, g, strides[tap]) for tap, m in maps.items()})
+    """One crop's teacher targets (``C x H x W`` logits, taps on their own stride): :func:`warp_stored` of its
+    :func:`stored_item`, on the CPU (training batches are warped by the task, on the device)."""
+    t = warp_stored(stored_item(cache, sha, g, taps))
+    return TeacherTargets(t.logits[0], {k: v[0] for k, v in t.features.items()})

@@ -260,6 +260,8 @@ _TAPS = tuple(f"embed{i + 1}" for i in range(STAGES)) + tuple(f"stage{i + 1}" fo
 @register_method("transkd", "transformer -> transformer: CSF + HCL on 4 stages, PEA on patch embeddings "
                  "(+GL-Mixer / EA)", TransKDOptions, taps={"student": _TAPS, "teacher": _TAPS}, same_classes=False,
                  pair_check=_pair_check,
+                 # the CSF idles at feat_weight 0, the student's head at ce_weight 0, the SK's BatchNorm at batch 1
+                 unused_params=lambda o, b: o.feat_weight == 0 or o.ce_weight == 0 or b == 1,
                  cache_refusal="its PEA/CSF terms compare the teacher's patch embeddings and stage tokens, which "
                                "depend on the crop through global attention; run it with the teacher online")
 def _build(opts: TransKDOptions, student: SegModel, teacher: SegModel, ignore_index: int = 255) -> TransKD:

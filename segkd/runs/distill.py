@@ -17,7 +17,7 @@ import torch
 
 from segkd.checkpoint import atomic_write_text, file_sha256
 from segkd.engine.config import TrainConfig
-from segkd.engine.distributed import DistInfo
+from segkd.engine.distributed import DistInfo, check_shared_dir
 from segkd.engine.seeding import build_student
 from segkd.engine.task import OptimConfig
 from segkd.engine.trainer import Callback, DataBundle
@@ -261,6 +261,8 @@ def prepare_distill_data(cfg: DistillConfig, info: DistInfo | None = None,
             unl.validate()
     ds = DistillDataset(bundle.train, unl, view, unlabeled_ratio=cfg.unlabeled_ratio)  # type: ignore[arg-type]
     if cfg.teacher_cache:
+        if info is not None:
+            check_shared_dir(Path(cfg.teacher_cache), info, "--teacher-cache")
         device = info.device if info is not None else torch.device("cpu")
         teacher = (builder or DistillBuilder()).load_teacher(cfg, bundle, device)
         key = cache_key(cfg, teacher, bundle)

@@ -28,7 +28,7 @@ from segkd.data import (
     validate_dataset,
 )
 from segkd.engine.config import TrainConfig, parse_scale
-from segkd.engine.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed
+from segkd.engine.distributed import DistInfo, any_rank, check_shared_dir, cleanup_distributed, init_distributed
 from segkd.engine.seeding import build_student, weights_sha256
 from segkd.engine.task import SupervisedTask, Task, supports_aux
 from segkd.engine.trainer import Callback, DataBundle, Trainer
@@ -180,6 +180,7 @@ def _run_locked(start: RunStart, builder: TaskBuilder, callbacks: Sequence[Callb
     try:
         if cfg.sync_bn and info.enabled and info.device.type != "cuda":
             raise SegkdError("--sync-bn needs CUDA: torch's SyncBatchNorm has no CPU implementation")
+        check_shared_dir(Path(cfg.out), info, "--out")
         seed_everything(cfg.seed)
         bundle = data if data is not None else builder.prepare(cfg, info)
         task = builder.build(cfg, bundle, info)
