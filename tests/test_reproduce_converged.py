@@ -31,6 +31,26 @@ def test_paired_delta_with_a_95_percent_t_interval(rc: ModuleType) -> None:
     assert rc.mean_std([30.0, 32.0, 34.0]) == "32.00 ± 2.00" and rc.mean_std([]) == "—"
 
 
+def test_unpaired_delta_is_a_welch_interval(rc: ModuleType) -> None:
+    # a row whose starts are not the baseline's draws: Welch over the two samples, not t over per-seed differences
+    vals = {"0": {"miou": 0.30, "start": "unpaired"}, "1": {"miou": 0.32, "start": "unpaired"},
+            "2": {"miou": 0.34, "start": "unpaired"}}
+    base = {"0": {"miou": 0.29}, "1": {"miou": 0.30}, "2": {"miou": 0.31}}
+    # means 32 and 30, variances 4 and 1 (n=3 each): se = sqrt(4/3 + 1/3) = 1.2910; df = (5/3)^2 / ((4/3)^2/2 +
+    # (1/3)^2/2) = 2.7778/0.9444 = 2.941; t(0.975, 2.941) between t2 = 4.303 and t3 = 3.182, linear in 1/df:
+    # w = (1/2.941 - 1/3) / (1/2 - 1/3) = 0.0400, t = 0.04 * 4.303 + 0.96 * 3.182 = 3.2268; half = 4.166
+    cell, ds = rc.paired(vals, base)
+    assert ds == pytest.approx([1.0, 2.0, 3.0])
+    assert cell == "unpaired (Welch): +2.00 [-2.17, +6.17]"
+    assert rc.t975(3) == 3.182 and rc.t975(30) == pytest.approx(2.042, abs=0.002)
+    assert rc.t975(120) == pytest.approx(1.980, abs=0.002)
+
+
+def test_summaries_name_the_code_that_ran(rc: ModuleType) -> None:
+    v = rc.code_version()
+    assert len(v["commit"]) == 40 and isinstance(v["dirty"], bool)
+
+
 def test_flat_spread_is_the_last_quarter(rc: ModuleType) -> None:
     curve = [(100, 0.10), (1100, 0.50), (1200, 0.40), (1300, 0.41), (1600, 0.395)]
     assert rc.flat_spread(curve, 1600) == pytest.approx(1.5)  # 1200..1600 only: 41.0 - 39.5
@@ -40,8 +60,10 @@ def test_flat_spread_is_the_last_quarter(rc: ModuleType) -> None:
 def test_jobs_run_the_clean_label_scarce_rows_first(rc: ModuleType) -> None:
     table = rc.rows()
     jobs = [(r if isinstance(r, str) else r.name, s) for r, s in rc.jobs(table)]
-    assert jobs[:4] == [("quarter-kd+unl", 0), ("quarter-cwd+unl", 0), ("quarter-dkd+unl", 0),
-                        ("quarter-c2vkd+unl", 0)]
+    # the baselines first: their first-table runs are not this code's (Row.rerun_legacy)
+    assert jobs[:6] == [("quarter-b0", 0), ("b0", 0), ("quarter-b0", 1), ("b0", 1), ("quarter-b0", 2), ("b0", 2)]
+    assert jobs[6:10] == [("quarter-kd+unl", 0), ("quarter-cwd+unl", 0), ("quarter-dkd+unl", 0),
+                          ("quarter-c2vkd+unl", 0)]
     assert len(jobs) == len(set(jobs))  # no job twice
     by_name = {r.name: r for r in table}
     for r in table:  # every row at each of its seeds, nothing more
@@ -55,6 +77,8 @@ def test_jobs_run_the_clean_label_scarce_rows_first(rc: ModuleType) -> None:
     # the rows the paired-start fix changed are rerun, not read from the first table
     assert {r.name for r in table if r.legacy_ok} == {"b0", "kd-online", "dml", "r18", "quarter-b0",
                                                      "quarter-kd+unl-t367", "quarter-c2vkd+unl-t367"}
+    # ... but the rows trained alone or online are rerun by this code (their legacy runs shown until then)
+    assert {r.name for r in table if r.rerun_legacy} == {"b0", "kd-online", "dml", "r18", "quarter-b0"}
     assert {r.name for r in table if r.data == "quarter" and r.unlabeled and r.teacher == "quarter"} == {
         "quarter-kd+unl", "quarter-cwd+unl", "quarter-dkd+unl", "quarter-c2vkd+unl", "quarter-mnv3-kd+unl"}
 
@@ -104,6 +128,7 @@ def test_gpu_recipe_dry_run_on_cpu(rc: ModuleType, tmp_path: Path) -> None:
     assert mnv3["teacher"] == {"name": "quarter", "sha256": q["sha256"], "format": "onnx",
                                "onnx_sha256": file_sha256(onnx)}
     assert mnv3["protocol_config"]["model"] == "lraspp-mobilenetv3_large_100"
+    assert len(mnv3["code"]["commit"]) == 40 and mnv3["threads"] >= 1  # the code version that ran
     assert rows["quarter-mnv3-kd+unl"]["0"]["teacher_onnx_sha256"] == file_sha256(onnx)
     assert doc["stats"]["quarter-mnv3-kd+unl"]["delta"]["baseline"] == "quarter-mnv3"
     assert (out / "teacher-cache-quarter-onnx" / "cache.json").exists()
@@ -186,3 +211,16 @@ def test_the_timm_student_rows(rc: ModuleType, tmp_path: Path) -> None:
     line = rc._row_line(kd, kd.name, {}, {})
     assert "| quarter-mnv3-kd+unl | quarter (as ONNX) | kd (cache), ONNX Runtime teacher | 1/4 labelled + 3/4 " \
            "unlabeled | not run yet |" in line
+
+
+def test_a_rerun_rows_legacy_run_does_not_count_as_done(rc: ModuleType, tmp_path: Path) -> None:
+    import argparse
+    import types
+
+    by_name = {r.name: r for r in rc.rows()}
+    args = argparse.Namespace(summaries=str(tmp_path), data_fingerprint=None)
+    (tmp_path / "legacy").mkdir()
+    (tmp_path / "legacy" / "quarter-b0_s0.json").write_text("{}")  # the first table's run of a rerun row
+    cfg = types.SimpleNamespace(out=str(tmp_path / "no-run-yet"))
+    assert by_name["quarter-b0"].legacy_ok and by_name["quarter-b0"].rerun_legacy
+    assert rc.job_done(by_name["quarter-b0"], 0, cfg, args) is False  # trained again by this code
