@@ -224,3 +224,15 @@ def test_a_rerun_rows_legacy_run_does_not_count_as_done(rc: ModuleType, tmp_path
     cfg = types.SimpleNamespace(out=str(tmp_path / "no-run-yet"))
     assert by_name["quarter-b0"].legacy_ok and by_name["quarter-b0"].rerun_legacy
     assert rc.job_done(by_name["quarter-b0"], 0, cfg, args) is False  # trained again by this code
+
+
+def test_a_label_scarce_run_by_earlier_code_is_run_again(rc: ModuleType, tmp_path: Path) -> None:
+    import argparse
+    import types
+
+    row = {r.name: r for r in rc.rows()}["quarter-kd+unl"]
+    args = argparse.Namespace(summaries=str(tmp_path), data_fingerprint=None)
+    (tmp_path / "quarter-kd_unl_s0.json").write_text("{}")  # no "code": made before the protocol's commit
+    cfg = types.SimpleNamespace(out=str(tmp_path / "no-run-yet"), teacher_weights=None)
+    assert ("quarter-kd+unl", 0) in rc.RERUN_UNRECORDED
+    assert rc.job_done(row, 0, cfg, args) is False
