@@ -236,3 +236,25 @@ def test_a_label_scarce_run_by_earlier_code_is_run_again(rc: ModuleType, tmp_pat
     cfg = types.SimpleNamespace(out=str(tmp_path / "no-run-yet"), teacher_weights=None)
     assert ("quarter-kd+unl", 0) in rc.RERUN_UNRECORDED
     assert rc.job_done(row, 0, cfg, args) is False
+
+
+def test_each_teacher_cache_is_prebuilt_by_its_row_reading_the_most_taps(rc: ModuleType, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # a fresh machine: kd (logits) ran first and built the quarter cache without layer4, cwd was then refused
+    import argparse
+
+    import segkd.runs.distill as distill
+
+    by_name = {r.name: r for r in rc.rows()}
+    jobs = [(by_name[n], 0) for n in ("quarter-kd+unl", "quarter-cwd+unl", "quarter-dkd+unl", "kd", "c2vkd",
+                                      "kd-top2", "b0")]
+    done = {("c2vkd", 0)}  # a finished run never causes a build
+    args = argparse.Namespace(out=str(tmp_path), data=str(tmp_path / "camvid"), jobs=jobs, protocol=rc.Protocol(),
+                              no_progress=True)
+    monkeypatch.setattr(rc, "teacher_path", lambda name, a, onnx=False: tmp_path / f"{name}.safetensors")
+    monkeypatch.setattr(rc, "job_done", lambda row, seed, cfg, a: (row.name, seed) in done)
+    built: list[tuple[str, str]] = []
+    monkeypatch.setattr(distill, "prepare_distill_data", lambda cfg: built.append((Path(cfg.teacher_cache).name,
+                                                                                    cfg.method)))
+    rc.prebuild_caches(args)
+    assert sorted(built) == [("teacher-cache", "kd"), ("teacher-cache-quarter", "cwd"), ("teacher-cache-top2", "kd")]
