@@ -328,21 +328,69 @@ def teacher_record(name: str, path: Path, args: argparse.Namespace) -> dict[str,
     """What results.json says of a teacher: file, sha256, the images whose labels it saw, val mIoU, selection.
     A foreign file (the shared torchvision .pth) is converted to ``OUT/teacher-<name>.safetensors`` to be scored."""
     from segkd.engine.evaluate import run_eval
-    from segkd.models.convert import run_convert
 
     rec = TEACHERS[name] | {"weights": str(path), "sha256": file_sha256(path)}
-    scored = path
-    if path.suffix != ".safetensors":
-        scored = Path(args.out) / f"teacher-{name}.safetensors"
-        run_convert(path, TEACHERS[name]["model"], scored)
-    res = run_eval(scored, data=args.data, device=args.protocol.device, progress=False, threads=args.threads)
+    res = run_eval(scorable(name, path, args), data=args.data, device=args.protocol.device, progress=False,
+                   threads=args.threads)
     rec["val_miou"] = res.miou
     rec["val_per_class_iou"] = list(res.per_class_iou)
     rec["val_scored"] = "every val image whole at its native size, no test-time augmentation"
     if name == "quarter":
         quarter = Path(args.out) / "data" / "camvid-quarter" / "images" / "train"
         rec["trained_on"] = sorted(p.name for p in quarter.iterdir())
-    return rec
+    return rec | (train_scores(name, path, args) if name in ("all", "quarter") else {})
+
+
+def scorable(name: str, path: Path, args: argparse.Namespace) -> Path:
+    """``path``, or for a foreign file (the shared torchvision .pth) its conversion
+    ``OUT/teacher-<name>.safetensors``."""
+    from segkd.models.convert import run_convert
+
+    if path.suffix == ".safetensors":
+        return path
+    scored = Path(args.out) / f"teacher-{name}.safetensors"
+    if not scored.is_file():
+        run_convert(path, TEACHERS[name]["model"], scored)
+    return scored
+
+
+def unlabeled_with_labels(out: Path, source: str = CAMVID) -> Path:
+    """``OUT/data/camvid-unlabeled-scored``: the 3/4 of the training images the label-scarce rows treat as unlabeled,
+    WITH their labels (symlinks, split ``train``), to score teachers on them; no run reads this folder."""
+    from segkd.data import resolve_data_root
+
+    src = Path(resolve_data_root(source)).resolve()
+    root = out / "data" / "camvid-unlabeled-scored"
+    links = [(root / sub / "train" / p.name, src / sub / "train" / p.name) for i, p in
+             enumerate(sorted((src / "images" / "train").glob("*.png"))) if i % 4 for sub in ("labels", "images")]
+    links += [(root / n, src / n) for n in ("stats.json", "classes.txt", "classes.json") if (src / n).exists()]
+    for link, target in links:  # idempotent: a folder cut short by a kill is completed
+        if not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target)
+    return root
+
+
+def train_scores(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The teacher's mIoU on the training images of the label-scarce split, scored like val (whole images, native
+    size): the 92 labelled ones and the 275 the rows treat as unlabeled. For ``quarter`` the first are the images it
+    was trained on and the second images whose labels it never saw (how well its targets fit them); ``all`` was
+    trained on both."""
+    from segkd.engine.evaluate import run_eval
+
+    make_splits(Path(args.out), args.data)
+    sets = {"labelled": Path(args.out) / "data" / "camvid-quarter",
+            "unlabeled": unlabeled_with_labels(Path(args.out), args.data)}
+    out: dict[str, Any] = {}
+    for key, root in sets.items():
+        res = run_eval(scorable(name, path, args), data=str(root), split="train", device=args.protocol.device,
+                       progress=False, threads=args.threads)
+        out[f"train_{key}_miou"] = res.miou
+        out[f"train_{key}_images"] = res.n_images
+    out["train_scored"] = ("train_labelled: the 92 labelled training images of the label-scarce split; "
+                           "train_unlabeled: the other 275 training images, with their labels (which the label-scarce "
+                           "rows do not use); each image whole at its native size, no test-time augmentation")
+    return out
 
 
 TEACHERS: dict[str, dict[str, Any]] = {
@@ -857,12 +905,19 @@ def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args
         "initialisation (no ImageNet weights here). Validation: every val image whole, input resized like "
         "training, logits upsampled to and scored against the native 180x240 labels. The **final** validation is "
         "reported; no student is selected on val.", "",
-        "## Teachers", "", "| teacher | model | labels it saw | selected | val mIoU (180x240) | sha256 |",
-        "|---|---|---|---|---:|---|"]
+        "## Teachers", "", "mIoU of each teacher scored like val (whole images, native 180x240): on val, on the 92 "
+        "labelled training images of the label-scarce split and on the other 275 (the images those rows treat as "
+        "unlabeled, scored with their labels, which no row uses).", "",
+        "| teacher | model | labels it saw | selected | val mIoU (180x240) | the 92 labelled | the 275 unlabeled | "
+        "sha256 |", "|---|---|---|---|---:|---:|---:|---|"]
+
+    def pct(t: dict[str, Any], key: str) -> str:
+        return f"{100 * t[key]:.2f}" if t.get(key) is not None else ("not made yet" if key == "val_miou" else "—")
+
     for name, t in teachers.items():
-        miou = f"{100 * t['val_miou']:.2f}" if t.get("val_miou") is not None else "not made yet"
         sha = f"`{t['sha256'][:16]}…`" if t.get("sha256") else "—"
-        lines.append(f"| {name} | {t['model']} | {t['labels']} | {t['selection']} | {miou} | {sha} |")
+        lines.append(f"| {name} | {t['model']} | {t['labels']} | {t['selection']} | {pct(t, 'val_miou')} | "
+                     f"{pct(t, 'train_labelled_miou')} | {pct(t, 'train_unlabeled_miou')} | {sha} |")
     lines += onnx_teacher_lines(table, res, teachers)
     lines += [
         "", "## Rows", "",
@@ -928,9 +983,14 @@ def record_teachers(args: argparse.Namespace, names: list[str]) -> None:
     have = teacher_table(args)
     for name in names:
         path = made_teacher(name, args)
-        if path is None or not path.is_file() or have.get(name, {}).get("sha256") == file_sha256(path):
+        if path is None or not path.is_file():
             continue
-        have[name] = teacher_record(name, path, args)
+        if have.get(name, {}).get("sha256") != file_sha256(path):
+            have[name] = teacher_record(name, path, args)
+        elif "train_unlabeled_miou" not in have[name] and name in ("all", "quarter"):  # a record made before them
+            have[name] |= train_scores(name, path, args)
+        else:
+            continue
         Path(args.summaries).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.summaries) / "teachers.json", json.dumps(have, indent=1) + "\n")
 
@@ -1015,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
     args.jobs = jobs(table, args.seeds)
     args.data_fingerprint = data_fingerprint(args.data)
     if args.report_only:
+        record_teachers(args, ["all", "quarter"])  # adds what a record made by older code lacks (or nothing)
         report(table, args)
         print(f"wrote {args.docs} and {args.json}", file=sys.stderr)
         return 0

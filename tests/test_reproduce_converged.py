@@ -258,3 +258,21 @@ def test_each_teacher_cache_is_prebuilt_by_its_row_reading_the_most_taps(rc: Mod
                                                                                     cfg.method)))
     rc.prebuild_caches(args)
     assert sorted(built) == [("teacher-cache", "kd"), ("teacher-cache-quarter", "cwd"), ("teacher-cache-top2", "kd")]
+
+
+def test_the_unlabeled_images_are_scored_with_their_labels_and_the_folder_is_idempotent(rc: ModuleType,
+                                                                                         tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for sub in ("images", "labels"):
+        (src / sub / "train").mkdir(parents=True)
+        for i in range(8):
+            (src / sub / "train" / f"f{i}.png").write_bytes(sub.encode())
+    (src / "stats.json").write_text("{}")
+    root = rc.unlabeled_with_labels(tmp_path / "out", str(src))
+    names = sorted(p.name for p in (root / "images" / "train").iterdir())
+    assert names == ["f1.png", "f2.png", "f3.png", "f5.png", "f6.png", "f7.png"]  # every 4th is the labelled quarter
+    assert sorted(p.name for p in (root / "labels" / "train").iterdir()) == names
+    assert (root / "labels" / "train" / "f1.png").read_bytes() == b"labels"
+    (root / "images" / "train" / "f7.png").unlink()  # a build cut short is completed, a finished one left as is
+    assert rc.unlabeled_with_labels(tmp_path / "out", str(src)) == root
+    assert len(list((root / "images" / "train").iterdir())) == 6 and (root / "stats.json").is_symlink()
