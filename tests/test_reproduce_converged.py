@@ -226,7 +226,8 @@ def test_a_rerun_rows_legacy_run_does_not_count_as_done(rc: ModuleType, tmp_path
     assert rc.job_done(by_name["quarter-b0"], 0, cfg, args) is False  # trained again by this code
 
 
-def test_a_label_scarce_run_by_earlier_code_is_run_again(rc: ModuleType, tmp_path: Path) -> None:
+def test_a_run_by_code_that_recorded_no_commit_is_run_again(rc: ModuleType, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
     import types
 
@@ -234,8 +235,11 @@ def test_a_label_scarce_run_by_earlier_code_is_run_again(rc: ModuleType, tmp_pat
     args = argparse.Namespace(summaries=str(tmp_path), data_fingerprint=None)
     (tmp_path / "quarter-kd_unl_s0.json").write_text("{}")  # no "code": made before the protocol's commit
     cfg = types.SimpleNamespace(out=str(tmp_path / "no-run-yet"), teacher_weights=None)
-    assert ("quarter-kd+unl", 0) in rc.RERUN_UNRECORDED
     assert rc.job_done(row, 0, cfg, args) is False
+    (tmp_path / "quarter-kd_unl_s0.json").write_text(json.dumps({"code": {"commit": "0" * 40}}))
+    checked: list[str] = []
+    monkeypatch.setattr(rc, "check_summary", lambda rec, *a: checked.append(rec["code"]["commit"]))
+    assert rc.job_done(row, 0, cfg, args) is True and checked == ["0" * 40]  # a summary that names its code is done
 
 
 def test_each_teacher_cache_is_prebuilt_by_its_row_reading_the_most_taps(rc: ModuleType, tmp_path: Path,
