@@ -431,7 +431,37 @@ def prepare(args: argparse.Namespace) -> None:
         atomic_write_text(Path(args.out) / "teacher-quarter.path", f"{path}\n")
     for name in sorted({r.teacher for r, _ in args.jobs if isinstance(r, Row) and r.onnx and r.teacher}):
         ensure_onnx_teacher(name, args)
+    prebuild_caches(args)
     atomic_write_text(Path(args.out) / "prepared", "ok\n")
+
+
+def prebuild_caches(args: argparse.Namespace) -> None:
+    """Each teacher cache a pending run reads, built here (lane 0, before the other lanes start) by the run of that
+    cache that reads the most teacher taps, so that it holds every tap its rows read (the taps of this table nest:
+    logits, or logits and the R18's layer4). Left to the first run that needs it, a cache holds that run's taps only
+    and a later row reading a feature tap is refused: on a fresh machine kd built a logits-only quarter cache and
+    quarter-cwd+unl was refused. The build is segkd's own (prepare_distill_data), so a cache is the same whichever
+    run builds it."""
+    from segkd.methods import METHODS, make_options
+    from segkd.runs.distill import prepare_distill_data
+
+    def n_taps(row: Row) -> int:
+        spec = METHODS.get(row.method)  # type: ignore[arg-type]
+        return len(spec.taps_read(make_options(spec, dict(row.opts))).get("teacher", ()))
+
+    best: dict[str, tuple[int, Row, int]] = {}
+    for row, seed in args.jobs:
+        if not isinstance(row, Row) or not row.cache or row.teacher is None or row.teacher == "b1":
+            continue
+        cfg = config(row, seed, args)
+        if job_done(row, seed, cfg, args):
+            continue
+        have = best.get(cfg.teacher_cache)  # type: ignore[attr-defined]
+        if have is None or n_taps(row) > have[0]:
+            best[cfg.teacher_cache] = (n_taps(row), row, seed)  # type: ignore[attr-defined]
+    for folder, (_, row, seed) in sorted(best.items()):
+        print(f"== teacher cache {Path(folder).name} (the taps of {row.name})", file=sys.stderr, flush=True)
+        prepare_distill_data(config(row, seed, args))
 
 
 def config(row: Row, seed: int, args: argparse.Namespace, teacher: Path | None = None) -> TrainConfig:
