@@ -214,13 +214,6 @@ ORDER = [
 ]
 
 
-# runs of the clean label-scarce rows made (wholly or partly) by code before the protocol's pinned commit; their
-# summaries record no ``code``: such a summary is shown until this code's rerun replaces it (the old run folder must
-# be moved aside first, or its finished run would be summarised again)
-RERUN_UNRECORDED = {(n, s) for n in ("quarter-kd+unl", "quarter-cwd+unl", "quarter-dkd+unl", "quarter-c2vkd+unl")
-                    for s in (0, 1)} | {("quarter-kd+unl", 2), ("quarter-cwd+unl", 2)}
-
-
 def jobs(table: list[Row], seeds: list[int] | None = None) -> list[tuple[Row | str, int]]:
     """(row, seed), and ("teacher:b1", 0) before the rows that need it, in run order; a row's seeds are
     ``range(row.seeds)`` unless ``seeds`` is given. Pairs ORDER does not list come last."""
@@ -603,11 +596,14 @@ def job_done(row: Row, seed: int, cfg: TrainConfig, args: argparse.Namespace) ->
     """A committed summary (or, for legacy-ok rows, a legacy one) or a finished run directory."""
     sha = teacher_identity(cfg.teacher_weights)["sha256"] if getattr(cfg, "teacher_weights", None) else None  # type: ignore[attr-defined]
     legacy = row.legacy_ok and not row.rerun_legacy
-    for path in [summary_path(args, row.name, seed)] + [legacy_path(args, row.name, seed)] * legacy:
+    current = summary_path(args, row.name, seed)
+    for path in [current] + [legacy_path(args, row.name, seed)] * legacy:
         if path.is_file():
             rec = json.loads(path.read_text())
-            if (row.name, seed) in RERUN_UNRECORDED and "code" not in rec:
-                break  # made by earlier code: run again by this one
+            if path == current and "code" not in rec:
+                # made by code before the protocol recorded its commit (so no row can say which code ran it): run
+                # again by this code, whose summary replaces it (git keeps the old one)
+                break
             check_summary(rec, row, cfg, sha, path, args.data_fingerprint, seed)
             return True
     doc = finished_run(cfg.out)
