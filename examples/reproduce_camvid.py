@@ -741,6 +741,7 @@ def collect(table: list[Row], args: argparse.Namespace) -> dict[str, Any]:
                     "iters": rec["iters"], "teacher_sha256": (rec.get("teacher") or {}).get("sha256"),
                     "teacher_onnx_sha256": (rec.get("teacher") or {}).get("onnx_sha256"),
                     "initial_weights_sha256": init, "legacy": rec.get("legacy"),
+                    "code": (rec.get("code") or {}).get("commit"), "threads": rec.get("threads"),
                     "start": _start_label(rec, row, role, init, starts.get(key))}
     return res
 
@@ -778,19 +779,56 @@ def interval(ds: list[float]) -> tuple[float, float, float] | None:
 
 
 def t975(df: float) -> float:
-    """Two-sided 95 % quantile of Student's t: the table for df 1-9, the Cornish-Fisher expansion above (within
-    0.002 of the exact value from df 9 on); a fractional df (Welch) interpolates linearly in 1/df (within 0.01)."""
-    def at(n: int) -> float:
+    """Two-sided 95 % quantile of Student's t. An integer df: the table for df 1-9, the Cornish-Fisher expansion
+    above (within 0.002 of the exact value from df 9 on). A fractional df (Welch): solved exactly from the t CDF
+    (:func:`t_cdf`) by bisection; interpolating the table in 1/df was 1.1 too wide at df 1.5."""
+    if df == int(df):
+        n = max(1, int(df))
         if n in T975:
             return T975[n]
         z = 1.959964
         return z + (z**3 + z) / (4 * n) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * n**2) \
             + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * n**3)
-    lo, hi = max(1, math.floor(df)), max(1, math.ceil(df))
-    if lo == hi:
-        return at(lo)
-    w = (1 / df - 1 / hi) / (1 / lo - 1 / hi)
-    return w * at(lo) + (1 - w) * at(hi)
+    lo, hi = 0.0, 1000.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < 0.975 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` > 0 degrees of freedom (any real df), t >= 0:
+    1 - I_x(df/2, 1/2) / 2 with x = df / (df + t^2), the regularised incomplete beta by its continued fraction."""
+    x = df / (df + t * t)
+    return 1 - 0.5 * betainc(df / 2, 0.5, x)
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta I_x(a, b) (Lentz's continued fraction; the symmetry I_x(a, b) =
+    1 - I_{1-x}(b, a) where the fraction converges slowly)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1 - betainc(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 + num * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return front * (f - 1)
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
@@ -850,15 +888,31 @@ def row_stats(table: list[Row], res: dict[str, Any]) -> dict[str, Any]:
                                   "finals_span": max(xs) - min(xs),
                                   "worst_flat_spread": max((v["spread"] for v in vals.values()
                                                             if v["spread"] is not None), default=None)}
+            st["code"] = code_counts(vals)
             if base and res.get(base):
                 _, ds = paired(vals, res[base])
                 ci = delta_interval(vals, res[base])
-                st["delta"] = {"baseline": base, "paired_starts": starts_paired(vals, res[base]), "per_seed": ds,
+                both = [s for s in sorted(vals) if s in res[base]]
+                pairs = starts_paired(vals, res[base])
+                # the baseline runs the Δ uses: the seeds it pairs, or (Welch) every seed of the baseline
+                used = {s: res[base][s] for s in (both if pairs else sorted(res[base]))}
+                st["delta"] = {"baseline": base, "paired_starts": pairs, "per_seed": ds,
                                "mean": ci[0] if ci else (statistics.fmean(ds) if ds else None),
-                               "ci95": [ci[1], ci[2]] if ci else None,
-                               "seeds": [s for s in sorted(vals) if s in res[base]]}
+                               "ci95": [ci[1], ci[2]] if ci else None, "seeds": both,
+                               "baseline_mean": statistics.fmean(100 * v["miou"] for v in used.values())
+                               if used else None, "baseline_code": code_counts(used)}
             out[name] = st
     return out
+
+
+def code_counts(vals: dict[str, Any]) -> dict[str, int]:
+    """How many of a row's runs each code commit made (short hash; ``unrecorded`` for runs made before summaries
+    recorded it)."""
+    out: dict[str, int] = {}
+    for v in vals.values():
+        key = v["code"][:7] if v.get("code") else "unrecorded"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def _row_line(row: Row, name: str, res: dict[str, Any], teachers: dict[str, Any]) -> str:
@@ -876,7 +930,7 @@ def _row_line(row: Row, name: str, res: dict[str, Any], teachers: dict[str, Any]
     label = name + (f" [{row.peer}]" if peer else "")
     vals = res.get(name, {})
     if not vals:
-        return f"| {label} | {teacher} | {method} | {data} | not run yet | | | | | | |"
+        return f"| {label} | {teacher} | {method} | {data} | not run yet | | | | | | | |"
     xs = [100 * v["miou"] for _, v in sorted(vals.items())]
     seeds = " / ".join(f"{x:.2f}" for x in xs)
     base = row.peer_baseline if peer else row.baseline
@@ -885,8 +939,9 @@ def _row_line(row: Row, name: str, res: dict[str, Any], teachers: dict[str, Any]
     flat = "—" if not spreads else f"{'✓' if max(spreads) <= 2 else '✗'} ({max(spreads):.2f})"
     best = statistics.fmean(100 * v["best"] for v in vals.values())
     starts = sorted({v["start"] for v in vals.values()})
+    code = ", ".join(f"{k} ×{n}" for k, n in code_counts(vals).items())
     return (f"| {label} | {teacher} | {method} | {data} | {mean_std(xs)} (n={len(xs)}) | {seeds} | {best:.2f} | "
-            f"{base or '—'} | {delta} | {', '.join(starts)} | {flat} |")
+            f"{base or '—'} | {delta} | {', '.join(starts)} | {code} | {flat} |")
 
 
 def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args: argparse.Namespace) -> str:
@@ -923,17 +978,15 @@ def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args
         "starts are not established as the same draw: the difference of the rows' means with Welch's interval). "
         "start: `paired` = run.json's initial-weights sha256 equals the draw "
         "this code makes for the student at that seed; `legacy` = a run of the first table (2026-12-02), before "
-        "hashes were recorded (rows whose start the fix did not change: trained alone, online with the student "
-        "built first; the `-t367` rows, cache rows kept as run, did **not** start paired); the first table's runs of "
-        "b0, quarter-b0, kd-online, dml and r18 are shown until this code's reruns land (their exact code is not "
-        "known, and a rerun of quarter-b0 seed 0 from the same start by this code did not reproduce its final). "
-        "flat = the worst seed's "
+        "hashes were recorded (shown only for rows kept as run: the `-t367` rows, cache rows that did **not** start "
+        "paired). code = the commit of the code that ran each seed's run, as its summary records it (`unrecorded`: "
+        "a run made before summaries recorded it; such runs are rerun). flat = the worst seed's "
         "spread (max - min) of the val mIoU over the last 25 % of the schedule; ✓ when it is at most 2 points.", "",
         "| row | teacher | method (options) | data | val mIoU | per seed | best val | baseline | Δ [95 % CI] | start "
-        "| flat (spread) |", "|---|---|---|---|---:|---|---:|---|---:|---|---:|"]
+        "| code | flat (spread) |", "|---|---|---|---|---:|---|---:|---|---:|---|---|---:|"]
     for row in table:
         for name in [row.name] + ([f"{row.name} (peer)"] if row.peer else []):
-            lines.append(f"| {name} | | {row.note} | | | | | | | | |" if row.note else
+            lines.append(f"| {name} | | {row.note} | | | | | | | | | |" if row.note else
                          _row_line(row, name, res, teachers))
     lines += ["", "## How to reproduce", "", "```",
               "python examples/reproduce_camvid.py --out runs/conv --lane 0/2 &",
@@ -949,8 +1002,10 @@ def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args
               "full-label rows; the quarter teacher is trained on ROOT's labelled quarter; summaries, table to OUT",
               "python examples/reproduce_camvid.py --data ROOT --teacher T_ALL.safetensors --out runs/other "
               "--only quarter-b0,quarter-kd+unl --seeds 0,1,2", "```", "",
-              f"Environment: Python {platform.python_version()}, torch {torch.__version__}, {args.threads} thread(s) "
-              "per process, two processes on the 2-core machine.", ""]
+              f"Environment of the protocol: two processes on a 2-core CPU machine, {args.threads} thread(s) each; "
+              f"this page written with Python {platform.python_version()}, torch {torch.__version__}. Each summary "
+              "records the torch that ran it, and, from the protocol's commit 57d92eb on, its code commit and thread "
+              "count (`code`, `threads`); the runs marked `unrecorded` record neither.", ""]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import ModuleType
 
@@ -37,13 +38,29 @@ def test_unpaired_delta_is_a_welch_interval(rc: ModuleType) -> None:
             "2": {"miou": 0.34, "start": "unpaired"}}
     base = {"0": {"miou": 0.29}, "1": {"miou": 0.30}, "2": {"miou": 0.31}}
     # means 32 and 30, variances 4 and 1 (n=3 each): se = sqrt(4/3 + 1/3) = 1.2910; df = (5/3)^2 / ((4/3)^2/2 +
-    # (1/3)^2/2) = 2.7778/0.9444 = 2.941; t(0.975, 2.941) between t2 = 4.303 and t3 = 3.182, linear in 1/df:
-    # w = (1/2.941 - 1/3) / (1/2 - 1/3) = 0.0400, t = 0.04 * 4.303 + 0.96 * 3.182 = 3.2268; half = 4.166
+    # (1/3)^2/2) = 2.7778/0.9444 = 2.941; t(0.975, 2.941) = 3.2188 (the t CDF, checked below by integrating the
+    # density); half = 3.2188 * 1.2910 = 4.155
     cell, ds = rc.paired(vals, base)
     assert ds == pytest.approx([1.0, 2.0, 3.0])
-    assert cell == "unpaired (Welch): +2.00 [-2.17, +6.17]"
+    assert cell == "unpaired (Welch): +2.00 [-2.16, +6.16]"
     assert rc.t975(3) == 3.182 and rc.t975(30) == pytest.approx(2.042, abs=0.002)
     assert rc.t975(120) == pytest.approx(1.980, abs=0.002)
+
+
+@pytest.mark.parametrize("df", [1.1, 1.5, 2.941, 7.3])
+def test_a_welch_df_gets_the_exact_t_quantile(rc: ModuleType, df: float) -> None:
+    # independent of t_cdf: Simpson's rule over Student's density from 0 to t975(df) holds 0.475 of the mass
+    def pdf(x: float) -> float:
+        return math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) \
+            * (1 + x * x / df) ** (-(df + 1) / 2)
+
+    t, n = rc.t975(df), 20000
+    h = t / n
+    mass = h / 3 * (pdf(0) + pdf(t) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, n)))
+    assert mass == pytest.approx(0.475, abs=1e-7)
+    # df 1 and 2 in closed form: tan(0.475 pi) = 12.7062 and 0.95 * sqrt(2 / (1 - 0.95^2)) = 4.3027; a df just
+    # above them lands just below
+    assert 12.70 < rc.t975(1.000001) < 12.7063 and 4.30 < rc.t975(2.000001) < 4.3027
 
 
 def test_summaries_name_the_code_that_ran(rc: ModuleType) -> None:
@@ -280,3 +297,17 @@ def test_the_unlabeled_images_are_scored_with_their_labels_and_the_folder_is_ide
     (root / "images" / "train" / "f7.png").unlink()  # a build cut short is completed, a finished one left as is
     assert rc.unlabeled_with_labels(tmp_path / "out", str(src)) == root
     assert len(list((root / "images" / "train").iterdir())) == 6 and (root / "stats.json").is_symlink()
+
+
+def test_row_stats_say_which_code_ran_each_side_and_the_baseline_mean_the_delta_uses(rc: ModuleType) -> None:
+    def run(miou: float, code: str | None) -> dict[str, object]:
+        return {"miou": miou, "spread": None, "code": code, "start": "paired"}
+
+    row = {r.name: r for r in rc.rows()}["kd"]
+    res = {"b0": {"0": run(0.40, "a" * 40), "1": run(0.42, "a" * 40), "2": run(0.50, "b" * 40)},
+           "kd": {"0": run(0.41, None), "1": run(0.44, "a" * 40)}}
+    st = rc.row_stats([row], res)["kd"]
+    assert st["code"] == {"aaaaaaa": 1, "unrecorded": 1}
+    d = st["delta"]
+    assert d["seeds"] == ["0", "1"] and d["baseline_mean"] == pytest.approx(41.0)  # seeds 0-1, not b0's 44.0
+    assert d["baseline_code"] == {"aaaaaaa": 2} and d["per_seed"] == pytest.approx([1.0, 2.0])
