@@ -1126,7 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
     args.jobs = jobs(table, args.seeds)
     args.data_fingerprint = data_fingerprint(args.data)
     if args.report_only:
-        record_teachers(args, ["all", "quarter"])  # adds what a record made by older code lacks (or nothing)
+        record_teachers(args, sorted(TEACHERS))  # new teachers (b1 once trained), what older records lack
         report(table, args)
         print(f"wrote {args.docs} and {args.json}", file=sys.stderr)
         return 0
