@@ -264,3 +264,43 @@ def test_static_stride_rule_per_model():
     plan = plan_shapes(ExportConfig(static="1x3x520x1000"), 8, "deeplabv3-resnet18")
     assert (plan.height, plan.width, plan.static) == (520, 1000, True)
     assert plan_shapes(ExportConfig(size="512x1024"), 32, "m").profile["min"] == (1, 3, 256, 512)
+
+
+class _ScaledLogits(torch.nn.Module):
+    """A 'model' whose logits reach |30| (a trained net's scale), folded normalisation, for the gate alone."""
+
+    fold, output = True, "logits"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[:, 0] / 255 * 30.0, -x[:, 1] / 255 * 30.0], dim=1)
+
+
+class _OffBy:
+    """An ONNX Runtime session stand-in returning the reference plus ``delta`` at one element."""
+
+    def __init__(self, delta: float) -> None:
+        self.delta = delta
+
+    def run(self, _names, feeds):
+        out = _ScaledLogits()(torch.from_numpy(feeds["x"])).numpy().copy()
+        out[0, 0, 0, 0] += self.delta
+        return [out]
+
+
+def test_the_abs_gate_grows_with_the_output_scale():
+    from segkd.export.verify import _failure_text, _run_case, resolve_rtol
+
+    raw = torch.full((1, 3, 4, 4), 255.0)  # logits exactly +30 / -30: max |output| 30
+    # 1.15e-4 off (what a trained MobileNetV3 LR-ASPP export measured): over --atol 1e-4 alone, within
+    # 1e-4 + 1e-5 x 30 = 4e-4
+    case = _run_case(_OffBy(1.15e-4), "x", _ScaledLogits(), "c", raw, atol=1e-4, min_agreement=0.999, rtol=1e-5)
+    assert case["max_abs_ref"] == 30.0 and case["allowed_abs_diff"] == pytest.approx(4e-4) and case["passed"]
+    bad = _run_case(_OffBy(5e-4), "x", _ScaledLogits(), "c", raw, atol=1e-4, min_agreement=0.999, rtol=1e-5)
+    assert not bad["passed"]
+    assert "max |diff| 0.0005 > 0.0004 (--atol 0.0001 + --rtol 1e-05 x max |output| 30)" in _failure_text(
+        bad, 1e-4, 0.999, 1e-5)
+    assert not _run_case(_OffBy(1.15e-4), "x", _ScaledLogits(), "c", raw, atol=1e-4, min_agreement=0.999,
+                         rtol=0.0)["passed"]  # --rtol 0: the old absolute gate
+    assert resolve_rtol(ExportConfig()) == 1e-5 and resolve_rtol(ExportConfig(fp16=True)) == 0.0
+    with pytest.raises(SegkdError, match="--rtol -1"):
+        ExportConfig(rtol=-1.0).check()

@@ -74,7 +74,11 @@ class ExportConfig:
     data: str | None = option(None, "Dataset root whose first images join verification, or 'synth'.")
     size: str | None = option(None, "Export/verification size HxW (dynamic exports; default: the size the "
                                     "checkpoint was trained at, else 512x1024).")
-    atol: float | None = option(None, "Max abs output difference allowed (default 1e-4 fp32, none for fp16).")
+    atol: float | None = option(None, "Max abs output difference allowed (default 1e-4 fp32, none for fp16), plus "
+                                      "--rtol x the output's largest |value|.")
+    rtol: float | None = option(None, "Allowed max abs difference grows by RTOL x the largest |value| of the "
+                                      "PyTorch output (default 1e-5 fp32: float32 rounding grows with the logits' "
+                                      "scale, and a trained model's logits reach tens).")
     min_agreement: float | None = option(None, "Min label agreement (default 0.999 fp32, 0.99 fp16).")
     providers: str = option("cpu", "ONNX Runtime providers for verification: cpu, cuda, tensorrt (comma-separated); "
                                    "never a silent fallback.")
@@ -103,13 +107,14 @@ class ExportConfig:
         """One-line errors for option values, before the checkpoint is read (sizes parse here; their fit to the
         model's stride is checked by :func:`plan_shapes` once the model is known)."""
         from segkd.engine.config import check_machine_values
-        from segkd.export.verify import resolve_gates
+        from segkd.export.verify import resolve_gates, resolve_rtol
 
         check_opset(self.opset)
         if self.output not in OUTPUT_KINDS:
             raise SegkdError(f"--output {self.output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
         parse_providers(self.providers)
         resolve_gates(self)
+        resolve_rtol(self)
         check_machine_values(seed=self.seed)
         if self.threads < 0:
             raise SegkdError(f"--threads must be >= 0, got {self.threads}")
@@ -516,7 +521,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
     import onnx
 
     from segkd.export.tensorrt import trt_readiness
-    from segkd.export.verify import verify_onnx
+    from segkd.export.verify import resolve_rtol, verify_onnx
 
     t0 = time.perf_counter()
     out, ckpt = Path(out), Path(ckpt)
@@ -542,7 +547,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
         onnx.save(onnx_model, str(tmp_path))
         if not cfg.verify:
             return
-        result = verify_onnx(tmp_path, wrapper, plan, cfg, providers=providers, atol=atol, min_agreement=min_agree)
+        result = verify_onnx(tmp_path, wrapper, plan, cfg, providers=providers, atol=atol, min_agreement=min_agree,
+                             rtol=resolve_rtol(cfg))
         report["verification"] = result
         if not result["passed"]:
             raise GateFailure(f"verification failed, nothing written to {out}: {result['failure']}")

@@ -38,6 +38,16 @@ def resolve_gates(cfg: Any) -> tuple[float | None, float]:
     return atol, agree
 
 
+def resolve_rtol(cfg: Any) -> float:
+    """``--rtol`` after its default: 1e-5 where an absolute gate applies (fp32), 0 without one (fp16)."""
+    rtol = getattr(cfg, "rtol", None)
+    if rtol is None:
+        return 0.0 if resolve_gates(cfg)[0] is None else 1e-5
+    if not rtol >= 0:
+        raise SegkdError(f"--rtol {rtol}: must be >= 0")
+    return float(rtol)
+
+
 def find_images(root: str | Path, limit: int) -> list[Path]:
     """The first ``limit`` images under ``root``, preferring a ``val`` split and skipping label folders."""
     root = Path(root)
@@ -96,7 +106,8 @@ def compare(ref: Tensor, got: np.ndarray, output: str) -> dict[str, Any]:
                 "label_agreement": float((got_t.long() == ref.long()).float().mean())}
     diff = (got_t.float() - ref.float()).abs()
     agree = (got_t.float().argmax(1) == ref.float().argmax(1)).float().mean()
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "label_agreement": float(agree)}
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "label_agreement": float(agree),
+            "max_abs_ref": float(ref.float().abs().max())}
 
 
 def second_size(h: int, w: int, stride: int) -> tuple[int, int]:
@@ -128,8 +139,9 @@ def _verification_batches(plan: Any, cfg: Any) -> list[tuple[str, Tensor]]:
 
 
 def _run_case(sess: Any, input_name: str, wrapper: nn.Module, name: str, raw: Tensor, atol: float | None,
-              min_agreement: float) -> dict[str, Any]:
-    """One batch through PyTorch and ONNX Runtime, compared; ``passed`` against the gates."""
+              min_agreement: float, rtol: float = 0.0) -> dict[str, Any]:
+    """One batch through PyTorch and ONNX Runtime, compared; ``passed`` against the gates: label agreement, and
+    max |diff| <= atol + rtol x max |PyTorch output| (``allowed_abs_diff``)."""
     x = _to_model_input(raw, wrapper)
     with torch.inference_mode():
         ref = wrapper(x)
@@ -139,8 +151,10 @@ def _run_case(sess: Any, input_name: str, wrapper: nn.Module, name: str, raw: Te
         case = {"case": name, "error": f"ONNX Runtime failed: {_first_line(e)}"}
     else:
         case = {"case": name, **compare(ref, got, wrapper.output)}
+        if atol is not None and case.get("max_abs_ref") is not None:
+            case["allowed_abs_diff"] = atol + rtol * case["max_abs_ref"]
     case["passed"] = "error" not in case and case["label_agreement"] >= min_agreement and (
-        atol is None or case["max_abs_diff"] is None or case["max_abs_diff"] <= atol)
+        "allowed_abs_diff" not in case or case["max_abs_diff"] <= case["allowed_abs_diff"])
     return case
 
 
@@ -162,13 +176,14 @@ def verify_onnx(
     providers: Sequence[str] = ("cpu",),
     atol: float | None = 1e-4,
     min_agreement: float = 0.999,
+    rtol: float = 0.0,
 ) -> dict[str, Any]:
     """Run every case through ONNX Runtime and PyTorch; returns the cases, the providers used and the verdict."""
     sess = create_session(path, providers, threads=cfg.threads)
     input_name = sess.get_inputs()[0].name
-    cases = [_run_case(sess, input_name, wrapper, name, raw, atol, min_agreement)
+    cases = [_run_case(sess, input_name, wrapper, name, raw, atol, min_agreement, rtol)
              for name, raw in _verification_batches(plan, cfg)]
-    failure = next((_failure_text(c, atol, min_agreement) for c in cases if not c["passed"]), "")
+    failure = next((_failure_text(c, atol, min_agreement, rtol) for c in cases if not c["passed"]), "")
     static_probe = _static_probe(sess, input_name, plan) if plan.static else None
     if static_probe is not None and not static_probe["rejected"]:
         shape = "x".join(map(str, static_probe["shape"]))
@@ -177,6 +192,7 @@ def verify_onnx(
         "providers_requested": list(providers),
         "providers_used": sess.get_providers(),
         "atol": atol,
+        "rtol": rtol,
         "min_agreement": min_agreement,
         "cases": cases,
         "static_other_size": static_probe,
@@ -185,12 +201,13 @@ def verify_onnx(
     }
 
 
-def _failure_text(case: dict[str, Any], atol: float | None, min_agreement: float) -> str:
+def _failure_text(case: dict[str, Any], atol: float | None, min_agreement: float, rtol: float = 0.0) -> str:
     if "error" in case:
         return f"{case['case']}: {case['error']}"
     parts = []
-    if atol is not None and case["max_abs_diff"] is not None and case["max_abs_diff"] > atol:
-        parts.append(f"max |diff| {case['max_abs_diff']:.3g} > --atol {atol:g}")
+    if "allowed_abs_diff" in case and case["max_abs_diff"] > case["allowed_abs_diff"]:
+        parts.append(f"max |diff| {case['max_abs_diff']:.3g} > {case['allowed_abs_diff']:.3g} (--atol {atol:g} + "
+                     f"--rtol {rtol:g} x max |output| {case['max_abs_ref']:.3g})")
     if case["label_agreement"] < min_agreement:
         parts.append(f"label agreement {case['label_agreement']:.5f} < --min-agreement {min_agreement:g}")
     return f"{case['case']}: " + "; ".join(parts)
