@@ -241,6 +241,13 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- preparation
+def quarter_split(src: Path) -> tuple[list[Path], list[Path]]:
+    """The training images of ``src`` (sorted by name) split into the labelled quarter (every 4th, from the first)
+    and the other three quarters: the one rule behind the label-scarce rows, their teacher and its scores."""
+    images = sorted((src / "images" / "train").glob("*.png"))
+    return images[::4], [p for i, p in enumerate(images) if i % 4]
+
+
 def make_splits(out: Path, source: str = CAMVID) -> tuple[Path, Path]:
     """``OUT/data/camvid-quarter`` (every 4th training image labelled, val as is) and ``OUT/data/camvid-unlabeled``
     (the other 3/4, images only), as symlinks: the data are never copied."""
@@ -252,12 +259,12 @@ def make_splits(out: Path, source: str = CAMVID) -> tuple[Path, Path]:
         return quarter, unl
     for d in (quarter / "images" / "train", quarter / "labels" / "train", unl):
         d.mkdir(parents=True, exist_ok=True)
-    for i, p in enumerate(sorted((src / "images" / "train").glob("*.png"))):
-        if i % 4 == 0:
-            (quarter / "images" / "train" / p.name).symlink_to(p)
-            (quarter / "labels" / "train" / p.name).symlink_to(src / "labels" / "train" / p.name)
-        else:
-            (unl / p.name).symlink_to(p)
+    labelled, unlabeled = quarter_split(src)
+    for p in labelled:
+        (quarter / "images" / "train" / p.name).symlink_to(p)
+        (quarter / "labels" / "train" / p.name).symlink_to(src / "labels" / "train" / p.name)
+    for p in unlabeled:
+        (unl / p.name).symlink_to(p)
     for sub in ("images", "labels"):
         (quarter / sub / "val").symlink_to(src / sub / "val")
     for name in ("classes.json", "classes.txt", "stats.json"):  # the class file last: it marks a finished split
@@ -354,8 +361,8 @@ def unlabeled_with_labels(out: Path, source: str = CAMVID) -> Path:
 
     src = Path(resolve_data_root(source)).resolve()
     root = out / "data" / "camvid-unlabeled-scored"
-    links = [(root / sub / "train" / p.name, src / sub / "train" / p.name) for i, p in
-             enumerate(sorted((src / "images" / "train").glob("*.png"))) if i % 4 for sub in ("labels", "images")]
+    links = [(root / sub / "train" / p.name, src / sub / "train" / p.name) for p in quarter_split(src)[1]
+             for sub in ("labels", "images")]
     links += [(root / n, src / n) for n in ("stats.json", "classes.txt", "classes.json") if (src / n).exists()]
     for link, target in links:  # idempotent: a folder cut short by a kill is completed
         if not link.is_symlink():

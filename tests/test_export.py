@@ -288,7 +288,7 @@ class _OffBy:
 
 
 def test_the_abs_gate_grows_with_the_output_scale():
-    from segkd.export.verify import _failure_text, _run_case, resolve_rtol
+    from segkd.export.verify import _failure_text, _run_case, resolve_gates
 
     raw = torch.full((1, 3, 4, 4), 255.0)  # logits exactly +30 / -30: max |output| 30
     # 1.15e-4 off (what a trained MobileNetV3 LR-ASPP export measured): over --atol 1e-4 alone, within
@@ -301,6 +301,6 @@ def test_the_abs_gate_grows_with_the_output_scale():
         bad, 1e-4, 0.999, 1e-5)
     assert not _run_case(_OffBy(1.15e-4), "x", _ScaledLogits(), "c", raw, atol=1e-4, min_agreement=0.999,
                          rtol=0.0)["passed"]  # --rtol 0: the old absolute gate
-    assert resolve_rtol(ExportConfig()) == 1e-5 and resolve_rtol(ExportConfig(fp16=True)) == 0.0
+    assert resolve_gates(ExportConfig())[1] == 1e-5 and resolve_gates(ExportConfig(fp16=True))[1] == 0.0
     with pytest.raises(SegkdError, match="--rtol -1"):
         ExportConfig(rtol=-1.0).check()

@@ -107,14 +107,13 @@ class ExportConfig:
         """One-line errors for option values, before the checkpoint is read (sizes parse here; their fit to the
         model's stride is checked by :func:`plan_shapes` once the model is known)."""
         from segkd.engine.config import check_machine_values
-        from segkd.export.verify import resolve_gates, resolve_rtol
+        from segkd.export.verify import resolve_gates
 
         check_opset(self.opset)
         if self.output not in OUTPUT_KINDS:
             raise SegkdError(f"--output {self.output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
         parse_providers(self.providers)
         resolve_gates(self)
-        resolve_rtol(self)
         check_machine_values(seed=self.seed)
         if self.threads < 0:
             raise SegkdError(f"--threads must be >= 0, got {self.threads}")
@@ -419,7 +418,7 @@ def finalize_graph(path: Path, fp16: bool, fold: bool) -> tuple[Any, dict[str, A
     return model, summary
 
 
-def _check_export_options(cfg: ExportConfig, out: Path) -> tuple[list[str], float | None, float | None]:
+def _check_export_options(cfg: ExportConfig, out: Path) -> tuple[list[str], float | None, float, float]:
     """Every option checked before the checkpoint is read: the providers (probed when verifying), the gates."""
     from segkd.export.verify import resolve_gates
 
@@ -427,12 +426,12 @@ def _check_export_options(cfg: ExportConfig, out: Path) -> tuple[list[str], floa
     providers = parse_providers(cfg.providers)
     if cfg.verify:
         probe_providers(providers)
-    atol, min_agree = resolve_gates(cfg)
+    atol, rtol, min_agree = resolve_gates(cfg)
     if out.suffix.lower() != ".onnx":
         raise SegkdError(f"--out {out}: give a path ending in .onnx")
     if out.exists() and out.is_dir():
         raise SegkdError(f"--out {out}: is a directory")
-    return providers, atol, min_agree
+    return providers, atol, rtol, min_agree
 
 
 def _export_info(cfg: ExportConfig, plan: ExportPlan, model: nn.Module, ckpt: Path) -> dict[str, Any]:
@@ -521,11 +520,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
     import onnx
 
     from segkd.export.tensorrt import trt_readiness
-    from segkd.export.verify import resolve_rtol, verify_onnx
+    from segkd.export.verify import verify_onnx
 
     t0 = time.perf_counter()
     out, ckpt = Path(out), Path(ckpt)
-    providers, atol, min_agree = _check_export_options(cfg, out)
+    providers, atol, rtol, min_agree = _check_export_options(cfg, out)
     remove_dead_tmps(out.parent, out.name)  # the temp file of an export killed while writing this --out
     model = load_model(ckpt).float().deploy_form()  # reparameterisable encoders fused, as deployed
     meta = model.segkd_meta  # type: ignore[attr-defined]
@@ -548,7 +547,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, cfg: ExportConfig) -> d
         if not cfg.verify:
             return
         result = verify_onnx(tmp_path, wrapper, plan, cfg, providers=providers, atol=atol, min_agreement=min_agree,
-                             rtol=resolve_rtol(cfg))
+                             rtol=rtol)
         report["verification"] = result
         if not result["passed"]:
             raise GateFailure(f"verification failed, nothing written to {out}: {result['failure']}")

@@ -27,25 +27,19 @@ LABEL_DIR_NAMES = {"labels", "label", "gt", "gtfine", "gtcoarse", "masks", "mask
                    "segmentationclass", "segmentationobject", "targets"}
 
 
-def resolve_gates(cfg: Any) -> tuple[float | None, float]:
-    """``(atol, min_agreement)`` after precision-dependent defaults; bad values give one-line errors."""
+def resolve_gates(cfg: Any) -> tuple[float | None, float, float]:
+    """``(atol, rtol, min_agreement)`` after precision-dependent defaults (``rtol``: 1e-5 where an absolute gate
+    applies, fp32 or a given ``--atol``; 0 without one); bad values give one-line errors."""
     atol = cfg.atol if cfg.atol is not None else (None if cfg.fp16 else 1e-4)
+    rtol = cfg.rtol if cfg.rtol is not None else (0.0 if atol is None else 1e-5)
     agree = cfg.min_agreement if cfg.min_agreement is not None else (0.99 if cfg.fp16 else 0.999)
     if atol is not None and not atol >= 0:
         raise SegkdError(f"--atol {cfg.atol}: must be >= 0")
+    if not rtol >= 0:
+        raise SegkdError(f"--rtol {cfg.rtol}: must be >= 0")
     if not 0.0 <= agree <= 1.0:
         raise SegkdError(f"--min-agreement {cfg.min_agreement}: must be between 0 and 1")
-    return atol, agree
-
-
-def resolve_rtol(cfg: Any) -> float:
-    """``--rtol`` after its default: 1e-5 where an absolute gate applies (fp32), 0 without one (fp16)."""
-    rtol = getattr(cfg, "rtol", None)
-    if rtol is None:
-        return 0.0 if resolve_gates(cfg)[0] is None else 1e-5
-    if not rtol >= 0:
-        raise SegkdError(f"--rtol {rtol}: must be >= 0")
-    return float(rtol)
+    return atol, float(rtol), agree
 
 
 def find_images(root: str | Path, limit: int) -> list[Path]:
