@@ -137,6 +137,30 @@ def test_dkd_on_maps_equals_the_row_form() -> None:
     assert float(g_new[0][:, labels[0] == 255].abs().max()) == 0.0  # void pixels get no gradient
 
 
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_dkd_maps_equal_dkd_terms_in_float64(scale: float) -> None:
+    """The log-sum-exp form (dkd_maps, what dkd_loss runs) against the two-softmax form (dkd_terms) evaluated in
+    float64: per-pixel values and the student gradient, at ordinary logits and at +-300 (where the teacher's
+    non-target mass underflows EPS and both forms clamp it)."""
+    from segkd.methods.dkd import dkd_maps, dkd_terms
+
+    g = torch.Generator().manual_seed(3)
+    zs = scale * torch.randn(2, 11, 9, 12, generator=g)
+    zt = 3 * scale * torch.randn(2, 11, 9, 12, generator=g)
+    y = torch.randint(0, 11, (2, 9, 12), generator=g)
+    zt[0, :, 0, 0] = -scale
+    zt[0, y[0, 0, 0], 0, 0] = 300.0  # b^T non-target ~ exp(-75): clamped at EPS
+    s64 = zs.double().requires_grad_(True)
+    tc64, nc64 = dkd_terms(s64, zt.double(), F.one_hot(y, 11).permute(0, 3, 1, 2), 4.0)
+    (g64,) = torch.autograd.grad((tc64 + 8 * nc64).sum(), s64)
+    s32 = zs.clone().requires_grad_(True)
+    tc, nc = dkd_maps(s32, zt, y, 4.0)
+    (g32,) = torch.autograd.grad((tc + 8 * nc).sum(), s32)
+    for got, ref in ((tc, tc64), (nc, nc64)):
+        assert float((got.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert float((g32.double() - g64).abs().max()) <= (2e-5 if scale > 1 else 1e-6) * float(g64.abs().max())
+
+
 @pytest.mark.parametrize("method", ["kd", "dkd", "cwd"])
 def test_ce_reads_the_aligned_logits_with_the_same_value(method: str) -> None:
     """The CE term reuses the student logits align_logits upsampled to the label size: the same value as CE on the
@@ -469,6 +493,16 @@ def test_pixel_accuracy_by_hand() -> None:
     small[0, 1] = 1.0
     assert float(pixel_accuracy(small, torch.tensor([[[1, 1], [0, 1]]]), 255)) == pytest.approx(3 / 4)
     assert float(pixel_accuracy(z, torch.full((1, 2, 2), 255), 255)) == 0.0  # nothing labelled: 0, not NaN
+    # random float logits (no ties): the same share as argmax == label, labels of every class and void
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(2, 11, 18, 24, generator=g)
+    y = torch.randint(0, 11, (2, 18, 24), generator=g)
+    y[:, :3] = 255
+    want = ((r.argmax(1) == y) & (y != 255)).sum() / (y != 255).sum()
+    assert float(pixel_accuracy(r, y, 255)) == pytest.approx(float(want), abs=1e-7)
+    # an exact tie for the maximum counts as right for either tied class (argmax would pick the first)
+    tie = torch.tensor([[[[2.0]], [[2.0]], [[1.0]]]])
+    assert [float(pixel_accuracy(tie, torch.tensor([[[c]]]), 255)) for c in range(3)] == [1.0, 1.0, 0.0]
 
 
 def test_collab_updates_both_students(tmp_path: Path, teachers: dict[str, str]) -> None:

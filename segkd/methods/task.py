@@ -45,19 +45,24 @@ def _assemble(terms: Terms, labels: Tensor, ignore_index: int, **logits: Tensor)
 
 
 def pixel_accuracy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-    """Share of labelled pixels whose argmax (logits upsampled bilinearly to the label size) is right, detached.
+    """Share of labelled pixels whose labelled class has the largest logit (logits upsampled bilinearly to the label
+    size), detached.
 
     Logged per step as ``acc_teacher`` / ``acc_student`` / ``acc_peer``: a teacher barely better than the student
     *on the training crops it distils from* (smaller than the images it was trained or evaluated on) has little to
     teach. A batch with no labelled pixel counts as 0 rather than NaN (the trainer stops on a non-finite value).
 
-    Cost: ``max(1).indices`` is ``argmax(1)`` (the first maximal class on ties, NaN propagated alike) at a fifth
-    of the CPU time on the ``B x C x H x W`` class axis (2.4 against 11.7 ms for 2 x 11 x 180 x 240, one thread):
-    the metric is computed every step, so it must not cost more than the distillation term.
+    Cost: the metric is computed every step, so it must cost far less than the distillation term. It compares the
+    labelled class's logit with ``amax`` over the class axis: 0.4-0.6 ms for 2 x 11 x 180 x 240 on one CPU thread,
+    against 3 ms for ``max(1).indices`` and 15 ms for ``argmax(1)`` (the class axis is strided; ``amax`` vectorises
+    across pixels). The one difference from ``argmax == label``: where the labelled class ties another class for
+    the maximum exactly, it counts as right (``argmax`` returns the first maximal class).
     """
     with torch.no_grad():
         valid = valid_mask(labels, ignore_index)
-        right = (resize_to(logits.detach().float(), labels.shape[-2:]).max(1).indices == labels) & valid
+        z = resize_to(logits.detach().float(), labels.shape[-2:])
+        own = z.gather(1, labels.clamp(0, z.shape[1] - 1).long().unsqueeze(1)).squeeze(1)
+        right = (own >= z.amax(1)) & valid
         return right.sum().float() / valid.sum().clamp(min=1).float()
 
 
