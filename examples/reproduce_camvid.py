@@ -334,7 +334,7 @@ def teacher_record(name: str, path: Path, args: argparse.Namespace) -> dict[str,
                    threads=args.threads)
     rec["val_miou"] = res.miou
     rec["val_per_class_iou"] = list(res.per_class_iou)
-    rec["val_scored"] = "every val image whole at its native size, no test-time augmentation"
+    rec["val_scored"] = f"every val image whole, {res.extra['input_size']}, no test-time augmentation"
     if name == "quarter":
         quarter = Path(args.out) / "data" / "camvid-quarter" / "images" / "train"
         rec["trained_on"] = sorted(p.name for p in quarter.iterdir())
@@ -400,7 +400,8 @@ TEACHERS: dict[str, dict[str, Any]] = {
     "quarter": {"model": "deeplabv3-resnet18", "labels": "the 92 labelled images of the label-scarce rows only",
                 "selection": "none: the final iteration of a fixed schedule"},
     "b1": {"model": "segformer-b1", "labels": "all 367 labelled images, distilled (cwd, cache) from teacher 'all'",
-           "selection": "none: the final iteration of a fixed schedule (twice the protocol's)"},
+           "selection": "its own checkpoint none: the final iteration of a fixed 3200-iteration schedule (twice "
+           "the students'); its teacher 'all' was selected on val"},
 }
 
 
@@ -963,10 +964,12 @@ def render(table: list[Row], res: dict[str, Any], teachers: dict[str, Any], args
         "initialisation (no ImageNet weights here). Validation: every val image whole, input resized like "
         "training, logits upsampled to and scored against the native 180x240 labels. The **final** validation is "
         "reported; no student is selected on val.", "",
-        "## Teachers", "", "mIoU of each teacher scored like val (whole images, native 180x240): on val, on the 92 "
+        "## Teachers", "", "mIoU of each teacher scored like val (whole images, each at the input size the teacher "
+        "was validated at in its own training, its `val_scored` in results.json: 180x240 for the DeepLabV3 teachers, "
+        "60x80 for b1, like the students; labels at the native 180x240): on val, on the 92 "
         "labelled training images of the label-scarce split and on the other 275 (the images those rows treat as "
         "unlabeled, scored with their labels, which no row uses).", "",
-        "| teacher | model | labels it saw | selected | val mIoU (180x240) | the 92 labelled | the 275 unlabeled | "
+        "| teacher | model | labels it saw | selected | val mIoU | the 92 labelled | the 275 unlabeled | "
         "sha256 |", "|---|---|---|---|---:|---:|---:|---|"]
 
     def pct(t: dict[str, Any], key: str) -> str:
