@@ -148,6 +148,7 @@ class Row:
     note: str | None = None  # a row that reports why it was not run
     cache_topk: int = 0  # --cache-topk of the row's teacher cache (0: full logits)
     onnx: bool = False  # the teacher given as its segkd export (--teacher-weights teacher.onnx, ONNX Runtime)
+    also: tuple[str, ...] = ()  # rows this one is also compared with, paired by seed (stats "vs"), besides baseline
 
 
 CWD = {"weight": "0.3", "feature": "true", "feat_weight": "5"}  # CIRKD's SegFormer-B0 weights
@@ -171,8 +172,8 @@ def rows() -> list[Row]:
         Row("collab", method="collab", peer="deeplabv3-resnet18", peer_baseline="r18", teacher=None),
         Row("b0-4x", baseline=None, teacher=None, schedule=4),
         Row("cwd-4x", method="cwd", opts=CWD, baseline="b0-4x", schedule=4),
-        Row("transkd", method="transkd", teacher="b1", cache=False),
-        Row("transkd-ea", method="transkd", opts={"variant": "ea"}, teacher="b1", cache=False),
+        Row("transkd", method="transkd", teacher="b1", cache=False, also=("kd-b1",)),
+        Row("transkd-ea", method="transkd", opts={"variant": "ea"}, teacher="b1", cache=False, also=("kd-b1",)),
         Row("kd-b1", method="kd", teacher="b1", cache=False),
         Row("quarter-b0", data="quarter", baseline=None, teacher=None, seeds=5, legacy_ok=True, rerun_legacy=True),
         Row("quarter-kd+unl", method="kd", seeds=5, **q),  # type: ignore[arg-type]
@@ -797,11 +798,7 @@ def t975(df: float) -> float:
         z = 1.959964
         return z + (z**3 + z) / (4 * n) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * n**2) \
             + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * n**3)
-    lo, hi = 0.0, 1000.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < 0.975 else (lo, mid)
-    return (lo + hi) / 2
+    return t_quantile(0.975, df)
 
 
 def t_cdf(t: float, df: float) -> float:
@@ -909,8 +906,45 @@ def row_stats(table: list[Row], res: dict[str, Any]) -> dict[str, Any]:
                                "ci95": [ci[1], ci[2]] if ci else None, "seeds": both,
                                "baseline_mean": statistics.fmean(100 * v["miou"] for v in used.values())
                                if used else None, "baseline_code": code_counts(used)}
+            for other in row.also if name == row.name else ():
+                if res.get(other):
+                    ci = delta_interval(vals, res[other])
+                    st.setdefault("vs", {})[other] = {
+                        "paired_starts": starts_paired(vals, res[other]), "per_seed": paired(vals, res[other])[1],
+                        "mean": ci[0] if ci else None, "ci95": [ci[1], ci[2]] if ci else None,
+                        "seeds": [s for s in sorted(vals) if s in res[other]]}
             out[name] = st
-    return out
+    return bonferroni(out)
+
+
+def bonferroni(stats: dict[str, Any]) -> dict[str, Any]:
+    """Per baseline, the family of rows compared with it by a paired Δ over two or more seeds: its size ``m`` and each
+    member's interval at the 1 - 0.05 / m level (Bonferroni), in ``delta.bonferroni``. Welch comparisons (the
+    legacy rows, peers) and single seeds are left out of the family; the findings quote these intervals."""
+    fams: dict[str, list[str]] = {}
+    for name, st in stats.items():
+        d = st.get("delta")
+        if d and d["paired_starts"] and d["ci95"] is not None:
+            fams.setdefault(d["baseline"], []).append(name)
+    for names in fams.values():
+        m = len(names)
+        for name in names:
+            d = stats[name]["delta"]
+            ds = d["per_seed"]
+            q = t_quantile(1 - 0.025 / m, len(ds) - 1)
+            half = q * statistics.stdev(ds) / math.sqrt(len(ds))
+            d["bonferroni"] = {"m": m, "family": sorted(names), "level": 1 - 0.05 / m,
+                               "ci": [d["mean"] - half, d["mean"] + half]}
+    return stats
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile (p > 0.5) of Student's t with ``df`` degrees of freedom, by bisection on :func:`t_cdf`."""
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
 
 
 def code_counts(vals: dict[str, Any]) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from types import ModuleType
 
@@ -311,3 +312,41 @@ def test_row_stats_say_which_code_ran_each_side_and_the_baseline_mean_the_delta_
     d = st["delta"]
     assert d["seeds"] == ["0", "1"] and d["baseline_mean"] == pytest.approx(41.0)  # seeds 0-1, not b0's 44.0
     assert d["baseline_code"] == {"aaaaaaa": 2} and d["per_seed"] == pytest.approx([1.0, 2.0])
+
+
+def test_bonferroni_intervals_over_each_baselines_paired_family(rc: ModuleType) -> None:
+    """delta.bonferroni: the family is every row with a paired Δ over >= 2 seeds against the same baseline; each
+    interval uses t at 1 - 0.05 / (2 m). df 2: t_p = (2p - 1) sqrt(2 / (1 - (2p - 1)^2)) in closed form."""
+    def run(miou: float) -> dict[str, object]:
+        return {"miou": miou, "spread": None, "code": None, "start": "paired"}
+
+    table = {r.name: r for r in rc.rows()}
+    res = {"b0": {s: run(0.40) for s in "012"},
+           "kd": {"0": run(0.41), "1": run(0.42), "2": run(0.43)},  # +1, +2, +3
+           "cwd": {"0": run(0.40), "1": run(0.42), "2": run(0.44)},  # 0, +2, +4
+           "dkd": {"0": run(0.45)}}  # one seed: not in the family
+    st = rc.row_stats([table["kd"], table["cwd"], table["dkd"]], res)
+    assert "bonferroni" not in st["dkd"]["delta"]
+    b = st["kd"]["delta"]["bonferroni"]
+    assert b["m"] == 2 and b["family"] == ["cwd", "kd"] and b["level"] == pytest.approx(0.975)
+    q = 2 * (1 - 0.025 / 2) - 1
+    t = q * math.sqrt(2 / (1 - q * q))  # 6.205
+    assert rc.t_quantile(1 - 0.025 / 2, 2) == pytest.approx(t, rel=1e-9)
+    assert b["ci"] == pytest.approx([2 - t / math.sqrt(3), 2 + t / math.sqrt(3)])
+    assert st["cwd"]["delta"]["bonferroni"]["ci"] == pytest.approx([2 - 2 * t / math.sqrt(3), 2 + 2 * t / math.sqrt(3)])
+    assert rc.t975(2) == 4.303 and rc.t975(2.5) == pytest.approx(rc.t_quantile(0.975, 2.5))
+
+
+def test_a_row_is_also_compared_with_the_rows_it_names(rc: ModuleType) -> None:
+    def run(miou: float) -> dict[str, object]:
+        return {"miou": miou, "spread": None, "code": None, "start": "paired"}
+
+    table = {r.name: r for r in rc.rows()}
+    assert table["transkd"].also == ("kd-b1",)
+    res = {"b0": {s: run(0.40) for s in "012"}, "kd-b1": {"0": run(0.41), "1": run(0.43), "2": run(0.42)},
+           "transkd": {"0": run(0.45), "1": run(0.46), "2": run(0.48)}}
+    vs = rc.row_stats([table["transkd"], table["kd-b1"]], res)["transkd"]["vs"]["kd-b1"]
+    assert vs["per_seed"] == pytest.approx([4.0, 3.0, 6.0]) and vs["seeds"] == ["0", "1", "2"]
+    assert vs["mean"] == pytest.approx(13 / 3) and vs["paired_starts"]
+    half = 4.303 * statistics.stdev([4.0, 3.0, 6.0]) / math.sqrt(3)
+    assert vs["ci95"] == pytest.approx([13 / 3 - half, 13 / 3 + half])
