@@ -918,9 +918,11 @@ def row_stats(table: list[Row], res: dict[str, Any]) -> dict[str, Any]:
 
 
 def bonferroni(stats: dict[str, Any]) -> dict[str, Any]:
-    """Per baseline, the family of rows compared with it by a paired Δ over two or more seeds: its size ``m`` and each
-    member's interval at the 1 - 0.05 / m level (Bonferroni), in ``delta.bonferroni``. Welch comparisons (the
-    legacy rows, peers) and single seeds are left out of the family; the findings quote these intervals."""
+    """Per baseline, the family of comparisons with that one baseline by a paired Δ over two or more seeds: its size
+    ``m`` and each member's interval at the 1 - 0.05 / m level (Bonferroni), in ``delta.bonferroni``. Welch
+    comparisons (the legacy rows, peers), single seeds and a row's ``vs`` comparisons (:attr:`Row.also`) are left
+    out, so those are uncorrected; a row with a baseline of its own (e.g. the 4x rows against b0-4x) is a family of
+    its own. The findings quote these intervals."""
     fams: dict[str, list[str]] = {}
     for name, st in stats.items():
         d = st.get("delta")

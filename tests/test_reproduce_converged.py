@@ -324,9 +324,16 @@ def test_bonferroni_intervals_over_each_baselines_paired_family(rc: ModuleType) 
     res = {"b0": {s: run(0.40) for s in "012"},
            "kd": {"0": run(0.41), "1": run(0.42), "2": run(0.43)},  # +1, +2, +3
            "cwd": {"0": run(0.40), "1": run(0.42), "2": run(0.44)},  # 0, +2, +4
-           "dkd": {"0": run(0.45)}}  # one seed: not in the family
-    st = rc.row_stats([table["kd"], table["cwd"], table["dkd"]], res)
-    assert "bonferroni" not in st["dkd"]["delta"]
+           "dkd": {"0": run(0.45)},  # one seed: not in the family
+           "dml": {"0": {**run(0.41), "start": "NOT PAIRED"}, "1": run(0.42)},  # Welch: not in the family
+           "quarter-b0": {s: run(0.30) for s in "012"},  # another baseline: a family of its own
+           "quarter-kd+unl": {"0": run(0.31), "1": run(0.33), "2": run(0.35)}}
+    rows = [table[n] for n in ("kd", "cwd", "dkd", "dml", "quarter-kd+unl")]
+    st = rc.row_stats(rows, res)
+    assert "bonferroni" not in st["dkd"]["delta"] and "bonferroni" not in st["dml"]["delta"]
+    q1 = st["quarter-kd+unl"]["delta"]["bonferroni"]  # m = 1: the plain 95 % interval
+    assert q1["m"] == 1 and q1["family"] == ["quarter-kd+unl"]
+    assert q1["ci"] == pytest.approx(st["quarter-kd+unl"]["delta"]["ci95"], rel=1e-3)
     b = st["kd"]["delta"]["bonferroni"]
     assert b["m"] == 2 and b["family"] == ["cwd", "kd"] and b["level"] == pytest.approx(0.975)
     q = 2 * (1 - 0.025 / 2) - 1
@@ -334,7 +341,7 @@ def test_bonferroni_intervals_over_each_baselines_paired_family(rc: ModuleType) 
     assert rc.t_quantile(1 - 0.025 / 2, 2) == pytest.approx(t, rel=1e-9)
     assert b["ci"] == pytest.approx([2 - t / math.sqrt(3), 2 + t / math.sqrt(3)])
     assert st["cwd"]["delta"]["bonferroni"]["ci"] == pytest.approx([2 - 2 * t / math.sqrt(3), 2 + 2 * t / math.sqrt(3)])
-    assert rc.t975(2) == 4.303 and rc.t975(2.5) == pytest.approx(rc.t_quantile(0.975, 2.5))
+    assert rc.t_quantile(0.975, 2) == pytest.approx(4.3027, abs=1e-4)
 
 
 def test_a_row_is_also_compared_with_the_rows_it_names(rc: ModuleType) -> None:
@@ -350,3 +357,10 @@ def test_a_row_is_also_compared_with_the_rows_it_names(rc: ModuleType) -> None:
     assert vs["mean"] == pytest.approx(13 / 3) and vs["paired_starts"]
     half = 4.303 * statistics.stdev([4.0, 3.0, 6.0]) / math.sqrt(3)
     assert vs["ci95"] == pytest.approx([13 / 3 - half, 13 / 3 + half])
+    # pairing is by seed, not by position: seeds 2 and 0 of transkd-ea against kd-b1's 0-2 given in another order
+    res["transkd-ea"] = {"2": run(0.47), "0": run(0.44)}
+    res["kd-b1"] = {"2": run(0.42), "1": run(0.43), "0": run(0.41)}
+    st = rc.row_stats([table["transkd-ea"], table["kd-b1"]], res)
+    ea = st["transkd-ea"]["vs"]["kd-b1"]
+    assert ea["seeds"] == ["0", "2"] and ea["per_seed"] == pytest.approx([3.0, 5.0]) and ea["mean"] == pytest.approx(4)
+    assert "vs" not in st["kd-b1"]  # a row without `also` is compared with its baseline only
