@@ -895,26 +895,28 @@ def row_stats(table: list[Row], res: dict[str, Any]) -> dict[str, Any]:
                                                             if v["spread"] is not None), default=None)}
             st["code"] = code_counts(vals)
             if base and res.get(base):
-                _, ds = paired(vals, res[base])
-                ci = delta_interval(vals, res[base])
-                both = [s for s in sorted(vals) if s in res[base]]
-                pairs = starts_paired(vals, res[base])
+                d = comparison(vals, res[base])
                 # the baseline runs the Δ uses: the seeds it pairs, or (Welch) every seed of the baseline
-                used = {s: res[base][s] for s in (both if pairs else sorted(res[base]))}
-                st["delta"] = {"baseline": base, "paired_starts": pairs, "per_seed": ds,
-                               "mean": ci[0] if ci else (statistics.fmean(ds) if ds else None),
-                               "ci95": [ci[1], ci[2]] if ci else None, "seeds": both,
+                used = {s: res[base][s] for s in (d["seeds"] if d["paired_starts"] else sorted(res[base]))}
+                st["delta"] = {"baseline": base, **d,
                                "baseline_mean": statistics.fmean(100 * v["miou"] for v in used.values())
                                if used else None, "baseline_code": code_counts(used)}
             for other in row.also if name == row.name else ():
                 if res.get(other):
-                    ci = delta_interval(vals, res[other])
-                    st.setdefault("vs", {})[other] = {
-                        "paired_starts": starts_paired(vals, res[other]), "per_seed": paired(vals, res[other])[1],
-                        "mean": ci[0] if ci else None, "ci95": [ci[1], ci[2]] if ci else None,
-                        "seeds": [s for s in sorted(vals) if s in res[other]]}
+                    st.setdefault("vs", {})[other] = comparison(vals, res[other])
             out[name] = st
     return bonferroni(out)
+
+
+def comparison(vals: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """A row against another (its baseline, or a row it names in ``also``): whether the starts are paired, the
+    per-seed differences (points), the Δ (the one difference for a single seed) and its 95 % interval
+    (:func:`delta_interval`: paired t, else Welch), and the seeds both rows ran."""
+    ds = [100 * (vals[s]["miou"] - other[s]["miou"]) for s in sorted(vals) if s in other]
+    ci = delta_interval(vals, other)
+    return {"paired_starts": starts_paired(vals, other), "per_seed": ds,
+            "mean": ci[0] if ci else (statistics.fmean(ds) if ds else None),
+            "ci95": [ci[1], ci[2]] if ci else None, "seeds": [s for s in sorted(vals) if s in other]}
 
 
 def bonferroni(stats: dict[str, Any]) -> dict[str, Any]:
