@@ -141,37 +141,47 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join([*lines, "", END, ""])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    pieces = device_warp.interleave(loss_pieces(), args.reps)
+    doc = step_doc(step_pieces(), args)
+    return {**doc, "shape": list(SHAPE), "pieces": pieces}
+
+
+def step_doc(fns: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, Any]:
+    """``fns`` timed interleaved (one of them ``student alone``) and each other step's per-repetition ratio to it."""
+    steps = device_warp.interleave(fns, args.reps)
+    alone = steps["student alone"]["cpu_s"]
+    ratios = {k: [a / b for a, b in zip(v["cpu_s"], alone)] for k, v in steps.items() if k != "student alone"}
+    return {"machine": f"{platform.machine()} CPU", "torch": torch.__version__, "threads": 1, "reps": args.reps,
+            "load": args.load, "steps": steps, "ratios": ratios}
+
+
+def cli(argv: list[str] | None, doc: str, default_json: str, measure: Callable[[argparse.Namespace], dict[str, Any]],
+        render: Callable[[dict[str, Any]], str], markers: tuple[str, str]) -> int:
+    """The command line of the interleaved step benchmarks (this one and ``step_ratios.py``): time one thread,
+    save the JSON atomically, rewrite the docs section between ``markers`` (``--render-only``: from the saved JSON,
+    no timing)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--reps", type=int, default=21)
     p.add_argument("--load", default="other jobs shared the machine", help="what else ran (for the caption)")
-    p.add_argument("--json", default="benchmarks/results/dkd-loss-cost.json")
+    p.add_argument("--json", default=default_json)
     p.add_argument("--docs", default="docs/bench-results.md")
     p.add_argument("--render-only", action="store_true", help="rewrite the docs section from --json, no timing")
     args = p.parse_args(argv)
     if args.render_only:
-        return write(json.loads(Path(args.json).read_text()), Path(args.docs))
-    torch.set_num_threads(1)
-    pieces = device_warp.interleave(loss_pieces(), args.reps)
-    steps = device_warp.interleave(step_pieces(), args.reps)
-    alone = steps["student alone"]["cpu_s"]
-    ratios = {k: [a / b for a, b in zip(v["cpu_s"], alone)] for k, v in steps.items() if k != "student alone"}
-    saved = {m: 1e3 * statistics.median([b - n for b, n in zip(steps[f"{m}: before"]["cpu_s"],
-                                                                   steps[f"{m}: now"]["cpu_s"])])
-             for m in ("kd", "dkd")}
-    doc = {"machine": f"{platform.machine()} CPU", "torch": torch.__version__, "threads": 1, "reps": args.reps,
-           "load": args.load, "shape": list(SHAPE), "pieces": pieces, "steps": steps, "ratios": ratios,
-           "saved_ms": saved}
-    atomic_write_text(Path(args.json), json.dumps(doc, indent=1) + "\n")
-    return write(doc, Path(args.docs))
-
-
-def write(doc: dict[str, Any], docs: Path) -> int:
-    """The section of ``docs`` rendered from ``doc`` (``--render-only`` redoes it from the saved JSON)."""
-    text = render(doc)
-    write_section(docs, text, BEGIN, END)
+        result = json.loads(Path(args.json).read_text())
+    else:
+        torch.set_num_threads(1)
+        result = measure(args)
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
+    text = render(result)
+    write_section(Path(args.docs), text, *markers)
     print(text)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(argv, __doc__, "benchmarks/results/dkd-loss-cost.json", measure, render, (BEGIN, END))
 
 
 if __name__ == "__main__":

@@ -505,6 +505,43 @@ def test_pixel_accuracy_by_hand() -> None:
     assert [float(pixel_accuracy(tie, torch.tensor([[[c]]]), 255)) for c in range(3)] == [1.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize(("method", "align"), [(m, "label") for m in METHODS.names()] + [("kd", "student")])
+def test_step_accuracy_reuses_the_methods_upsampled_logits(method: str, align: str, tmp_path: Path,
+                                                           teachers: dict[str, str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ``acc_<role>`` equals the share computed apart from the network's own logits, and the metric reads the
+    student's logits at the label size, not upsampling them again, wherever its method upsampled them there
+    (``Terms.aligned``): every method aligned on the label grid except transkd, whose terms read taps."""
+    from segkd.methods import task as task_module
+
+    teacher, peer, opts = _pair(method)
+    cfg = _cfg(method, tmp_path, teachers, teacher=teacher, peer=peer,
+               **({**opts, "align": "student"} if align == "student" else opts))
+    torch.manual_seed(0)
+    task = build_distill_task(cfg, bundle())
+    ds = Tiny()
+    batch = Batch(torch.stack([ds[0][0], ds[1][0]]), torch.stack([ds[0][1], ds[1][1]]))
+    real = task_module.pixel_accuracy
+    sizes: list[tuple[int, ...]] = []  # what the metric was handed, in the order of the roles
+
+    def accuracy(z: torch.Tensor, labels: torch.Tensor, ignore: int) -> torch.Tensor:
+        sizes.append(tuple(z.shape[-2:]))
+        return real(z, labels, ignore)
+
+    monkeypatch.setattr(task_module, "pixel_accuracy", accuracy)
+    task.train(False)  # no dropout: the logits recomputed below are the step's
+    out = task.losses(batch)
+    roles = [k[len("acc_"):] for k in out if k.startswith("acc_")]
+    assert roles == (["student", "peer"] if peer else ["student", "teacher"])
+    with torch.no_grad():
+        for r in roles:
+            assert float(out[f"acc_{r}"]) == float(real(getattr(task, r)(batch.images), batch.labels, 255)), r
+    label_size, student_size = tuple(batch.labels.shape[-2:]), tuple(task.student(batch.images).shape[-2:])
+    assert student_size != label_size
+    reused = align == "label" and method != "transkd"
+    assert sizes[0] == (label_size if reused else student_size)
+
+
 def test_collab_updates_both_students(tmp_path: Path, teachers: dict[str, str]) -> None:
     cfg = _cfg("collab", tmp_path, teachers, peer="deeplabv3-resnet18")
     torch.manual_seed(0)

@@ -323,17 +323,23 @@ def valid_mask(labels: Tensor, ignore_index: int) -> Tensor:
 
 class Terms(dict):  # dict[str, Tensor]
     """A method's loss terms: the weighted values (what is summed into ``loss``) as the dict, the unweighted ones,
-    detached, in :attr:`raw` (same keys)."""
+    detached, in :attr:`raw` (same keys), and in :attr:`aligned` the logits per role (``student``, ``teacher``,
+    ``peer``) as :func:`align_logits` returned them, so the task's per-step accuracy reads the upsampled maps the
+    terms already computed instead of upsampling again (see :func:`segkd.methods.task.pixel_accuracy`)."""
 
-    def __init__(self, weighted: dict[str, Tensor] | None = None, raw: dict[str, Tensor] | None = None) -> None:
+    def __init__(self, weighted: dict[str, Tensor] | None = None, raw: dict[str, Tensor] | None = None,
+                 aligned: dict[str, Tensor] | None = None) -> None:
         super().__init__(weighted or {})
         self.raw: dict[str, Tensor] = dict(raw or {})
+        self.aligned: dict[str, Tensor] = dict(aligned or {})
 
 
-def weigh(weighted: dict[str, tuple[float, Tensor]]) -> Terms:
-    """``{name: (weight, raw)}`` -> :class:`Terms` ``{name: weight * raw}`` with ``raw`` kept (weight 0 skipped)."""
+def weigh(weighted: dict[str, tuple[float, Tensor]], aligned: dict[str, Tensor] | None = None) -> Terms:
+    """``{name: (weight, raw)}`` -> :class:`Terms` ``{name: weight * raw}`` with ``raw`` kept (weight 0 skipped)
+    and ``aligned`` passed on."""
     live = {name: (w, raw) for name, (w, raw) in weighted.items() if w != 0}
-    return Terms({n: raw * w for n, (w, raw) in live.items()}, {n: raw.detach() for n, (_, raw) in live.items()})
+    return Terms({n: raw * w for n, (w, raw) in live.items()}, {n: raw.detach() for n, (_, raw) in live.items()},
+                 aligned)
 
 
 class Method(nn.Module):
@@ -346,9 +352,10 @@ class Method(nn.Module):
         self.ignore_index = ignore_index
 
     @staticmethod
-    def record(weighted: dict[str, tuple[float, Tensor]]) -> Terms:
-        """:func:`weigh`, where a method's ``forward`` reads it best."""
-        return weigh(weighted)
+    def record(weighted: dict[str, tuple[float, Tensor]], **aligned: Tensor) -> Terms:
+        """:func:`weigh`, where a method's ``forward`` reads it best; ``aligned``: the logits per role from
+        :func:`align_logits` (``student=zs, teacher=zt``)."""
+        return weigh(weighted, aligned)
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -439,7 +439,7 @@ class C2VKD(Method):
             else:
                 ls = self.pool(fs.float())
             terms["vlfd_ling"] = (o.ling_weight, vlfd_ling_loss(ls, lt))
-        return self.record(terms)
+        return self.record(terms, student=zs, teacher=zt)
 
 
 def _idle(o: C2VKDOptions) -> bool:

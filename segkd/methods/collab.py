@@ -217,7 +217,7 @@ class Collab(Method):
         if o.pbsd_weight > 0:
             terms["pbsd"] = (o.pbsd_weight, pbsd_loss(za, zb, lab, self.ignore_index, o.pbsd_rule, o.pbsd_ties,
                                                       o.pbsd_threshold, o.temperature))
-        return self.record(terms)
+        return self.record(terms, student=za, peer=zb)
 
 
 @register_method("collab", "online CNN<->ViT collaborative learning (reconstruction): HFD + region-wise and "

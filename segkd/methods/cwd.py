@@ -77,7 +77,7 @@ class CWD(Method):
             ft = outs["teacher"].tap(self.t_tap)
             fs = resize_to(self.connector(outs["student"].tap(self.s_tap)), ft.shape[-2:])
             terms["cwd_feat"] = (o.feat_weight, cwd_loss(fs, ft, o.feat_temperature))
-        return self.record(terms)
+        return self.record(terms, student=zs, teacher=zt)
 
 
 @register_method("cwd", "channel-wise distillation on logits (T=4, x3), optionally features (x50)", CWDOptions,

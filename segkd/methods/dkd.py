@@ -167,7 +167,7 @@ class DKD(Method):
             "ce": (o.ce_weight, seg_cross_entropy(ce_input(outs["student"].logits, zs, o.align), labels,
                                                   self.ignore_index)),
             "dkd": (o.weight, dkd_loss(zs, zt, lab, o.alpha, o.beta, o.temperature, self.ignore_index)),
-        })
+        }, student=zs, teacher=zt)
 
 
 @register_method("dkd", "pixel-wise decoupled KD (TCKD + NCKD) on labelled pixels", DKDOptions)

@@ -41,7 +41,7 @@ class DML(Method):
             "peer_ce": (o.ce_weight, seg_cross_entropy(outs["peer"].logits, labels, self.ignore_index)),
             "dml": (o.weight, kd_loss(za, zb.detach(), o.temperature, mask)),
             "peer_dml": (o.weight, kd_loss(zb, za.detach(), o.temperature, mask)),
-        })
+        }, student=za, peer=zb)
 
 
 @register_method("dml", "deep mutual learning: two students, per-pixel KL to each other", DMLOptions,

@@ -73,7 +73,7 @@ class KD(Method):
             "ce": (o.ce_weight, seg_cross_entropy(ce_input(outs["student"].logits, zs, o.align), labels,
                                                   self.ignore_index)),
             "kd": (o.weight, kd_loss(zs, zt, o.temperature, mask)),
-        })
+        }, student=zs, teacher=zt)
 
 
 @register_method("kd", "pixel-wise KD with temperature (CIRKD convention)", KDOptions)
