@@ -19,6 +19,7 @@ Rows (CamVid train split for training, val split for reporting; every val image 
 * ``dml`` B0 + B0, ``collab`` B0 + R18 (online, no teacher)
 * ``kd-top2``, ``dkd-top2``: the ``kd`` / ``dkd`` rows with a top-2 teacher cache (``--cache-topk 2``, issue 21):
   their Δ is against ``b0`` like every KD row; the question is the paired difference with ``kd`` / ``dkd``
+  (``also``: ``stats.<row>.vs``)
 * ``b0-4x``, ``cwd-4x``: b0 and the best full-label method at a 4x schedule (does a patient student gain more?)
 * ``transkd``, ``transkd-ea``, ``kd-b1``: teacher ``b1`` -> B0, online
 * label-scarce: ``quarter-b0`` (B0 alone on the 92 labelled images); ``quarter-<m>+unl`` for kd, cwd, dkd,
@@ -185,8 +186,8 @@ def rows() -> list[Row]:
             legacy_ok=True),
         # compact teacher caches (issue 21): the kd / dkd rows with a top-K cache; the paired baseline is b0 as for
         # every KD row, the comparison that matters is against the full-cache row of the same method and seed
-        Row("kd-top2", method="kd", cache_topk=2),
-        Row("dkd-top2", method="dkd", cache_topk=2),
+        Row("kd-top2", method="kd", cache_topk=2, also=("kd",)),
+        Row("dkd-top2", method="dkd", cache_topk=2, also=("dkd",)),
         # a timm mobile student (issue 20) alone and distilled from the clean quarter teacher exported to ONNX
         Row("quarter-mnv3", model=MNV3, data="quarter", baseline=None, teacher=None),
         Row("quarter-mnv3-kd+unl", model=MNV3, method="kd", onnx=True, **{**q, "baseline": "quarter-mnv3"}),  # type: ignore[arg-type]

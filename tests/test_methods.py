@@ -161,24 +161,46 @@ def test_dkd_maps_equal_dkd_terms_in_float64(scale: float) -> None:
     assert float((g32.double() - g64).abs().max()) <= (2e-5 if scale > 1 else 1e-6) * float(g64.abs().max())
 
 
-@pytest.mark.parametrize("method", ["kd", "dkd", "cwd"])
-def test_ce_reads_the_aligned_logits_with_the_same_value(method: str) -> None:
-    """The CE term reuses the student logits align_logits upsampled to the label size: the same value as CE on the
-    student's own logits, and the same gradient within float32 rounding (one upsampling backward instead of two)."""
+@pytest.mark.parametrize(("method", "opts"), [("kd", {}), ("kd", {"temperature": "2"}), ("dkd", {}), ("cwd", {})])
+def test_ce_reads_the_aligned_logits_with_the_same_value(method: str, opts: dict) -> None:
+    """The CE term reuses the student logits align_logits upsampled to the label size (and KD at T = 1 their
+    log-probabilities too): the same values as CE and KD computed apart on the student's own logits, and the same
+    gradient within float32 rounding (one upsampling backward instead of two; one log_softmax)."""
     from segkd.engine.losses import seg_cross_entropy
+    from segkd.methods.base import resize_to
     from segkd.models import SegOutput
 
     spec = METHODS.get(method)
-    m = spec.build(make_options(spec, {}), None, None, ignore_index=255)
+    m = spec.build(make_options(spec, opts), None, None, ignore_index=255)
     g = torch.Generator().manual_seed(0)
     zs = torch.randn(2, 5, 6, 8, generator=g, requires_grad=True)
     zt, labels = torch.randn(2, 5, 24, 32, generator=g), torch.randint(0, 5, (2, 24, 32), generator=g)
+    labels[0, :3] = 255
     terms = m(None, labels, {"student": SegOutput(zs), "teacher": SegOutput(zt)})
     assert torch.equal(terms.raw["ce"], seg_cross_entropy(zs, labels, 255).detach())
+    if method == "kd":
+        t = float(opts.get("temperature", 1))
+        assert torch.equal(terms.raw["kd"], kd_loss(resize_to(zs, labels.shape[-2:]), zt, t).detach())
     (got,) = torch.autograd.grad(sum(terms.values()), zs, retain_graph=True)
     separate = seg_cross_entropy(zs, labels, 255) + sum(v for k, v in terms.items() if k != "ce")
+    if method == "kd":
+        separate = seg_cross_entropy(zs, labels, 255) + kd_loss(resize_to(zs, labels.shape[-2:]), zt, t)
     (ref,) = torch.autograd.grad(separate, zs)
     assert float((got - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+
+
+def test_seg_cross_entropy_is_torchs_and_zero_without_labels() -> None:
+    """log_softmax + nll_loss, spelt out, is F.cross_entropy bit for bit; no labelled pixel gives 0 with a gradient."""
+    from segkd.engine.losses import seg_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 7, 12, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 7, (2, 12, 16), generator=g)
+    y[1, 4:] = 255
+    assert torch.equal(seg_cross_entropy(z, y, 255), F.cross_entropy(z, y, ignore_index=255))
+    none = seg_cross_entropy(z, torch.full_like(y, 255), 255)
+    none.backward()
+    assert float(none.detach()) == 0.0 and z.grad is not None and float(z.grad.abs().sum()) == 0.0
 
 
 def test_pdd_both_modes_by_hand() -> None:
