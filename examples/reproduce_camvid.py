@@ -153,6 +153,7 @@ class Row:
 
 
 CWD = {"weight": "0.3", "feature": "true", "feat_weight": "5"}  # CIRKD's SegFormer-B0 weights
+FLAT = 2.0  # points: the largest last-quarter spread of val mIoU a flat ("converged") run may have
 MNV3 = "lraspp-mobilenetv3_large_100"  # the timm student of the issue-20 rows (LR-ASPP on MobileNetV3-Large)
 
 
@@ -983,7 +984,7 @@ def _row_line(row: Row, name: str, res: dict[str, Any], teachers: dict[str, Any]
     base = row.peer_baseline if peer else row.baseline
     delta, _ = paired(vals, res.get(base, {})) if base else ("", [])
     spreads = [v["spread"] for v in vals.values() if v["spread"] is not None]
-    flat = "—" if not spreads else f"{'✓' if max(spreads) <= 2 else '✗'} ({max(spreads):.2f})"
+    flat = "—" if not spreads else f"{'✓' if max(spreads) <= FLAT else '✗'} ({max(spreads):.2f})"
     best = statistics.fmean(100 * v["best"] for v in vals.values())
     starts = sorted({v["start"] for v in vals.values()})
     code = ", ".join(f"{k} ×{n}" for k, n in code_counts(vals).items())
@@ -1095,10 +1096,25 @@ def record_teachers(args: argparse.Namespace, names: list[str]) -> None:
         atomic_write_text(Path(args.summaries) / "teachers.json", json.dumps(have, indent=1) + "\n")
 
 
+def flatness(table: list[Row], res: dict[str, Any]) -> dict[str, Any]:
+    """Per schedule (``1x``, ``4x``): how many seeds, of every row and peer with a curve, end with a last-quarter
+    spread within ``FLAT`` points (the findings' count of single seeds that pass the flatness check)."""
+    schedule = {n: r.schedule for r in table for n in (r.name, f"{r.name} (peer)")}
+    out: dict[str, Any] = {"limit": FLAT}
+    for name, vals in sorted(res.items()):
+        for v in vals.values():
+            if v["spread"] is not None:
+                e = out.setdefault(f"{schedule.get(name, 1)}x", {"flat": 0, "seeds": 0})
+                e["seeds"] += 1
+                e["flat"] += v["spread"] <= FLAT
+    return out
+
+
 def report(table: list[Row], args: argparse.Namespace) -> None:
     res = collect(table, args)
     teachers = {n: {**TEACHERS[n], **teacher_table(args).get(n, {})} for n in TEACHERS}
-    doc = {"protocol": vars(args.protocol), "teachers": teachers, "stats": row_stats(table, res), "rows": res}
+    doc = {"protocol": vars(args.protocol), "teachers": teachers, "stats": row_stats(table, res),
+           "flatness": flatness(table, res), "rows": res}
     atomic_write_text(Path(args.json), json.dumps(doc, indent=1, default=str) + "\n")
     write_generated(Path(args.docs), render(table, res, teachers, args), FINDINGS)
 

@@ -132,7 +132,7 @@ def test_dkd_on_maps_equals_the_row_form() -> None:
     tckd, nckd = dkd_rows(s, t, y, 1.0, 8.0, 4.0)
     ref = (tckd + 8.0 * nckd).mean()
     (g_ref,) = torch.autograd.grad(ref, zs)
-    assert float(new) == pytest.approx(float(ref), rel=1e-6)
+    assert float(new.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
     assert float((g_new - g_ref).abs().max()) <= 1e-6 * float(g_ref.abs().max())
     assert float(g_new[0][:, labels[0] == 255].abs().max()) == 0.0  # void pixels get no gradient
 
@@ -159,6 +159,19 @@ def test_dkd_maps_equal_dkd_terms_in_float64(scale: float) -> None:
     for got, ref in ((tc, tc64), (nc, nc64)):
         assert float((got.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     assert float((g32.double() - g64).abs().max()) <= (2e-5 if scale > 1 else 1e-6) * float(g64.abs().max())
+
+
+def test_without_target_puts_the_target_80_below_the_others_max_and_passes_it_no_gradient() -> None:
+    from segkd.methods.dkd import without_target
+
+    z = torch.tensor([[[[1.0]], [[5.0]], [[-3.0]]], [[[2.0]], [[0.5]], [[9.0]]]], requires_grad=True)  # 2 x 3 x 1 x 1
+    idx = torch.tensor([1, 2]).view(2, 1, 1, 1)  # target 1 (5.0; others' max 1.0), target 2 (9.0; others' max 2.0)
+    out = without_target(z, idx)
+    assert out.detach().flatten().tolist() == [1.0, -79.0, -3.0, 2.0, 0.5, -78.0]
+    torch.logsumexp(out, 1).sum().backward()
+    assert z.grad is not None and float(z.grad[0, 1]) == 0.0 and float(z.grad[1, 2]) == 0.0
+    # the others' softmax: the target's share (exp(-80) of the max) is lost in float32
+    assert z.grad[0, 0, 0, 0] == pytest.approx(1 / (1 + math.exp(-4.0)), rel=1e-6)
 
 
 @pytest.mark.parametrize(("method", "opts"), [("kd", {}), ("kd", {"temperature": "2"}), ("dkd", {}), ("cwd", {})])

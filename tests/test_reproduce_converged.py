@@ -364,3 +364,15 @@ def test_a_row_is_also_compared_with_the_rows_it_names(rc: ModuleType) -> None:
     ea = st["transkd-ea"]["vs"]["kd-b1"]
     assert ea["seeds"] == ["0", "2"] and ea["per_seed"] == pytest.approx([3.0, 5.0]) and ea["mean"] == pytest.approx(4)
     assert "vs" not in st["kd-b1"]  # a row without `also` is compared with its baseline only
+
+
+def test_flatness_counts_the_seeds_within_the_limit_per_schedule(rc: ModuleType) -> None:
+    def run(spread: float | None) -> dict[str, object]:
+        return {"miou": 0.4, "spread": spread, "code": None, "start": "paired"}
+
+    table = list(rc.rows())
+    res = {"b0": {"0": run(1.5), "1": run(2.0), "2": run(2.01)},  # the limit itself passes
+           "collab (peer)": {"0": run(0.5)},  # a peer counts with its row's schedule
+           "cwd-4x": {"0": run(3.0), "1": run(None)},  # no curve: not counted
+           "b0-4x": {"0": run(1.0)}}
+    assert rc.flatness(table, res) == {"limit": 2.0, "1x": {"flat": 3, "seeds": 4}, "4x": {"flat": 1, "seeds": 2}}
