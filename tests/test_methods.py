@@ -172,6 +172,11 @@ def test_without_target_puts_the_target_80_below_the_others_max_and_passes_it_no
     assert z.grad is not None and float(z.grad[0, 1]) == 0.0 and float(z.grad[1, 2]) == 0.0
     # the others' softmax: the target's share (exp(-80) of the max) is lost in float32
     assert z.grad[0, 0, 0, 0] == pytest.approx(1 / (1 + math.exp(-4.0)), rel=1e-6)
+    # one class: no others to take the max of; DKD's terms are 0 up to float32 rounding at the push's 1000, finite
+    one = torch.randn(2, 1, 3, 4, requires_grad=True)
+    loss = dkd_loss(one, torch.randn(2, 1, 3, 4), torch.zeros(2, 3, 4, dtype=torch.long))
+    loss.backward()
+    assert abs(float(loss.detach())) < 1e-2 and one.grad is not None and bool(torch.isfinite(one.grad).all())
 
 
 @pytest.mark.parametrize(("method", "opts"), [("kd", {}), ("kd", {"temperature": "2"}), ("dkd", {}), ("cwd", {})])
