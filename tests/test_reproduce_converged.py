@@ -177,7 +177,7 @@ def test_top_k_cache_rows_use_their_own_cache(rc: ModuleType, tmp_path: Path) ->
 
     table = rc.rows()
     jobs = [(r if isinstance(r, str) else r.name, s) for r, s in rc.jobs(table)]
-    assert jobs[-3:] == [("dkd-top2", 0), ("dkd-top2", 1), ("dkd-top2", 2)]  # after everything else
+    assert jobs[-6:-3] == [("dkd-top2", 0), ("dkd-top2", 1), ("dkd-top2", 2)]  # after everything but transkd-4x
     by_name = {r.name: r for r in table}
     args = argparse.Namespace(out=str(tmp_path), data="d", no_progress=True, protocol=rc.Protocol())
     for name, full in (("kd-top2", "kd"), ("dkd-top2", "dkd")):
@@ -376,3 +376,21 @@ def test_flatness_counts_the_seeds_within_the_limit_per_schedule(rc: ModuleType)
            "cwd-4x": {"0": run(3.0), "1": run(None)},  # no curve: not counted
            "b0-4x": {"0": run(1.0)}}
     assert rc.flatness(table, res) == {"limit": 2.0, "1x": {"flat": 3, "seeds": 4}, "4x": {"flat": 1, "seeds": 2}}
+
+
+def test_transkd_4x_is_transkd_at_b0_4x_schedule(rc: ModuleType, tmp_path: Path) -> None:
+    """transkd-4x (queued last) is the transkd row with four times the iterations, paired with b0-4x."""
+    import argparse
+
+    table = rc.rows()
+    jobs = [(r if isinstance(r, str) else r.name, s) for r, s in rc.jobs(table)]
+    assert jobs[-3:] == [("transkd-4x", 0), ("transkd-4x", 1), ("transkd-4x", 2)]
+    by_name = {r.name: r for r in table}
+    row = by_name["transkd-4x"]
+    assert (row.method, row.teacher, row.cache, row.baseline, row.schedule) == ("transkd", "b1", False, "b0-4x", 4)
+    args = argparse.Namespace(out=str(tmp_path), data="d", no_progress=True, protocol=rc.Protocol())
+    four, one, base = (rc.config(by_name[n], 0, args, teacher=Path("t.pth")) for n in ("transkd-4x", "transkd",
+                                                                                       "b0-4x"))
+    assert four.iters == 4 * one.iters == base.iters and four.val_every == base.val_every
+    assert {k: v for k, v in vars(four).items() if k not in ("out", "iters", "val_every")} == \
+        {k: v for k, v in vars(one).items() if k not in ("out", "iters", "val_every")}
