@@ -88,22 +88,40 @@ def loss_pieces() -> dict[str, Callable[[], object]]:
 def step_pieces() -> dict[str, Callable[[], object]]:
     device_warp.STEPS = {"kd": ("kd", 0), "dkd": ("dkd", 0)}
     steps = device_warp.step_pieces((2, 3, SHAPE[2], SHAPE[3]))
-    forms = {False: (dkd_module.dkd_loss, task_module.pixel_accuracy), True: (dkd_loss_before, accuracy_before)}
-
-    def with_forms(fn: Callable[[], object], before: bool) -> Callable[[], object]:
-        def run() -> object:
-            dkd_module.dkd_loss, task_module.pixel_accuracy = forms[before]  # read at call time by the step
-            try:
-                return fn()
-            finally:
-                dkd_module.dkd_loss, task_module.pixel_accuracy = forms[False]
-        return run
-
+    before = {(dkd_module, "dkd_loss"): dkd_loss_before, (task_module, "pixel_accuracy"): accuracy_before}
     out: dict[str, Callable[[], object]] = {"student alone": steps["student alone"]}
     for m in ("kd", "dkd"):
-        out[f"{m}: before"] = with_forms(steps[f"{m}: step, device warp"], True)
-        out[f"{m}: now"] = with_forms(steps[f"{m}: step, device warp"], False)
+        out[f"{m}: before"] = swapped(steps[f"{m}: step, device warp"], before)
+        out[f"{m}: now"] = steps[f"{m}: step, device warp"]
     return out
+
+
+def swapped(fn: Callable[[], object], forms: dict[tuple[Any, str], Any]) -> Callable[[], object]:
+    """``fn`` run with each ``(owner, name)`` attribute set to the form given (the step looks them up at call time),
+    restored afterwards: the code before a change, timed beside the code after it in one process."""
+    def run() -> object:
+        now = {key: getattr(*key) for key in forms}
+        for (owner, name), old in forms.items():
+            setattr(owner, name, old)
+        try:
+            return fn()
+        finally:
+            for (owner, name), new in now.items():
+                setattr(owner, name, new)
+    return run
+
+
+def before_now_cells(doc: dict[str, Any], m: str) -> tuple[str, str, str, str]:
+    """A step table's cells for method ``m``: the before and now ratios (median and quartiles), the paired
+    difference before - now per repetition (ms) and how many repetitions now was faster."""
+    cells = []
+    for side in ("before", "now"):
+        q1, q2, q3 = quartiles(doc["ratios"][f"{m}: {side}"])
+        cells.append(f"{q2:.3f}x ({q1:.3f}-{q3:.3f})")
+    steps = doc["steps"]
+    diff = [1e3 * (b - n) for b, n in zip(steps[f"{m}: before"]["cpu_s"], steps[f"{m}: now"]["cpu_s"])]
+    d1, d2, d3 = quartiles(diff)
+    return cells[0], cells[1], f"{d2:+.1f} ({d1:+.1f} to {d3:+.1f})", f"{sum(d > 0 for d in diff)} of {len(diff)}"
 
 
 def quartiles(v: list[float]) -> tuple[float, float, float]:
@@ -129,15 +147,8 @@ def render(doc: dict[str, Any]) -> str:
               "median of the paired differences (quartiles) | repetitions where now is faster |",
               "|---|---:|---:|---:|---:|"]
     for m in ("kd", "dkd"):
-        cells = []
-        for side in ("before", "now"):
-            q1, q2, q3 = quartiles(doc["ratios"][f"{m}: {side}"])
-            cells.append(f"{q2:.3f}x ({q1:.3f}-{q3:.3f})")
-        steps = doc["steps"]
-        diff = [1e3 * (b - n) for b, n in zip(steps[f"{m}: before"]["cpu_s"], steps[f"{m}: now"]["cpu_s"])]
-        d1, d2, d3 = quartiles(diff)
-        lines.append(f"| {m} | {cells[0]} | {cells[1]} | {d2:+.1f} ({d1:+.1f} to {d3:+.1f}) | "
-                     f"{sum(d > 0 for d in diff)} of {len(diff)} |")
+        before, now, diff, faster = before_now_cells(doc, m)
+        lines.append(f"| {m} | {before} | {now} | {diff} | {faster} |")
     return "\n".join([*lines, "", END, ""])
 
 

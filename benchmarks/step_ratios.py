@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/X.py` finds the repository's `benchmarks` package
 
 from benchmarks import device_warp  # noqa: E402
-from benchmarks.dkd_loss_cost import cli, quartiles, step_doc  # noqa: E402
+from benchmarks.dkd_loss_cost import before_now_cells, cli, step_doc, swapped  # noqa: E402
 from segkd.engine.losses import seg_cross_entropy  # noqa: E402
 from segkd.methods import dkd as dkd_module  # noqa: E402
 from segkd.methods import kd as kd_module  # noqa: E402
@@ -91,22 +91,9 @@ BEFORE = {(task_module, "at_label_size"): lambda z, aligned, labels: z, (kd_modu
 def step_pieces() -> dict[str, Callable[[], object]]:
     device_warp.STEPS = {"kd": ("kd", 0), "kd top-2": ("kd", 2), "cwd": ("cwd", 0), "dkd": ("dkd", 0)}
     steps = device_warp.step_pieces((2, 3, 180, 240))
-    now = {key: getattr(*key) for key in BEFORE}
-
-    def before(fn: Callable[[], object]) -> Callable[[], object]:
-        def run() -> object:  # each is looked up at call time by the step
-            for (owner, name), old in BEFORE.items():
-                setattr(owner, name, old)
-            try:
-                return fn()
-            finally:
-                for (owner, name), new in now.items():
-                    setattr(owner, name, new)
-        return run
-
     out: dict[str, Callable[[], object]] = {"student alone": steps["student alone"]}
     for m in GOALS:
-        out[f"{m}: before"] = before(steps[f"{m}: step, device warp"])
+        out[f"{m}: before"] = swapped(steps[f"{m}: step, device warp"], BEFORE)
         out[f"{m}: now"] = steps[f"{m}: step, device warp"]
     return out
 
@@ -133,17 +120,11 @@ def render(doc: dict[str, Any]) -> str:
              "| goal | now's median meets it | before - now per step (ms): median (quartiles) | repetitions where now "
              "is faster |", "|---|---:|---:|---:|---:|---|---:|---:|"]
     for m, goal in doc["goals"].items():
-        cells = []
-        for side in ("before", "now"):
-            q1, q2, q3 = quartiles(doc["ratios"][f"{m}: {side}"])
-            cells.append(f"{q2:.3f}x ({q1:.3f}-{q3:.3f})")
-        diff = [1e3 * (b - n) for b, n in zip(steps[f"{m}: before"]["cpu_s"], steps[f"{m}: now"]["cpu_s"])]
-        d1, d2, d3 = quartiles(diff)
+        before, now, diff, faster = before_now_cells(doc, m)
         met = statistics.median(doc["ratios"][f"{m}: now"]) <= goal
-        lines.append(f"| {m} | {cells[0]} | {cells[1]} | {fastest[f'{m}: before'] / fastest['student alone']:.3f}x, "
+        lines.append(f"| {m} | {before} | {now} | {fastest[f'{m}: before'] / fastest['student alone']:.3f}x, "
                      f"{fastest[f'{m}: now'] / fastest['student alone']:.3f}x | "
-                     f"{goal:.2f}x | {'yes' if met else 'no'} | {d2:+.1f} ({d1:+.1f} to {d3:+.1f}) | "
-                     f"{sum(d > 0 for d in diff)} of {len(diff)} |")
+                     f"{goal:.2f}x | {'yes' if met else 'no'} | {diff} | {faster} |")
     return "\n".join([*lines, "", END, ""])
 
 

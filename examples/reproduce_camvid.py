@@ -876,14 +876,14 @@ def starts_paired(vals: dict[str, Any], base: dict[str, Any]) -> bool:
 def paired(vals: dict[str, Any], base: dict[str, Any]) -> tuple[str, list[float]]:
     """Δ (points) by seed: ``mean [lo, hi]`` with a 95 % t-interval (n >= 2); marked ``unpaired`` when the starts of
     the row and its baseline are not established as the same draw."""
-    ds = [100 * (vals[s]["miou"] - base[s]["miou"]) for s in sorted(vals) if s in base]
+    d = comparison(vals, base)
+    ds = d["per_seed"]
     if not ds:
         return "", []
-    mark = "" if starts_paired(vals, base) else "unpaired (Welch): "
-    ci = delta_interval(vals, base)
-    if ci is None:
+    mark = "" if d["paired_starts"] else "unpaired (Welch): "
+    if d["ci95"] is None:
         return f"{mark}{ds[0]:+.2f} (one seed)", ds
-    return f"{mark}{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]", ds
+    return f"{mark}{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]", ds
 
 
 def row_stats(table: list[Row], res: dict[str, Any]) -> dict[str, Any]:
