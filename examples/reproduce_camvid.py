@@ -21,7 +21,8 @@ Rows (CamVid train split for training, val split for reporting; every val image 
   their Δ is against ``b0`` like every KD row; the question is the paired difference with ``kd`` / ``dkd``
   (``also``: ``stats.<row>.vs``)
 * ``b0-4x``, ``cwd-4x``: b0 and the best full-label method at a 4x schedule (does a patient student gain more?);
-  ``transkd-4x``: TransKD (base) from ``b1`` at the 4x schedule, added after the 1x table showed its gain
+  ``transkd-4x``: TransKD (base) from ``b1`` at the 4x schedule, added after the 1x table showed its gain; its
+  gain over ``b0-4x`` is compared seed by seed with ``transkd``'s over ``b0`` (``gain_vs``: ``stats.<row>.gain_vs``)
 * ``transkd``, ``transkd-ea``, ``kd-b1``: teacher ``b1`` -> B0, online
 * label-scarce: ``quarter-b0`` (B0 alone on the 92 labelled images); ``quarter-<m>+unl`` for kd, cwd, dkd,
   c2vkd+ce with teacher ``quarter``: the same 92 labelled images plus the other 275 as ``--unlabeled`` images
@@ -151,6 +152,9 @@ class Row:
     cache_topk: int = 0  # --cache-topk of the row's teacher cache (0: full logits)
     onnx: bool = False  # the teacher given as its segkd export (--teacher-weights teacher.onnx, ONNX Runtime)
     also: tuple[str, ...] = ()  # rows this one is also compared with, paired by seed (stats "vs"), besides baseline
+    # rows whose gain over their own baseline this row's gain over its baseline is compared with, seed by seed
+    # (stats "gain_vs": the change in Δ, e.g. between schedules)
+    gain_vs: tuple[str, ...] = ()
 
 
 CWD = {"weight": "0.3", "feature": "true", "feat_weight": "5"}  # CIRKD's SegFormer-B0 weights
@@ -177,7 +181,8 @@ def rows() -> list[Row]:
         Row("cwd-4x", method="cwd", opts=CWD, baseline="b0-4x", schedule=4),
         # TransKD (base, the published method; not the ea variant, whose lead at 1x was seen on val) at the 4x
         # schedule: does the one full-label gain of the 1x table survive a longer-trained B0?
-        Row("transkd-4x", method="transkd", teacher="b1", cache=False, baseline="b0-4x", schedule=4),
+        Row("transkd-4x", method="transkd", teacher="b1", cache=False, baseline="b0-4x", schedule=4,
+            gain_vs=("transkd",)),
         Row("transkd", method="transkd", teacher="b1", cache=False, also=("kd-b1",)),
         Row("transkd-ea", method="transkd", opts={"variant": "ea"}, teacher="b1", cache=False, also=("kd-b1",)),
         Row("kd-b1", method="kd", teacher="b1", cache=False),
@@ -911,8 +916,22 @@ def row_stats(table: list[Row], res: dict[str, Any]) -> dict[str, Any]:
             for other in row.also if name == row.name else ():
                 if res.get(other):
                     st.setdefault("vs", {})[other] = comparison(vals, res[other])
+            for other in row.gain_vs if name == row.name else ():
+                o_base = next((r.baseline for r in table if r.name == other), None)
+                if base and o_base and all(res.get(k) for k in (base, other, o_base)):
+                    st.setdefault("gain_vs", {})[other] = {
+                        "baselines": [base, o_base],
+                        **comparison(gains(vals, res[base]), gains(res[other], res[o_base]))}
             out[name] = st
     return bonferroni(out)
+
+
+def gains(vals: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """A row's gain over its baseline per seed, as run records :func:`comparison` reads (``miou`` = the
+    difference; ``start`` paired only when both runs started paired), for the seeds both ran."""
+    return {s: {"miou": vals[s]["miou"] - base[s]["miou"],
+                "start": "paired" if starts_paired({s: vals[s]}, {s: base[s]}) else "unpaired"}
+            for s in vals if s in base}
 
 
 def comparison(vals: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:

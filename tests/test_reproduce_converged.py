@@ -366,6 +366,32 @@ def test_a_row_is_also_compared_with_the_rows_it_names(rc: ModuleType) -> None:
     assert "vs" not in st["kd-b1"]  # a row without `also` is compared with its baseline only
 
 
+def test_a_row_gain_is_compared_with_another_rows_gain_seed_by_seed(rc: ModuleType) -> None:
+    def run(miou: float, start: str = "paired") -> dict[str, object]:
+        return {"miou": miou, "spread": None, "code": None, "start": start}
+
+    table = {r.name: r for r in rc.rows()}
+    assert table["transkd-4x"].gain_vs == ("transkd",)
+    res = {"b0": {"0": run(0.40), "1": run(0.42), "2": run(0.41)},
+           "transkd": {"0": run(0.47), "1": run(0.48), "2": run(0.47)},  # gains +7, +6, +6
+           "b0-4x": {"0": run(0.52), "1": run(0.54), "2": run(0.52)},
+           "transkd-4x": {"2": run(0.52), "0": run(0.51), "1": run(0.52)}}  # gains -1, -2, 0 (seed order scrambled)
+    rows = [table[n] for n in ("b0", "transkd", "b0-4x", "transkd-4x")]
+    g = rc.row_stats(rows, res)["transkd-4x"]["gain_vs"]["transkd"]
+    assert g["baselines"] == ["b0-4x", "b0"] and g["seeds"] == ["0", "1", "2"] and g["paired_starts"]
+    assert g["per_seed"] == pytest.approx([-8.0, -8.0, -6.0]) and g["mean"] == pytest.approx(-22 / 3)
+    half = 4.303 * statistics.stdev([-8.0, -8.0, -6.0]) / math.sqrt(3)
+    assert g["ci95"] == pytest.approx([-22 / 3 - half, -22 / 3 + half], abs=1e-3)
+    # a seed missing from any of the four rows drops out; an unpaired start makes the comparison unpaired (Welch)
+    del res["b0"]["1"]
+    res["transkd"]["2"] = run(0.47, "unpaired")
+    g = rc.row_stats(rows, res)["transkd-4x"]["gain_vs"]["transkd"]
+    assert g["seeds"] == ["0", "2"] and not g["paired_starts"]
+    # the comparison needs both rows' baselines
+    assert "gain_vs" not in rc.row_stats([table["transkd-4x"]], {k: res[k] for k in ("transkd-4x", "b0-4x")})[
+        "transkd-4x"]
+
+
 def test_flatness_counts_the_seeds_within_the_limit_per_schedule(rc: ModuleType) -> None:
     def run(spread: float | None) -> dict[str, object]:
         return {"miou": 0.4, "spread": spread, "code": None, "start": "paired"}
