@@ -24,6 +24,7 @@ Each step's ratio is its CPU time over the student alone's in the same repetitio
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -173,7 +174,7 @@ def pieces(shape: tuple[int, int, int, int]) -> tuple[dict[str, Callable[[], obj
     return fns, list(xt.shape)
 
 
-def measure(args: Any) -> dict[str, Any]:
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     shape = (2, 3, 256, 512)
     fns, n_c = pieces(shape)
     load_before = os.getloadavg()

@@ -16,6 +16,7 @@ from benchmarks.c2vkd_floor import BEFORE
 from benchmarks.dkd_loss_cost import swapped
 from segkd.errors import SegkdError
 from segkd.methods import METHODS, make_options
+from segkd.methods import c2vkd as c2vkd_module
 from segkd.methods.base import resize_to
 from segkd.methods.c2vkd import (
     feature_rows,
@@ -57,14 +58,29 @@ def rel(a: Tensor, b: Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def gram_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """The dtypes the low-rank path computes the teacher's residual Gram in, call by call."""
+    seen: list[torch.dtype] = []
+    inner = c2vkd_module._gram_sq_norm
+
+    def spy(x: Tensor, blocks: int = 4) -> Tensor:
+        seen.append(x.dtype)
+        return inner(x, blocks)
+
+    monkeypatch.setattr(c2vkd_module, "_gram_sq_norm", spy)
+    return seen
+
+
 @pytest.mark.parametrize("c", [48, 160], ids=["N>C", "N<C"])  # N = 2 * 6 * 8 = 96 rows
-def test_lowrank_patch_matches_the_float64_gram_on_random_features(c: int) -> None:
+def test_lowrank_patch_matches_the_float64_gram_on_random_features(c: int, monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(c)
     s4 = torch.randn(2, 8, 3, 4, generator=g)
     weight = torch.randn(c, 8, 1, 1, generator=g)
     ft = torch.relu(torch.randn(2, c, 6, 8, generator=g))
     value, gs_ref, gw_ref = reference(s4, weight, ft)
+    seen = gram_dtypes(monkeypatch)
     loss, gs, gw = lowrank(s4, weight, ft)
+    assert seen == [torch.float32]  # far from the teacher: the float32 residual Gram is kept
     assert loss.dtype == torch.float32 and gs.dtype == gw.dtype == torch.float32
     assert abs(loss.item() - value) <= 1e-6 * value
     assert rel(gs, gs_ref) <= 1e-6 and rel(gw, gw_ref) <= 1e-6
@@ -73,11 +89,12 @@ def test_lowrank_patch_matches_the_float64_gram_on_random_features(c: int) -> No
     assert abs(old.item() - value) <= 1e-5 * value
 
 
-def test_lowrank_patch_is_exact_when_the_student_gram_nearly_equals_the_teacher_gram() -> None:
-    # The teacher is the student's own map with its channels permuted (the relation Gram ignores that: E, the
-    # teacher's part outside the student's subspace, is large) plus 1e-4 noise: L / ||Xt^T Xt||^2 ~ 1e-8. The
-    # three terms of ||Xs^T Xs||^2 - 2 ||Xs^T Xt||^2 + ||Xt^T Xt||^2 then cancel to 1e-8 of their size, so
-    # float32 products cannot give them; the low-rank path keeps every such piece in float64.
+def test_lowrank_patch_is_exact_when_the_student_gram_nearly_equals_the_teacher_gram(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The teacher is the student's own map with its channels permuted (the relation Gram ignores that, though the
+    # teacher's rows lie far from the student's subspace) plus 1e-4 noise: L / ||Xt^T Xt||^2 ~ 4e-10. The three
+    # terms of ||Xs^T Xs||^2 - 2 ||Xs^T Xt||^2 + ||Xt^T Xt||^2 then cancel to ~1e-10 of their size, so float32
+    # products cannot give them: the low-rank path's guard must send the teacher's residual Gram to float64.
     g = torch.Generator().manual_seed(7)
     c = 64
     s4 = torch.randn(2, 6, 6, 8, generator=g)
@@ -89,15 +106,42 @@ def test_lowrank_patch_is_exact_when_the_student_gram_nearly_equals_the_teacher_
     xt = relation_rows(ft.double())
     teacher_term = (xt.T @ xt).pow(2).sum().item() / (xt.shape[0] ** 2 * (c - 1) ** 2)
     assert value / teacher_term < 1e-6  # the hard regime
+    seen = gram_dtypes(monkeypatch)
     loss, gs, gw = lowrank(s4, weight, ft)
+    assert seen == [torch.float32, torch.float64]  # the guard saw the float32 Gram could not do: float64 again
     assert abs(loss.item() - value) <= 1e-5 * value
     assert rel(gs, gs_ref) <= 1e-5 and rel(gw, gw_ref) <= 1e-5
-    # the textbook three-term sum in float32 on the same rows is off by far more than 1e-5 (here: by > 1e-2)
-    xs = relation_rows(F.conv2d(s4, weight)).float()
-    x32 = xt.float()
-    n = xs.shape[0]
-    naive = ((xs.T @ xs).pow(2).sum() - 2 * (xs.T @ x32).pow(2).sum() + (x32.T @ x32).pow(2).sum()).item()
-    assert abs(naive / (n * n * (c - 1) ** 2) - value) > 1e-2 * value
+    assert abs(naive_fp32(s4, weight, ft) - value) > 1e-2 * value  # the textbook sum in float32
+
+
+def naive_fp32(s4: Tensor, weight: Tensor, ft: Tensor) -> float:
+    """The textbook ``||Xs^T Xs||^2 - 2 ||Xs^T Xt||^2 + ||Xt^T Xt||^2`` with float32 products (scaled)."""
+    xs, xt = relation_rows(F.conv2d(s4.double(), weight.double())).float(), relation_rows(ft.double()).float()
+    n, c = xt.shape
+    return ((xs.T @ xs).pow(2).sum() - 2 * (xs.T @ xt).pow(2).sum() + (xt.T @ xt).pow(2).sum()).item() / (
+        n * n * (c - 1) ** 2)
+
+
+@pytest.mark.parametrize("spread", [0.03, 0.01])
+def test_lowrank_patch_keeps_float32_where_the_rows_share_their_mean(spread: float,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Student and teacher rows share one large common direction (relation rows of real features do: on a
+    # ResNet-50's layer4, the residual after the mean held 1e-4 of ||Xt^T Xt||^2), their residuals are unrelated:
+    # L / ||Xt^T Xt||^2 is 4e-6 (7e-8), the float32 three-term sum is off by > 1e-3 (by ~200 %), but L is several
+    # times ||R^T R||^2, so the guard keeps the float32 residual Gram, and the value is still exact.
+    g = torch.Generator().manual_seed(1)
+    common = torch.randn(1, 8, 1, 1, generator=g)
+    s4 = common + spread * torch.randn(2, 8, 6, 8, generator=g)
+    weight = torch.randn(96, 8, 1, 1, generator=g)
+    ft = F.conv2d(common + spread * torch.randn(2, 8, 6, 8, generator=g), weight)
+    value, gs_ref, gw_ref = reference(s4, weight, ft)
+    xt = relation_rows(ft.double())
+    assert value / ((xt.T @ xt).pow(2).sum().item() / (96 * 96 * 95**2)) < 1e-5
+    assert abs(naive_fp32(s4, weight, ft) - value) > 1e-3 * value
+    seen = gram_dtypes(monkeypatch)
+    loss, gs, gw = lowrank(s4, weight, ft)
+    assert seen == [torch.float32]
+    assert abs(loss.item() - value) <= 1e-6 * value and rel(gs, gs_ref) <= 1e-6 and rel(gw, gw_ref) <= 1e-6
 
 
 def test_lowrank_patch_degenerate_rows_and_channels() -> None:

@@ -19,14 +19,20 @@ linguistic embedding = frozen CLIP-style ``AttentionPool2d`` on ``F^T``.
   ``D P^T`` (``rows``, ``2 N^2 C`` multiply-adds) or the ``C x C`` products ``D^T D``, ``P^T P``, ``P^T D``
   (``channels``, ``5 N C^2``), whichever is cheaper and fits; no large terms cancel when student ~ teacher.
   ``gram_method="chunked"`` is the previous implementation (row chunks of ``gram_chunk``, ``5 N^2 C``,
-  ``O(chunk * N)`` memory), kept as the reference.
+  ``O(chunk * N)`` memory), kept as the reference. In :class:`C2VKD` the student's rows are ``normalise(W u)``
+  with the ``C x r`` visual head ``W``: ``auto`` then takes ``lowrank`` (:class:`_LowRankGramMSE`: ``N r C``
+  products in float64 and the teacher-only ``||Xt^T Xt||^2``, split at the rows' mean, its residual part in
+  float32 under a guard that falls back to float64) when that costs less (:func:`pick_patch_method`; at
+  SegFormer-B0 <- ResNet-50 ``layer4``, r = 256 < C = 2048).
 * VLFD linguistic: ``0.5 * KLDivLoss(log_softmax(lS), log_softmax(lT), log_target=True, reduction='mean')``.
 * PDD ``pdd_mode="paper"``: per labelled pixel ``b = [p_y, sum_{c!=y} p_c]`` (T = 1),
   ``q = normalise((b^T + [1, 0]) / 2)``, ``L = alpha b^S_t log(b^S_t / q_t) + beta b^S_nt log(b^S_nt / q_nt)``
   (student-first, as the audit reads Eq. 9), mean over labelled pixels, logs clamped at 1e-8; alpha = beta = 0.5.
   ``pdd_kl="forward"`` swaps to ``KL(q || b^S)`` (no vanishing gradient when p_y -> 0, papers-extra §2.2);
   ``pdd_nckd > 0`` adds that weight times DKD's NCKD. ``pdd_mode="dkd"``: pixel-wise DKD (TCKD + NCKD) with
-  alpha = beta = 0.5, T = 1, teacher only (the name of the official call, ``get_dkd_loss``).
+  alpha = beta = 0.5, T = 1, teacher only (the name of the official call, ``get_dkd_loss``). ``paper`` is
+  computed on the maps from log-sum-exps (:func:`pdd_paper_maps`; :func:`pdd_paper_rows` is the row form it
+  replaced, the reference).
 
 Attention-pool weights (``pool_weights``): a state dict with CLIP's ``visual.attnpool.*`` keys (a CLIP RN101
 state dict), or the pool's own keys (optionally prefixed ``attnpool.``/``encoder.``), in .safetensors or .pt/.pth.
@@ -231,38 +237,59 @@ class _ChannelGramMSE(torch.autograd.Function):
 #     dL/dXs = 4 s (Xs Xs^T - Xt Xt^T) Xs = 4 s H B,   H = A Gb M - Xt K^T   (N x r),
 # so the student side costs ``N r C`` (``K``) + ``N r C`` (``Xt K^T``) + ``O(N r^2)`` instead of ``2 N^2 C``, and the
 # teacher-only ``||Xt^T Xt||^2`` (``min(N C^2, N^2 C)``, no gradient) is the one large product left. The three terms
-# cancel when the student's Gram approaches the teacher's (the loss is invariant to rotations of the teacher's
-# channels, so that can happen however far ``Xs`` is from ``Xt``): an fp32 ``||Xt^T Xt||^2`` (measured relative
-# error 3e-9 at 4096 x 2048, up to 2e-7 on small matrices) would be off by more than 1e-5 of the loss once
-# ``L / ||Xt^T Xt||^2`` falls below ~0.02, and nothing cheap bounds that error rigorously. So every piece whose error
-# can survive the cancellation runs in float64 (``K``, ``Xt K^T``, the teacher Gram from its upper block triangle,
-# ``M``, ``Gb``): the value then carries a relative error ~1e-16 x ``||Xt^T Xt||^2 / L``, below 1e-5 down to
-# ``L / ||Xt^T Xt||^2 ~ 1e-10``, with no threshold to tune.
+# cancel when the student's Gram approaches the teacher's (the loss ignores rotations of the teacher's channels, so
+# that needs no ``Xs ~ Xt``; a random ResNet-50's relation rows are nearly rank one, and a rank-256 student can get
+# within ~1e-8 of ``||Xt^T Xt||^2`` there): every error that survives the cancellation is amplified by
+# ``||Xt^T Xt||^2 / L``. So ``K``, ``Xt K^T``, the ``r x r`` pieces and the normalisation run in float64, and the
+# teacher Gram is split at the rows' mean ``m`` (``Xt = 1 m^T + R``, ``R^T 1 = 0``):
+#     ||Xt^T Xt||^2 = N^2 |m|^4 + 2 N |R m|^2 + ||R^T R||^2,
+# the first two in float64 (``O(N C)``), the last from float32 products (upper block triangle, squares summed in
+# float64). Its float32 error is at most :data:`FP32_GRAM_ERROR` of itself (measured: <= 7e-8 over N x C from
+# 64 x 512 to 4096 x 2048 with normal, ReLU, offset, heavy-tailed and near-low-rank rows, 7e-10 on a ResNet-50's
+# ``layer4`` at 4096 x 2048; the bound takes ~15x the worst), and the
+# value keeps it only while that is below :data:`GRAM_GUARD` of the estimated loss; otherwise ``||R^T R||^2`` is
+# recomputed in float64 (then the value carries ~1e-16 x ``||Xt^T Xt||^2 / L`` relative error, no threshold).
+# Relation rows share a large mean (``||R^T R||^2`` was 1e-4 of ``||Xt^T Xt||^2`` on that ResNet-50), so the
+# float32 branch holds until ``L`` falls to about twice ``||R^T R||^2``.
+FP32_GRAM_ERROR = 1e-6
+GRAM_GUARD = 2e-6
+
+
 class _LowRankGramMSE(torch.autograd.Function):
     """Gram MSE of ``Xs = a b^T`` against the teacher's relation rows ``x64`` (``a``: ``N x r``, ``b``: ``C x r``,
-    all float64; the value in float64)."""
+    all float64; the value in float64). ``x64`` is centred over its rows in place (it is the caller's copy)."""
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, x64: Tensor) -> Tensor:  # type: ignore[override]
         n, c = x64.shape
         with torch.autocast(x64.device.type, enabled=False):
+            mean = x64.mean(0)
+            rows = x64.sub_(mean)  # R
+            rm = rows @ mean
+            teacher = n * n * (mean @ mean) ** 2 + 2 * n * (rm @ rm)
             gb, m = b.T @ b, a.T @ a  # r x r
-            k = a.T @ x64  # r x C
+            k = torch.addr(a.T @ rows, a.sum(0), mean)  # K = A^T (1 m^T + R), r x C
             gm = gb @ m
-            total = (gm * gm.T).sum() - 2 * ((k @ k.T) * gb).sum() + _gram_sq_norm(x64)
-        ctx.save_for_backward(a, b, x64, k, gb, gm)
+            student = (gm * gm.T).sum() - 2 * ((k @ k.T) * gb).sum()
+            residual = _gram_sq_norm(rows.to(torch.float32))
+            if FP32_GRAM_ERROR * residual > GRAM_GUARD * (student + teacher + residual):
+                residual = _gram_sq_norm(rows)
+            total = student + teacher + residual
+        ctx.save_for_backward(a, b, rows, mean, k, gb, gm)
         return total / (n * n * (c - 1) ** 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        a, b, x64, k, gb, gm = ctx.saved_tensors
-        n, c = x64.shape
+        a, b, rows, mean, k, gb, gm = ctx.saved_tensors
+        n, c = rows.shape
         scale = 4.0 / (n * n * (c - 1) ** 2) * grad.double()
-        with torch.autocast(x64.device.type, enabled=False):
-            h = torch.addmm(a @ gm, x64, k.T, alpha=-1.0) * scale  # 4 s (A Gb M - Xt K^T)
+        with torch.autocast(rows.device.type, enabled=False):
+            # 4 s (A Gb M - Xt K^T), Xt K^T = R K^T + 1 (K m)^T
+            h = torch.addmm(a @ gm, rows, k.T, alpha=-1.0).sub_(k @ mean).mul_(scale)
             ga = h @ gb if ctx.needs_input_grad[0] else None  # dL/dA = dL/dXs B^T
             gb_ = b @ (h.T @ a) if ctx.needs_input_grad[1] else None  # dL/dWc = (A^T dL/dXs)^T = Wc H^T A
         return ga, gb_, None
+
 
 def _gram_sq_norm(x: Tensor, blocks: int = 4) -> Tensor:
     """``||x^T x||^2`` (= ``||x x^T||^2``) in float64 from the smaller side's Gram, its upper block triangle only
@@ -290,9 +317,9 @@ def pick_gram_method(n: int, c: int) -> str:
 
 def lowrank_cost(n: int, c: int, r: int) -> float:
     """Multiply-adds of the ``lowrank`` path (float64 ones counted twice, as they run at about half the speed):
-    ``T``, ``E`` and ``E^T T`` in float64, ``E^T Ys`` and ``E (E^T Ys)``, the block-triangular E Gram, ``O(N k^2)``."""
-    k = min(r, c)
-    return 8.0 * n * c * k + 0.625 * min(n * c * c, n * n * c) + 12.0 * n * k * k
+    ``K`` and ``Xt K^T`` in float64, the block-triangular float32 teacher Gram, seven ``N r^2`` products in float64,
+    and ~10 passes over the ``N x C`` rows."""
+    return 4.0 * n * c * r + 0.625 * min(n * c * c, n * n * c) + 14.0 * n * r * r + 10.0 * n * c
 
 
 def pick_patch_method(n: int, c: int, r: int) -> str:
