@@ -259,3 +259,22 @@ def test_row_kl_equals_the_plain_channel_kl() -> None:
     maps = ft.reshape(2, 4, 5, 24).permute(0, 3, 1, 2)
     assert vlfd_global_loss(fs.detach().reshape(2, 4, 5, 24).permute(0, 3, 1, 2), maps).item() == pytest.approx(
         fused.item(), rel=1e-6)
+
+
+def test_forward_under_bf16_autocast_keeps_the_patch_term_exact() -> None:
+    torch.manual_seed(1)
+    spec = METHODS.get("c2vkd")
+    student = create_model("segformer-b0", num_classes=5)
+    teacher = create_model("deeplabv3-resnet18", num_classes=5)
+    method = spec.build(make_options(spec, {"gram_method": "lowrank"}), student, teacher, ignore_index=255).train()
+    images, labels = torch.randn(2, 3, 64, 96), torch.randint(0, 5, (2, 64, 96))
+    with torch.no_grad():
+        outs = {"student": student.train()(images, taps=True), "teacher": teacher.eval()(images, taps=True)}
+    plain = method(images, labels, outs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = method(images, labels, outs)
+    assert amp.raw["vlfd_patch"].dtype == torch.float32
+    assert amp.raw["vlfd_patch"].item() == pytest.approx(plain.raw["vlfd_patch"].item(), rel=1e-9)
+    assert amp.raw["vlfd_global"].item() == pytest.approx(plain.raw["vlfd_global"].item(), rel=2e-2)  # bf16 head
+    sum(amp.values()).backward()
+    assert method.vis_head.weight.grad is not None and method.vis_head.weight.grad.dtype == torch.float32
