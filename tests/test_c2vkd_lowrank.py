@@ -80,7 +80,8 @@ def test_lowrank_patch_matches_the_float64_gram_on_random_features(c: int, monke
     value, gs_ref, gw_ref = reference(s4, weight, ft)
     seen = gram_dtypes(monkeypatch)
     loss, gs, gw = lowrank(s4, weight, ft)
-    assert seen == [torch.float32]  # far from the teacher: the float32 residual Gram is kept
+    assert seen == [torch.float32]  # far from the teacher: the float32 residual Gram is kept, and float32 A^T R
+    assert c2vkd_module._LowRankGramMSE.last_float64 == {"K": False, "residual_gram": False}
     assert loss.dtype == torch.float32 and gs.dtype == gw.dtype == torch.float32
     assert abs(loss.item() - value) <= 1e-6 * value
     assert rel(gs, gs_ref) <= 1e-6 and rel(gw, gw_ref) <= 1e-6
@@ -109,6 +110,7 @@ def test_lowrank_patch_is_exact_when_the_student_gram_nearly_equals_the_teacher_
     seen = gram_dtypes(monkeypatch)
     loss, gs, gw = lowrank(s4, weight, ft)
     assert seen == [torch.float32, torch.float64]  # the guard saw the float32 Gram could not do: float64 again
+    assert c2vkd_module._LowRankGramMSE.last_float64 == {"K": True, "residual_gram": True}
     assert abs(loss.item() - value) <= 1e-5 * value
     assert rel(gs, gs_ref) <= 1e-5 and rel(gw, gw_ref) <= 1e-5
     assert abs(naive_fp32(s4, weight, ft) - value) > 1e-2 * value  # the textbook sum in float32
@@ -141,6 +143,7 @@ def test_lowrank_patch_keeps_float32_where_the_rows_share_their_mean(spread: flo
     seen = gram_dtypes(monkeypatch)
     loss, gs, gw = lowrank(s4, weight, ft)
     assert seen == [torch.float32]
+    assert c2vkd_module._LowRankGramMSE.last_float64 == {"K": True, "residual_gram": False}  # K's bound is looser
     assert abs(loss.item() - value) <= 1e-6 * value and rel(gs, gs_ref) <= 1e-6 and rel(gw, gw_ref) <= 1e-6
 
 

@@ -21,8 +21,8 @@ linguistic embedding = frozen CLIP-style ``AttentionPool2d`` on ``F^T``.
   ``gram_method="chunked"`` is the previous implementation (row chunks of ``gram_chunk``, ``5 N^2 C``,
   ``O(chunk * N)`` memory), kept as the reference. In :class:`C2VKD` the student's rows are ``normalise(W u)``
   with the ``C x r`` visual head ``W``: ``auto`` then takes ``lowrank`` (:class:`_LowRankGramMSE`: ``N r C``
-  products in float64 and the teacher-only ``||Xt^T Xt||^2``, split at the rows' mean, its residual part in
-  float32 under a guard that falls back to float64) when that costs less (:func:`pick_patch_method`; at
+  products and the teacher-only ``||Xt^T Xt||^2``, the teacher rows split at their mean, the residual's products
+  in float32 under error guards that fall back to float64) when that costs less (:func:`pick_patch_method`; at
   SegFormer-B0 <- ResNet-50 ``layer4``, r = 256 < C = 2048).
 * VLFD linguistic: ``0.5 * KLDivLoss(log_softmax(lS), log_softmax(lT), log_target=True, reduction='mean')``.
 * PDD ``pdd_mode="paper"``: per labelled pixel ``b = [p_y, sum_{c!=y} p_c]`` (T = 1),
@@ -240,24 +240,29 @@ class _ChannelGramMSE(torch.autograd.Function):
 # cancel when the student's Gram approaches the teacher's (the loss ignores rotations of the teacher's channels, so
 # that needs no ``Xs ~ Xt``; a random ResNet-50's relation rows are nearly rank one, and a rank-256 student can get
 # within ~1e-8 of ``||Xt^T Xt||^2`` there): every error that survives the cancellation is amplified by
-# ``||Xt^T Xt||^2 / L``. So ``K``, ``Xt K^T``, the ``r x r`` pieces and the normalisation run in float64, and the
-# teacher Gram is split at the rows' mean ``m`` (``Xt = 1 m^T + R``, ``R^T 1 = 0``):
-#     ||Xt^T Xt||^2 = N^2 |m|^4 + 2 N |R m|^2 + ||R^T R||^2,
-# the first two in float64 (``O(N C)``), the last from float32 products (upper block triangle, squares summed in
-# float64). Its float32 error is at most :data:`FP32_GRAM_ERROR` of itself (measured: <= 7e-8 over N x C from
-# 64 x 512 to 4096 x 2048 with normal, ReLU, offset, heavy-tailed and near-low-rank rows, 7e-10 on a ResNet-50's
-# ``layer4`` at 4096 x 2048; the bound takes ~15x the worst), and the
-# value keeps it only while that is below :data:`GRAM_GUARD` of the estimated loss; otherwise ``||R^T R||^2`` is
-# recomputed in float64 (then the value carries ~1e-16 x ``||Xt^T Xt||^2 / L`` relative error, no threshold).
+# ``||Xt^T Xt||^2 / L``. So the ``r x r`` pieces and the normalisation run in float64, and the teacher rows are split
+# at their mean ``m`` (``Xt = 1 m^T + R``, ``R^T 1 = 0``; ``R`` formed in float64):
+#     ||Xt^T Xt||^2 = N^2 |m|^4 + 2 N |R m|^2 + ||R^T R||^2,     K = (A^T 1) m^T + A^T R,
+# the mean's parts in float64 (``O(N C)``), ``||R^T R||^2`` (upper block triangle, squares summed in float64) and
+# ``A^T R`` from float32 products. Their errors are bounded by :data:`FP32_GRAM_ERROR` of ``||R^T R||^2`` (measured:
+# <= 7e-8 over N x C from 64 x 512 to 4096 x 2048, normal, ReLU, offset, heavy-tailed and near-low-rank rows; 7e-10
+# on a ResNet-50's ``layer4`` at 4096 x 2048) and :data:`FP32_PRODUCT_ERROR` of ``||A|| ||R||`` for ``A^T R``
+# (measured <= 2e-8 on the same kinds of rows), so ``|dX| <= 2 ||Gb K|| ||dK||``; each part is kept only while its
+# bound is below :data:`GRAM_GUARD` of the estimated loss, else it is recomputed in float64 (``K`` with the
+# gradient's ``R K^T``). With both in float64 the value carries ~1e-16 x ``||Xt^T Xt||^2 / L`` relative error.
 # Relation rows share a large mean (``||R^T R||^2`` was 1e-4 of ``||Xt^T Xt||^2`` on that ResNet-50), so the
-# float32 branch holds until ``L`` falls to about twice ``||R^T R||^2``.
+# float32 Gram holds until ``L`` falls to about twice ``||R^T R||^2``.
 FP32_GRAM_ERROR = 1e-6
+FP32_PRODUCT_ERROR = 1e-6
 GRAM_GUARD = 2e-6
 
 
 class _LowRankGramMSE(torch.autograd.Function):
     """Gram MSE of ``Xs = a b^T`` against the teacher's relation rows ``x64`` (``a``: ``N x r``, ``b``: ``C x r``,
-    all float64; the value in float64). ``x64`` is centred over its rows in place (it is the caller's copy)."""
+    all float64; the value in float64). ``x64`` is centred over its rows in place (it is the caller's copy).
+    :attr:`last_float64` says which float32 parts the last call recomputed in float64."""
+
+    last_float64: dict[str, bool] = {}
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, x64: Tensor) -> Tensor:  # type: ignore[override]
@@ -268,14 +273,26 @@ class _LowRankGramMSE(torch.autograd.Function):
             rm = rows @ mean
             teacher = n * n * (mean @ mean) ** 2 + 2 * n * (rm @ rm)
             gb, m = b.T @ b, a.T @ a  # r x r
-            k = torch.addr(a.T @ rows, a.sum(0), mean)  # K = A^T (1 m^T + R), r x C
             gm = gb @ m
-            student = (gm * gm.T).sum() - 2 * ((k @ k.T) * gb).sum()
-            residual = _gram_sq_norm(rows.to(torch.float32))
-            if FP32_GRAM_ERROR * residual > GRAM_GUARD * (student + teacher + residual):
-                residual = _gram_sq_norm(rows)
-            total = student + teacher + residual
-        ctx.save_for_backward(a, b, rows, mean, k, gb, gm)
+            tr_m = (gm * gm.T).sum()
+            r32, a_sum = rows.to(torch.float32), a.sum(0)
+            k = torch.addr((a.to(torch.float32).T @ r32).double(), a_sum, mean)  # K = A^T (1 m^T + R), r x C
+            residual = _gram_sq_norm(r32)
+            cross = ((k @ k.T) * gb).sum()
+            total = tr_m - 2 * cross + teacher + residual
+            # each float32 part is kept while its error bound is below GRAM_GUARD of the value: ||R^T R||^2 within
+            # FP32_GRAM_ERROR of itself; |dX| <= 2 ||Gb K|| ||dK||, ||dK|| <= FP32_PRODUCT_ERROR ||A|| ||R||
+            k_error = 2 * FP32_PRODUCT_ERROR * (gb @ k).norm() * a.norm() * r32.norm()
+            ctx.exact = bool(k_error > GRAM_GUARD * total)
+            if ctx.exact:  # K (and the gradient's R K^T) in float64
+                k = torch.addr(a.T @ rows, a_sum, mean)
+                cross = ((k @ k.T) * gb).sum()
+                total = tr_m - 2 * cross + teacher + residual
+            gram_exact = bool(FP32_GRAM_ERROR * residual > GRAM_GUARD * total)
+            if gram_exact:
+                total = tr_m - 2 * cross + teacher + _gram_sq_norm(rows)
+        _LowRankGramMSE.last_float64 = {"K": ctx.exact, "residual_gram": gram_exact}  # which guard fell back
+        ctx.save_for_backward(a, b, rows if ctx.exact else r32, mean, k, gb, gm)
         return total / (n * n * (c - 1) ** 2)
 
     @staticmethod
@@ -284,8 +301,9 @@ class _LowRankGramMSE(torch.autograd.Function):
         n, c = rows.shape
         scale = 4.0 / (n * n * (c - 1) ** 2) * grad.double()
         with torch.autocast(rows.device.type, enabled=False):
-            # 4 s (A Gb M - Xt K^T), Xt K^T = R K^T + 1 (K m)^T
-            h = torch.addmm(a @ gm, rows, k.T, alpha=-1.0).sub_(k @ mean).mul_(scale)
+            # 4 s (A Gb M - Xt K^T), Xt K^T = R K^T + 1 (K m)^T (R K^T in float32 where the value kept float32)
+            rk = rows @ k.T.to(rows.dtype)
+            h = (a @ gm).sub_(rk).sub_(k @ mean).mul_(scale)
             ga = h @ gb if ctx.needs_input_grad[0] else None  # dL/dA = dL/dXs B^T
             gb_ = b @ (h.T @ a) if ctx.needs_input_grad[1] else None  # dL/dWc = (A^T dL/dXs)^T = Wc H^T A
         return ga, gb_, None
@@ -317,9 +335,9 @@ def pick_gram_method(n: int, c: int) -> str:
 
 def lowrank_cost(n: int, c: int, r: int) -> float:
     """Multiply-adds of the ``lowrank`` path (float64 ones counted twice, as they run at about half the speed):
-    ``K`` and ``Xt K^T`` in float64, the block-triangular float32 teacher Gram, seven ``N r^2`` products in float64,
-    and ~10 passes over the ``N x C`` rows."""
-    return 4.0 * n * c * r + 0.625 * min(n * c * c, n * n * c) + 14.0 * n * r * r + 10.0 * n * c
+    ``K`` and ``Xt K^T`` (float32 while the guard keeps them), the block-triangular float32 teacher Gram, seven
+    ``N r^2`` products in float64, and ~10 float64 passes over the ``N x C`` rows."""
+    return 2.0 * n * c * r + 0.625 * min(n * c * c, n * n * c) + 14.0 * n * r * r + 20.0 * n * c
 
 
 def pick_patch_method(n: int, c: int, r: int) -> str:
