@@ -244,15 +244,20 @@ class _ChannelGramMSE(torch.autograd.Function):
 # at their mean ``m`` (``Xt = 1 m^T + R``, ``R^T 1 = 0``; ``R`` formed in float64):
 #     ||Xt^T Xt||^2 = N^2 |m|^4 + 2 N |R m|^2 + ||R^T R||^2,     K = (A^T 1) m^T + A^T R,
 # the mean's parts in float64 (``O(N C)``), ``||R^T R||^2`` (upper block triangle, squares summed in float64) and
-# ``A^T R`` from float32 products. Their errors are bounded by :data:`FP32_GRAM_ERROR` of ``||R^T R||^2`` (measured:
-# <= 7e-8 over N x C from 64 x 512 to 4096 x 2048, normal, ReLU, offset, heavy-tailed and near-low-rank rows; 7e-10
-# on a ResNet-50's ``layer4`` at 4096 x 2048) and :data:`FP32_PRODUCT_ERROR` of ``||A|| ||R||`` for ``A^T R``
-# (measured <= 2e-8 on the same kinds of rows), so ``|dX| <= 2 ||Gb K|| ||dK||``; each part is kept only while its
-# bound is below :data:`GRAM_GUARD` of the estimated loss, else it is recomputed in float64 (``K`` with the
-# gradient's ``R K^T``). With both in float64 the value carries ~1e-16 x ``||Xt^T Xt||^2 / L`` relative error.
-# Relation rows share a large mean (``||R^T R||^2`` was 1e-4 of ``||Xt^T Xt||^2`` on that ResNet-50), so the
-# float32 Gram holds until ``L`` falls to about twice ``||R^T R||^2``.
-FP32_GRAM_ERROR = 1e-6
+# ``A^T R`` from float32 products. Their errors are estimated per call: ``eps``, the relative error of one float32
+# product over the ``N`` rows, is the larger of :data:`FP32_PRODUCT_ERROR` (measured <= 7e-8 over N x C from 64 x 512
+# to 4096 x 2048, normal, ReLU, offset, heavy-tailed and near-low-rank rows) and 4x the worst relative error of the
+# float32 Gram's own diagonal against float64 sums of squares at 64 evenly spaced entries (one sign, where the
+# rounding errors of a product add up instead of cancelling; it catches rows of equal magnitude, where the float32
+# sum is off by ~1e-5, and reduced-precision matmuls such as TF32). Then ``|d G_jk| <= eps sqrt(G_jj G_kk)`` for
+# ``G = R^T R``, so ``|d ||G||^2| <= 2 eps ||G|| tr(G)``, and ``||dK|| <= eps ||A|| ||R||``,
+# ``|d total| <= 4 ||Gb K|| ||dK||``; each part is kept only while its bound is below :data:`GRAM_GUARD` of the
+# estimated loss, else it is recomputed in float64 (``K`` with the gradient's ``R K^T``; the float32 part was
+# already paid for: a fallback adds the float64 product). ``eps`` is an estimate from the data, not a proof. With
+# both parts in float64 the value carries ~1e-16 x ``||Xt^T Xt||^2 / L`` relative error: within 1e-5 while ``L`` is
+# above ~1e-11 of ``||Xt^T Xt||^2`` (the old dense float32 paths were off by 1e-3 to 1e-2 there); the value is
+# clamped at 0. Relation rows share a large mean (``||R^T R||^2`` was 1e-4 of ``||Xt^T Xt||^2`` on a random
+# ResNet-50's ``layer4``), so the float32 Gram holds until ``L`` comes within a small multiple of ``||R^T R||^2``.
 FP32_PRODUCT_ERROR = 1e-6
 GRAM_GUARD = 2e-6
 
@@ -260,12 +265,12 @@ GRAM_GUARD = 2e-6
 class _LowRankGramMSE(torch.autograd.Function):
     """Gram MSE of ``Xs = a b^T`` against the teacher's relation rows ``x64`` (``a``: ``N x r``, ``b``: ``C x r``,
     all float64; the value in float64). ``x64`` is centred over its rows in place (it is the caller's copy).
-    :attr:`last_float64` says which float32 parts the last call recomputed in float64."""
-
-    last_float64: dict[str, bool] = {}
+    ``record``: a dict the call fills with which float32 parts it recomputed in float64 (``K``,
+    ``residual_gram``)."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, x64: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, a: Tensor, b: Tensor, x64: Tensor,  # type: ignore[override]
+                record: dict[str, bool] | None = None) -> Tensor:
         n, c = x64.shape
         with torch.autocast(x64.device.type, enabled=False):
             mean = x64.mean(0)
@@ -277,26 +282,33 @@ class _LowRankGramMSE(torch.autograd.Function):
             tr_m = (gm * gm.T).sum()
             r32, a_sum = rows.to(torch.float32), a.sum(0)
             k = torch.addr((a.to(torch.float32).T @ r32).double(), a_sum, mean)  # K = A^T (1 m^T + R), r x C
-            residual = _gram_sq_norm(r32)
+            residual, diag32 = _gram_sq_norm(r32, with_diag=True)
+            # that diagonal in float64 at 64 evenly spaced entries (a reduction over all of them would cost a pass
+            # across the rows' strides as long as the check saves), and tr(G) = ||R||^2
+            pick = torch.arange(0, diag32.numel(), max(1, diag32.numel() // 64), device=rows.device)
+            diag64 = rows[pick].square().sum(1) if n < c else rows[:, pick].square().sum(0)
+            trace = rows.norm().square()
+            diag_err = ((diag32[pick] - diag64).abs() / diag64.clamp_min(torch.finfo(torch.float64).tiny)).max()
+            eps = max(FP32_PRODUCT_ERROR, 4 * float(diag_err))  # see the comment above: an estimate per call
             cross = ((k @ k.T) * gb).sum()
             total = tr_m - 2 * cross + teacher + residual
-            # each float32 part is kept while its error bound is below GRAM_GUARD of the value: ||R^T R||^2 within
-            # FP32_GRAM_ERROR of itself; |dX| <= 2 ||Gb K|| ||dK||, ||dK|| <= FP32_PRODUCT_ERROR ||A|| ||R||
-            k_error = 2 * FP32_PRODUCT_ERROR * (gb @ k).norm() * a.norm() * r32.norm()
+            # each float32 part is kept while its error bound is below GRAM_GUARD of the value
+            k_error = 4 * eps * (gb @ k).norm() * a.norm() * trace.sqrt()
             ctx.exact = bool(k_error > GRAM_GUARD * total)
             if ctx.exact:  # K (and the gradient's R K^T) in float64
                 k = torch.addr(a.T @ rows, a_sum, mean)
                 cross = ((k @ k.T) * gb).sum()
                 total = tr_m - 2 * cross + teacher + residual
-            gram_exact = bool(FP32_GRAM_ERROR * residual > GRAM_GUARD * total)
+            gram_exact = bool(2 * eps * residual.sqrt() * trace > GRAM_GUARD * total)
             if gram_exact:
                 total = tr_m - 2 * cross + teacher + _gram_sq_norm(rows)
-        _LowRankGramMSE.last_float64 = {"K": ctx.exact, "residual_gram": gram_exact}  # which guard fell back
+        if record is not None:
+            record.update(K=ctx.exact, residual_gram=gram_exact)
         ctx.save_for_backward(a, b, rows if ctx.exact else r32, mean, k, gb, gm)
-        return total / (n * n * (c - 1) ** 2)
+        return total.clamp_min(0) / (n * n * (c - 1) ** 2)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
         a, b, rows, mean, k, gb, gm = ctx.saved_tensors
         n, c = rows.shape
         scale = 4.0 / (n * n * (c - 1) ** 2) * grad.double()
@@ -306,22 +318,27 @@ class _LowRankGramMSE(torch.autograd.Function):
             h = (a @ gm).sub_(rk).sub_(k @ mean).mul_(scale)
             ga = h @ gb if ctx.needs_input_grad[0] else None  # dL/dA = dL/dXs B^T
             gb_ = b @ (h.T @ a) if ctx.needs_input_grad[1] else None  # dL/dWc = (A^T dL/dXs)^T = Wc H^T A
-        return ga, gb_, None
+        return ga, gb_, None, None
 
 
-def _gram_sq_norm(x: Tensor, blocks: int = 4) -> Tensor:
+def _gram_sq_norm(x: Tensor, blocks: int = 4, with_diag: bool = False) -> Any:
     """``||x^T x||^2`` (= ``||x x^T||^2``) in float64 from the smaller side's Gram, its upper block triangle only
-    (``(blocks + 1) / (2 blocks)`` of the multiply-adds; the products stay in ``x``'s dtype)."""
+    (``(blocks + 1) / (2 blocks)`` of the multiply-adds; the products stay in ``x``'s dtype). ``with_diag``: also
+    that Gram's diagonal as the products gave it (float64), for an error check."""
     if x.shape[0] < x.shape[1]:
         x = x.T
     cols = x.shape[1]
     step = -(-cols // blocks)
     total = x.new_zeros((), dtype=torch.float64)
+    diags = []
     for i in range(0, cols, step):
         for j in range(i, cols, step):
-            part = (x[:, i:i + step].T @ x[:, j:j + step]).pow(2).sum(dtype=torch.float64)
+            block = x[:, i:i + step].T @ x[:, j:j + step]
+            part = block.pow(2).sum(dtype=torch.float64)
             total = total + (part if i == j else 2 * part)
-    return total
+            if with_diag and i == j:
+                diags.append(block.diagonal().double())
+    return (total, torch.cat(diags)) if with_diag else total
 
 
 def pick_gram_method(n: int, c: int) -> str:
@@ -382,12 +399,13 @@ def vlfd_patch_loss(fs: Tensor, ft: Tensor, chunk: int | None = 1024, method: Gr
 
 
 def vlfd_patch_loss_factored(u: Tensor, weight: Tensor, ft: Tensor, chunk: int | None = 1024,
-                             method: GramMethod = "auto") -> Tensor:
+                             method: GramMethod = "auto", record: dict[str, bool] | None = None) -> Tensor:
     """:func:`vlfd_patch_loss` of ``fs = u W^T`` for student rows ``u`` (``N x r``) through a bias-free 1x1 head
     ``W`` (``C x r``, or the conv's ``C x r x 1 x 1``) against teacher rows ``ft`` (``N x C``, as
     :func:`feature_rows` gives them); ``method="auto"`` picks :func:`pick_patch_method`, ``lowrank`` the
     decomposition of :class:`_LowRankGramMSE` (``a``, ``b`` and the normalisation in float64 whatever autocast
-    says), the others build ``fs`` and take that dense path."""
+    says; ``record`` gets which of its float32 parts fell back to float64), the others build ``fs`` and take that
+    dense path."""
     weight = weight.reshape(weight.shape[0], -1)
     (n, r), c = u.shape, weight.shape[0]
     if c < 2:
@@ -395,7 +413,9 @@ def vlfd_patch_loss_factored(u: Tensor, weight: Tensor, ft: Tensor, chunk: int |
     if method == "auto":
         method = pick_patch_method(n, c, r)  # type: ignore[assignment]
     if method != "lowrank":
-        return gram_mse(relation_rows(u @ weight.T, rows=True), relation_rows(ft.detach(), rows=True), method, chunk)
+        dt = torch.promote_types(u.dtype, weight.dtype)
+        return gram_mse(relation_rows(u.to(dt) @ weight.to(dt).T, rows=True), relation_rows(ft.detach(), rows=True),
+                        method, chunk)
     with torch.autocast(u.device.type, enabled=False):
         x64 = ft.detach().to(torch.float64, copy=True)  # relation_rows in float64, in place
         x64.div_(x64.norm(dim=1, keepdim=True).clamp_min_(1e-12)).sub_(x64.mean(dim=1, keepdim=True))
@@ -404,7 +424,7 @@ def vlfd_patch_loss_factored(u: Tensor, weight: Tensor, ft: Tensor, chunk: int |
         sq = ((u64 @ (w64.T @ w64)) * u64).sum(1, keepdim=True)
         a = u64 / sq.clamp_min(1e-24).sqrt()
         out = torch.float64 if u.dtype == weight.dtype == torch.float64 else torch.float32
-        return _LowRankGramMSE.apply(a, w64 - w64.mean(0, keepdim=True), x64).to(out)
+        return _LowRankGramMSE.apply(a, w64 - w64.mean(0, keepdim=True), x64, record).to(out)
 
 
 def vlfd_ling_loss(ls: Tensor, lt: Tensor) -> Tensor:
@@ -444,6 +464,10 @@ def pdd_paper_maps(student: Tensor, teacher: Tensor, labels: Tensor, alpha: floa
     if int(count) == 0:
         return student.sum() * 0.0
     k = student.shape[1]
+    top = int(labels[valid].max())
+    if top >= k or int(labels[valid].min()) < 0:
+        raise SegkdError(f"PDD: label {top if top >= k else int(labels[valid].min())} is outside the "
+                         f"{k} classes (ignore_index {ignore_index})")
     idx = labels.clamp(0, k - 1).long().unsqueeze(1)  # void pixels: any class, weighted 0 below
     zs, zt = student.float(), teacher.float()
     if temperature != 1.0:
@@ -640,6 +664,8 @@ class C2VKD(Method):
         self.vis_head = nn.Conv2d(cs, ct, 1, bias=False)
         self.pool: AttentionPool2d | None = None
         self.pool_source = "none"
+        # which float32 parts of the low-rank patch term the last step recomputed in float64 (see _LowRankGramMSE)
+        self.patch_float64: dict[str, bool] = {}
         if opts.vlfd_ling:
             if opts.pool_weights:
                 self.pool, self.pool_source = load_pool(opts.pool_weights, ct, opts.pool_heads)
@@ -691,7 +717,7 @@ class C2VKD(Method):
             if patch == "lowrank":
                 with torch.autocast(s4.device.type, enabled=False):  # U in float64 from the start (N x r: cheap)
                     u = resize_rows(small.double(), s4.shape, (h, w))
-                loss = vlfd_patch_loss_factored(u, weight, rows_t, o.gram_chunk, "lowrank")
+                loss = vlfd_patch_loss_factored(u, weight, rows_t, o.gram_chunk, "lowrank", self.patch_float64)
             else:
                 loss = vlfd_patch_loss(fs.reshape(b, h, w, c).permute(0, 3, 1, 2), ft, o.gram_chunk, patch)
             terms["vlfd_patch"] = (o.patch_weight, loss)
