@@ -464,10 +464,10 @@ def pdd_paper_maps(student: Tensor, teacher: Tensor, labels: Tensor, alpha: floa
     if int(count) == 0:
         return student.sum() * 0.0
     k = student.shape[1]
-    top = int(labels[valid].max())
-    if top >= k or int(labels[valid].min()) < 0:
-        raise SegkdError(f"PDD: label {top if top >= k else int(labels[valid].min())} is outside the "
-                         f"{k} classes (ignore_index {ignore_index})")
+    low, top = (int(v) for v in torch.aminmax(labels[valid]))
+    if top >= k or low < 0:
+        raise SegkdError(f"PDD: label {top if top >= k else low} is outside the {k} classes "
+                         f"(ignore_index {ignore_index})")
     idx = labels.clamp(0, k - 1).long().unsqueeze(1)  # void pixels: any class, weighted 0 below
     zs, zt = student.float(), teacher.float()
     if temperature != 1.0:
